@@ -1,0 +1,170 @@
+"""The dual-grained weight format: the one contract between search, kernels and checkpoints.
+
+A Linear weight ``W`` of shape ``[out, in]`` with group size ``g`` is stored as
+
+* ``u4``  uint8 ``[out, in]``      4-bit codes in ``[0, 15]``
+* ``zp``  uint8 ``[out, in // g]`` integer zero point per (row, group), in ``[0, 15]``
+* ``s2``  int8  ``[out, in // g]`` fine-grained integer scale per (row, group), in ``[1, 127]``
+* ``s1``  float32 ``[out]``        coarse-grained float scale per output channel
+
+with the int8 weight ``W_s8 = s2 * (u4 - zp)`` and the float weight ``s1 * W_s8``.  ``W_s8`` must fit int8
+*exactly* so that kernels can widen int4 to int8 and use int8 tensor cores; we guarantee it by construction:
+``s2`` may be as large as 127 (the paper's relaxed range, appendix A2), and the codes of a group are clamped to
+the int8-safe window ``zp ± floor(127 / s2)`` intersected with ``[0, 15]``.
+
+The linear output is ``O = (s_x * s1) * (X_s8 @ W_s8ᵀ)`` with int32 accumulation; :func:`int_matmul` computes
+that accumulator exactly on any device, and is the reference every fast kernel must equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INT4_MAX = 15
+INT8_MAX = 127
+# Largest K-chunk whose int8 x int8 dot products sum below 2**24, so fp32 matmul is exact (127 * 127 * 1040 < 2**24).
+_EXACT_FP32_CHUNK = 1040
+
+
+class FormatError(ValueError):
+    """A tensor set that violates the dual-grained format's invariants."""
+
+
+@dataclass
+class DualGrainedWeight:
+    """Unpacked dual-grained weight of one Linear layer (see the module docstring for the equations)."""
+
+    u4: torch.Tensor
+    zp: torch.Tensor
+    s2: torch.Tensor
+    s1: torch.Tensor
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.u4.shape)  # type: ignore[return-value]
+
+    def int8_weight(self) -> torch.Tensor:
+        """``W_s8 = s2 * (u4 - zp)`` as int8 ``[out, in]`` (exact: guaranteed in range by :meth:`validate`)."""
+        g = self.group_size
+        codes = self.u4.to(torch.int16) - self.zp.to(torch.int16).repeat_interleave(g, dim=1)
+        return (codes * self.s2.to(torch.int16).repeat_interleave(g, dim=1)).to(torch.int8)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The float weight ``s1 * W_s8`` that this format represents."""
+        return (self.s1.float()[:, None] * self.int8_weight().float()).to(dtype)
+
+    def validate(self, name: str = "weight") -> None:
+        """Raise :class:`FormatError` naming ``name`` if any invariant of the format is broken."""
+        out, inp = self.u4.shape
+        g = self.group_size
+        if g <= 0 or inp % g:
+            raise FormatError(f"{name}: group size {g} does not divide in_features {inp}")
+        groups = inp // g
+        expect = {"u4": ((out, inp), torch.uint8), "zp": ((out, groups), torch.uint8),
+                  "s2": ((out, groups), torch.int8), "s1": ((out,), torch.float32)}
+        for field, (shape, dtype) in expect.items():
+            t = getattr(self, field)
+            if tuple(t.shape) != shape or t.dtype != dtype:
+                raise FormatError(f"{name}: {field} is {t.dtype}{list(t.shape)}, expected {dtype}{list(shape)}")
+        if int(self.u4.max()) > INT4_MAX or int(self.zp.max()) > INT4_MAX:
+            raise FormatError(f"{name}: 4-bit codes or zero points exceed {INT4_MAX}")
+        if int(self.s2.min()) < 1:
+            raise FormatError(f"{name}: group scales s2 must be in [1, {INT8_MAX}]")
+        if not torch.isfinite(self.s1).all() or (self.s1 <= 0).any():
+            raise FormatError(f"{name}: channel scales s1 must be finite and positive")
+        codes = self.u4.to(torch.int32) - self.zp.to(torch.int32).repeat_interleave(g, dim=1)
+        if (codes.abs() * self.s2.to(torch.int32).repeat_interleave(g, dim=1)).max() > INT8_MAX:
+            raise FormatError(f"{name}: s2 * (u4 - zp) leaves [-{INT8_MAX}, {INT8_MAX}]")
+
+
+def group_minmax(w: torch.Tensor, group_size: int, ratio: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit float scale and clipped minimum per (row, group), the range shrunk by ``ratio``.
+
+    ``w`` is ``[out, in]``; ``ratio`` broadcasts against ``[out, in // g]`` (or has a leading grid axis).
+    The range always contains zero, so zero is exactly representable, as is usual for asymmetric schemes.
+    """
+    wg = w.reshape(w.shape[0], -1, group_size)
+    hi = wg.amax(-1).clamp(min=0) * ratio
+    lo = wg.amin(-1).clamp(max=0) * ratio
+    scale = ((hi - lo) / INT4_MAX).clamp(min=1e-10)
+    return scale, lo
+
+
+def fake_quant_groups(w: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) -> torch.Tensor:
+    """Round ``w`` ``[..., out, in]`` to asymmetric 4 bits with float group scales; returns the dequantized weight."""
+    g = w.shape[-1] // scale.shape[-1]
+    wg = w.reshape(*w.shape[:-1], -1, g)
+    zp = torch.round(-lo / scale).clamp(0, INT4_MAX)[..., None]
+    q = torch.clamp(torch.round(wg / scale[..., None]) + zp, 0, INT4_MAX)
+    return ((q - zp) * scale[..., None]).reshape(w.shape)
+
+
+def dual_grain(w: torch.Tensor, s1: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
+               group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize ``w`` to the dual-grained codes for channel scales ``s1`` (paper Eq. 5, overflow-safe).
+
+    ``s2 = round(scale / s1)`` in ``[1, 127]``; the zero point maps the phase-1 clipped minimum ``lo`` onto the
+    integer grid of the effective scale ``s1 * s2``; codes are clamped to the int8-safe window of their group.
+    Leading grid axes on ``s1`` (``[..., out]``), ``scale`` and ``lo`` (``[..., out, groups]``) are supported so a
+    search can score many candidates at once.  Returns ``(u4, zp, s2)`` as float tensors of integer values.
+    """
+    s2 = torch.round(scale / s1[..., None]).clamp(1, INT8_MAX)
+    step = s1[..., None] * s2
+    zp = torch.round(-lo / step).clamp(0, INT4_MAX)
+    reach = torch.floor(INT8_MAX / s2)
+    low = (zp - reach).clamp(min=0)[..., None]
+    high = (zp + reach).clamp(max=INT4_MAX)[..., None]
+    wg = w.reshape(*w.shape[:-1], -1, group_size)
+    u4 = torch.maximum(torch.minimum(torch.round(wg / step[..., None]) + zp[..., None], high), low)
+    return u4.reshape(*u4.shape[:-2], -1), zp, s2
+
+
+def dual_grain_dequant(u4: torch.Tensor, zp: torch.Tensor, s2: torch.Tensor, s1: torch.Tensor) -> torch.Tensor:
+    """Float weight of (possibly batched) float-valued dual-grained codes, as :func:`dual_grain` returns them."""
+    g = u4.shape[-1] // zp.shape[-1]
+    ug = u4.reshape(*u4.shape[:-1], -1, g)
+    return ((ug - zp[..., None]) * (s2 * s1[..., None])[..., None]).reshape(u4.shape)
+
+
+def to_dual_grained(w: torch.Tensor, s1: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
+                    group_size: int) -> DualGrainedWeight:
+    """Final integer tensors of :func:`dual_grain` for one candidate, validated."""
+    u4, zp, s2 = dual_grain(w.float(), s1.float(), scale.float(), lo.float(), group_size)
+    dg = DualGrainedWeight(u4=u4.to(torch.uint8), zp=zp.to(torch.uint8), s2=s2.to(torch.int8),
+                           s1=s1.float().contiguous(), group_size=group_size)
+    dg.validate()
+    return dg
+
+
+def quantize_activations(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 activations: per-token dynamic (``static_scale is None``) or one calibrated per-tensor scale.
+
+    Returns ``(x_s8, s_x)`` with ``x_s8`` as int8 and ``s_x`` float32 broadcastable to ``x[..., :1]``.
+    """
+    xf = x.float()
+    if static_scale is None:
+        s_x = (xf.abs().amax(dim=-1, keepdim=True) / INT8_MAX).clamp(min=1e-8)
+    else:
+        s_x = static_scale.float().reshape(*([1] * xf.dim()))
+    x_s8 = torch.clamp(torch.round(xf / s_x), -INT8_MAX, INT8_MAX).to(torch.int8)
+    return x_s8, s_x
+
+
+def int_matmul(x_s8: torch.Tensor, w_s8: torch.Tensor) -> torch.Tensor:
+    """Exact int32 ``x_s8 @ w_s8ᵀ`` for int8 ``x [M, K]`` and ``w [N, K]``, on any device.
+
+    Float32 matmul is exact while every partial sum stays below 2**24, so K is cut into chunks that guarantee it
+    and the chunk results (exact integers) are summed in int32.  TF32 must be off for this to hold on CUDA.
+    """
+    if x_s8.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        raise RuntimeError("int_matmul needs torch.backends.cuda.matmul.allow_tf32 = False to be exact")
+    k = x_s8.shape[-1]
+    acc = torch.zeros(x_s8.shape[:-1] + (w_s8.shape[0],), dtype=torch.int32, device=x_s8.device)
+    for start in range(0, k, _EXACT_FP32_CHUNK):
+        xs = x_s8[..., start:start + _EXACT_FP32_CHUNK].float()
+        ws = w_s8[:, start:start + _EXACT_FP32_CHUNK].float()
+        acc += (xs @ ws.t()).to(torch.int32)
+    return acc
