@@ -1,0 +1,190 @@
+"""The calibration driver: walk the decoder blocks one at a time, GPTQ-style.
+
+1. Run the model up to its first block on the calibration samples and record, for every block, the keyword
+   arguments it is called with (masks and rotary embeddings differ per block type in e.g. Gemma3).
+2. For each block: one pass of the float block collects, per activation that feeds linears, ``H = XᵀX`` and the
+   per-channel max; smoothing scales are folded into the block; every consumer linear is quantized from the
+   statistics (``H`` and the maxima transform exactly under the scales, so no second pass is needed); then the
+   QUANTIZED block produces the next block's inputs, so later blocks calibrate on what they will really see.
+
+Only the current block lives on the compute device; the model stays where it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dgq.config import QuantConfig
+from dgq.models.adapters import Adapter, SmoothPair
+from dgq.quantizer import LayerReport, LinearStats, quantize_linear
+from dgq.smooth import (
+    column_absmax, expand_for_heads, fold_scales, percentile_scales, reduce_for_heads, smoothquant_scales,
+)
+
+
+class _StopForward(Exception):
+    """Raised by the last recorder so the capture pass skips the final norm and LM head."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a block during capture: records its call and passes the hidden states through."""
+
+    def __init__(self, block: nn.Module, sink: list[dict[str, Any]], first: bool, last: bool) -> None:
+        super().__init__()
+        self.attention_type = getattr(block, "attention_type", None)  # read by some model loops
+        self.sink, self.first, self.last = sink, first, last
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            raise RuntimeError("dgq expects decoder blocks to receive everything but hidden_states as keywords")
+        self.sink.append({"hidden": hidden_states if self.first else None, "kwargs": kwargs})
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+@dataclass
+class BlockInputs:
+    """Hidden states per calibration chunk, and the keyword arguments each block is called with per chunk."""
+
+    hidden: list[torch.Tensor]
+    kwargs: list[list[dict[str, Any]]]  # [block][chunk]
+
+
+@dataclass
+class CalibrationReport:
+    layers: list[LayerReport] = field(default_factory=list)
+
+
+def _module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path)
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tensor, batch: int,
+                         device: torch.device) -> BlockInputs:
+    """Run the model's embedding stage on ``samples`` in chunks of ``batch`` and record every block's inputs."""
+    blocks = adapter.blocks(model)
+    original = list(blocks)
+    sinks: list[list[dict[str, Any]]] = [[] for _ in original]
+    recorders = [_Recorder(b, sinks[i], i == 0, i == len(original) - 1) for i, b in enumerate(original)]
+    home = next(model.parameters()).device
+    for i, r in enumerate(recorders):
+        blocks[i] = r
+    try:
+        model.to(device)
+        for start in range(0, samples.shape[0], batch):
+            try:
+                model(input_ids=samples[start:start + batch].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for i, b in enumerate(original):
+            blocks[i] = b
+        model.to(home)  # blocks were swapped out, so only the embedding stage and head moved and move back
+    hidden = [rec["hidden"] for rec in sinks[0]]
+    return BlockInputs(hidden, [[rec["kwargs"] for rec in sink] for sink in sinks])
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
+def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[torch.Tensor],
+                  kwargs: list[dict[str, Any]]) -> list[LinearStats]:
+    """One pass of the float block, accumulating ``H`` and channel maxima of each pair's activation."""
+    stats: list[LinearStats | None] = [None] * len(pairs)
+
+    def hook(index: int) -> Callable:
+        def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            st = stats[index]
+            if st is None:
+                k = x.shape[1]
+                st = stats[index] = LinearStats(torch.zeros(k, k, device=x.device), torch.zeros(k, device=x.device), 0)
+            st.h.addmm_(x.t(), x)
+            torch.maximum(st.absmax, x.abs().amax(0), out=st.absmax)
+            st.tokens += x.shape[0]
+        return record
+
+    handles = [_module(block, p.consumers[0]).register_forward_pre_hook(hook(i)) for i, p in enumerate(pairs)]
+    try:
+        for h, kw in zip(hidden, kwargs):
+            block(h, **kw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [p.consumers[0] for p, s in zip(pairs, stats) if s is None]
+    if missing:
+        raise RuntimeError(f"calibration saw no input for {', '.join(missing)}")
+    return stats  # type: ignore[return-value]
+
+
+def smoothing_scales(pair: SmoothPair, stats: LinearStats, consumers: list[nn.Linear],
+                     config: QuantConfig) -> torch.Tensor | None:
+    """Scales per producer channel for this pair, or None if the config or the pair does not smooth."""
+    if config.smoothing == "none" or not pair.foldable:
+        return None
+    absmax = reduce_for_heads(stats.absmax, pair.heads)
+    if config.smoothing == "percentile":
+        return percentile_scales(absmax, config.percentile)
+    wmax = reduce_for_heads(column_absmax([c.weight for c in consumers]), pair.heads)
+    return smoothquant_scales(absmax, wmax, config.sq_alpha)
+
+
+def smooth_and_quantize_block(block: nn.Module, prefix: str, pairs: tuple[SmoothPair, ...],
+                              stats: list[LinearStats], config: QuantConfig) -> list[LayerReport]:
+    """Fold every pair's smoothing scales first (a value projection is both a producer and a consumer), then
+    replace every consumer by its quantized module."""
+    smoothed: list[LinearStats] = []
+    for pair, st in zip(pairs, stats):
+        consumers = [_module(block, c) for c in pair.consumers]
+        k = smoothing_scales(pair, st, consumers, config)
+        if k is None:
+            smoothed.append(st)
+            continue
+        fold_scales(_module(block, pair.producer), consumers, k, pair)
+        k_in = expand_for_heads(k, pair.heads).to(st.h.device)
+        smoothed.append(LinearStats(st.h / torch.outer(k_in, k_in), st.absmax / k_in, st.tokens))
+    reports = []
+    for pair, st in zip(pairs, smoothed):
+        for name in pair.consumers:
+            module, report = quantize_linear(f"{prefix}.{name}", _module(block, name), st, config)
+            _set_module(block, name, module)
+            reports.append(report)
+    return reports
+
+
+@torch.no_grad()
+def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, config: QuantConfig,
+                    device: torch.device, progress: bool = True) -> CalibrationReport:
+    """Calibrate and quantize every decoder block of ``model`` in place, one block on ``device`` at a time."""
+    inputs = capture_block_inputs(model, adapter, samples, config.calib_batch, device)
+    blocks = adapter.blocks(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    report = CalibrationReport()
+    hidden = inputs.hidden
+    bar = tqdm(range(len(blocks)), desc=f"quantize [{config.method}]", unit="block", disable=not progress)
+    for i in bar:
+        block = blocks[i]
+        home = next(block.parameters()).device
+        block.to(device)
+        kwargs = inputs.kwargs[i]
+        stats = collect_stats(block, adapter.pairs, hidden, kwargs)
+        report.layers += smooth_and_quantize_block(block, names[id(block)], adapter.pairs, stats, config)
+        hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
+        block.to(home)
+        worst = max(r.rel_error for r in report.layers[-len(adapter.linear_names()):])
+        bar.set_postfix(max_rel_err=f"{worst:.2e}")
+    return report

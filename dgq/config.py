@@ -1,0 +1,130 @@
+"""``QuantConfig``: every setting of a quantization run, validated, and written into each checkpoint.
+
+Methods are presets over a few orthogonal axes (weight format, activation mode, smoothing, search), so the
+baselines run through exactly the same pipeline as DGQ and differ only in these fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+WEIGHT_FORMATS = ("none", "dual", "group", "channel", "int8")
+ACT_MODES = ("none", "dynamic", "static")
+SMOOTHINGS = ("none", "percentile", "smoothquant")
+
+
+class ConfigError(ValueError):
+    """An invalid quantization setting."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a model.
+
+    weight:    ``dual`` (DGQ: int4 codes, int8 group scales, float channel scales), ``group`` (int4 with float group
+               scales), ``channel`` (int4 with one float scale per output channel), ``int8`` (per-channel symmetric
+               int8), or ``none``.
+    act:       int8 activations per token (``dynamic``), per tensor with a calibrated scale (``static``), or ``none``.
+    smoothing: ``percentile`` (DGQ Eq. 7), ``smoothquant`` (max|X|^a / max|W|^(1-a)), or ``none``.
+    search:    grid-search clipping ratios (phase 1) and, for ``dual``, channel scales (phase 2) on H = XᵀX;
+               without it weights are rounded to nearest (RTN) and ``dual`` uses the naive s1 = max scale / 8.
+    """
+
+    method: str = "dgq"
+    weight: str = "dual"
+    act: str = "dynamic"
+    smoothing: str = "percentile"
+    search: bool = True
+    group_size: int = 128
+    percentile: float = 0.5
+    sq_alpha: float = 0.5
+    clip_grid: int = 20
+    clip_min: float = 0.5
+    s1_grid: int = 20
+    s2_range: tuple[int, int] = (8, 24)
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    calib_batch: int = 4
+    calib_data: str | None = None
+
+    def __post_init__(self) -> None:
+        choices = {"weight": WEIGHT_FORMATS, "act": ACT_MODES, "smoothing": SMOOTHINGS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.weight in ("dual", "group") and (self.group_size < 2 or self.group_size % 2):
+            raise ConfigError(f"group_size must be an even number >= 2, got {self.group_size}")
+        if self.weight == "dual" and self.act == "none":
+            raise ConfigError("the dual-grained format needs int8 activations (act 'dynamic' or 'static')")
+        if not 0 < self.percentile < 50:
+            raise ConfigError(f"percentile (top % of channels) must be in (0, 50), got {self.percentile}")
+        if not 0 <= self.sq_alpha <= 1:
+            raise ConfigError(f"sq_alpha must be in [0, 1], got {self.sq_alpha}")
+        if self.clip_grid < 1 or not 0 < self.clip_min <= 1:
+            raise ConfigError("clip_grid must be >= 1 and clip_min in (0, 1]")
+        lo, hi = self.s2_range
+        if self.s1_grid < 1 or not 1 <= lo <= hi <= 127:
+            raise ConfigError("s1_grid must be >= 1 and s2_range must satisfy 1 <= low <= high <= 127")
+        for name in ("nsamples", "seqlen", "calib_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return self.weight != "none"
+
+    @property
+    def weight_bits(self) -> int:
+        return {"none": 16, "int8": 8}.get(self.weight, 4)
+
+    @property
+    def act_bits(self) -> int:
+        return 16 if self.act == "none" else 8
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["s2_range"] = list(self.s2_range)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown quantization settings: {', '.join(unknown)}")
+        d = dict(d)
+        if "s2_range" in d:
+            d["s2_range"] = tuple(d["s2_range"])
+        return cls(**d)
+
+    def with_(self, **changes: Any) -> "QuantConfig":
+        return replace(self, **changes)
+
+
+# The methods of the paper's tables, as settings of the same pipeline.
+PRESETS: dict[str, dict[str, Any]] = {
+    "fp": dict(weight="none", act="none", smoothing="none", search=False),
+    "w4a16_rtn": dict(weight="group", act="none", smoothing="none", search=False),
+    "w4a8_rtn": dict(weight="group", act="dynamic", smoothing="none", search=False),
+    "w4a8_rtn_dg": dict(weight="dual", act="dynamic", smoothing="none", search=False),
+    "w4a8_smoothquant": dict(weight="group", act="dynamic", smoothing="smoothquant", search=False),
+    "w8a8_smoothquant": dict(weight="int8", act="dynamic", smoothing="smoothquant", search=False),
+    "w4a8_group": dict(weight="group", act="dynamic", smoothing="percentile", search=True),
+    "dgq_dynamic": dict(weight="dual", act="dynamic", smoothing="percentile", search=True),
+    "dgq_static": dict(weight="dual", act="static", smoothing="percentile", search=True),
+    # Table 5 ablation: S/D = static/dynamic activations, CW/GW/DG = channel-, group-wise, dual-grained weights.
+    "ablation_s_cw": dict(weight="channel", act="static", smoothing="percentile", search=True),
+    "ablation_s_gw": dict(weight="group", act="static", smoothing="percentile", search=True),
+    "ablation_d_cw": dict(weight="channel", act="dynamic", smoothing="percentile", search=True),
+    "ablation_s_dg": dict(weight="dual", act="static", smoothing="percentile", search=True),
+}
+PRESETS["dgq"] = PRESETS["dgq_dynamic"]
+
+
+def preset(method: str, **overrides: Any) -> QuantConfig:
+    """The :class:`QuantConfig` of a named method, with any field overridden."""
+    if method not in PRESETS:
+        raise ConfigError(f"unknown method {method!r}; choose from {', '.join(PRESETS)}")
+    return QuantConfig(method=method, **{**PRESETS[method], **overrides})
