@@ -1,0 +1,125 @@
+"""The dual-grained format: overflow-free by construction, exact identities, exact integer reference."""
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from dgq.formats import (
+    INT8_MAX, DualGrainedWeight, FormatError, group_minmax, int_matmul, quantize_activations, to_dual_grained,
+)
+from dgq.packing import pack_u4, unpack_u4
+
+GROUP = 16
+
+
+def _weights(kind: str, rows: int, groups: int, seed: int, magnitude: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, groups * GROUP, generator=g) * magnitude
+    if kind == "outliers":
+        w[torch.rand(w.shape, generator=g) < 0.01] *= 1000
+    elif kind == "constant":
+        w[:, :GROUP] = magnitude
+    elif kind == "zeros":
+        w[: rows // 2] = 0
+    elif kind == "one_sided":
+        w = w.abs()
+    return w
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=st.sampled_from(["plain", "outliers", "constant", "zeros", "one_sided"]),
+       rows=st.integers(1, 6), groups=st.integers(1, 4), seed=st.integers(0, 10_000),
+       magnitude=st.sampled_from([1e-8, 1e-3, 1.0, 1e4]),
+       s2_target=st.floats(1.0, 127.0), ratio=st.floats(0.3, 1.0))
+def test_no_int8_overflow_for_any_weights(kind, rows, groups, seed, magnitude, s2_target, ratio):
+    w = _weights(kind, rows, groups, seed, magnitude)
+    scale, lo = group_minmax(w, GROUP, ratio)
+    s1 = scale.amax(1) / s2_target
+    dg = to_dual_grained(w, s1, scale, lo, GROUP)  # validate() raises on any violation
+    w8 = dg.int8_weight().to(torch.int32)
+    assert w8.abs().max() <= INT8_MAX
+    assert int(dg.s2.min()) >= 1 and int(dg.u4.max()) <= 15 and int(dg.zp.max()) <= 15
+
+
+def test_dequant_identity_and_zero_exact():
+    w = torch.randn(8, 64)
+    w[0, :GROUP] = 0.0
+    scale, lo = group_minmax(w, GROUP)
+    dg = to_dual_grained(w, scale.amax(1) / 8, scale, lo, GROUP)
+    g = dg.group_size
+    expect = dg.s1[:, None] * (dg.s2.float().repeat_interleave(g, 1)
+                               * (dg.u4.float() - dg.zp.float().repeat_interleave(g, 1)))
+    torch.testing.assert_close(dg.dequantize(), expect, rtol=0, atol=0)
+    assert torch.all(dg.dequantize()[0, :GROUP] == 0), "zero must be exactly representable"
+
+
+def test_rounding_error_is_half_a_step_when_s2_is_exact():
+    w = torch.randn(8, GROUP)  # one group per row, so s1 = scale / 8 makes s2 = 8 with no rounding of the scale
+    scale, lo = group_minmax(w, GROUP)
+    dg = to_dual_grained(w, scale.amax(1) / 8, scale, lo, GROUP)
+    assert torch.all(dg.s2 == 8)
+    step = (dg.s1 * 8)[:, None]
+    assert torch.all((dg.dequantize() - w).abs() <= step * 0.5 + 1e-6)
+
+
+def test_large_s2_clamps_codes_into_safe_window():
+    w = torch.randn(4, 32)
+    scale, lo = group_minmax(w, GROUP)
+    dg = to_dual_grained(w, scale.amax(1) / 127, scale, lo, GROUP)
+    assert int(dg.s2.max()) == 127
+    assert dg.int8_weight().to(torch.int32).abs().max() <= INT8_MAX
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("u4", 16, "exceed"), ("s2", 0, "s2 must be"), ("s2", 127, "leaves"),
+])
+def test_validate_rejects_broken_tensors(field, value, message):
+    w = torch.randn(2, 32)
+    scale, lo = group_minmax(w, GROUP)
+    dg = to_dual_grained(w, scale.amax(1) / 8, scale, lo, GROUP)
+    t = getattr(dg, field).clone()
+    t.view(-1)[0] = value
+    if field == "s2" and value == 127:
+        dg.u4[0, :GROUP] = 15
+        dg.zp[0, 0] = 0
+    broken = DualGrainedWeight(**{**dg.__dict__, field: t})
+    with pytest.raises(FormatError, match=message):
+        broken.validate("layer.x")
+
+
+def test_validate_rejects_indivisible_group():
+    dg = DualGrainedWeight(torch.zeros(2, 30, dtype=torch.uint8), torch.zeros(2, 1, dtype=torch.uint8),
+                           torch.ones(2, 1, dtype=torch.int8), torch.ones(2), 16)
+    with pytest.raises(FormatError, match="does not divide"):
+        dg.validate()
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(1, 5), n=st.integers(1, 7), k=st.integers(1, 2500), seed=st.integers(0, 1000))
+def test_int_matmul_is_exact(m, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    if seed % 3 == 0:  # worst case: every product at its maximum
+        x.fill_(127), w.fill_(-127)
+    expect = x.long() @ w.long().t()
+    assert torch.equal(int_matmul(x, w).long(), expect)
+
+
+def test_activation_quantization_modes():
+    x = torch.randn(5, 33) * 3
+    x_s8, s = quantize_activations(x)
+    assert x_s8.dtype == torch.int8 and s.shape == (5, 1)
+    assert torch.equal(x_s8.abs().amax(1), torch.full((5,), 127, dtype=torch.int8))
+    assert (x_s8.float() * s - x).abs().max() <= s.max() / 2 + 1e-6
+    static, s_static = quantize_activations(x * 100, torch.tensor(0.01))
+    assert static.abs().max() == 127  # saturates at the static range
+    assert s_static.numel() == 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 9), k_half=st.integers(1, 40), seed=st.integers(0, 1000))
+def test_pack_roundtrip(n, k_half, seed):
+    u4 = torch.randint(0, 16, (n, 2 * k_half), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    assert torch.equal(unpack_u4(pack_u4(u4)), u4)
