@@ -143,10 +143,15 @@ def smoothing_scales(pair: SmoothPair, stats: LinearStats, consumers: list[nn.Li
     return smoothquant_scales(absmax, wmax, config.sq_alpha)
 
 
-def smooth_and_quantize_block(block: nn.Module, prefix: str, pairs: tuple[SmoothPair, ...],
-                              stats: list[LinearStats], config: QuantConfig) -> list[LayerReport]:
-    """Fold every pair's smoothing scales first (a value projection is both a producer and a consumer), then
-    replace every consumer by its quantized module."""
+@torch.no_grad()
+def smooth_block(block: nn.Module, pairs: tuple[SmoothPair, ...], stats: list[LinearStats],
+                 config: QuantConfig) -> list[LinearStats]:
+    """Fold every pair's smoothing scales into the block; return the statistics of the smoothed activations.
+
+    ``x -> x / k`` maps ``H`` to ``H / (k kᵀ)`` and the maxima to ``max / k`` exactly, so no second pass is needed.
+    All pairs are folded before anything is quantized, since a value projection is both a consumer of one pair
+    and the producer of another.
+    """
     smoothed: list[LinearStats] = []
     for pair, st in zip(pairs, stats):
         consumers = [_module(block, c) for c in pair.consumers]
@@ -157,8 +162,14 @@ def smooth_and_quantize_block(block: nn.Module, prefix: str, pairs: tuple[Smooth
         fold_scales(_module(block, pair.producer), consumers, k, pair)
         k_in = expand_for_heads(k, pair.heads).to(st.h.device)
         smoothed.append(LinearStats(st.h / torch.outer(k_in, k_in), st.absmax / k_in, st.tokens))
+    return smoothed
+
+
+def quantize_block(block: nn.Module, prefix: str, pairs: tuple[SmoothPair, ...], stats: list[LinearStats],
+                   config: QuantConfig) -> list[LayerReport]:
+    """Replace every consumer linear of the block by its quantized module."""
     reports = []
-    for pair, st in zip(pairs, smoothed):
+    for pair, st in zip(pairs, stats):
         for name in pair.consumers:
             module, report = quantize_linear(f"{prefix}.{name}", _module(block, name), st, config)
             _set_module(block, name, module)
@@ -182,7 +193,8 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         block.to(device)
         kwargs = inputs.kwargs[i]
         stats = collect_stats(block, adapter.pairs, hidden, kwargs)
-        report.layers += smooth_and_quantize_block(block, names[id(block)], adapter.pairs, stats, config)
+        stats = smooth_block(block, adapter.pairs, stats, config)
+        report.layers += quantize_block(block, names[id(block)], adapter.pairs, stats, config)
         hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
         block.to(home)
         worst = max(r.rel_error for r in report.layers[-len(adapter.linear_names()):])

@@ -139,32 +139,42 @@ def to_dual_grained(w: torch.Tensor, s1: torch.Tensor, scale: torch.Tensor, lo: 
     return dg
 
 
-def quantize_activations(x: torch.Tensor, static_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations(x: torch.Tensor, static_scale: torch.Tensor | None = None,
+                         dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 activations: per-token dynamic (``static_scale is None``) or one calibrated per-tensor scale.
 
-    Returns ``(x_s8, s_x)`` with ``x_s8`` as int8 and ``s_x`` float32 broadcastable to ``x[..., :1]``.
+    Returns ``(x_q, s_x)``: ``x_q`` holds the int8 codes, as int8 or, with ``dtype=torch.float32``, as
+    integer-valued floats (what the float-matmul reference consumes, saving two conversions); ``s_x`` is float32
+    broadcastable to ``x[..., :1]``.
     """
     xf = x.float()
     if static_scale is None:
-        s_x = (xf.abs().amax(dim=-1, keepdim=True) / INT8_MAX).clamp(min=1e-8)
+        s_x = (xf.abs().amax(dim=-1, keepdim=True) / INT8_MAX).clamp_(min=1e-8)
     else:
         s_x = static_scale.float().reshape(*([1] * xf.dim()))
-    x_s8 = torch.clamp(torch.round(xf / s_x), -INT8_MAX, INT8_MAX).to(torch.int8)
-    return x_s8, s_x
+    x_q = torch.div(xf, s_x).round_().clamp_(-INT8_MAX, INT8_MAX)
+    return x_q.to(dtype), s_x
+
+
+def exact_matmul(x_q: torch.Tensor, w_t: torch.Tensor) -> torch.Tensor:
+    """Exact ``x_q @ w_t`` for integer-valued float32 ``x_q [M, K]`` and ``w_t [K, N]`` with entries in [-127, 127].
+
+    Float32 matmul is exact while every partial sum stays below 2**24, so K is cut into chunks that guarantee it;
+    one chunk returns float32, several are summed in float64 (both hold the integers exactly).  TF32 must be off
+    for this to hold on CUDA.
+    """
+    if x_q.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        raise RuntimeError("exact_matmul needs torch.backends.cuda.matmul.allow_tf32 = False to be exact")
+    k = x_q.shape[-1]
+    if k <= _EXACT_FP32_CHUNK:
+        return x_q @ w_t
+    acc = torch.zeros(x_q.shape[:-1] + (w_t.shape[1],), dtype=torch.float64, device=x_q.device)
+    for start in range(0, k, _EXACT_FP32_CHUNK):
+        acc += x_q[..., start:start + _EXACT_FP32_CHUNK] @ w_t[start:start + _EXACT_FP32_CHUNK]
+    return acc
 
 
 def int_matmul(x_s8: torch.Tensor, w_s8: torch.Tensor) -> torch.Tensor:
-    """Exact int32 ``x_s8 @ w_s8ᵀ`` for int8 ``x [M, K]`` and ``w [N, K]``, on any device.
-
-    Float32 matmul is exact while every partial sum stays below 2**24, so K is cut into chunks that guarantee it
-    and the chunk results (exact integers) are summed in int32.  TF32 must be off for this to hold on CUDA.
-    """
-    if x_s8.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        raise RuntimeError("int_matmul needs torch.backends.cuda.matmul.allow_tf32 = False to be exact")
-    k = x_s8.shape[-1]
-    acc = torch.zeros(x_s8.shape[:-1] + (w_s8.shape[0],), dtype=torch.int32, device=x_s8.device)
-    for start in range(0, k, _EXACT_FP32_CHUNK):
-        xs = x_s8[..., start:start + _EXACT_FP32_CHUNK].float()
-        ws = w_s8[:, start:start + _EXACT_FP32_CHUNK].float()
-        acc += (xs @ ws.t()).to(torch.int32)
-    return acc
+    """Exact int32 ``x_s8 @ w_s8ᵀ`` for int8 ``x [M, K]`` and ``w [N, K]``, on any device: the reference
+    accumulator every kernel must equal."""
+    return exact_matmul(x_s8.float(), w_s8.float().t()).to(torch.int32)

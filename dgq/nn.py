@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from dgq.formats import DualGrainedWeight, int_matmul, quantize_activations
+from dgq.formats import DualGrainedWeight, exact_matmul, quantize_activations
 from dgq.packing import pack_u4, unpack_u4
 
 ActMode = Literal["none", "dynamic", "static"]
@@ -40,7 +40,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("s1", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=out_dtype, device=device) if bias else None)
-        self._w_s8: torch.Tensor | None = None  # reference-path cache of the widened weight; never saved
+        # Reference-path cache of the widened weight as float32 [in, out]: trades memory for speed on the CPU;
+        # never saved, and the fast CUDA path never builds it.
+        self._w_t: torch.Tensor | None = None
 
     @classmethod
     def from_weight(cls, dg: DualGrainedWeight, bias: torch.Tensor | None, act_mode: ActMode,
@@ -68,23 +70,22 @@ class QuantLinear(nn.Module):
                                  group_size=self.group_size)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
-        self._w_s8 = None  # moving or casting the module invalidates the cached widened weight
+        self._w_t = None  # moving or casting the module invalidates the cached widened weight
         return super()._apply(fn, recurse)
 
-    def int8_weight(self) -> torch.Tensor:
-        if self._w_s8 is None:
-            self._w_s8 = self.dual_grained().int8_weight()
-        return self._w_s8
+    def _widened_t(self) -> torch.Tensor:
+        if self._w_t is None:
+            self._w_t = self.dual_grained().int8_weight().float().t().contiguous()
+        return self._w_t
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Pure-PyTorch forward with the exact int32 accumulator; the definition every kernel must match."""
         static = self.act_scale if self.act_mode == "static" else None
         x2 = x.reshape(-1, self.in_features)
-        x_s8, s_x = quantize_activations(x2, static)
-        acc = int_matmul(x_s8, self.int8_weight())
-        out = acc.float() * s_x * self.s1
+        x_q, s_x = quantize_activations(x2, static, dtype=torch.float32)
+        out = exact_matmul(x_q, self._widened_t()).mul_(s_x).mul_(self.s1)
         if self.bias is not None:
-            out = out + self.bias.float()
+            out += self.bias
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
