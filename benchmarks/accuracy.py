@@ -1,0 +1,158 @@
+"""WikiText-2 perplexity of every method of the paper's Tables 1 and 5 on one model, in one process.
+
+Regenerates ``results/smollm2_wikitext2.json`` and the table between the accuracy markers of RESULTS.md.
+Methods already in the JSON with the same settings are kept, so a long run can be split over several invocations
+(``--methods``); a table never mixes windows, calibration sizes or group sizes (the script refuses).
+
+    python benchmarks/accuracy.py --windows 40 --nsamples 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dgq.api import quantize
+from dgq.config import preset
+from dgq.data import calibration_samples
+from dgq.eval.perplexity import perplexity
+from dgq.loading import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+MAIN = ["fp", "w4a16_rtn", "w4a8_rtn", "w4a8_rtn_dg", "w4a8_smoothquant", "w8a8_smoothquant", "w4a8_group",
+        "dgq_dynamic", "dgq_static"]
+ABLATION = {"ablation_s_cw": "S+CW", "ablation_s_gw": "S+GW", "ablation_d_cw": "D+CW", "dgq_static": "S+DG"}
+LABELS = {"fp": "FP (no quantization)", "w4a16_rtn": "W4A16 RTN (group)", "w4a8_rtn": "W4A8 RTN (group)",
+          "w4a8_rtn_dg": "W4A8 RTN dual-grained (naive s1)", "w4a8_smoothquant": "W4A8 SmoothQuant (group)",
+          "w8a8_smoothquant": "W8A8 SmoothQuant (per-channel)",
+          "w4a8_group": "W4A8 group-wise + search + percentile smoothing", "dgq_dynamic": "**DGQ dynamic** (A8 per-token)",
+          "dgq_static": "**DGQ static** (A8 per-tensor)"}
+BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {"model": args.model, "dataset": "wikitext2", "seqlen": args.seqlen, "windows": args.windows,
+            "group_size": args.group_size, "nsamples": args.nsamples}
+
+
+def _load(path: Path, settings: dict) -> dict:
+    if not path.exists():
+        return {**settings, "ppl": {}, "quantize_seconds": {}, "commands": []}
+    data = json.loads(path.read_text())
+    clash = {k: (data.get(k), v) for k, v in settings.items() if data.get(k) != v}
+    if clash:
+        raise SystemExit(f"error: {path} holds results with other settings {clash}; move it away to start anew")
+    return data
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace) -> dict:
+    out = ROOT / "results" / "smollm2_wikitext2.json"
+    data = _load(out, _settings(args))
+    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
+    if command not in data["commands"]:
+        data["commands"].append(command)
+    base, tokenizer, _ = load_model(args.model)
+    samples = calibration_samples(tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
+    for method in args.methods:
+        if method in data["ppl"] and not args.redo:
+            print(f"{method}: kept {data['ppl'][method]:.3f} from {out.name}")
+            continue
+        model = copy.deepcopy(base)
+        seconds = 0.0
+        if method != "fp":
+            config = preset(method, group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen)
+            seconds = quantize(model, samples, config, device="cpu").seconds
+        ppl = perplexity(model, tokenizer, "wikitext2", seqlen=args.seqlen, windows=args.windows).ppl
+        data["ppl"][method], data["quantize_seconds"][method] = ppl, round(seconds, 1)
+        print(f"{method}: ppl {ppl:.3f}, quantized in {seconds:.0f} s", flush=True)
+        _write_atomic(out, json.dumps(data, indent=2) + "\n")
+        del model
+    return data
+
+
+def _row(name: str, label: str, data: dict) -> str:
+    ppl, sec = data["ppl"].get(name), data["quantize_seconds"].get(name)
+    cfg = preset(name) if name != "fp" else None
+    bits = "W16A16" if cfg is None else f"W{cfg.weight_bits}A{cfg.act_bits}"
+    p = "not run" if ppl is None else f"{ppl:.3f}"
+    s = "" if sec is None or name == "fp" else f"{sec:.0f}"
+    return f"| {label} | `{name}` | {bits} | {p} | {s} |"
+
+
+def checks(data: dict) -> list[str]:
+    """The issue's accuracy targets, evaluated on the recorded numbers."""
+    p = data["ppl"]
+    need = {"fp", "w4a8_rtn", "w4a8_group", "w4a8_smoothquant", "dgq_dynamic"}
+    if not need <= set(p):
+        return [f"targets not evaluated: missing {', '.join(sorted(need - set(p)))}"]
+    within = (p["dgq_dynamic"] - p["w4a8_group"]) / p["w4a8_group"]
+    recovered = (p["w4a8_rtn"] - p["dgq_dynamic"]) / (p["w4a8_rtn"] - p["fp"])
+    ok = lambda b: "met" if b else "MISSED"  # noqa: E731
+    return [f"DGQ dynamic vs plain group-wise W4A8: {within:+.2%} (target within 1%): {ok(within <= 0.01)}",
+            f"share of the W4A8-RTN gap to FP recovered by DGQ: {recovered:.0%} (target >= 60%): {ok(recovered >= 0.6)}",
+            f"DGQ dynamic {p['dgq_dynamic']:.3f} vs SmoothQuant W4A8 {p['w4a8_smoothquant']:.3f}: "
+            f"{ok(p['dgq_dynamic'] < p['w4a8_smoothquant'])}"]
+
+
+def table(data: dict) -> str:
+    head = "| method | preset | bits | WikiText-2 ppl | quantize time (s, CPU) |\n|---|---|---|---|---|"
+    main = "\n".join(_row(m, LABELS[m], data) for m in MAIN)
+    abl = "\n".join(_row(m, label, data) for m, label in ABLATION.items())
+    lines = [f"Model `{data['model']}`, WikiText-2 test, seqlen {data['seqlen']}, first {data['windows']} windows, "
+             f"group size {data['group_size']}, calibration {data['nsamples']} x {data['seqlen']} tokens of the C4 "
+             "calibration half (seed 0), CPU.", "", head, main, "", "Table 5 ablation (same settings):", "",
+             head, abl, "", "Targets:", ""] + [f"- {c}" for c in checks(data)]
+    lines += ["", "Produced by:", "", "```"] + data["commands"] + ["```"]
+    return "\n".join(lines)
+
+
+def update_results_md(text: str) -> None:
+    path = ROOT / "RESULTS.md"
+    doc = path.read_text() if path.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in doc:
+        doc += f"\n{BEGIN}\n{END}\n"
+    head, rest = doc.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    _write_atomic(path, f"{head}{BEGIN}\n{text}\n{END}{tail}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--methods", default=",".join(MAIN + [m for m in ABLATION if m not in MAIN]),
+                        help="comma list of presets to run (default: all of Tables 1 and 5)")
+    parser.add_argument("--windows", type=int, default=40, help="first N WikiText-2 windows (all methods alike)")
+    parser.add_argument("--nsamples", type=int, default=8, help="calibration sequences")
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--group-size", type=int, default=64, help="64: SmolLM2's width 576 is not divisible by 128")
+    parser.add_argument("--redo", action="store_true", help="re-run methods already in the JSON")
+    parser.add_argument("--table-only", action="store_true", help="only rebuild RESULTS.md from the JSON")
+    args = parser.parse_args()
+    args.methods = [m for m in args.methods.split(",") if m]
+    torch.manual_seed(0)
+    if args.table_only:
+        data = json.loads((ROOT / "results" / "smollm2_wikitext2.json").read_text())
+    else:
+        start = time.perf_counter()
+        data = run(args)
+        print(f"total {time.perf_counter() - start:.0f} s")
+    text = table(data)
+    update_results_md(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
