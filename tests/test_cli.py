@@ -1,0 +1,96 @@
+"""The command line end to end, and its answers to bad input: one line, exit code 2, nothing written."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_model, make_tokenizer
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "dgq.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, message: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith("error: ") and message in lines[-1], proc.stderr
+
+
+def test_quantize_save_eval_roundtrip(model_dir, data_dir, tmp_path):
+    out = tmp_path / "q"
+    common = ["--seqlen", "64", "--data-dir", str(data_dir), "--windows", "3", "--device", "cpu"]
+    proc = run_cli("quantize", str(model_dir), "--out", str(out), "--nsamples", "4", "--calib-batch", "2",
+                   "--eval", "wikitext2", *common)
+    assert proc.returncode == 0, proc.stderr
+    table = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("method"))
+    row = table[header + 2].split()
+    assert row[:4] == ["dgq", "W4A8", "128", "dynamic"]
+    after = float(row[5])
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "dgq" and qc["settings"]["nsamples"] == 4
+    proc = run_cli("eval", str(out), "--datasets", "wikitext2", *common)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.splitlines()[2].split()[-1]) == pytest.approx(after, abs=5e-4)
+
+
+def test_help_explains():
+    proc = run_cli("quantize", "--help")
+    assert proc.returncode == 0 and "smollm2-135m" in proc.stdout and "--nsamples" in proc.stdout
+
+
+@pytest.mark.parametrize("case", ["missing_model", "unsupported", "group", "missing_data", "nan", "exists"])
+def test_bad_input_fails_cleanly(case, model_dir, data_dir, tmp_path):
+    out = tmp_path / "out"
+    model = str(model_dir)
+    extra: list[str] = ["--data-dir", str(data_dir)]
+    message = {"missing_model": "does not exist", "unsupported": "unsupported architecture 'gpt2'",
+               "group": "group size 96 does not divide in_features 128", "missing_data": "not found at",
+               "nan": "weight contains NaN", "exists": "already exists"}[case]
+    if case == "missing_model":
+        model = str(tmp_path / "no-such-model")
+    elif case == "unsupported":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        model = str(tmp_path / "gpt2")
+        GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=96)).save_pretrained(model)
+        make_tokenizer().save_pretrained(model)
+    elif case == "group":
+        extra += ["--group-size", "96"]
+    elif case == "missing_data":
+        extra = ["--data-dir", str(tmp_path / "nodata"), "--eval", "ptb"]
+    elif case == "nan":
+        broken = make_model("llama")
+        with torch.no_grad():
+            broken.model.layers[0].self_attn.k_proj.weight[3, 5] = float("nan")
+        model = str(tmp_path / "nan-model")
+        broken.save_pretrained(model)
+        make_tokenizer().save_pretrained(model)
+    elif case == "exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("precious")
+    proc = run_cli("quantize", model, "--out", str(out), "--nsamples", "2", "--seqlen", "64", "--device", "cpu",
+                   *extra)
+    _assert_one_line_error(proc, message)
+    if case == "exists":
+        assert (out / "keep.txt").read_text() == "precious"
+    else:
+        assert not out.exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir()), "no temporary directory left behind"
