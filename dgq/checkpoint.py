@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -27,18 +28,11 @@ FORMAT_VERSION = 1
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+MODULE_TYPES = {"dgq": QuantLinear, "fake": FakeQuantLinear}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be written or read; the message names the problem."""
-
-
-def _module_entry(module: nn.Module) -> dict[str, Any]:
-    entry = {"in_features": module.in_features, "out_features": module.out_features, "act": module.act_mode,
-             "bias": module.bias is not None}
-    if isinstance(module, QuantLinear):
-        return {"class": "QuantLinear", "group_size": module.group_size, **entry}
-    return {"class": "FakeQuantLinear", "dtype": str(module.weight.dtype).removeprefix("torch."), **entry}
 
 
 def quantization_config(model: nn.Module) -> dict[str, Any]:
@@ -46,18 +40,19 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
     config: QuantConfig | None = getattr(model, "dgq_config", None)
     if config is None:
         raise CheckpointError("model carries no dgq_config: quantize it with dgq first")
-    modules = {name: _module_entry(m) for name, m in model.named_modules()
-               if isinstance(m, (QuantLinear, FakeQuantLinear))}
+    modules = {name: {"type": "dgq" if isinstance(m, QuantLinear) else "fake", "act": m.act_mode}
+               for name, m in model.named_modules() if isinstance(m, (QuantLinear, FakeQuantLinear))}
+    # Smoothing scales are always folded into the neighbouring weights: a loader has nothing left to apply.
     return {"quant_method": "dgq", "format_version": FORMAT_VERSION, "weight_bits": config.weight_bits,
             "act_bits": config.act_bits, "group_size": config.group_size, "activation": config.act,
-            "smoothing_folded": config.smoothing != "none", "settings": config.to_dict(), "modules": modules}
+            "smoothing_folded": True, "settings": config.to_dict(), "modules": modules}
 
 
 def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """State dict without shared storage (safetensors refuses it): ``aliases`` maps a dropped key to its twin."""
     state, aliases, seen = {}, {}, {}
     for key, tensor in model.state_dict().items():
-        ptr = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        ptr = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
         if tensor.numel() and ptr in seen:
             aliases[key] = seen[ptr]
             continue
@@ -66,7 +61,8 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return state, aliases
 
 
-def _write_tensors(state: dict[str, torch.Tensor], folder: Path, shard_bytes: int) -> None:
+def _shards(state: dict[str, torch.Tensor], shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split ``state`` in order into groups of at most ``shard_bytes`` (a larger tensor gets a shard to itself)."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, t in state.items():
@@ -76,6 +72,12 @@ def _write_tensors(state: dict[str, torch.Tensor], folder: Path, shard_bytes: in
             size = 0
         shards[-1][key] = t
         size += nbytes
+    return shards
+
+
+def write_tensors(state: dict[str, torch.Tensor], folder: Path, shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` plus the index above ``shard_bytes``."""
+    shards = _shards(state, shard_bytes)
     if len(shards) == 1:
         save_file(shards[0], folder / SINGLE_FILE, metadata={"format": "pt"})
         return
@@ -83,16 +85,47 @@ def _write_tensors(state: dict[str, torch.Tensor], folder: Path, shard_bytes: in
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, folder / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in shard})
+        weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in state.values())
-    (folder / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                indent=2))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+@contextmanager
+def atomic_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``out_dir``; on success it replaces ``out_dir``, on failure it vanishes.
+
+    Writing beside the target keeps the final rename on one filesystem, so readers never see half a checkpoint.
+    An existing ``out_dir`` is refused unless ``overwrite``; then it is moved aside, and moved back if the swap fails.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output directory {out} already exists (pass overwrite=True / --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _model_card(qc: dict[str, Any], card: dict[str, Any]) -> str:
     s = qc["settings"]
     lines = [f"# {card.get('name', 'dgq quantized model')}", "",
-             f"Quantized with [dgq](https://pypi.org/project/dgq/) method `{s['method']}`: "
+             f"Quantized with dgq (Dual Grained Quantization), method `{s['method']}`: "
              f"W{qc['weight_bits']}A{qc['act_bits']}, weight format `{s['weight']}`, group size {s['group_size']}, "
              f"activations `{s['act']}`, smoothing `{s['smoothing']}`, search {'on' if s['search'] else 'off'}, "
              f"calibration {s['nsamples']} x {s['seqlen']} tokens (seed {s['seed']}).", ""]
@@ -103,45 +136,34 @@ def _model_card(qc: dict[str, Any], card: dict[str, Any]) -> str:
         lines += [f"Perplexity (seqlen {card.get('seqlen')}, windows {card.get('windows') or 'all'}):", "",
                   "| dataset | before | after |", "|---|---|---|"]
         lines += [f"| {d} | {fp.get(d, float('nan')):.3f} | {p:.3f} |" for d, p in ppl.items()] + [""]
-    lines += ["Load with `dgq.load(path)`; see docs/format.md of dgq for the tensor layout.", ""]
+    lines += ["Load with `dgq.load(path)`; docs/format.md of dgq describes the tensors.", ""]
     return "\n".join(lines)
 
 
 def save(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, overwrite: bool = False,
          card: dict[str, Any] | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write ``model`` to ``out_dir`` via a temporary sibling directory renamed into place."""
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output directory {out} already exists (pass overwrite=True / --overwrite)")
+    """Write the quantized ``model`` (and ``tokenizer``) to ``out_dir`` atomically; returns ``out_dir``.
+
+    ``card`` fills the model card: ``name``, ``base_model``, ``perplexity`` / ``perplexity_fp`` (dataset → value),
+    ``seqlen``, ``windows``.  ``shard_bytes`` is the largest safetensors file before the tensors are sharded.
+    """
     qc = quantization_config(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_dir(out_dir, overwrite) as tmp:
         state, aliases = _unique_state(model)
         qc["aliases"] = aliases
-        _write_tensors(state, tmp, shard_bytes)
+        write_tensors(state, tmp, shard_bytes)
         config = model.config.to_dict()
         config["quantization_config"] = qc
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(qc, card or {}))
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out_dir)
 
 
-def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    file = path / "config.json"
+def read_quantization_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(hf_config_dict, quantization_config)`` of the checkpoint at ``path``, its version checked."""
+    file = Path(path) / "config.json"
     if not file.is_file():
         raise CheckpointError(f"{path} is not a dgq checkpoint: no config.json")
     try:
@@ -157,69 +179,91 @@ def _read_config(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return config, qc
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    files = ([path / SINGLE_FILE] if (path / SINGLE_FILE).is_file() else
-             sorted({path / f for f in json.loads((path / INDEX_FILE).read_text())["weight_map"].values()})
-             if (path / INDEX_FILE).is_file() else [])
-    if not files:
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint at ``path`` (single file or shards), corrupt files reported by name."""
+    path = Path(path)
+    if (path / SINGLE_FILE).is_file():
+        files = [path / SINGLE_FILE]
+    elif (path / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{path / INDEX_FILE} is not a valid shard index: {exc}") from None
+        files = [path / f for f in sorted(set(weight_map.values()))]
+    else:
         raise CheckpointError(f"{path} holds no {SINGLE_FILE} or {INDEX_FILE}")
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
             state.update(load_file(f))
         except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{f.name} is corrupt or truncated: {exc}") from None
+            raise CheckpointError(f"{f.name} is missing, corrupt or truncated: {exc}") from None
     return state
 
 
-def _skeleton(entry: dict[str, Any], name: str) -> nn.Module:
+def _skeleton(linear: nn.Module, entry: dict[str, Any], group_size: int) -> nn.Module:
+    """An empty (meta) quantized module of the ``modules`` entry, shaped like the ``linear`` it replaces."""
     meta = torch.device("meta")
-    if entry["class"] == "QuantLinear":
-        return QuantLinear(entry["in_features"], entry["out_features"], entry["group_size"], entry["act"],
-                           entry["bias"], device=meta)
-    if entry["class"] == "FakeQuantLinear":
-        dtype = getattr(torch, entry["dtype"])
-        weight = torch.empty(entry["out_features"], entry["in_features"], device=meta, dtype=dtype)
-        bias = torch.empty(entry["out_features"], device=meta, dtype=dtype) if entry["bias"] else None
+    has_bias = getattr(linear, "bias", None) is not None
+    if entry.get("type") == "dgq":
+        return QuantLinear(linear.in_features, linear.out_features, group_size, entry["act"], has_bias, device=meta)
+    if entry.get("type") == "fake":
+        weight = torch.empty_like(linear.weight, device=meta)
+        bias = torch.empty_like(linear.bias, device=meta) if has_bias else None
         return FakeQuantLinear(weight, bias, entry["act"], torch.empty((), device=meta))
-    raise CheckpointError(f"module {name}: unknown class {entry['class']!r}")
+    raise ValueError(f"unknown module type {entry.get('type')!r} (expected one of {', '.join(MODULE_TYPES)})")
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The quantized ``transformers`` model saved at ``path``, with real :class:`QuantLinear` layers."""
+def _format_keys(model: nn.Module) -> set[str]:
+    """State keys whose dtype the format fixes (quantized modules' buffers other than the bias)."""
+    return {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, tuple(MODULE_TYPES.values()))
+            for b, _ in m.named_buffers(recurse=False) if b != "bias"}
+
+
+def _check_state(path: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+                 strict_dtype: set[str]) -> None:
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]}")
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensor {unexpected[0]}")
+    for key, ref in expected.items():
+        t = state[key]
+        bad_dtype = t.dtype != ref.dtype if key in strict_dtype else t.is_floating_point() != ref.is_floating_point()
+        if tuple(t.shape) != tuple(ref.shape) or bad_dtype:
+            raise CheckpointError(f"{path}: tensor {key} is {t.dtype}{list(t.shape)}, expected "
+                                  f"{ref.dtype}{list(ref.shape)}")
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """The quantized ``transformers`` model saved at ``path``, with real :class:`QuantLinear` layers.
+
+    ``dtype`` casts the float tensors that are not part of the quantized format (embeddings, norms, biases, fake
+    quantized weights); the format's own tensors keep their dtypes.  Raises :class:`CheckpointError`.
+    """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    config_dict, qc = _read_config(path)
+    config_dict, qc = read_quantization_config(path)
     try:
         settings = QuantConfig.from_dict(qc["settings"])
         hf_config = AutoConfig.for_model(**config_dict)
-    except (ConfigError, KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path / 'config.json'}: {exc}") from None
-    with init_empty_weights():  # parameters on meta; non-persistent buffers (rotary tables) stay real
-        model = AutoModelForCausalLM.from_config(hf_config)
-    for name, entry in qc["modules"].items():
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"module {name} of the checkpoint does not exist in a {hf_config.model_type} model") from None
-        model.set_submodule(name, _skeleton(entry, name))
-    state = _read_tensors(path)
-    expected = {k: v for k, v in model.state_dict().items() if k not in qc.get("aliases", {})}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        what = f"missing tensor {missing[0]}" if missing else f"unexpected tensor {unexpected[0]}"
-        raise CheckpointError(f"{path}: {what}")
-    for key, ref in expected.items():
-        t = state[key]
-        if tuple(t.shape) != tuple(ref.shape) or (ref.dtype != t.dtype and key.rsplit(".", 1)[-1] in
-                                                  ("qweight", "s2", "zp", "s1")):
-            raise CheckpointError(f"{path}: tensor {key} is {t.dtype}{list(t.shape)}, expected "
-                                  f"{ref.dtype}{list(ref.shape)}")
-    for alias, twin in qc.get("aliases", {}).items():
-        state[alias] = state[twin]
+        with init_empty_weights():  # parameters on meta; non-persistent buffers (rotary tables) stay real
+            model = AutoModelForCausalLM.from_config(hf_config)
+        for name, entry in qc["modules"].items():
+            model.set_submodule(name, _skeleton(model.get_submodule(name), entry, settings.group_size))
+    except (ConfigError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path / 'config.json'}: {type(exc).__name__}: {exc}") from None
+    aliases: dict[str, str] = qc.get("aliases", {})
+    state = read_tensors(path)
+    expected = {k: v for k, v in model.state_dict().items() if k not in aliases}
+    strict = _format_keys(model)
+    _check_state(path, state, expected, strict)
+    if dtype is not None:
+        state = {k: t.to(dtype) if t.is_floating_point() and k not in strict else t for k, t in state.items()}
+    state.update({alias: state[twin] for alias, twin in aliases.items()})
     model.load_state_dict(state, assign=True, strict=True)
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
