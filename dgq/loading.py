@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
+from urllib.parse import urlparse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,18 @@ def resolve_model(spec: str) -> ModelSource:
     return ModelSource(spec, "hub", spec, spec)
 
 
+def _hub_reachable() -> bool:
+    """Whether the hub's host resolves. Without network, the hub client retries for ~25 s per file before failing;
+    a failed DNS lookup answers at once, and then only the local hub cache is tried."""
+    from huggingface_hub import constants
+
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except OSError:
+        return False
+    return True
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, ModelSource]:
     """``(model, tokenizer, source)`` for ``spec``; the model in eval mode on ``device`` with its KV cache off
@@ -80,6 +94,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32,
 
     source = resolve_model(spec)
     kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    if source.kind == "hub" and not _hub_reachable():
+        kwargs["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
@@ -89,5 +105,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32,
             raise ModelLoadError(f"{spec!r} is not a local path, and the hub could not be reached or has no such "
                                  f"model ({reason})") from None
         raise ModelLoadError(f"could not load {spec!r}: {reason}") from None
+    if source.gguf_file and getattr(model, "hf_quantizer", None) is not None:
+        # transformers dequantizes GGUF weights to plain float tensors but still marks the model quantized, which
+        # blocks .half()/.float() and would carry a stale GGUF quantization_config into our checkpoints.
+        model.hf_quantizer.remove_quantization_config(model)
     model.config.use_cache = False
     return model.to(device).eval(), tokenizer, source
