@@ -48,17 +48,18 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
             "smoothing_folded": True, "settings": config.to_dict(), "modules": modules}
 
 
-def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """State dict without shared storage (safetensors refuses it): ``aliases`` maps a dropped key to its twin."""
-    state, aliases, seen = {}, {}, {}
-    for key, tensor in model.state_dict().items():
+def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``state`` without shared storage (safetensors refuses it): ``aliases`` maps each dropped key to its twin,
+    e.g. a tied ``lm_head.weight`` to ``model.embed_tokens.weight``."""
+    unique, aliases, seen = {}, {}, {}
+    for key, tensor in state.items():
         ptr = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
         if tensor.numel() and ptr in seen:
             aliases[key] = seen[ptr]
             continue
         seen[ptr] = key
-        state[key] = tensor.detach().contiguous()
-    return state, aliases
+        unique[key] = tensor.detach().contiguous()
+    return unique, aliases
 
 
 def _shards(state: dict[str, torch.Tensor], shard_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -88,7 +89,12 @@ def write_tensors(state: dict[str, torch.Tensor], folder: Path, shard_bytes: int
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    write_json(folder / INDEX_FILE, index)
+
+
+def write_json(file: Path, obj: dict[str, Any]) -> None:
+    """Stable, diffable JSON (sorted keys) so that re-saving a checkpoint reproduces its files."""
+    file.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 @contextmanager
@@ -149,12 +155,12 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, overwrite
     """
     qc = quantization_config(model)
     with atomic_dir(out_dir, overwrite) as tmp:
-        state, aliases = _unique_state(model)
+        state, aliases = unique_tensors(model.state_dict())
         qc["aliases"] = aliases
         write_tensors(state, tmp, shard_bytes)
         config = model.config.to_dict()
         config["quantization_config"] = qc
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+        write_json(tmp / "config.json", config)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(qc, card or {}))
