@@ -1,0 +1,108 @@
+"""Text generation from a (quantized) model, streamed piece by piece as the CLI prints it.
+
+Generation is plain ``model.generate``: a loaded dgq checkpoint is an ordinary ``transformers`` model whose Linear
+layers happen to be :class:`~dgq.nn.QuantLinear`, so greedy decoding, sampling and the KV cache all just work.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any, Iterator, TextIO
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to decode: greedy when ``temperature`` is 0, else sampling with ``temperature`` and nucleus ``top_p``.
+
+    ``seed`` makes sampling reproducible (it seeds torch's global generators just before generating).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.temperature == 0:
+            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+        return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
+                "top_p": self.top_p, "top_k": 0}
+
+
+def _inputs(model: nn.Module, tokenizer: Any, prompt: str) -> dict[str, torch.Tensor]:
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    enc = tokenizer(prompt, return_tensors="pt")
+    return {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+
+def _pad_id(tokenizer: Any) -> int | None:
+    """Models without a pad token pad with end-of-sequence, which silences transformers' warning about it."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def generate_ids(model: nn.Module, tokenizer: Any, prompt: str,
+                 settings: GenerationSettings = GenerationSettings()) -> torch.Tensor:
+    """The new token ids (1-D) for ``prompt``, without streaming."""
+    inputs = _inputs(model, tokenizer, prompt)
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    with torch.no_grad():
+        out = model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=_pad_id(tokenizer))
+    return out[0, inputs["input_ids"].shape[1]:]
+
+
+def stream(model: nn.Module, tokenizer: Any, prompt: str,
+           settings: GenerationSettings = GenerationSettings()) -> Iterator[str]:
+    """Yield the generated text (not the prompt) in pieces as tokens are produced.
+
+    Decoding runs in a worker thread feeding a ``TextIteratorStreamer``; an exception there ends the stream and
+    is re-raised here, so a failure never leaves the caller waiting forever.
+    """
+    from transformers import TextIteratorStreamer
+
+    inputs = _inputs(model, tokenizer, prompt)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with torch.no_grad():
+                model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=_pad_id(tokenizer),
+                               streamer=streamer)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
+            failure.append(exc)
+            streamer.end()
+
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    yield from streamer
+    worker.join()
+    if failure:
+        raise failure[0]
+
+
+def generate(model: nn.Module, tokenizer: Any, prompt: str, settings: GenerationSettings = GenerationSettings(),
+             out: TextIO | None = None) -> str:
+    """The generated text for ``prompt``; with ``out``, each piece is also written (and flushed) as it arrives."""
+    pieces = []
+    for piece in stream(model, tokenizer, prompt, settings):
+        pieces.append(piece)
+        if out is not None:
+            out.write(piece)
+            out.flush()
+    return "".join(pieces)
