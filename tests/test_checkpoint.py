@@ -28,7 +28,8 @@ def quantized(family: str, method: str) -> torch.nn.Module:
     """A tiny quantized model, built once per test session (tests must not modify it)."""
     model = make_model(family)
     samples = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
-    quantize(model, samples, preset(method, group_size=64, nsamples=4, seqlen=32, clip_grid=4, s1_grid=4), device="cpu", progress=False)
+    config = preset(method, group_size=64, nsamples=4, seqlen=32, clip_grid=4, s1_grid=4)
+    quantize(model, samples, config, device="cpu", progress=False)
     return model
 
 
