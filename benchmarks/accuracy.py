@@ -29,17 +29,16 @@ ROOT = Path(__file__).resolve().parent.parent
 MAIN = ["fp", "w4a16_rtn", "w4a8_rtn", "w4a8_rtn_dg", "w4a8_smoothquant", "w8a8_smoothquant", "w4a8_group",
         "dgq_dynamic", "dgq_static"]
 ABLATION = {"ablation_s_cw": "S+CW", "ablation_s_gw": "S+GW", "ablation_d_cw": "D+CW", "dgq_static": "S+DG"}
-LABELS = {"fp": "FP (no quantization)", "w4a16_rtn": "W4A16 RTN (group)", "w4a8_rtn": "W4A8 RTN (group)",
+LABELS = {"fp": "FP (unquantized, fp32 compute)", "w4a16_rtn": "W4A16 RTN (group)", "w4a8_rtn": "W4A8 RTN (group)",
           "w4a8_rtn_dg": "W4A8 RTN dual-grained (naive s1)", "w4a8_smoothquant": "W4A8 SmoothQuant (group)",
           "w8a8_smoothquant": "W8A8 SmoothQuant (per-channel)",
           "w4a8_group": "W4A8 group-wise + search + percentile smoothing", "dgq_dynamic": "**DGQ dynamic** (A8 per-token)",
           "dgq_static": "**DGQ static** (A8 per-tensor)"}
-BEGIN, END = "<!-- accuracy:begin -->", "<!-- accuracy:end -->"
 
 
 def _settings(args: argparse.Namespace) -> dict:
-    return {"model": args.model, "dataset": "wikitext2", "seqlen": args.seqlen, "windows": args.windows,
-            "group_size": args.group_size, "nsamples": args.nsamples}
+    return {"model": args.label or args.model, "dataset": "wikitext2", "seqlen": args.seqlen,
+            "windows": args.windows, "group_size": args.group_size, "nsamples": args.nsamples, "device": args.device}
 
 
 def _load(path: Path, settings: dict) -> dict:
@@ -59,13 +58,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    out = ROOT / "results" / "smollm2_wikitext2.json"
+    out = Path(args.json)
     data = _load(out, _settings(args))
     command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
     if command not in data["commands"]:
         data["commands"].append(command)
     base, tokenizer, _ = load_model(args.model)
-    samples = calibration_samples(tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=0)
+    samples = calibration_samples(tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
+                                  root=args.data_dir)
     for method in args.methods:
         if method in data["ppl"] and not args.redo:
             print(f"{method}: kept {data['ppl'][method]:.3f} from {out.name}")
@@ -74,9 +74,12 @@ def run(args: argparse.Namespace) -> dict:
         seconds = 0.0
         if method != "fp":
             config = preset(method, group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen)
-            seconds = quantize(model, samples, config, device="cpu").seconds
-        ppl = perplexity(model, tokenizer, "wikitext2", seqlen=args.seqlen, windows=args.windows).ppl
+            seconds = quantize(model, samples, config, device=args.device).seconds
+        result = perplexity(model.to(args.device), tokenizer, "wikitext2", seqlen=args.seqlen,
+                            windows=args.windows, root=args.data_dir)
+        ppl = result.ppl
         data["ppl"][method], data["quantize_seconds"][method] = ppl, round(seconds, 1)
+        data["windows_evaluated"] = result.windows
         print(f"{method}: ppl {ppl:.3f}, quantized in {seconds:.0f} s", flush=True)
         _write_atomic(out, json.dumps(data, indent=2) + "\n")
         del model
@@ -86,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
 def _row(name: str, label: str, data: dict) -> str:
     ppl, sec = data["ppl"].get(name), data["quantize_seconds"].get(name)
     cfg = preset(name) if name != "fp" else None
-    bits = "W16A16" if cfg is None else f"W{cfg.weight_bits}A{cfg.act_bits}"
+    bits = "fp32" if cfg is None else f"W{cfg.weight_bits}A{cfg.act_bits}"
     p = "not run" if ppl is None else f"{ppl:.3f}"
     s = "" if sec is None or name == "fp" else f"{sec:.0f}"
     return f"| {label} | `{name}` | {bits} | {p} | {s} |"
@@ -108,33 +111,45 @@ def checks(data: dict) -> list[str]:
 
 
 def table(data: dict) -> str:
-    head = "| method | preset | bits | WikiText-2 ppl | quantize time (s, CPU) |\n|---|---|---|---|---|"
+    head = f"| method | preset | bits | WikiText-2 ppl | quantize time (s, {data['device']}) |\n|---|---|---|---|---|"
     main = "\n".join(_row(m, LABELS[m], data) for m in MAIN)
     abl = "\n".join(_row(m, label, data) for m, label in ABLATION.items())
-    lines = [f"Model `{data['model']}`, WikiText-2 test, seqlen {data['seqlen']}, first {data['windows']} windows, "
+    windows = data.get("windows_evaluated", data["windows"])
+    scope = f"all {windows} windows" if data["windows"] is None else f"the first {windows} windows"
+    lines = [f"Model `{data['model']}`, WikiText-2 test, seqlen {data['seqlen']}, {scope}, "
              f"group size {data['group_size']}, calibration {data['nsamples']} x {data['seqlen']} tokens of the C4 "
-             "calibration half (seed 0), CPU.", "", head, main, "", "Table 5 ablation (same settings):", "",
+             f"calibration half (seed 0), computed on {data['device']}.", "", head, main, "",
+             "Table 5 ablation (same settings):", "",
              head, abl, "", "Targets:", ""] + [f"- {c}" for c in checks(data)]
     lines += ["", "Produced by:", "", "```"] + data["commands"] + ["```"]
     return "\n".join(lines)
 
 
-def update_results_md(text: str) -> None:
+def update_results_md(text: str, marker: str) -> None:
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     path = ROOT / "RESULTS.md"
-    doc = path.read_text() if path.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in doc:
-        doc += f"\n{BEGIN}\n{END}\n"
-    head, rest = doc.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    _write_atomic(path, f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    doc = path.read_text() if path.exists() else "# Results\n"
+    if begin not in doc:
+        doc += f"\n{begin}\n{end}\n"
+    head, rest = doc.split(begin, 1)
+    tail = rest.split(end, 1)[1]
+    _write_atomic(path, f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--model", default="smollm2-135m", help="model spec, as for 'dgq quantize'")
+    parser.add_argument("--label", default=None, help="model name written into the results (default: --model)")
+    parser.add_argument("--device", default="cpu", help="where to calibrate and evaluate (cpu or cuda)")
+    parser.add_argument("--data-dir", default=None, help="data folder (default: $DGQ_DATA or ../shared/data)")
+    parser.add_argument("--json", default=str(ROOT / "results" / "smollm2_wikitext2.json"),
+                        help="results file to create or extend")
+    parser.add_argument("--marker", default="accuracy", help="which table of RESULTS.md to rewrite")
+    parser.add_argument("--no-results-md", action="store_true", help="leave RESULTS.md alone")
     parser.add_argument("--methods", default=",".join(MAIN + [m for m in ABLATION if m not in MAIN]),
                         help="comma list of presets to run (default: all of Tables 1 and 5)")
-    parser.add_argument("--windows", type=int, default=40, help="first N WikiText-2 windows (all methods alike)")
+    parser.add_argument("--windows", type=lambda v: None if v == "all" else int(v), default=40,
+                        help="first N WikiText-2 windows, or 'all' (all methods alike)")
     parser.add_argument("--nsamples", type=int, default=8, help="calibration sequences")
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--group-size", type=int, default=64, help="64: SmolLM2's width 576 is not divisible by 128")
@@ -143,14 +158,17 @@ def main() -> None:
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
     torch.manual_seed(0)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False  # the exact integer reference needs true fp32 matmul
     if args.table_only:
-        data = json.loads((ROOT / "results" / "smollm2_wikitext2.json").read_text())
+        data = json.loads(Path(args.json).read_text())
     else:
         start = time.perf_counter()
         data = run(args)
         print(f"total {time.perf_counter() - start:.0f} s")
     text = table(data)
-    update_results_md(text)
+    if not args.no_results_md:
+        update_results_md(text, args.marker)
     print(text)
 
 
