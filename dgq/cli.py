@@ -149,6 +149,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"seqlen {args.seqlen}, windows {args.windows or 'all'}, {time.perf_counter() - start:.0f} s")
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    from dgq.checkpoint import load
+    from dgq.generate import GenerationSettings, generate
+
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # fail fast
+    model = load(args.model, device=_device(args.device))
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    print(args.prompt, end="", flush=True)
+    generate(model, tokenizer, args.prompt, settings, out=sys.stdout)
+    print()
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from dgq.export import export
+
+    out = export(args.model, args.out, args.format, overwrite=args.overwrite)
+    print(f"exported {args.model} as {args.format} to {out}")
+
+
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=int, default=None,
                    help="evaluate only the first N windows of each dataset (quick runs; default: all, C4 at most 256)")
@@ -194,6 +215,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--datasets", default="wikitext2", help="comma list: wikitext2,ptb,c4 (default: wikitext2)")
     _add_eval_options(e)
     e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text from a saved quantized model, streamed as it is produced",
+                       description="Greedy decoding by default; --temperature > 0 samples (with --top-p, --seed).")
+    g.add_argument("model", help="a directory written by 'dgq quantize'")
+    g.add_argument("prompt", help="the text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--device", default=None, help="compute device, e.g. cpu or cuda (default: cuda if available)")
+    g.set_defaults(func=cmd_generate)
+
+    from dgq.export import FORMATS
+
+    x = sub.add_parser("export", help="convert a saved quantized model for other tools",
+                       description="compressed-tensors: int4 group weights + int8 activations, as vLLM loads them "
+                                   "(dual-grained models only); fake-fp16: dequantized weights in an ordinary "
+                                   "Hugging Face checkpoint.")
+    x.add_argument("model", help="a directory written by 'dgq quantize'")
+    x.add_argument("--format", required=True, choices=FORMATS, help="target format")
+    x.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    x.set_defaults(func=cmd_export)
     return parser
 
 
