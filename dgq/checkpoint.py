@@ -58,7 +58,7 @@ def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
             aliases[key] = seen[ptr]
             continue
         seen[ptr] = key
-        unique[key] = tensor.detach().contiguous()
+        unique[key] = tensor.detach().cpu().contiguous()
     return unique, aliases
 
 
