@@ -20,12 +20,14 @@ REAL_HASHES = {
 
 
 def test_data_root_precedence(tmp_path, monkeypatch):
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
     monkeypatch.setenv("DGQ_DATA", str(tmp_path / "env"))
     assert data_root(tmp_path / "flag") == tmp_path / "flag"
     assert data_root() == tmp_path / "env"
     monkeypatch.delenv("DGQ_DATA")
-    monkeypatch.chdir(tmp_path)
-    assert data_root().name == "data" and data_root().parent.name == "shared"
+    assert data_root() == tmp_path / "shared" / "data"  # ../shared/data from the working directory
 
 
 def test_wikitext_rows_keep_newline_and_join_with_blank_line(tmp_path):

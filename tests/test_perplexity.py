@@ -1,15 +1,15 @@
 """Perplexity against NLLs computed by hand, window counting (C4 cap, clamping), and the token cache."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
-from types import SimpleNamespace
 
 import dgq.eval.perplexity as ppl_module
 from dgq.eval.perplexity import C4_MAX_WINDOWS, perplexity, tokenize_eval
-from helpers import VOCAB, make_model
+from helpers import VOCAB, make_model, make_tokenizer
 
 
 class RepeatModel(nn.Module):
@@ -79,8 +79,6 @@ def test_bad_window_requests(tokenizer, data_dir, windows, seqlen, message):
 
 
 def test_token_ids_are_cached_per_tokenizer_content(tokenizer, data_dir, monkeypatch):
-    from helpers import make_tokenizer
-
     first = tokenize_eval(tokenizer, "wikitext2", data_dir)
     monkeypatch.setattr(ppl_module, "load_eval_text", lambda *a: pytest.fail("tokenized again"))
     assert tokenize_eval(make_tokenizer(), "wikitext2", data_dir) is first  # same tokenizer, new object

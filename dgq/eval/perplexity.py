@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dgq.data import token_ids, data_root, load_eval_text
+from dgq.data import data_root, load_eval_text, token_ids
 
 C4_MAX_WINDOWS = 256  # GPTQ evaluates the first 256 windows of C4
 _TOKEN_CACHE: dict[tuple[str, str, str], torch.Tensor] = {}
