@@ -99,3 +99,16 @@ def test_export_refuses_existing_output_and_unknown_format(tmp_path):
     export(model, tmp_path / "taken", "fake-fp16", overwrite=True)
     assert (tmp_path / "taken" / SINGLE_FILE).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_cli_export(tmp_path, capsys):
+    from dgq.cli import main
+
+    save(quantized("opt", "w4a8_rtn"), tmp_path / "ckpt", tokenizer=make_tokenizer())
+    assert main(["export", str(tmp_path / "ckpt"), "--format", "fake-fp16", "--out", str(tmp_path / "fp16")]) == 0
+    assert (tmp_path / "fp16" / "tokenizer.json").is_file()
+    assert main(["export", str(tmp_path / "ckpt"), "--format", "compressed-tensors", "--out",
+                 str(tmp_path / "ct")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("error: compressed-tensors export needs dual-grained weights")
+    assert not (tmp_path / "ct").exists()

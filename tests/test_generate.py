@@ -64,3 +64,17 @@ def test_failure_while_generating_is_raised_not_hung(tokenizer, monkeypatch):
     monkeypatch.setattr(model, "generate", broken)
     with pytest.raises(RuntimeError, match="kernel failed"):
         generate(model, tokenizer, "hi", GREEDY)
+
+
+def test_cli_generate_streams_and_reports_bad_input(tokenizer, tmp_path, capsys):
+    from dgq.cli import main
+
+    model = quantized("llama", "w4a8_rtn_dg")
+    save(model, tmp_path / "ckpt", tokenizer=tokenizer)
+    assert main(["generate", str(tmp_path / "ckpt"), "hello", "--max-new-tokens", "6"]) == 0
+    expected = tokenizer.decode(generate_ids(model, tokenizer, "hello", GREEDY), skip_special_tokens=True)
+    assert capsys.readouterr().out == f"hello{expected}\n"
+    assert main(["generate", str(tmp_path / "ckpt"), "hello", "--temperature", "-1"]) == 2
+    assert main(["generate", str(tmp_path / "missing"), "hello"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
