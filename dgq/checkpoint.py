@@ -110,7 +110,8 @@ def atomic_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in (tmp, old):  # left behind by a killed earlier run of this process id
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
@@ -142,6 +143,8 @@ def _model_card(qc: dict[str, Any], card: dict[str, Any]) -> str:
         lines += [f"Perplexity (seqlen {card.get('seqlen')}, windows {card.get('windows') or 'all'}):", "",
                   "| dataset | before | after |", "|---|---|---|"]
         lines += [f"| {d} | {fp.get(d, float('nan')):.3f} | {p:.3f} |" for d, p in ppl.items()] + [""]
+    if card.get("quantize_seconds") is not None:
+        lines += [f"Quantization took {card['quantize_seconds']} s.", ""]
     lines += ["Load with `dgq.load(path)`; docs/format.md of dgq describes the tensors.", ""]
     return "\n".join(lines)
 
@@ -151,7 +154,7 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, overwrite
     """Write the quantized ``model`` (and ``tokenizer``) to ``out_dir`` atomically; returns ``out_dir``.
 
     ``card`` fills the model card: ``name``, ``base_model``, ``perplexity`` / ``perplexity_fp`` (dataset → value),
-    ``seqlen``, ``windows``.  ``shard_bytes`` is the largest safetensors file before the tensors are sharded.
+    ``seqlen``, ``windows``, ``quantize_seconds``.  ``shard_bytes`` is the largest safetensors file before the tensors are sharded.
     """
     qc = quantization_config(model)
     with atomic_dir(out_dir, overwrite) as tmp:

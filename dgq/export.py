@@ -40,7 +40,7 @@ def pack_int4(values: torch.Tensor, dim: int) -> torch.Tensor:
     Each value is offset to [0, 15]; element ``8 * w + j`` of a row lands in bits ``4j .. 4j + 3`` of word ``w``; a
     ragged tail is padded with zero nibbles.
     """
-    u = (values.to(torch.int64) + INT4_OFFSET)
+    u = values.to(torch.int64) + INT4_OFFSET
     u = u if dim == 1 else u.t()
     u = nn.functional.pad(u, (0, -u.shape[1] % NIBBLES_PER_WORD)).reshape(u.shape[0], -1, NIBBLES_PER_WORD)
     words = (u << torch.arange(0, 32, 4, dtype=torch.int64)).sum(-1)
