@@ -38,7 +38,8 @@ LABELS = {"fp": "FP (unquantized, fp32 compute)", "w4a16_rtn": "W4A16 RTN (group
 
 def _settings(args: argparse.Namespace) -> dict:
     return {"model": args.label or args.model, "dataset": "wikitext2", "seqlen": args.seqlen,
-            "windows": args.windows, "group_size": args.group_size, "nsamples": args.nsamples, "device": args.device}
+            "windows_requested": "all" if args.windows is None else args.windows, "group_size": args.group_size,
+            "nsamples": args.nsamples, "device": args.device}
 
 
 def _load(path: Path, settings: dict) -> dict:
@@ -79,7 +80,7 @@ def run(args: argparse.Namespace) -> dict:
                             windows=args.windows, root=args.data_dir)
         ppl = result.ppl
         data["ppl"][method], data["quantize_seconds"][method] = ppl, round(seconds, 1)
-        data["windows_evaluated"] = result.windows
+        data["windows"] = result.windows
         print(f"{method}: ppl {ppl:.3f}, quantized in {seconds:.0f} s", flush=True)
         _write_atomic(out, json.dumps(data, indent=2) + "\n")
         del model
@@ -114,8 +115,8 @@ def table(data: dict) -> str:
     head = f"| method | preset | bits | WikiText-2 ppl | quantize time (s, {data['device']}) |\n|---|---|---|---|---|"
     main = "\n".join(_row(m, LABELS[m], data) for m in MAIN)
     abl = "\n".join(_row(m, label, data) for m, label in ABLATION.items())
-    windows = data.get("windows_evaluated", data["windows"])
-    scope = f"all {windows} windows" if data["windows"] is None else f"the first {windows} windows"
+    windows = data.get("windows")
+    scope = f"all {windows} windows" if data["windows_requested"] == "all" else f"the first {windows} windows"
     lines = [f"Model `{data['model']}`, WikiText-2 test, seqlen {data['seqlen']}, {scope}, "
              f"group size {data['group_size']}, calibration {data['nsamples']} x {data['seqlen']} tokens of the C4 "
              f"calibration half (seed 0), computed on {data['device']}.", "", head, main, "",
