@@ -1,0 +1,247 @@
+"""End-to-end speed and memory of FP16, W8A8, W4A16 and DGQ A8W4 on random-weight Llama models (GPU only).
+
+Builds each model from its configuration with random weights on the GPU (no download), converts every decoder
+linear with dgq's own code, and measures in one process, median of repeats after warm-up:
+prefill latency (batch 1 at several lengths, batch 8 x 1024), decode throughput (batch 1/8/32, 1024-token context,
+static KV cache, the decode step captured in a CUDA graph for every format alike), peak memory and weight bytes.
+
+    python benchmarks/e2e.py --out results/e2e_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dgq.formats import INT4_MAX, INT8_MAX, group_minmax, to_dual_grained
+from dgq.kernels.act_quant import quantize_activations_triton
+from dgq.kernels.gemm import w8a8_matmul
+from dgq.nn import QuantLinear
+from dgq.search import naive_channel_scale, rtn_group_scales
+
+MODELS = {
+    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=8192),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                      rope_theta=500000.0),
+}
+FORMATS = ("fp16", "w8a8", "w4a16", "dgq_dynamic", "dgq_static")
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")
+
+
+class W8A8Linear(nn.Module):
+    """Per-channel int8 weights, per-token int8 activations, dgq's Triton int8 GEMM (the W8A8 peer)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        s1 = (w.abs().amax(1) / INT8_MAX).clamp(min=1e-8)
+        self.register_buffer("w_s8", torch.round(w / s1[:, None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8))
+        self.register_buffer("s1", s1)
+        self.out_features = linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        x_s8, s_x = quantize_activations_triton(x2)
+        return w8a8_matmul(x_s8, self.w_s8, s_x, self.s1, None, x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class W4A16Linear(nn.Module):
+    """tinygemm (``torch._weight_int4pack_mm``), asymmetric int4 with bf16 group scales: the W4A16 peer."""
+
+    GROUP = 128
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale, lo = group_minmax(w, self.GROUP)
+        q = torch.clamp(torch.round((w.reshape(w.shape[0], -1, self.GROUP) - lo[..., None]) / scale[..., None]),
+                        0, INT4_MAX).to(torch.uint8).reshape(w.shape)
+        packed = (q[:, 0::2] << 4 | q[:, 1::2]).contiguous()
+        self.register_buffer("packed", torch._convert_weight_to_int4pack(packed, 8))
+        zeros = lo + 8 * scale  # tinygemm dequantizes (q - 8) * scale + zero
+        self.register_buffer("scales_zeros", torch.stack([scale.t(), zeros.t()], -1).to(torch.bfloat16).contiguous())
+        self.out_features = linear.out_features
+        ref = ((q.float().reshape(w.shape[0], -1, self.GROUP) * scale[..., None]) + lo[..., None]).reshape(w.shape)
+        x = torch.randn(4, w.shape[1], device=w.device, dtype=torch.bfloat16)
+        err = (self(x).float() - x.float() @ ref.t()).norm() / (x.float() @ ref.t()).norm()
+        if err > 2e-2:
+            raise RuntimeError(f"tinygemm packing check failed (relative error {err:.3f})")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        out = torch._weight_int4pack_mm(x2, self.packed, self.GROUP, self.scales_zeros)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+def dgq_linear(linear: nn.Linear, act: str) -> QuantLinear:
+    """The dual-grained layer dgq's own code makes (RTN dual-grained rounding: speed does not depend on values)."""
+    w = linear.weight.detach().float()
+    rtn = rtn_group_scales(w, 128)
+    dg = to_dual_grained(w, naive_channel_scale(rtn), rtn.scale, rtn.lo, 128)
+    scale = torch.tensor(0.05, device=w.device) if act == "static" else None  # a fixed static scale: speed only
+    return QuantLinear.from_weight(dg, None, act, scale)
+
+
+def convert(model: nn.Module, fmt: str) -> nn.Module:
+    """Replace every decoder linear of ``model`` in place by the ``fmt`` layer."""
+    if fmt == "fp16":
+        return model
+    make: Callable[[nn.Linear], nn.Module] = {
+        "w8a8": W8A8Linear, "w4a16": W4A16Linear,
+        "dgq_dynamic": lambda lin: dgq_linear(lin, "dynamic"), "dgq_static": lambda lin: dgq_linear(lin, "static"),
+    }[fmt]
+    for block in model.model.layers:
+        for name in LINEARS:
+            block.set_submodule(name, make(block.get_submodule(name)))
+            torch.cuda.empty_cache()
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median milliseconds of ``fn`` over ``repeats`` CUDA-event timings after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def prefill(model: nn.Module, batch: int, seqlen: int, vocab: int, repeats: int) -> tuple[float, int]:
+    ids = torch.randint(0, vocab, (batch, seqlen), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    ms = timed(lambda: model(ids, use_cache=False, logits_to_keep=1), repeats)
+    return ms, torch.cuda.max_memory_allocated()
+
+
+@torch.inference_mode()
+def decode(model: nn.Module, batch: int, context: int, steps: int, vocab: int) -> tuple[float, int, str]:
+    """Tokens/s of greedy one-token steps after a ``context``-token prefill, with a static KV cache.
+
+    The step is captured once in a CUDA graph and replayed; if capture fails the loop runs eagerly and the
+    returned mode says so (the JSON records it, nothing is hidden)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=context + steps + 8)
+    ids = torch.randint(0, vocab, (batch, context), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    model(ids, past_key_values=cache, cache_position=torch.arange(context, device="cuda"), logits_to_keep=1)
+    tok = torch.randint(0, vocab, (batch, 1), device="cuda")
+    pos = torch.tensor([context], device="cuda")
+
+    def step() -> torch.Tensor:
+        out = model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits
+        return out
+
+    for _ in range(3):  # warm-up: autotuning and lazy initialisation happen outside the graph
+        step()
+    torch.cuda.synchronize()
+    mode = "cuda_graph"
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        run = graph.replay
+    except Exception as exc:  # noqa: BLE001 - the reason is reported in the results
+        mode = f"eager ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+        torch.cuda.synchronize()
+        run = step
+    ms = timed(run, repeats=steps, warmup=2)
+    return batch * 1000.0 / ms, torch.cuda.max_memory_allocated(), mode
+
+
+def build(name: str) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**MODELS[name], torch_dtype=torch.float16)
+    with torch.device("cuda"):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM._from_config(config, torch_dtype=torch.float16)
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="llama2-7b,llama3-8b")
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--seqlens", default="256,512,1024,2048,4096")
+    parser.add_argument("--decode-batches", default="1,8,32")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--decode-steps", type=int, default=50)
+    parser.add_argument("--out", default="results/e2e_h100.json")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("error: benchmarks/e2e.py needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    rows: list[dict] = []
+    seqlens = [int(s) for s in args.seqlens.split(",")]
+    for name in args.models.split(","):
+        vocab = MODELS[name]["vocab_size"]
+        for fmt in args.formats.split(","):
+            start = time.perf_counter()
+            model = convert(build(name), fmt)
+            wb = weight_bytes(model)
+            base = dict(model=name, format=fmt, weight_bytes=wb)
+            print(f"{name} {fmt}: built in {time.perf_counter() - start:.0f} s, {wb / 2**30:.2f} GiB", flush=True)
+            for batch, seqlen in [(1, s) for s in seqlens] + [(8, 1024)]:
+                ms, peak = prefill(model, batch, seqlen, vocab, args.repeats)
+                rows.append({**base, "phase": "prefill", "batch": batch, "seqlen": seqlen, "ms": ms,
+                             "peak_mem_bytes": peak})
+                print(f"  prefill b{batch} s{seqlen}: {ms:.2f} ms, peak {peak / 2**30:.2f} GiB", flush=True)
+            for batch in [int(b) for b in args.decode_batches.split(",")]:
+                tps, peak, mode = decode(model, batch, 1024, args.decode_steps, vocab)
+                rows.append({**base, "phase": "decode", "batch": batch, "seqlen": 1024, "tokens_per_s": tps,
+                             "peak_mem_bytes": peak, "mode": mode})
+                print(f"  decode b{batch}: {tps:.1f} tok/s ({mode}), peak {peak / 2**30:.2f} GiB", flush=True)
+            del model
+            gc.collect()
+            torch.cuda.empty_cache()
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    """Ratios vs FP16 of the same model: prefill speed-up, decode speed-up, weight and peak memory."""
+    def get(model: str, fmt: str, phase: str, batch: int, seqlen: int) -> dict | None:
+        return next((r for r in rows if (r["model"], r["format"], r["phase"], r["batch"], r["seqlen"])
+                     == (model, fmt, phase, batch, seqlen)), None)
+
+    print("\nmodel      format       prefill@2048 ms (x fp16)  decode b1 tok/s (x fp16)  weights GiB (x fp16)  "
+          "peak@2048 GiB")
+    for model in dict.fromkeys(r["model"] for r in rows):
+        fp_p, fp_d = get(model, "fp16", "prefill", 1, 2048), get(model, "fp16", "decode", 1, 1024)
+        for fmt in dict.fromkeys(r["format"] for r in rows if r["model"] == model):
+            p, d = get(model, fmt, "prefill", 1, 2048), get(model, fmt, "decode", 1, 1024)
+            if not p or not d or not fp_p or not fp_d:
+                continue
+            print(f"{model:10s} {fmt:12s} {p['ms']:8.2f} ({fp_p['ms'] / p['ms']:.2f}x)          "
+                  f"{d['tokens_per_s']:8.1f} ({d['tokens_per_s'] / fp_d['tokens_per_s']:.2f}x)        "
+                  f"{p['weight_bytes'] / 2**30:6.2f} ({p['weight_bytes'] / fp_p['weight_bytes']:.2f}x)       "
+                  f"{p['peak_mem_bytes'] / 2**30:6.2f}")
+
+
+if __name__ == "__main__":
+    main()
