@@ -89,6 +89,14 @@ class QuantLinear(nn.Module):
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Triton kernels for CUDA inputs (they equal :meth:`forward_reference`); the reference elsewhere."""
+        if x.is_cuda:
+            from dgq.kernels import TRITON_AVAILABLE
+            if not TRITON_AVAILABLE:
+                raise RuntimeError("QuantLinear on CUDA needs triton for its kernels; install triton, or call "
+                                   "forward_reference explicitly for the slow exact path")
+            from dgq.kernels.linear import quant_linear_forward
+            return quant_linear_forward(self, x)
         return self.forward_reference(x)
 
     def extra_repr(self) -> str:

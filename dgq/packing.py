@@ -1,7 +1,13 @@
 """Bit packing of the 4-bit codes: two codes per byte, laid out for the GEMM kernel's loads.
 
-Layout: ``packed[k // 2, n]`` (uint8, K-major so a kernel tile over K and N loads contiguous rows of N) holds
-code ``u4[n, k]`` for even ``k`` in its low nibble and ``u4[n, k + 1]`` in its high nibble.
+Layout: ``packed[k // 2, n]`` (uint8 ``[in / 2, out]``) holds code ``u4[n, k]`` for even ``k`` in its low nibble and
+``u4[n, k + 1]`` in its high nibble.
+
+Why this layout (:mod:`dgq.kernels.gemm`): a kernel tile of ``BLOCK_K`` rows of K and ``BLOCK_N`` outputs is
+``BLOCK_K / 2`` rows of contiguous bytes along N, so every load is coalesced and, with ``BLOCK_K`` dividing the
+group size, one tile lies in one group and needs a single row of ``s2`` and ``zp``.  The nibbles are not
+interleaved back into K order; the kernel instead splits the int8 activation tile into its even and odd columns
+(a free register split) and runs one dot per nibble half.
 """
 
 from __future__ import annotations

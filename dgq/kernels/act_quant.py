@@ -1,0 +1,80 @@
+"""Triton int8 activation quantization, bit-exact with :func:`dgq.formats.quantize_activations`.
+
+One program per row: the dynamic mode reads the row twice (absmax, then quantize; the second pass hits L2), the
+static mode once.  Exactness needs the same fp32 operations as the reference: ``absmax / 127`` and ``x / s_x``
+with IEEE division (``div_rn``; Triton's plain ``/`` may lower to an approximate division) and round-half-to-even.
+Rounding uses the fp32 magic-number trick ``(v + 1.5 * 2**23) - 1.5 * 2**23``, exact round-half-even for
+``|v| <= 2**22``; clamping to ±127 first keeps ``v`` in that range and commutes with rounding (the bounds are
+integers).  (``libdevice.rint`` would do the same on the GPU, but the CPU interpreter cannot run it.)
+
+Kernels here avoid Triton's standard-library helpers that are themselves ``@triton.jit`` functions (``tl.zeros``,
+``tl.max``, ``tl.cdiv``): when triton was imported before ``TRITON_INTERPRET=1`` was set (the test suite's
+conftest imports transformers, which imports triton), the interpreter cannot call them.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds an fp32 of magnitude <= 2**22 to even
+_MIN_SCALE = tl.constexpr(1e-8)  # the reference's clamp of the dynamic scale
+
+
+@triton.jit
+def _round_clamp_s8(v):
+    """Round-half-even of fp32 ``v`` clamped to [-127, 127], as int8."""
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
+    return ((v + _RNE_MAGIC) - _RNE_MAGIC).to(tl.int8)
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, DYNAMIC: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    q_row = q_ptr + row * stride_q
+    cols = tl.arange(0, BLOCK)
+    if DYNAMIC:
+        amax = tl.full([BLOCK], 0.0, tl.float32)
+        for i in range((K + BLOCK - 1) // BLOCK):
+            c = i * BLOCK + cols
+            amax = tl.maximum(amax, tl.abs(tl.load(x_row + c, mask=c < K, other=0.0).to(tl.float32)))
+        scale = tl.maximum(tl.math.div_rn(tl.reduce(amax, 0, _maximum), 127.0), _MIN_SCALE)
+        tl.store(s_ptr + row, scale)
+    else:
+        scale = tl.load(s_ptr)
+    for i in range((K + BLOCK - 1) // BLOCK):
+        c = i * BLOCK + cols
+        x = tl.load(x_row + c, mask=c < K, other=0.0).to(tl.float32)
+        tl.store(q_row + c, _round_clamp_s8(tl.math.div_rn(x, scale)), mask=c < K)
+
+
+def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | None = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int8 codes ``[M, K]`` and fp32 scales of a 2-D ``x`` (fp16/bf16/fp32), as the reference computes them.
+
+    Dynamic mode (``static_scale is None``) returns per-row scales ``[M, 1]``; static mode returns the given
+    scale as ``[1, 1]``, matching :func:`dgq.formats.quantize_activations`' shapes.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"expected a 2-D activation, got shape {list(x.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    if static_scale is None:
+        s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    else:
+        s = static_scale.detach().to(device=x.device, dtype=torch.float32).reshape(1, 1)
+    block = min(triton.next_power_of_2(k), 4096)
+    if m:
+        _act_quant_kernel[(m,)](x, q, s, x.stride(0), q.stride(0), K=k, DYNAMIC=static_scale is None, BLOCK=block,
+                                num_warps=4 if block <= 1024 else 8)
+    return q, s
+
