@@ -65,7 +65,7 @@ GEMM_CASES = [
     (1, 40, 256, 64, _cfg(16, 32, 64, 2, 4, 1)),
     (3, 48, 256, 128, _cfg(16, 32, 64, 4, 4, 1)),
     (16, 64, 128, 128, _cfg(16, 64, 128, 1, 4, 1)),
-    (17, 50, 256, 128, _cfg(16, 32, 128, 2, 4, 1)),
+    (17, 50, 384, 128, _cfg(16, 32, 128, 2, 4, 1)),  # 3 K tiles over 2 splits
     (64, 96, 128, 64, _cfg(32, 64, 64, 1, 4, 1)),
 ]
 
@@ -119,7 +119,7 @@ def test_epilogue_matches_reference(dtype: torch.dtype, bias: bool) -> None:
     torch.testing.assert_close(out.cpu().double(), ref.to(dtype).double(), rtol=2 * eps, atol=4 * eps * ref.abs().max())
 
 
-@pytest.mark.parametrize("shape", [(1, 100), (7, 256), (4, 5000)])
+@pytest.mark.parametrize("shape", [(1, 100), (7, 256), (4, 5000), (2, 40000)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("static", [False, True])
 def test_act_quant_is_bit_exact(shape: tuple[int, int], dtype: torch.dtype, static: bool) -> None:

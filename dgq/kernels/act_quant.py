@@ -1,8 +1,7 @@
 """Triton int8 activation quantization, bit-exact with :func:`dgq.formats.quantize_activations`.
 
-One program per row: the dynamic mode reads the row twice (absmax, then quantize; the second pass hits L2), the
-static mode once.  Exactness needs the same fp32 operations as the reference: ``absmax / 127`` and ``x / s_x``
-with IEEE division (``div_rn``; Triton's plain ``/`` may lower to an approximate division) and round-half-to-even.
+One program per row, which holds the whole row in registers when K <= 32768 (one read), else reads it twice.
+Exactness needs the same fp32 operations as the reference: ``absmax / 127`` and ``x / s_x`` with IEEE division (``div_rn``; Triton's plain ``/`` may lower to an approximate division) and round-half-to-even.
 Rounding uses the fp32 magic-number trick ``(v + 1.5 * 2**23) - 1.5 * 2**23``, exact round-half-even for
 ``|v| <= 2**22``; clamping to ±127 first keeps ``v`` in that range and commutes with rounding (the bounds are
 integers).  (``libdevice.rint`` would do the same on the GPU, but the CPU interpreter cannot run it.)
@@ -20,6 +19,7 @@ import triton.language as tl
 
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds an fp32 of magnitude <= 2**22 to even
 _MIN_SCALE = tl.constexpr(1e-8)  # the reference's clamp of the dynamic scale
+MAX_ROW_BLOCK = 32768  # rows up to this length are read once, held in registers (64 fp32 per thread at 16 warps)
 
 
 @triton.jit
@@ -41,19 +41,28 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, 
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
     cols = tl.arange(0, BLOCK)
-    if DYNAMIC:
-        amax = tl.full([BLOCK], 0.0, tl.float32)
+    if BLOCK >= K:  # the whole row fits in registers: one read
+        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+        if DYNAMIC:
+            scale = tl.maximum(tl.math.div_rn(tl.reduce(tl.abs(x), 0, _maximum), 127.0), _MIN_SCALE)
+            tl.store(s_ptr + row, scale)
+        else:
+            scale = tl.load(s_ptr)
+        tl.store(q_row + cols, _round_clamp_s8(tl.math.div_rn(x, scale)), mask=cols < K)
+    else:  # absmax pass, then a quantize pass that mostly hits L2
+        if DYNAMIC:
+            amax = tl.full([BLOCK], 0.0, tl.float32)
+            for i in range((K + BLOCK - 1) // BLOCK):
+                c = i * BLOCK + cols
+                amax = tl.maximum(amax, tl.abs(tl.load(x_row + c, mask=c < K, other=0.0).to(tl.float32)))
+            scale = tl.maximum(tl.math.div_rn(tl.reduce(amax, 0, _maximum), 127.0), _MIN_SCALE)
+            tl.store(s_ptr + row, scale)
+        else:
+            scale = tl.load(s_ptr)
         for i in range((K + BLOCK - 1) // BLOCK):
             c = i * BLOCK + cols
-            amax = tl.maximum(amax, tl.abs(tl.load(x_row + c, mask=c < K, other=0.0).to(tl.float32)))
-        scale = tl.maximum(tl.math.div_rn(tl.reduce(amax, 0, _maximum), 127.0), _MIN_SCALE)
-        tl.store(s_ptr + row, scale)
-    else:
-        scale = tl.load(s_ptr)
-    for i in range((K + BLOCK - 1) // BLOCK):
-        c = i * BLOCK + cols
-        x = tl.load(x_row + c, mask=c < K, other=0.0).to(tl.float32)
-        tl.store(q_row + c, _round_clamp_s8(tl.math.div_rn(x, scale)), mask=c < K)
+            x = tl.load(x_row + c, mask=c < K, other=0.0).to(tl.float32)
+            tl.store(q_row + c, _round_clamp_s8(tl.math.div_rn(x, scale)), mask=c < K)
 
 
 def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | None = None
@@ -72,9 +81,9 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
         s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     else:
         s = static_scale.detach().to(device=x.device, dtype=torch.float32).reshape(1, 1)
-    block = min(triton.next_power_of_2(k), 4096)
+    block = min(triton.next_power_of_2(k), MAX_ROW_BLOCK)
     if m:
         _act_quant_kernel[(m,)](x, q, s, x.stride(0), q.stride(0), K=k, DYNAMIC=static_scale is None, BLOCK=block,
-                                num_warps=4 if block <= 1024 else 8)
+                                num_warps=max(1, min(16, block // 1024)))
     return q, s
 

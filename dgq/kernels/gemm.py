@@ -59,29 +59,25 @@ def _cfg(bm: int, bn: int, bk: int, split_k: int, warps: int, stages: int) -> tr
                          num_warps=warps, num_stages=stages)
 
 
-# Few configs per M regime, chosen for H100 (132 SMs, 228 KB shared memory): memory-bound GEMV-like tiles with
-# split-K for M <= 16, and wgmma-sized tiles for larger M.  The pruner keeps the regime that matches M.
+# Few configs per M regime (each is one compile per K), chosen for H100 (132 SMs, 228 KB shared memory):
+# memory-bound GEMV-like tiles with split-K for M <= 16 (BLOCK_K = the group, or 128), 64-row tiles up to M = 128,
+# wgmma-sized 128-row tiles beyond.  The pruner keeps the regime that matches M.
 _CONFIGS = [
-    *(_cfg(16, bn, 128, sk, 4, 4) for bn in (64, 128) for sk in (1, 2, 4, 8)),
-    _cfg(16, 64, 64, 8, 4, 4),
+    *(_cfg(16, bn, bk, sk, 4, 4) for bk in (64, 128) for bn, sk in ((64, 1), (64, 4), (128, 2), (128, 8))),
     _cfg(64, 128, 128, 1, 4, 4), _cfg(64, 256, 128, 1, 8, 3), _cfg(64, 128, 64, 2, 4, 4),
     _cfg(128, 128, 128, 1, 8, 4), _cfg(128, 256, 128, 1, 8, 3), _cfg(128, 256, 64, 1, 8, 4),
     _cfg(128, 128, 64, 1, 4, 4),
 ]
-SMALL_M = 16  # M up to this uses the split-K GEMV-like configs
+SMALL_M, MID_M = 16, 128  # regime bounds on M
 
 
 def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     args = {**named_args, **kwargs}
     m, k, group = args["M"], args["K"], args["GROUP"]
-    keep = []
-    for c in configs:
-        bm, bk, sk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"], c.kwargs["SPLIT_K"]
-        if group % bk or k % (bk * sk):
-            continue  # a tile must lie in one group, and split-K must divide the K tiles evenly
-        if (m <= SMALL_M) != (bm == 16) or (m <= 64 and bm == 128) or (m > 256 and bm == 64):
-            continue
-        keep.append(c)
+    regime_bm = 16 if m <= SMALL_M else 64 if m <= MID_M else 128
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] == regime_bm
+            and not group % c.kwargs["BLOCK_K"] and not k % c.kwargs["BLOCK_K"]
+            and (regime_bm != 16 or c.kwargs["BLOCK_K"] == min(group, 128))]
     if not keep:
         raise ValueError(f"no GEMM config fits K={k}, group={group}: K must be a multiple of 64")
     return keep
@@ -110,23 +106,25 @@ def _gemm_kernel(x_ptr, w_ptr, s2_ptr, zp_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr
     else:
         w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * K + tl.arange(0, BLOCK_K)[:, None]
 
-    TILES: tl.constexpr = K // (BLOCK_K * SPLIT_K)
+    # Each split owns TILES consecutive K tiles; the last split's tiles past K load as zeros.
+    TILES: tl.constexpr = (K // BLOCK_K + SPLIT_K - 1) // SPLIT_K
     acc = tl.full([BLOCK_M, BLOCK_N], 0, tl.int32)
     for i in range(TILES):
         k0 = (pid_k * TILES + i) * BLOCK_K
-        a = tl.load(x_ptrs + k0, mask=m_mask[:, None], other=0)
+        in_k = k0 < K
+        a = tl.load(x_ptrs + k0, mask=m_mask[:, None] & in_k, other=0)
         if PACKED:
-            b = tl.load(w_ptrs + (k0 // 2) * N, mask=n_mask[None, :], other=0).to(tl.int32)
+            b = tl.load(w_ptrs + (k0 // 2) * N, mask=n_mask[None, :] & in_k, other=0).to(tl.int32)
             g = k0 // GROUP
-            s2 = tl.load(s2_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)
-            zs = tl.load(zp_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32) * s2
+            s2 = tl.load(s2_ptr + g * N + offs_n, mask=n_mask & in_k, other=0).to(tl.int32)
+            zs = tl.load(zp_ptr + g * N + offs_n, mask=n_mask & in_k, other=0).to(tl.int32) * s2
             w_even = ((b & 15) * s2[None, :] - zs[None, :]).to(tl.int8)
             w_odd = ((b >> 4) * s2[None, :] - zs[None, :]).to(tl.int8)
             a_even, a_odd = tl.split(tl.reshape(a, [BLOCK_M, BLOCK_K // 2, 2]))
             acc = tl.dot(a_even, w_even, acc, out_dtype=tl.int32)
             acc = tl.dot(a_odd, w_odd, acc, out_dtype=tl.int32)
         else:
-            b = tl.load(w_ptrs + k0, mask=n_mask[None, :], other=0)
+            b = tl.load(w_ptrs + k0, mask=n_mask[None, :] & in_k, other=0)
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
 
     out_offs = offs_m.to(tl.int64)[:, None] * stride_o + offs_n[None, :]
@@ -163,7 +161,7 @@ def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, mask, out_ptrs, sx_ptr, strid
         tl.store(out_ptrs, acc, mask=mask)
 
 
-_gemm_tuned = triton.autotune(_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "PACKED", "EPILOGUE"],
+_gemm_tuned = triton.autotune(_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "PACKED"],
                               prune_configs_by={"early_config_prune": _prune})(_gemm_kernel)
 
 _workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -205,7 +203,7 @@ def _launch(x_s8: torch.Tensor, w: torch.Tensor, s2t: torch.Tensor | None, zpt: 
     if config is None:
         _gemm_tuned[grid](*args, **meta)
     else:
-        if group % config.kwargs["BLOCK_K"] or k % (config.kwargs["BLOCK_K"] * config.kwargs["SPLIT_K"]):
+        if group % config.kwargs["BLOCK_K"] or k % config.kwargs["BLOCK_K"]:
             raise ValueError(f"config {config} does not fit K={k}, group={group}")
         _gemm_kernel[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
                                           num_stages=config.num_stages)
