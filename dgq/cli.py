@@ -170,6 +170,25 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {args.model} as {args.format} to {out}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from dgq.bench import decode, prefill
+    from dgq.checkpoint import load
+
+    if not torch.cuda.is_available():
+        raise ValueError("dgq bench measures GPU speed and needs CUDA; none is available on this machine")
+    model = load(args.model, device="cuda", dtype=torch.float16)
+    vocab = model.config.vocab_size
+    rows = [["phase", "batch", "seqlen", "result", "peak memory"]]
+    for seqlen in [int(s) for s in args.seqlens.split(",")]:
+        ms, peak = prefill(model, 1, seqlen, vocab, args.repeats)
+        rows.append(["prefill", "1", str(seqlen), f"{ms:.2f} ms", f"{peak / 2**30:.2f} GiB"])
+    for batch in [int(b) for b in args.decode_batches.split(",")]:
+        tps, peak, mode = decode(model, batch, args.context, args.decode_steps, vocab)
+        rows.append([f"decode ({mode.split(' ')[0]})", str(batch), str(args.context), f"{tps:.1f} tok/s",
+                     f"{peak / 2**30:.2f} GiB"])
+    print(_table(rows))
+
+
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--windows", type=int, default=None,
                    help="evaluate only the first N windows of each dataset (quick runs; default: all, C4 at most 256)")
@@ -215,6 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--datasets", default="wikitext2", help="comma list: wikitext2,ptb,c4 (default: wikitext2)")
     _add_eval_options(e)
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("bench", help="prefill latency and decode throughput of a saved model on the local GPU",
+                       description="A short version of benchmarks/e2e.py for a directory written by 'dgq quantize' "
+                                   "(CUDA only): prefill at batch 1, and decode steps captured in a CUDA graph with "
+                                   "a static KV cache.")
+    b.add_argument("model", help="a directory written by 'dgq quantize'")
+    b.add_argument("--seqlens", default="256,1024,2048", help="prefill lengths at batch 1")
+    b.add_argument("--decode-batches", default="1,8", help="decode batch sizes")
+    b.add_argument("--context", type=int, default=1024, help="tokens in the KV cache before decoding")
+    b.add_argument("--decode-steps", type=int, default=50, help="timed decode steps")
+    b.add_argument("--repeats", type=int, default=10, help="timed prefill repeats (median is reported)")
+    b.set_defaults(func=cmd_bench)
 
     g = sub.add_parser("generate", help="generate text from a saved quantized model, streamed as it is produced",
                        description="Greedy decoding by default; --temperature > 0 samples (with --top-p, --seed).")

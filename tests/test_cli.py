@@ -94,3 +94,8 @@ def test_bad_input_fails_cleanly(case, model_dir, data_dir, tmp_path):
     else:
         assert not out.exists()
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir()), "no temporary directory left behind"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no GPU")
+def test_bench_says_it_needs_cuda(tmp_path):
+    _assert_one_line_error(run_cli("bench", str(tmp_path)), "needs CUDA")
