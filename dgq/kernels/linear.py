@@ -6,6 +6,8 @@ For large M the weight may instead be widened to int8 once per call and multipli
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 from dgq.kernels.act_quant import quantize_activations_triton
@@ -15,10 +17,15 @@ WIDEN_MIN_M: int | None = None  # M from which widen-once + int8 GEMM beats the 
 
 
 def a8w4_linear(x: torch.Tensor, kw: KernelWeight, static_scale: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for a 2-D ``x`` on CUDA: dynamic per-row or static activation scale."""
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
+                path: Literal["auto", "fused", "widen"] = "auto") -> torch.Tensor:
+    """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for a 2-D ``x`` on CUDA: dynamic per-row or static activation scale.
+
+    ``path`` forces the fused kernel or widen-once + int8 GEMM (the benchmark compares them); ``auto`` picks by M.
+    """
     x_s8, s_x = quantize_activations_triton(x, static_scale)
-    if WIDEN_MIN_M is not None and x.shape[0] >= WIDEN_MIN_M:
+    widen = WIDEN_MIN_M is not None and x.shape[0] >= WIDEN_MIN_M if path == "auto" else path == "widen"
+    if widen:
         return w8a8_matmul(x_s8, widen_weight(kw), s_x, kw.s1, bias, out_dtype)
     return a8w4_matmul(x_s8, kw, s_x, bias, out_dtype)
 

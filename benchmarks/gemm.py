@@ -1,0 +1,244 @@
+"""GEMM benchmark on one CUDA GPU: dgq's A8W4 kernels against FP16, int8, FP8 and W4A16 peers.
+
+    PYTHONPATH=. python benchmarks/gemm.py --out results/gemm_h100.json
+
+First checks correctness on the GPU (accumulators equal ``int_matmul``, act-quant bit-exact, widened weight
+exact, QuantLinear fast path = reference), then times every (shape, M, kernel): each kernel's calls over
+several fresh random operand sets (enough that the bytes touched exceed the L2 several times) are captured in
+one CUDA graph, replayed after warm-up (which also autotunes), and the median replay time per call is reported.
+Writes ``[{"K", "N", "M", "kernel", "ms"}]`` to ``--out`` and prints a table of ms and speed-up vs FP16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dgq.formats import DualGrainedWeight, int_matmul, quantize_activations
+from dgq.kernels import linear
+from dgq.kernels.act_quant import quantize_activations_triton
+from dgq.kernels.gemm import KernelWeight, a8w4_matmul, w8a8_matmul, widen_weight
+from dgq.nn import QuantLinear
+from dgq.packing import pack_u4
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672), (28672, 8192)]  # (K, N)
+MS = [1, 16, 64, 256, 1024, 4096, 8192]
+GROUP = 128
+TOUCH_BYTES = 256e6  # bytes each timed graph touches at least (~5x the H100's 50 MB L2)
+PEAK_INT8_TOPS, PEAK_FP16_TFLOPS = 1979.0, 989.0  # H100 SXM dense datasheet
+KERNELS = ["fp16", "int_mm", "w8a8_triton", "w4a16_tinygemm", "fp8_rowwise", "dgq", "dgq_gemm_only", "dgq_fused",
+           "dgq_widen"]
+
+
+def make_weight(n: int, k: int, g: int) -> DualGrainedWeight:
+    """Random valid dual-grained weight: s2 <= 8 keeps every code's s2 * |u4 - zp| <= 120."""
+    dev = "cuda"
+    return DualGrainedWeight(u4=torch.randint(0, 16, (n, k), dtype=torch.uint8, device=dev),
+                             zp=torch.randint(0, 16, (n, k // g), dtype=torch.uint8, device=dev),
+                             s2=torch.randint(1, 9, (n, k // g), dtype=torch.int8, device=dev),
+                             s1=torch.rand(n, device=dev) * 1e-3 + 1e-4, group_size=g)
+
+
+class Operands:
+    """All forms of one random weight and one random activation that the kernels consume."""
+
+    def __init__(self, dg: DualGrainedWeight) -> None:
+        self.dg = dg
+        self.kw = KernelWeight.from_format(pack_u4(dg.u4), dg.s2, dg.zp, dg.s1, dg.group_size)
+        self.w8 = dg.int8_weight()
+        self.w16 = (dg.s1[:, None] * self.w8.float()).half()
+        self.w_fp8 = self.w8.to(torch.float8_e4m3fn)
+        self.s1_row = dg.s1[None, :].contiguous()
+        self._tiny: torch.Tensor | None = None
+        self.tiny_sz = torch.rand(dg.zp.shape[1], dg.zp.shape[0], 2, device="cuda").to(torch.bfloat16)
+
+    def tiny(self) -> torch.Tensor:
+        if self._tiny is None:
+            u4 = self.dg.u4
+            self._tiny = torch._convert_weight_to_int4pack((u4[:, 0::2] << 4) | u4[:, 1::2], 8)
+        return self._tiny
+
+    def set_acts(self, m: int) -> None:
+        k = self.w8.shape[1]
+        self.x16 = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        self.xbf = self.x16.to(torch.bfloat16)
+        self.x_s8, self.s_x = quantize_activations(self.x16)
+        self.x_fp8 = self.x_s8.to(torch.float8_e4m3fn)
+
+
+def kernel_call(name: str, o: Operands) -> Callable[[], torch.Tensor]:
+    """One call of kernel ``name`` on operand set ``o`` (its current activations)."""
+    calls = {
+        "fp16": lambda: o.x16 @ o.w16.t(),
+        "int_mm": lambda: torch._int_mm(o.x_s8, o.w8.t()),
+        "w8a8_triton": lambda: w8a8_matmul(o.x_s8, o.w8, o.s_x, o.dg.s1),
+        "w4a16_tinygemm": lambda: torch._weight_int4pack_mm(o.xbf, o.tiny(), GROUP, o.tiny_sz),
+        "fp8_rowwise": lambda: torch._scaled_mm(o.x_fp8, o.w_fp8.t(), scale_a=o.s_x, scale_b=o.s1_row,
+                                                out_dtype=torch.bfloat16),
+        "dgq": lambda: linear.a8w4_linear(o.x16, o.kw),
+        "dgq_gemm_only": lambda: a8w4_matmul(o.x_s8, o.kw, o.s_x),
+        "dgq_fused": lambda: linear.a8w4_linear(o.x16, o.kw, path="fused"),
+        "dgq_widen": lambda: linear.a8w4_linear(o.x16, o.kw, path="widen"),
+    }
+    return calls[name]
+
+
+def call_bytes(name: str, m: int, k: int, n: int) -> float:
+    """Fewest bytes one call must move (weights, activations in, output)."""
+    w = {"fp16": 2.0, "int_mm": 1.0, "w8a8_triton": 1.0, "fp8_rowwise": 1.0}.get(name, 0.5 + 2 / GROUP) * n * k
+    x = m * k * (1 if name in ("int_mm", "w8a8_triton", "fp8_rowwise", "dgq_gemm_only") else 2)
+    return w + x + m * n * (4 if name == "int_mm" else 2)
+
+
+def time_graph(calls: list[Callable[[], torch.Tensor]], reps: int = 15) -> float:
+    """Median ms per call of replaying one CUDA graph that makes all ``calls`` once."""
+    for c in calls:
+        c()  # warm-up: compiles and autotunes outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(calls))
+    return statistics.median(times)
+
+
+def check(sets: list[Operands], failures: list[str], tag: str) -> None:
+    """Exactness on the GPU, on the autotuned configs of three M regimes."""
+    o = sets[0]
+    if not torch.equal(widen_weight(o.kw), o.w8):
+        failures.append(f"{tag}: widen_weight != int8_weight")
+    for m in (1, 64, 1024):
+        o.set_acts(m)
+        ref = int_matmul(o.x_s8, o.w8)
+        if not torch.equal(a8w4_matmul(o.x_s8, o.kw, out_dtype=None), ref):
+            failures.append(f"{tag} M={m}: a8w4 accumulator != int_matmul")
+        if not torch.equal(w8a8_matmul(o.x_s8, o.w8, out_dtype=None), ref):
+            failures.append(f"{tag} M={m}: w8a8 accumulator != int_matmul")
+        q, s = quantize_activations_triton(o.x16)
+        if not (torch.equal(q, o.x_s8) and torch.equal(s, o.s_x)):
+            failures.append(f"{tag} M={m}: act-quant != reference")
+        out = linear.a8w4_linear(o.x16, o.kw).float()
+        want = (ref.double() * o.s_x.double() * o.dg.s1.double()).half().float()
+        err = ((out - want).abs() / want.abs().clamp(min=1e-3)).max().item()
+        if err > 2e-3:
+            failures.append(f"{tag} M={m}: fp16 output rel err {err:.2e}")
+
+
+def check_quant_linear(failures: list[str]) -> None:
+    dg = make_weight(512, 4096, GROUP)
+    for mode in ("dynamic", "static"):
+        layer = QuantLinear.from_weight(dg, torch.randn(512, device="cuda").half(), mode,
+                                        torch.tensor(0.02) if mode == "static" else None)
+        x = torch.randn(2, 3, 4096, device="cuda").half()
+        if not torch.allclose(layer(x).float(), layer.forward_reference(x).float(), rtol=2e-3, atol=1e-3):
+            failures.append(f"QuantLinear {mode}: fast path != reference")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("results/gemm_h100.json"))
+    p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,KxN,...")
+    p.add_argument("--ms", default=",".join(map(str, MS)))
+    p.add_argument("--kernels", default=",".join(KERNELS))
+    p.add_argument("--budget-s", type=float, default=1e9, help="stop timing new shapes after this many seconds")
+    args = p.parse_args()
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    ms, kernels = [int(m) for m in args.ms.split(",")], args.kernels.split(",")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    t0 = time.time()
+    props = torch.cuda.get_device_properties(0)
+    buf = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
+    copy_ms = time_graph([lambda: buf[: 1 << 30].copy_(buf[1 << 30:])], reps=10)
+    hbm = 2 * (1 << 30) / copy_ms / 1e9
+    del buf
+    print(f"{props.name}, {props.multi_processor_count} SMs; measured copy {hbm:.0f} GB/s (read+write); "
+          f"torch {torch.__version__}", flush=True)
+
+    failures: list[str] = []
+    check_quant_linear(failures)
+    rows: list[dict] = []
+    for k, n in shapes:
+        if time.time() - t0 > args.budget_s:
+            print(f"budget spent: skipping {k}x{n}", flush=True)
+            continue
+        n_sets = min(24, max(2, math.ceil(TOUCH_BYTES / (n * k * (0.5 + 2 / GROUP)))))
+        sets = [Operands(make_weight(n, k, GROUP)) for _ in range(n_sets)]
+        check(sets, failures, f"K={k} N={n}")
+        print(f"checked K={k} N={n} ({time.time() - t0:.0f} s); failures so far: {len(failures)}", flush=True)
+        for m in ms:
+            for o in sets:
+                o.set_acts(m)
+            for name in kernels:
+                if name in ("dgq_fused", "dgq_widen") and m < 64:  # the two large-M paths that "dgq" chooses from
+                    continue
+                use = sets[:min(n_sets, max(2, math.ceil(TOUCH_BYTES / call_bytes(name, m, k, n))))]
+                try:
+                    ms_ = time_graph([kernel_call(name, o) for o in use])
+                except Exception as e:  # a peer that does not support this shape: recorded, not hidden
+                    print(f"  {name} K={k} N={n} M={m}: unsupported ({type(e).__name__}: {str(e)[:100]})")
+                    continue
+                rows.append({"K": k, "N": n, "M": m, "kernel": name, "ms": ms_})
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(rows, indent=0))
+            print(f"K={k} N={n} M={m}: " + " ".join(f"{r['kernel']}={r['ms']:.4f}" for r in rows
+                                                    if (r["K"], r["N"], r["M"]) == (k, n, m)), flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    report(rows, kernels, hbm)
+    print(f"total {time.time() - t0:.0f} s")
+    if failures:
+        print("CORRECTNESS FAILURES:\n  " + "\n  ".join(failures))
+        raise SystemExit(1)
+    print("correctness: all checks passed")
+
+
+def report(rows: list[dict], kernels: list[str], hbm: float) -> None:
+    """Per (shape, M): ms and speed-up over FP16; then medians over shapes vs the targets."""
+    t = {(r["K"], r["N"], r["M"], r["kernel"]): r["ms"] for r in rows}
+    shapes = sorted({(r["K"], r["N"]) for r in rows}, key=lambda s: s[0] * s[1])
+    ms = sorted({r["M"] for r in rows})
+    print("\n## ms (speed-up vs fp16)")
+    print("K x N, M | " + " | ".join(kernels) + " | dgq_gemm_only TOPS, GB/s")
+    for k, n in shapes:
+        for m in ms:
+            base = t.get((k, n, m, "fp16"))
+            cells = []
+            for name in kernels:
+                v = t.get((k, n, m, name))
+                cells.append("-" if v is None else f"{v:.4f} ({base / v:.2f}x)" if base else f"{v:.4f}")
+            g = t.get((k, n, m, "dgq_gemm_only"))
+            eff = "" if g is None else (f"{2 * m * n * k / g / 1e9:.0f} TOPS ({2 * m * n * k / g / 1e9 / PEAK_INT8_TOPS:.0%}),"
+                                       f" {call_bytes('dgq_gemm_only', m, k, n) / g / 1e6:.0f} GB/s "
+                                       f"({call_bytes('dgq_gemm_only', m, k, n) / g / 1e6 / hbm:.0%})")
+            print(f"{k}x{n}, {m} | " + " | ".join(cells) + f" | {eff}")
+    print("\n## median over shapes of speed-up vs fp16")
+    print("M | " + " | ".join(kernels) + " | dgq / best W4A16 peer")
+    for m in ms:
+        def med(name: str) -> str:
+            r = [t[(k, n, m, "fp16")] / t[(k, n, m, name)] for k, n in shapes
+                 if (k, n, m, name) in t and (k, n, m, "fp16") in t]
+            return f"{statistics.median(r):.2f}x" if r else "-"
+        w4 = [t[(k, n, m, "w4a16_tinygemm")] / t[(k, n, m, "dgq")] for k, n in shapes
+              if (k, n, m, "w4a16_tinygemm") in t and (k, n, m, "dgq") in t]
+        vs_w4 = f"{statistics.median(w4):.1f}x" if w4 else "-"
+        print(f"{m} | " + " | ".join(med(name) for name in kernels) + f" | {vs_w4}")
+
+if __name__ == "__main__":
+    main()
