@@ -24,7 +24,7 @@ import torch
 from dgq.formats import DualGrainedWeight, int_matmul, quantize_activations
 from dgq.kernels import linear
 from dgq.kernels.act_quant import quantize_activations_triton
-from dgq.kernels.gemm import KernelWeight, a8w4_matmul, w8a8_matmul, widen_weight
+from dgq.kernels.gemm import SMALL_M, KernelWeight, a8w4_matmul, w8a8_matmul, widen_weight
 from dgq.nn import QuantLinear
 from dgq.packing import pack_u4
 
@@ -33,8 +33,8 @@ MS = [1, 16, 64, 256, 1024, 4096, 8192]
 GROUP = 128
 TOUCH_BYTES = 256e6  # bytes each timed graph touches at least (~5x the H100's 50 MB L2)
 PEAK_INT8_TOPS, PEAK_FP16_TFLOPS = 1979.0, 989.0  # H100 SXM dense datasheet
-KERNELS = ["fp16", "int_mm", "w8a8_triton", "w4a16_tinygemm", "fp8_rowwise", "dgq", "dgq_gemm_only", "dgq_fused",
-           "dgq_widen"]
+KERNELS = ["fp16", "int_mm", "w8a8_triton", "w4a16_tinygemm", "fp8_rowwise", "dgq", "dgq_gemm_only"]
+EXTRA_KERNELS = ["dgq_fused", "dgq_widen"]  # both large-M paths, for --kernels (dgq picks one by M)
 
 
 def make_weight(n: int, k: int, g: int) -> DualGrainedWeight:
@@ -83,7 +83,7 @@ def kernel_call(name: str, o: Operands) -> Callable[[], torch.Tensor]:
         "fp8_rowwise": lambda: torch._scaled_mm(o.x_fp8, o.w_fp8.t(), scale_a=o.s_x, scale_b=o.s1_row,
                                                 out_dtype=torch.bfloat16),
         "dgq": lambda: linear.a8w4_linear(o.x16, o.kw),
-        "dgq_gemm_only": lambda: a8w4_matmul(o.x_s8, o.kw, o.s_x),
+        "dgq_gemm_only": lambda: linear.a8w4_gemm(o.x_s8, o.s_x, o.kw),
         "dgq_fused": lambda: linear.a8w4_linear(o.x16, o.kw, path="fused"),
         "dgq_widen": lambda: linear.a8w4_linear(o.x16, o.kw, path="widen"),
     }
@@ -120,25 +120,31 @@ def time_graph(calls: list[Callable[[], torch.Tensor]], reps: int = 15) -> float
 
 
 def check(sets: list[Operands], failures: list[str], tag: str) -> None:
-    """Exactness on the GPU, on the autotuned configs of three M regimes."""
+    """Exactness on the GPU, on the autotuned configs that the timed paths use."""
     o = sets[0]
     if not torch.equal(widen_weight(o.kw), o.w8):
         failures.append(f"{tag}: widen_weight != int8_weight")
-    for m in (1, 64, 1024):
+    for m in (1, 16, 64, 1024):
         o.set_acts(m)
         ref = int_matmul(o.x_s8, o.w8)
-        if not torch.equal(a8w4_matmul(o.x_s8, o.kw, out_dtype=None), ref):
+        if m <= SMALL_M and not torch.equal(a8w4_matmul(o.x_s8, o.kw, out_dtype=None), ref):
             failures.append(f"{tag} M={m}: a8w4 accumulator != int_matmul")
         if not torch.equal(w8a8_matmul(o.x_s8, o.w8, out_dtype=None), ref):
             failures.append(f"{tag} M={m}: w8a8 accumulator != int_matmul")
         q, s = quantize_activations_triton(o.x16)
-        if not (torch.equal(q, o.x_s8) and torch.equal(s, o.s_x)):
-            failures.append(f"{tag} M={m}: act-quant != reference")
-        out = linear.a8w4_linear(o.x16, o.kw).float()
-        want = (ref.double() * o.s_x.double() * o.dg.s1.double()).half().float()
-        err = ((out - want).abs() / want.abs().clamp(min=1e-3)).max().item()
-        if err > 2e-3:
-            failures.append(f"{tag} M={m}: fp16 output rel err {err:.2e}")
+        q_cpu, s_cpu = quantize_activations(o.x16.cpu())  # the exact definition (see BENCHMARKS.md: CUDA torch differs)
+        if not (torch.equal(q.cpu(), q_cpu) and torch.equal(s.cpu(), s_cpu)):
+            failures.append(f"{tag} M={m}: act-quant != CPU reference")
+        if m == 1024:
+            s_torch_cuda = quantize_activations(o.x16)[1].cpu()
+            print(f"  torch's own CUDA quantize_activations: {(s_torch_cuda != s_cpu).sum().item()} of {m} row "
+                  "scales differ from its CPU result (CUDA divides by a scalar via a reciprocal)")
+        ref = int_matmul(q, o.w8)
+        out = linear.a8w4_linear(o.x16, o.kw).double()
+        want = ref.double() * s.double() * o.dg.s1.double()
+        err = ((out - want).norm() / want.norm()).item()
+        if err > 1e-3:
+            failures.append(f"{tag} M={m}: fp16 output relative error {err:.2e}")
 
 
 def check_quant_linear(failures: list[str]) -> None:
@@ -147,7 +153,8 @@ def check_quant_linear(failures: list[str]) -> None:
         layer = QuantLinear.from_weight(dg, torch.randn(512, device="cuda").half(), mode,
                                         torch.tensor(0.02) if mode == "static" else None)
         x = torch.randn(2, 3, 4096, device="cuda").half()
-        if not torch.allclose(layer(x).float(), layer.forward_reference(x).float(), rtol=2e-3, atol=1e-3):
+        out, ref = layer(x).double(), layer.forward_reference(x).double()
+        if ((out - ref).norm() / ref.norm()).item() > 2e-3:
             failures.append(f"QuantLinear {mode}: fast path != reference")
 
 
@@ -186,8 +193,6 @@ def main() -> None:
             for o in sets:
                 o.set_acts(m)
             for name in kernels:
-                if name in ("dgq_fused", "dgq_widen") and m < 64:  # the two large-M paths that "dgq" chooses from
-                    continue
                 use = sets[:min(n_sets, max(2, math.ceil(TOUCH_BYTES / call_bytes(name, m, k, n))))]
                 try:
                     ms_ = time_graph([kernel_call(name, o) for o in use])

@@ -3,10 +3,12 @@
 ``out[m, n] = s_x[m] * s1[n] * sum_k x_s8[m, k] * w_s8[n, k]`` (+ bias), int32 accumulation, so the accumulator
 equals :func:`dgq.formats.int_matmul` exactly.  The weight comes either
 
-* packed 4-bit (``PACKED``): the [K/2, N] tile of :mod:`dgq.packing` is loaded (coalesced along N), each nibble
-  becomes ``u4 * s2 - zp * s2`` (one multiply-add, exact in int32, in [-127, 127] by the format's contract) and is
-  cast to int8 in registers.  Low nibbles are the even k, high nibbles the odd k, so instead of interleaving the
-  weight, the activation tile is split into its even and odd columns and two int8 dots of depth BLOCK_K/2 run;
+* packed 4-bit (``PACKED``): the [K/2, N] tile of :mod:`dgq.packing` is loaded (coalesced along N) and its raw
+  nibbles (0..15, valid int8) go straight into the int8 dots; since a tile lies in one group,
+  ``x . (s2 * (u4 - zp)) = s2 * (x . u4 - zp * sum(x))`` is applied to the tile's int32 partial sum, which costs
+  per output, not per weight (forming ``s2 * (u4 - zp)`` per weight made the kernel ALU-bound at 1.2 TB/s on H100).
+  Low nibbles are the even k, high nibbles the odd k, so instead of interleaving the weight, the activation tile
+  is split into its even and odd columns and two int8 dots of depth BLOCK_K/2 run;
 * or as int8 ``[N, K]`` (the W8A8 peer, and the prefill path that widens the whole weight once).
 
 Small M is memory-bound: configs with split-K spread K over more programs; partial sums meet in an int32
@@ -63,7 +65,7 @@ def _cfg(bm: int, bn: int, bk: int, split_k: int, warps: int, stages: int) -> tr
 # memory-bound GEMV-like tiles with split-K for M <= 16 (BLOCK_K = the group, or 128), 64-row tiles up to M = 128,
 # wgmma-sized 128-row tiles beyond.  The pruner keeps the regime that matches M.
 _CONFIGS = [
-    *(_cfg(16, bn, bk, sk, 4, 4) for bk in (64, 128) for bn, sk in ((64, 1), (64, 4), (128, 2), (128, 8))),
+    *(_cfg(16, bn, bk, sk, 4, 4) for bk in (64, 128) for bn, sk in ((64, 1), (64, 4), (64, 8), (128, 4))),
     _cfg(64, 128, 128, 1, 4, 4), _cfg(64, 256, 128, 1, 8, 3), _cfg(64, 128, 64, 2, 4, 4),
     _cfg(128, 128, 128, 1, 8, 4), _cfg(128, 256, 128, 1, 8, 3), _cfg(128, 256, 64, 1, 8, 4),
     _cfg(128, 128, 64, 1, 4, 4),
@@ -81,6 +83,11 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
     if not keep:
         raise ValueError(f"no GEMM config fits K={k}, group={group}: K must be a multiple of 64")
     return keep
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
 
 
 @triton.jit
@@ -114,15 +121,17 @@ def _gemm_kernel(x_ptr, w_ptr, s2_ptr, zp_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr
         in_k = k0 < K
         a = tl.load(x_ptrs + k0, mask=m_mask[:, None] & in_k, other=0)
         if PACKED:
-            b = tl.load(w_ptrs + (k0 // 2) * N, mask=n_mask[None, :] & in_k, other=0).to(tl.int32)
+            # sum_k x * s2 * (u4 - zp) = s2 * (x . u4 - zp * sum_k x) within the tile (one group): the raw nibbles
+            # feed the int8 dots, and the group's scale and zero point touch the accumulator, not every weight.
+            b = tl.load(w_ptrs + (k0 // 2) * N, mask=n_mask[None, :] & in_k, other=0)
             g = k0 // GROUP
             s2 = tl.load(s2_ptr + g * N + offs_n, mask=n_mask & in_k, other=0).to(tl.int32)
-            zs = tl.load(zp_ptr + g * N + offs_n, mask=n_mask & in_k, other=0).to(tl.int32) * s2
-            w_even = ((b & 15) * s2[None, :] - zs[None, :]).to(tl.int8)
-            w_odd = ((b >> 4) * s2[None, :] - zs[None, :]).to(tl.int8)
+            zp = tl.load(zp_ptr + g * N + offs_n, mask=n_mask & in_k, other=0).to(tl.int32)
             a_even, a_odd = tl.split(tl.reshape(a, [BLOCK_M, BLOCK_K // 2, 2]))
-            acc = tl.dot(a_even, w_even, acc, out_dtype=tl.int32)
-            acc = tl.dot(a_odd, w_odd, acc, out_dtype=tl.int32)
+            part = tl.dot(a_even, (b & 15).to(tl.int8), out_dtype=tl.int32)
+            part = tl.dot(a_odd, (b >> 4).to(tl.int8), part, out_dtype=tl.int32)
+            x_sum = tl.reduce(a.to(tl.int32), 1, _add)
+            acc += s2[None, :] * (part - x_sum[:, None] * zp[None, :])
         else:
             b = tl.load(w_ptrs + k0, mask=n_mask[None, :] & in_k, other=0)
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
@@ -257,9 +266,13 @@ def _widen_kernel(w_ptr, s2_ptr, zp_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.
     tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w, mask=n_mask[:, None])
 
 
-def widen_weight(kw: KernelWeight, block_n: int = 64, block_k: int = 64) -> torch.Tensor:
-    """``W_s8 = s2 * (u4 - zp)`` as int8 ``[N, K]`` in one pass (the prefill path's first step)."""
+def widen_weight(kw: KernelWeight, block_n: int = 128, block_k: int | None = None) -> torch.Tensor:
+    """``W_s8 = s2 * (u4 - zp)`` as int8 ``[N, K]`` in one pass (the prefill path's first step).
+
+    ``block_k`` defaults to the group size, at most 128.
+    """
     n, k = kw.out_features, kw.in_features
+    block_k = block_k or min(kw.group_size, 128)
     if kw.group_size % block_k:
         raise ValueError(f"block_k {block_k} must divide the group size {kw.group_size}")
     out = torch.empty((n, k), dtype=torch.int8, device=kw.packed.device)
