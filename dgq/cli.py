@@ -97,6 +97,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                      calib_data=args.calib, calib_batch=args.calib_batch)
     if args.act:
         overrides["act"] = args.act
+    for name in ("percentile", "sq_alpha", "clip_grid", "clip_min", "s1_grid"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
     config = preset(args.method, **overrides)
     print(f"model {source.display_name} · method {config.method} · W{config.weight_bits}A{config.act_bits} · "
           f"group {config.group_size} · act {config.act} · calibration {nsamples} x {args.seqlen} tokens "
@@ -216,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "layer widths, as for SmolLM2's 576)")
     q.add_argument("--act", choices=["dynamic", "static"], default=None,
                    help="int8 activations per token (dynamic) or per tensor with a calibrated scale (static)")
+    q.add_argument("--percentile", type=float, default=None,
+                   help=f"percentile smoothing: top %% of channels whose max sets P (default {QuantConfig.percentile})")
+    q.add_argument("--sq-alpha", type=float, default=None,
+                   help=f"SmoothQuant migration strength (default {QuantConfig.sq_alpha})")
+    q.add_argument("--clip-grid", type=int, default=None,
+                   help=f"phase 1: clipping ratios tried per group (default {QuantConfig.clip_grid})")
+    q.add_argument("--clip-min", type=float, default=None,
+                   help=f"phase 1: smallest clipping ratio (default {QuantConfig.clip_min})")
+    q.add_argument("--s1-grid", type=int, default=None,
+                   help=f"phase 2: channel scales tried per output channel (default {QuantConfig.s1_grid})")
     q.add_argument("--nsamples", type=int, default=None,
                    help="calibration sequences (default: 128 on CUDA as in the paper, 32 on CPU to finish in minutes)")
     q.add_argument("--calib", default=None,
