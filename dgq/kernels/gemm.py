@@ -12,8 +12,8 @@ equals :func:`dgq.formats.int_matmul` exactly.  The weight comes either
 * or as int8 ``[N, K]`` (the W8A8 peer, and the prefill path that widens the whole weight once).
 
 Small M is memory-bound: configs with split-K spread K over more programs; partial sums meet in an int32
-workspace through atomics, and the last program of each tile (per-tile counter) applies the epilogue and zeroes
-workspace and counter again, so no memset launch is needed (the workspace is per device: launches must not run
+workspace through atomics, and whichever program completes an output element (per-element arrival counter)
+applies the epilogue to it and zeroes workspace and counter again, so no memset launch is needed (the workspace is per device: launches must not run
 concurrently on two streams).  K and the group size are compile-time constants: loop trip counts are then
 constants (the Triton 3.6 CPU interpreter rejects run-time loop bounds), at the price of one compile per K.  Like :mod:`dgq.kernels.act_quant`, no ``@triton.jit`` helpers of Triton's
 standard library are used, so the CPU interpreter runs these kernels whenever triton was imported.
@@ -139,17 +139,18 @@ def _gemm_kernel(x_ptr, w_ptr, s2_ptr, zp_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr
     out_offs = offs_m.to(tl.int64)[:, None] * stride_o + offs_n[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
+        # Per-element arrival: each thread adds its partial sum, then (release) counts its element's arrival; the
+        # thread that completes an element (acquire) takes the sum and zeroes workspace and counter for the next
+        # call.  Per element, so no ordering between threads is needed (a per-tile counter behind a barrier gave
+        # wrong outputs now and then at M = 16 on H100, as if other threads' atomics were not yet visible).
         ws_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
         tl.atomic_add(ws_ptr + ws_offs, acc, mask=mask, sem="relaxed")
-        tl.debug_barrier()  # every thread's partial sum is issued before this program's arrival is counted
-        tile = pid_m * num_n + pid_n
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:  # last program for this tile: finish it and leave workspace and counter zero
-            acc = tl.load(ws_ptr + ws_offs, mask=mask, other=0, cache_modifier=".cg")
-            tl.store(ws_ptr + ws_offs, tl.full([BLOCK_M, BLOCK_N], 0, tl.int32), mask=mask)
-            tl.store(cnt_ptr + tile, 0)
-            _epilogue(acc, offs_m, offs_n, m_mask, n_mask, mask, out_ptr + out_offs, sx_ptr, stride_sx, s1_ptr,
-                      bias_ptr, EPILOGUE, HAS_BIAS)
+        arrived = tl.atomic_add(cnt_ptr + ws_offs, 1, mask=mask, sem="acq_rel")
+        last = mask & (arrived == SPLIT_K - 1)
+        acc = tl.atomic_xchg(ws_ptr + ws_offs, 0, mask=last, sem="acquire")
+        tl.store(cnt_ptr + ws_offs, 0, mask=last)
+        _epilogue(acc, offs_m, offs_n, m_mask, n_mask, last, out_ptr + out_offs, sx_ptr, stride_sx, s1_ptr,
+                  bias_ptr, EPILOGUE, HAS_BIAS)
     else:
         _epilogue(acc, offs_m, offs_n, m_mask, n_mask, mask, out_ptr + out_offs, sx_ptr, stride_sx, s1_ptr, bias_ptr,
                   EPILOGUE, HAS_BIAS)
@@ -177,12 +178,12 @@ _workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _workspace(device: torch.device, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed int32 split-K workspace (>= m*n) and tile counters for ``device``; the kernel leaves them zeroed."""
+    """Zeroed int32 split-K workspace and arrival counters (>= m*n each) for ``device``; the kernel re-zeroes them."""
     need = max(m, SMALL_M) * n
     ws, cnt = _workspaces.get(device, (None, None))
     if ws is None or ws.numel() < need:
         ws = torch.zeros(need, dtype=torch.int32, device=device)
-        cnt = torch.zeros(need // 16 + 1, dtype=torch.int32, device=device)  # tiles have >= 16 x 16 outputs
+        cnt = torch.zeros(need, dtype=torch.int32, device=device)  # one arrival counter per output element
         _workspaces[device] = (ws, cnt)
     return ws, cnt
 
