@@ -115,10 +115,10 @@ def weight_bytes(model: nn.Module) -> int:
 def build(name: str) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**MODELS[name], torch_dtype=torch.float16)
+    config = LlamaConfig(**MODELS[name], dtype=torch.float16)
     with torch.device("cuda"):
         torch.manual_seed(0)
-        model = LlamaForCausalLM._from_config(config, torch_dtype=torch.float16)
+        model = LlamaForCausalLM._from_config(config, dtype=torch.float16)
     return model.eval()
 
 
