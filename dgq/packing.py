@@ -3,12 +3,11 @@
 Layout: ``packed[k // 2, n]`` (uint8 ``[in / 2, out]``) holds code ``u4[n, k]`` for even ``k`` in its low nibble and
 ``u4[n, k + 1]`` in its high nibble.
 
-How the kernels use it (:mod:`dgq.kernels.gemm`): they read the transpose ``[out, in / 2]`` (K-major: one
-output row's codes contiguous, as int8 tensor cores want their operands), derived once per layer and cached;
-tiles of ``BLOCK_K`` codes lie in one group, so a tile needs a single ``s2`` and ``zp`` per output.  The nibbles
-are not interleaved back into K order: the kernel splits the int8 activation tile into its even and odd columns
-and runs one dot per nibble half.  Storing the K-major layout itself would save that cached copy (a checkpoint
-format change: ``FORMAT_VERSION`` in ``dgq/checkpoint.py``).
+Why this layout (:mod:`dgq.kernels.gemm`): a kernel tile of ``BLOCK_K`` rows of K and ``BLOCK_N`` outputs is
+``BLOCK_K / 2`` rows of contiguous bytes along N, so every load is coalesced and, with ``BLOCK_K`` dividing the
+group size, one tile lies in one group and needs a single row of ``s2`` and ``zp``.  The nibbles are not
+interleaved back into K order; the kernel instead splits the int8 activation tile into its even and odd columns
+(a free register split) and runs one dot per nibble half.
 """
 
 from __future__ import annotations

@@ -3,8 +3,7 @@
 ``out[m, n] = s_x[m] * s1[n] * sum_k x_s8[m, k] * w_s8[n, k]`` (+ bias), int32 accumulation, so the accumulator
 equals :func:`dgq.formats.int_matmul` exactly.  The weight comes either
 
-* packed 4-bit (``PACKED``): the K-major ``[N, K/2]`` copy of the packed codes (:class:`KernelWeight`) is loaded
-  (contiguous along K, the operand order int8 tensor cores need, so no byte transpose in the kernel) and its raw
+* packed 4-bit (``PACKED``): the [K/2, N] tile of :mod:`dgq.packing` is loaded (coalesced along N) and its raw
   nibbles (0..15, valid int8) go straight into the int8 dots; since a tile lies in one group,
   ``x . (s2 * (u4 - zp)) = s2 * (x . u4 - zp * sum(x))`` is applied to the tile's int32 partial sum, which costs
   per output, not per weight (forming ``s2 * (u4 - zp)`` per weight made the kernel ALU-bound at 1.2 TB/s on H100).
@@ -33,15 +32,11 @@ import triton.language as tl
 class KernelWeight:
     """The A8W4 weight in the layout the kernel reads (derived from ``QuantLinear``'s buffers, never saved).
 
-    ``packed_k`` uint8 ``[N, K/2]`` is the transpose of the stored ``[K/2, N]`` layout (:mod:`dgq.packing`):
-    byte ``[n, j]`` holds codes ``k = 2j`` (low nibble) and ``2j + 1`` of row ``n``.  K-major B tiles feed the int8
-    dots without a transpose; with the N-major stored layout the small-M kernel reached only 0.5-1.2 TB/s on H100
-    (BENCHMARKS.md).  It costs a second copy of the 4-bit weight while cached.  ``s2t`` int8 and ``zpt`` uint8
-    ``[K/g, N]`` are the transposes of the format's ``[N, K/g]`` tensors, so a tile's scales are one coalesced
-    row; ``s1`` fp32 ``[N]``.
+    ``packed`` uint8 ``[K/2, N]`` (see :mod:`dgq.packing`); ``s2t`` int8 and ``zpt`` uint8 ``[K/g, N]`` are the
+    transposes of the format's ``[N, K/g]`` tensors, so a tile's scales are one coalesced row; ``s1`` fp32 ``[N]``.
     """
 
-    packed_k: torch.Tensor
+    packed: torch.Tensor
     s2t: torch.Tensor
     zpt: torch.Tensor
     s1: torch.Tensor
@@ -50,15 +45,15 @@ class KernelWeight:
     @classmethod
     def from_format(cls, packed: torch.Tensor, s2: torch.Tensor, zp: torch.Tensor, s1: torch.Tensor,
                     group_size: int) -> "KernelWeight":
-        return cls(packed.t().contiguous(), s2.t().contiguous(), zp.t().contiguous(), s1.float().contiguous(), group_size)
+        return cls(packed.contiguous(), s2.t().contiguous(), zp.t().contiguous(), s1.float().contiguous(), group_size)
 
     @property
     def in_features(self) -> int:
-        return self.packed_k.shape[1] * 2
+        return self.packed.shape[0] * 2
 
     @property
     def out_features(self) -> int:
-        return self.packed_k.shape[0]
+        return self.packed.shape[1]
 
 
 def _cfg(bm: int, bn: int, bk: int, split_k: int, warps: int, stages: int) -> triton.Config:
@@ -114,7 +109,7 @@ def _gemm_kernel(x_ptr, w_ptr, s2_ptr, zp_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr
     m_mask, n_mask = offs_m < M, offs_n < N
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x + tl.arange(0, BLOCK_K)[None, :]
     if PACKED:
-        w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * (K // 2) + tl.arange(0, BLOCK_K // 2)[:, None]
+        w_ptrs = w_ptr + tl.arange(0, BLOCK_K // 2)[:, None] * N + offs_n[None, :]
     else:
         w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * K + tl.arange(0, BLOCK_K)[:, None]
 
@@ -128,7 +123,7 @@ def _gemm_kernel(x_ptr, w_ptr, s2_ptr, zp_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr
         if PACKED:
             # sum_k x * s2 * (u4 - zp) = s2 * (x . u4 - zp * sum_k x) within the tile (one group): the raw nibbles
             # feed the int8 dots, and the group's scale and zero point touch the accumulator, not every weight.
-            b = tl.load(w_ptrs + k0 // 2, mask=n_mask[None, :] & in_k, other=0)
+            b = tl.load(w_ptrs + (k0 // 2) * N, mask=n_mask[None, :] & in_k, other=0)
             g = k0 // GROUP
             s2 = tl.load(s2_ptr + g * N + offs_n, mask=n_mask & in_k, other=0).to(tl.int32)
             zp = tl.load(zp_ptr + g * N + offs_n, mask=n_mask & in_k, other=0).to(tl.int32)
@@ -235,7 +230,7 @@ def a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None =
     """
     if x_s8.shape[-1] != kw.in_features:
         raise ValueError(f"x has K={x_s8.shape[-1]}, weight expects {kw.in_features}")
-    return _launch(x_s8, kw.packed_k, kw.s2t, kw.zpt, kw.out_features, kw.group_size, s_x, kw.s1, bias, out_dtype,
+    return _launch(x_s8, kw.packed, kw.s2t, kw.zpt, kw.out_features, kw.group_size, s_x, kw.s1, bias, out_dtype,
                    config)
 
 
@@ -260,14 +255,14 @@ def _widen_kernel(w_ptr, s2_ptr, zp_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     k0 = pid_k * BLOCK_K
-    b = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * (K // 2) + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :],
-                mask=n_mask[:, None], other=0).to(tl.int32)
+    b = tl.load(w_ptr + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[:, None] * N + offs_n[None, :],
+                mask=n_mask[None, :], other=0).to(tl.int32)
     g = k0 // GROUP
     s2 = tl.load(s2_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)
     zs = tl.load(zp_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32) * s2
-    w_even = ((b & 15) * s2[:, None] - zs[:, None]).to(tl.int8)
-    w_odd = ((b >> 4) * s2[:, None] - zs[:, None]).to(tl.int8)
-    w = tl.reshape(tl.join(w_even, w_odd), [BLOCK_N, BLOCK_K])  # [n, j, 2] -> [n, k] in k order
+    w_even = ((b & 15) * s2[None, :] - zs[None, :]).to(tl.int8)
+    w_odd = ((b >> 4) * s2[None, :] - zs[None, :]).to(tl.int8)
+    w = tl.reshape(tl.permute(tl.join(w_even, w_odd), (1, 0, 2)), [BLOCK_N, BLOCK_K])  # [n, k] in k order
     offs_k = k0 + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w, mask=n_mask[:, None])
 
@@ -281,7 +276,7 @@ def widen_weight(kw: KernelWeight, block_n: int = 128, block_k: int | None = Non
     block_k = block_k or min(kw.group_size, 128)
     if kw.group_size % block_k:
         raise ValueError(f"block_k {block_k} must divide the group size {kw.group_size}")
-    out = torch.empty((n, k), dtype=torch.int8, device=kw.packed_k.device)
-    _widen_kernel[(triton.cdiv(n, block_n), k // block_k)](kw.packed_k, kw.s2t, kw.zpt, out, n, K=k,
+    out = torch.empty((n, k), dtype=torch.int8, device=kw.packed.device)
+    _widen_kernel[(triton.cdiv(n, block_n), k // block_k)](kw.packed, kw.s2t, kw.zpt, out, n, K=k,
                                                            GROUP=kw.group_size, BLOCK_N=block_n, BLOCK_K=block_k)
     return out
