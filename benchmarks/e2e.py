@@ -142,9 +142,11 @@ def main() -> None:
         for fmt in args.formats.split(","):
             start = time.perf_counter()
             model = convert(build(name), fmt)
-            wb = weight_bytes(model)
-            base = dict(model=name, format=fmt, weight_bytes=wb)
-            print(f"{name} {fmt}: built in {time.perf_counter() - start:.0f} s, {wb / 2**30:.2f} GiB", flush=True)
+            gc.collect()
+            wb, resident = weight_bytes(model), torch.cuda.memory_allocated()
+            base = dict(model=name, format=fmt, weight_bytes=wb, resident_bytes=resident)
+            print(f"{name} {fmt}: built in {time.perf_counter() - start:.0f} s, weights {wb / 2**30:.2f} GiB, "
+                  f"allocated {resident / 2**30:.2f} GiB", flush=True)
             for batch, seqlen in [(1, s) for s in seqlens] + [(8, 1024)]:
                 ms, peak = prefill(model, batch, seqlen, vocab, args.repeats)
                 rows.append({**base, "phase": "prefill", "batch": batch, "seqlen": seqlen, "ms": ms,
