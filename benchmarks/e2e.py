@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -122,6 +124,30 @@ def build(name: str) -> nn.Module:
     return model.eval()
 
 
+def measure(name: str, fmt: str, args: argparse.Namespace) -> list[dict]:
+    """Every measurement of one model in one format, in this process."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    vocab = MODELS[name]["vocab_size"]
+    rows: list[dict] = []
+    start = time.perf_counter()
+    model = convert(build(name), fmt)
+    gc.collect()
+    wb, resident = weight_bytes(model), torch.cuda.memory_allocated()
+    base = dict(model=name, format=fmt, weight_bytes=wb, resident_bytes=resident)
+    print(f"{name} {fmt}: built in {time.perf_counter() - start:.0f} s, weights {wb / 2**30:.2f} GiB, "
+          f"allocated {resident / 2**30:.2f} GiB", flush=True)
+    for batch, seqlen in [(1, int(s)) for s in args.seqlens.split(",")] + [(8, 1024)]:
+        ms, peak = prefill(model, batch, seqlen, vocab, args.repeats)
+        rows.append({**base, "phase": "prefill", "batch": batch, "seqlen": seqlen, "ms": ms, "peak_mem_bytes": peak})
+        print(f"  prefill b{batch} s{seqlen}: {ms:.2f} ms, peak {peak / 2**30:.2f} GiB", flush=True)
+    for batch in [int(b) for b in args.decode_batches.split(",")]:
+        tps, peak, mode = decode(model, batch, 1024, args.decode_steps, vocab)
+        rows.append({**base, "phase": "decode", "batch": batch, "seqlen": 1024, "tokens_per_s": tps,
+                     "peak_mem_bytes": peak, "mode": mode})
+        print(f"  decode b{batch}: {tps:.1f} tok/s ({mode}), peak {peak / 2**30:.2f} GiB", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="llama2-7b,llama3-8b")
@@ -131,37 +157,29 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--decode-steps", type=int, default=50)
     parser.add_argument("--out", default="results/e2e_h100.json")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: benchmarks/e2e.py needs a CUDA GPU")
-    torch.backends.cuda.matmul.allow_tf32 = False
+    if args.child:  # one (model, format) pair; rows go to --out
+        rows = measure(args.models, args.formats, args)
+        Path(args.out).write_text(json.dumps(rows))
+        return
     rows: list[dict] = []
-    seqlens = [int(s) for s in args.seqlens.split(",")]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
-        vocab = MODELS[name]["vocab_size"]
         for fmt in args.formats.split(","):
-            start = time.perf_counter()
-            model = convert(build(name), fmt)
-            gc.collect()
-            wb, resident = weight_bytes(model), torch.cuda.memory_allocated()
-            base = dict(model=name, format=fmt, weight_bytes=wb, resident_bytes=resident)
-            print(f"{name} {fmt}: built in {time.perf_counter() - start:.0f} s, weights {wb / 2**30:.2f} GiB, "
-                  f"allocated {resident / 2**30:.2f} GiB", flush=True)
-            for batch, seqlen in [(1, s) for s in seqlens] + [(8, 1024)]:
-                ms, peak = prefill(model, batch, seqlen, vocab, args.repeats)
-                rows.append({**base, "phase": "prefill", "batch": batch, "seqlen": seqlen, "ms": ms,
-                             "peak_mem_bytes": peak})
-                print(f"  prefill b{batch} s{seqlen}: {ms:.2f} ms, peak {peak / 2**30:.2f} GiB", flush=True)
-            for batch in [int(b) for b in args.decode_batches.split(",")]:
-                tps, peak, mode = decode(model, batch, 1024, args.decode_steps, vocab)
-                rows.append({**base, "phase": "decode", "batch": batch, "seqlen": 1024, "tokens_per_s": tps,
-                             "peak_mem_bytes": peak, "mode": mode})
-                print(f"  decode b{batch}: {tps:.1f} tok/s ({mode}), peak {peak / 2**30:.2f} GiB", flush=True)
-            del model
-            gc.collect()
-            torch.cuda.empty_cache()
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+            # A fresh process per pair, so memory held by one format (allocator pools, graph pools, caches)
+            # cannot inflate the next one's peak.
+            part = out.with_suffix(f".{name}.{fmt}.part")
+            cmd = [sys.executable, __file__, "--child", "--models", name, "--formats", fmt, "--out", str(part),
+                   "--seqlens", args.seqlens, "--decode-batches", args.decode_batches,
+                   "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps)]
+            subprocess.run(cmd, check=True)
+            rows += json.loads(part.read_text())
+            part.unlink()
+            out.write_text(json.dumps(rows, indent=1) + "\n")
     print_table(rows)
 
 
