@@ -1,0 +1,60 @@
+"""Figures of results/e2e_h100.json (written by benchmarks/e2e.py): prefill runtime and peak memory against
+sequence length per format (like the DGQ paper's Figure 4), and decode throughput per batch size.
+
+    python benchmarks/plot_e2e.py results/e2e_h100.json --out docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="?", default="results/e2e_h100.json")
+    parser.add_argument("--out", default="docs")
+    args = parser.parse_args()
+    rows = json.loads(Path(args.results).read_text())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    formats = list(dict.fromkeys(r["format"] for r in rows))
+    for key, label, name in (("ms", "prefill latency (ms, batch 1)", "e2e_prefill.png"),
+                             ("peak_mem_bytes", "peak GPU memory (GiB, batch 1)", "e2e_memory.png")):
+        fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+        for ax, model in zip(axes[0], models):
+            for fmt in formats:
+                pts = sorted((r["seqlen"], r[key]) for r in rows if r["model"] == model and r["format"] == fmt
+                             and r["phase"] == "prefill" and r["batch"] == 1)
+                scale = 2**30 if key == "peak_mem_bytes" else 1
+                ax.plot([p[0] for p in pts], [p[1] / scale for p in pts], marker="o", label=fmt)
+            ax.set(title=model, xlabel="sequence length", ylabel=label, xscale="log", yscale="log")
+            ax.minorticks_off()
+            ax.set_xticks([256, 512, 1024, 2048, 4096], labels=["256", "512", "1024", "2048", "4096"])
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        batches = sorted({r["batch"] for r in rows if r["model"] == model and r["phase"] == "decode"})
+        width = 0.8 / len(formats)
+        for i, fmt in enumerate(formats):
+            tps = [next(r["tokens_per_s"] for r in rows if r["model"] == model and r["format"] == fmt
+                        and r["phase"] == "decode" and r["batch"] == b) for b in batches]
+            ax.bar([j + i * width for j in range(len(batches))], tps, width, label=fmt)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], labels=[f"batch {b}" for b in batches])
+        ax.set(title=f"{model}: decode, 1024-token context", ylabel="tokens / s")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "e2e_decode.png", dpi=110)
+
+
+if __name__ == "__main__":
+    main()
