@@ -8,4 +8,12 @@ def __getattr__(name: str):  # lazy, so ``import dgq`` stays cheap (no transform
         from dgq import checkpoint
 
         return getattr(checkpoint, name)
+    if name == "quantize":
+        from dgq.api import quantize_model
+
+        return quantize_model
+    if name in ("QuantConfig", "preset"):
+        from dgq import config
+
+        return getattr(config, name)
     raise AttributeError(f"module 'dgq' has no attribute {name!r}")

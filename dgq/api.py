@@ -46,3 +46,17 @@ def quantize(model: nn.Module, samples: torch.Tensor, config: QuantConfig,
         report = quantize_blocks(model, adapter_for(model), samples, config, device, progress)
     model.dgq_config = config
     return QuantizeResult(model, config, report, time.perf_counter() - start)
+
+
+def quantize_model(model: nn.Module, tokenizer, config: QuantConfig | None = None,  # noqa: ANN001
+                   calib_data: str | None = None, device: torch.device | str | None = None,
+                   progress: bool = True) -> nn.Module:
+    """``dgq.quantize(model, tokenizer, config) -> model``: draw the calibration samples ``config`` asks for with
+    ``tokenizer`` (default: the C4 calibration half, or ``calib_data``) and quantize ``model`` in place."""
+    from dgq.config import preset
+    from dgq.data import calibration_samples
+
+    config = config or preset("dgq")
+    samples = calibration_samples(tokenizer, path=calib_data or config.calib_data, nsamples=config.nsamples,
+                                  seqlen=config.seqlen, seed=config.seed)
+    return quantize(model, samples, config, device=device, progress=progress).model

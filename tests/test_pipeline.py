@@ -96,3 +96,13 @@ def test_real_quant_linear_equals_its_fake_quant_twin():
             twin = FakeQuantLinear(module.dual_grained().dequantize(), module.bias, module.act_mode, module.act_scale)
             model.set_submodule(name, twin)
     torch.testing.assert_close(model(ids).logits, real, rtol=1e-4, atol=1e-4)
+
+
+def test_package_entry_point(tokenizer, data_dir, monkeypatch):
+    import dgq
+
+    monkeypatch.setenv("DGQ_DATA", str(data_dir))
+    model = make_model("opt")
+    out = dgq.quantize(model, tokenizer, dgq.preset("dgq", group_size=64, nsamples=2, seqlen=32, calib_batch=2))
+    assert out is model and out.dgq_config.method == "dgq"
+    assert any(isinstance(m, QuantLinear) for m in model.modules())
