@@ -54,6 +54,27 @@ def main() -> None:
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "e2e_decode.png", dpi=110)
+    print(markdown_table(rows))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Every row of the run as the Markdown table BENCHMARKS.md shows."""
+    def get(r_model: str, fmt: str, phase: str, batch: int, seqlen: int) -> dict:
+        return next(r for r in rows if (r["model"], r["format"], r["phase"], r["batch"], r["seqlen"])
+                    == (r_model, fmt, phase, batch, seqlen))
+
+    lines = ["| model | format | 256 | 512 | 1024 | 2048 | 4096 | 8x1024 | decode b1 | b8 | b32 | weights GiB | "
+             "peak@2048 GiB |", "|" + "---|" * 13]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for fmt in dict.fromkeys(r["format"] for r in rows if r["model"] == model):
+            pre = [get(model, fmt, "prefill", 1, s)["ms"] for s in (256, 512, 1024, 2048, 4096)]
+            pre.append(get(model, fmt, "prefill", 8, 1024)["ms"])
+            dec = [get(model, fmt, "decode", b, 1024)["tokens_per_s"] for b in (1, 8, 32)]
+            at = get(model, fmt, "prefill", 1, 2048)
+            cells = [f"{v:.1f}" for v in pre] + [f"{v:.0f}" for v in dec]
+            cells += [f"{at['weight_bytes'] / 2**30:.2f}", f"{at['peak_mem_bytes'] / 2**30:.2f}"]
+            lines.append(f"| {model} | {fmt} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
