@@ -80,7 +80,7 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    from dgq.api import quantize
+    from dgq.api import check_model, quantize
     from dgq.checkpoint import save
     from dgq.data import calibration_samples
     from dgq.loading import load_model
@@ -103,10 +103,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     config = preset(args.method, **overrides)
     print(f"model {source.display_name} · method {config.method} · W{config.weight_bits}A{config.act_bits} · "
           f"group {config.group_size} · act {config.act} · calibration {nsamples} x {args.seqlen} tokens "
-          f"({'paper setting' if nsamples == 128 else 'CPU default; --nsamples 128 for the paper setting'})",
+          f"({'paper setting' if nsamples == 128 else 'as asked' if args.nsamples else 'CPU default; --nsamples 128 for the paper setting'})",
           flush=True)
-    from dgq.api import check_model
-
     if config.quantizes_weights:
         check_model(model, config)
     before = _evaluate(model, tokenizer, datasets, args, device) if datasets else {}
