@@ -8,6 +8,7 @@ the stored tensors, so the float model is never materialised.  See docs/format.m
 
 from __future__ import annotations
 
+from dgq.errors import DGQError
 import json
 import os
 import shutil
@@ -31,7 +32,7 @@ DEFAULT_SHARD_BYTES = 2 * 1024**3
 MODULE_TYPES = {"dgq": QuantLinear, "fake": FakeQuantLinear}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DGQError, ValueError):
     """A checkpoint that cannot be written or read; the message names the problem."""
 
 

@@ -6,6 +6,7 @@ baselines run through exactly the same pipeline as DGQ and differ only in these 
 
 from __future__ import annotations
 
+from dgq.errors import DGQError
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -14,7 +15,7 @@ ACT_MODES = ("none", "dynamic", "static")
 SMOOTHINGS = ("none", "percentile", "smoothquant")
 
 
-class ConfigError(ValueError):
+class ConfigError(DGQError, ValueError):
     """An invalid quantization setting."""
 
 

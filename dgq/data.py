@@ -7,6 +7,7 @@ beside the working directory or beside this repository, so the CLI works from th
 
 from __future__ import annotations
 
+from dgq.errors import DGQError
 import json
 import os
 import random
@@ -21,7 +22,7 @@ CALIBRATION_FILE = "c4/c4-validation.calib.jsonl"
 _HINT = "point --data-dir or $DGQ_DATA at the data folder"
 
 
-class DataError(ValueError):
+class DataError(DGQError, ValueError):
     """Missing or unusable data; the message says what was looked for and where."""
 
 

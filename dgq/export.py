@@ -16,6 +16,7 @@ See docs/format.md for the tensor names.  Output directories are written atomica
 
 from __future__ import annotations
 
+from dgq.errors import DGQError
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +31,7 @@ INT4_OFFSET = 8  # dgq's unsigned int4 [0, 15] minus this is compressed-tensors'
 NIBBLES_PER_WORD = 8
 
 
-class ExportError(ValueError):
+class ExportError(DGQError, ValueError):
     """A model that cannot be exported to the asked format; the message says why."""
 
 

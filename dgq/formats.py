@@ -18,6 +18,7 @@ that accumulator exactly on any device, and is the reference every fast kernel m
 
 from __future__ import annotations
 
+from dgq.errors import DGQError
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ INT8_MAX = 127
 _EXACT_FP32_CHUNK = 1040
 
 
-class FormatError(ValueError):
+class FormatError(DGQError, ValueError):
     """A tensor set that violates the dual-grained format's invariants."""
 
 
