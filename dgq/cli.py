@@ -1,75 +1,24 @@
-"""The ``dgq`` command line: quantize, evaluate, generate, export.
+"""The ``dgq`` command line: it parses arguments and calls :mod:`dgq.api`, nothing more.
 
-Every expected failure (bad path, unsupported model, bad setting, missing data) ends as one ``error: ...`` line
-on stderr with exit code 2, before anything is written.
+Every failure that is the user's (a :class:`dgq.errors.DGQError`: bad path, unsupported model, bad setting,
+missing data; or an ``OSError`` such as a full disk) ends as one ``error: ...`` line on stderr with exit code 2,
+before anything is written.  Any other exception is a bug in dgq: its traceback is shown, and the exit code is 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
+import traceback
 from typing import Callable
 
-import torch
-
-from dgq.config import PRESETS, QuantConfig, preset
+from dgq import api
+from dgq.config import PRESETS, ConfigError, QuantConfig
+from dgq.errors import DGQError
 
 EXIT_USAGE = 2
-DEFAULT_GROUPS = (128, 64)
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available on this machine")
-    return torch.device(name)
-
-
-def _datasets(spec: str | None) -> list[str]:
-    from dgq.data import DATASETS
-
-    names = [d.strip() for d in (spec or "").split(",") if d.strip()]
-    unknown = [d for d in names if d not in DATASETS]
-    if unknown:
-        raise ValueError(f"unknown dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}")
-    return names
-
-
-def auto_group_size(model: torch.nn.Module) -> int:
-    """The largest default group size that divides every quantized layer's in_features."""
-    from dgq.models import adapter_for
-
-    adapter = adapter_for(model)
-    block = adapter.blocks(model)[0]
-    widths = {block.get_submodule(n).in_features for n in adapter.linear_names()}
-    for g in DEFAULT_GROUPS:
-        if all(w % g == 0 for w in widths):
-            return g
-    raise ValueError(f"no default group size ({', '.join(map(str, DEFAULT_GROUPS))}) divides the layer widths "
-                     f"{sorted(widths)}; pass --group-size")
-
-
-def _evaluate(model, tokenizer, datasets: list[str], args: argparse.Namespace, device: torch.device,
-              ) -> dict[str, float]:
-    from dgq.eval.perplexity import perplexity
-
-    model.to(device)
-    return {d: perplexity(model, tokenizer, d, seqlen=args.seqlen, windows=args.windows, root=args.data_dir,
-                          device=device).ppl for d in datasets}
-
-
-def is_checkpoint(path: Path) -> bool:
-    """A directory written by ``dgq quantize`` (its config carries a dgq quantization_config)."""
-    import json
-
-    config = path / "config.json"
-    if not config.is_file():
-        return False
-    qc = json.loads(config.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method") == "dgq"
+EXIT_BUG = 1
+BUG_LINE = "this is a bug in dgq, please report it (with the traceback above)"
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -79,114 +28,62 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def cmd_quantize(args: argparse.Namespace) -> None:
-    from dgq.api import check_model, quantize
-    from dgq.checkpoint import save
-    from dgq.data import calibration_samples
-    from dgq.loading import load_model
+def _names(spec: str | None) -> list[str]:
+    return [d.strip() for d in (spec or "").split(",") if d.strip()]
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"output directory {out} already exists (pass --overwrite to replace it)")
-    datasets = _datasets(args.eval)
-    device = _device(args.device)
-    nsamples = args.nsamples or (128 if device.type == "cuda" else 32)
-    model, tokenizer, source = load_model(args.model)
-    group = args.group_size or auto_group_size(model)
-    overrides = dict(group_size=group, nsamples=nsamples, seqlen=args.seqlen, seed=args.seed,
-                     calib_data=args.calib, calib_batch=args.calib_batch)
-    if args.act:
-        overrides["act"] = args.act
-    for name in ("percentile", "sq_alpha", "clip_grid", "clip_min", "s1_grid"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    config = preset(args.method, **overrides)
-    print(f"model {source.display_name} · method {config.method} · W{config.weight_bits}A{config.act_bits} · "
-          f"group {config.group_size} · act {config.act} · calibration {nsamples} x {args.seqlen} tokens "
-          f"({'paper setting' if nsamples == 128 else 'as asked' if args.nsamples else 'CPU default; --nsamples 128 for the paper setting'})",
-          flush=True)
-    if config.quantizes_weights:
-        check_model(model, config)
-    before = _evaluate(model, tokenizer, datasets, args, device) if datasets else {}
-    model.to("cpu")
-    samples = calibration_samples(tokenizer, path=args.calib, nsamples=nsamples, seqlen=args.seqlen,
-                                  seed=args.seed, root=args.data_dir)
-    result = quantize(model, samples, config, device=device)
-    after = _evaluate(model, tokenizer, datasets, args, device) if datasets else {}
-    model.to("cpu")
-    card = {"base_model": source.to_dict(), "perplexity": after, "perplexity_fp": before,
-            "windows": args.windows, "seqlen": args.seqlen, "quantize_seconds": round(result.seconds, 1)}
-    save(model, out, tokenizer=tokenizer, overwrite=args.overwrite, card=card)
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    settings = {name: getattr(args, name) for name in
+                ("act", "percentile", "sq_alpha", "clip_grid", "clip_min", "s1_grid") if getattr(args, name) is not None}
+    run = api.quantize_pretrained(
+        args.model, args.out, args.method, group_size=args.group_size, nsamples=args.nsamples, device=args.device,
+        eval_datasets=_names(args.eval), windows=args.windows, data_dir=args.data_dir, overwrite=args.overwrite,
+        log=lambda line: print(line, flush=True), seqlen=args.seqlen, seed=args.seed, calib_data=args.calib,
+        calib_batch=args.calib_batch, **settings)
+    c, datasets = run.config, list(run.perplexity)
     rows = [["method", "bits", "group", "act"] + [f"{d} fp" for d in datasets] + [f"{d} quant" for d in datasets]
             + ["quantize time"]]
-    rows.append([config.method, f"W{config.weight_bits}A{config.act_bits}", str(config.group_size), config.act]
-                + [f"{before[d]:.3f}" for d in datasets] + [f"{after[d]:.3f}" for d in datasets]
-                + [f"{result.seconds:.0f} s"])
+    rows.append([c.method, f"W{c.weight_bits}A{c.act_bits}", str(c.group_size), c.act]
+                + [f"{run.perplexity_fp[d]:.3f}" for d in datasets] + [f"{run.perplexity[d]:.3f}" for d in datasets]
+                + [f"{run.seconds:.0f} s"])
     print(_table(rows))
-    print(f"saved to {out}")
+    print(f"saved to {run.out}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from dgq.checkpoint import load
-    from dgq.loading import load_model
-
-    datasets = _datasets(args.datasets)
+    datasets = api.check_datasets(_names(args.datasets))
     if not datasets:
-        raise ValueError("--datasets is empty")
-    device = _device(args.device)
-    if is_checkpoint(Path(args.model)):
-        model = load(args.model)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        label = f"{args.model} ({model.dgq_config.method})"
-    else:
-        model, tokenizer, source = load_model(args.model)
-        label = f"{source.display_name} (unquantized)"
-    start = time.perf_counter()
-    ppl = _evaluate(model, tokenizer, datasets, args, device)
-    rows = [["model"] + datasets, [label] + [f"{ppl[d]:.3f}" for d in datasets]]
+        raise ConfigError("--datasets is empty")
+    device = api.resolve_device(args.device)
+    model, tokenizer, label = api.load_any(args.model)
+    result = api.evaluate(model, tokenizer, datasets=datasets, windows=args.windows, seqlen=args.seqlen,
+                          data_dir=args.data_dir, device=device)
+    rows = [["model"] + datasets, [label] + [f"{result.perplexity[d]:.3f}" for d in datasets]]
     print(_table(rows))
-    print(f"seqlen {args.seqlen}, windows {args.windows or 'all'}, {time.perf_counter() - start:.0f} s")
+    print(f"seqlen {args.seqlen}, windows {args.windows or 'all'}, {result.seconds:.0f} s")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
-
-    from dgq.checkpoint import load
-    from dgq.generate import GenerationSettings, generate
+    from dgq.generate import GenerationSettings
 
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # fail fast
-    model = load(args.model, device=_device(args.device))
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     print(args.prompt, end="", flush=True)
-    generate(model, tokenizer, args.prompt, settings, out=sys.stdout)
+    api.generate(args.model, args.prompt, settings, device=args.device, out=sys.stdout)
     print()
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from dgq.export import export
-
-    out = export(args.model, args.out, args.format, overwrite=args.overwrite)
+    out = api.export(args.model, args.out, args.format, overwrite=args.overwrite)
     print(f"exported {args.model} as {args.format} to {out}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from dgq.bench import decode, prefill
-    from dgq.checkpoint import load
-
-    if not torch.cuda.is_available():
-        raise ValueError("dgq bench measures GPU speed and needs CUDA; none is available on this machine")
-    model = load(args.model, device="cuda", dtype=torch.float16)
-    vocab = model.config.vocab_size
     rows = [["phase", "batch", "seqlen", "result", "peak memory"]]
-    for seqlen in [int(s) for s in args.seqlens.split(",")]:
-        ms, peak = prefill(model, 1, seqlen, vocab, args.repeats)
-        rows.append(["prefill", "1", str(seqlen), f"{ms:.2f} ms", f"{peak / 2**30:.2f} GiB"])
-    for batch in [int(b) for b in args.decode_batches.split(",")]:
-        tps, peak, mode = decode(model, batch, args.context, args.decode_steps, vocab)
-        rows.append([f"decode ({mode.split(' ')[0]})", str(batch), str(args.context), f"{tps:.1f} tok/s",
-                     f"{peak / 2**30:.2f} GiB"])
+    for r in api.bench(args.model, [int(s) for s in args.seqlens.split(",")],
+                       [int(b) for b in args.decode_batches.split(",")], args.context, args.decode_steps, args.repeats):
+        result = f"{r['ms']:.2f} ms" if r["phase"] == "prefill" else f"{r['tokens_per_s']:.1f} tok/s"
+        phase = r["phase"] if r["phase"] == "prefill" else f"decode ({r['mode'].split(' ')[0]})"
+        rows.append([phase, str(r["batch"]), str(r["seqlen"]), result, f"{r['peak_bytes'] / 2**30:.2f} GiB"])
     print(_table(rows))
 
 
@@ -288,12 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
-    except (ValueError, OSError) as exc:
+    except (DGQError, OSError) as exc:  # the user's input, files or machine: one line says what to fix
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - anything else is dgq's fault: show it as the bug it is
+        traceback.print_exc()
+        print(BUG_LINE, file=sys.stderr)
+        return EXIT_BUG
     return 0
 
 

