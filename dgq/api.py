@@ -17,6 +17,7 @@ from torch import nn
 
 from dgq.calibrate import CalibrationReport, quantize_blocks
 from dgq.config import ConfigError, QuantConfig, preset
+from dgq.hf import CheckpointError, mark_quantized, quant_config
 from dgq.models import adapter_for
 from dgq.quantizer import check_layer
 
@@ -74,7 +75,8 @@ def quantize(model: nn.Module, samples: torch.Tensor, config: QuantConfig,
     """Quantize ``model`` in place with ``config``, calibrating on token ids ``samples`` ``[n, seqlen]``.
 
     ``device`` is where each block is calibrated (default: CUDA if available); the rest of the model stays put.
-    The method name and settings are attached as ``model.dgq_config``.
+    The settings are recorded in ``model.config.quantization_config`` (a :class:`dgq.hf.DGQConfig`), so the model
+    saves with ``save_pretrained`` / :func:`save` and :func:`dgq.hf.quant_config` reads them back.
     """
     device = resolve_device(device)
     start = time.perf_counter()
@@ -82,7 +84,7 @@ def quantize(model: nn.Module, samples: torch.Tensor, config: QuantConfig,
     if config.quantizes_weights:
         check_model(model, config)
         report = quantize_blocks(model, adapter_for(model), samples, config, device, progress)
-    model.dgq_config = config
+    mark_quantized(model, config)
     return QuantizeResult(model, config, report, time.perf_counter() - start)
 
 
@@ -129,8 +131,6 @@ def quantize_pretrained(model: str, out: str | Path, method: str = "dgq", *, gro
 
     out = Path(out)
     if out.exists() and not overwrite:
-        from dgq.checkpoint import CheckpointError
-
         raise CheckpointError(f"output directory {out} already exists (pass --overwrite to replace it)")
     datasets = check_datasets(eval_datasets)
     device = resolve_device(device)
@@ -195,7 +195,7 @@ def load_any(spec: str, device: str | torch.device = "cpu") -> tuple[nn.Module, 
 
     if is_checkpoint(spec):
         model = load(spec, device=device)
-        return model, AutoTokenizer.from_pretrained(spec), f"{spec} ({model.dgq_config.method})"
+        return model, AutoTokenizer.from_pretrained(spec), f"{spec} ({quant_config(model).method})"
     model, tokenizer, source = load_model(spec, device=resolve_device(device))
     return model, tokenizer, f"{source.display_name} (unquantized)"
 
