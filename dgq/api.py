@@ -213,30 +213,45 @@ def check_datasets(names: tuple[str, ...] | list[str] | None) -> list[str]:
 
 @dataclass
 class Evaluation:
-    """Perplexity per dataset, and the settings it was measured with."""
+    """Perplexity per dataset and lm-eval's zero-shot metrics per task, and the settings they were measured with."""
 
     perplexity: dict[str, float] = field(default_factory=dict)
+    zeroshot: dict[str, dict[str, float]] = field(default_factory=dict)
     seqlen: int = 2048
     windows: int | None = None
+    limit: int | None = None
     seconds: float = 0.0
+    label: str = ""  # what was evaluated, for tables: the checkpoint and its method, or the unquantized model
 
 
-def evaluate(model: nn.Module | str, tokenizer: Any = None, *, datasets: tuple[str, ...] | list[str] = ("wikitext2",),
-             windows: int | None = None, seqlen: int = 2048, data_dir: str | Path | None = None,
+def evaluate(model: nn.Module | str, tokenizer: Any = None, *, datasets: tuple[str, ...] | list[str] = (),
+             tasks: tuple[str, ...] | list[str] = (), windows: int | None = None, seqlen: int = 2048,
+             limit: int | None = None, batch_size: int = 16, data_dir: str | Path | None = None,
              device: str | torch.device | None = None, progress: bool = True) -> Evaluation:
-    """Perplexity (GPTQ protocol) of ``model`` (a module with its ``tokenizer``, or anything :func:`load_any` takes)
-    on ``datasets``, over the first ``windows`` windows of ``seqlen`` tokens (default all; C4 at most 256)."""
-    from dgq.eval.perplexity import perplexity
+    """Evaluate ``model`` (a module with its ``tokenizer``, or anything :func:`load_any` takes: a dgq checkpoint,
+    or an unquantized model to compare with).
 
-    datasets = check_datasets(datasets)
+    ``datasets``: perplexity (GPTQ protocol) over the first ``windows`` windows of ``seqlen`` tokens (default all;
+    C4 at most 256).  ``tasks``: zero-shot accuracy through lm-evaluation-harness on the first ``limit`` items of
+    each task (default all; see :mod:`dgq.eval.zeroshot`).  Names are checked before the model loads.
+    """
+    from dgq.eval.perplexity import perplexity
+    from dgq.eval.zeroshot import check_tasks, zeroshot
+
+    datasets, tasks = check_datasets(datasets), check_tasks(tasks)
+    if not datasets and not tasks:
+        raise ConfigError("nothing to evaluate: name perplexity datasets and/or zero-shot tasks")
     device = resolve_device(device)
     if isinstance(model, (str, Path)):
-        model, tokenizer, _ = load_any(str(model))
+        model, tokenizer, label = load_any(str(model))
+    else:
+        label = getattr(model.config, "name_or_path", "") or type(model).__name__
     start = time.perf_counter()
     model.to(device)
     ppl = {d: perplexity(model, tokenizer, d, seqlen=seqlen, windows=windows, root=data_dir, device=device,
                          progress=progress).ppl for d in datasets}
-    return Evaluation(ppl, seqlen, windows, time.perf_counter() - start)
+    accuracy = zeroshot(model, tokenizer, tasks, limit=limit, root=data_dir, batch_size=batch_size) if tasks else {}
+    return Evaluation(ppl, accuracy, seqlen, windows, limit, time.perf_counter() - start, label)
 
 
 def generate(path: str | Path, prompt: str, settings: Any = None, device: str | torch.device | None = None,
