@@ -222,14 +222,17 @@ def _cfg(bm: int, bn: int, split_k: int, warps: int, stages: int) -> triton.Conf
 
 
 # A few configs per M regime (each compiles once per K), for H100 (132 SMs): BLOCK_N >= 64 (the wgmma's M);
-# decode tiles of 16 tokens with split-K for short-N/long-K shapes; 32..128-token tiles up to M = 256, where small
-# tiles keep 132 SMs busy; 128..256-token tiles beyond.  The pruner keeps the regime that matches M.
+# decode tiles of 16 tokens; 32..128-token tiles up to M = 256, where small tiles keep 132 SMs busy; split-K up to
+# M = 256 for short-N/long-K shapes (at M = 64 without it, 11008x4096 took 2.3x the M = 16 time); 128..256-token
+# tiles beyond.  The pruner keeps the regime that matches M.
 REGIMES = (16, 64, 256)  # M upper bounds of the decode, small and medium regimes; larger M is the large regime
 _CONFIGS = {
     16: [_cfg(16, 64, 1, 4, 4), _cfg(16, 64, 2, 4, 4), _cfg(16, 64, 4, 4, 4), _cfg(16, 128, 1, 4, 4),
          _cfg(16, 128, 2, 4, 4), _cfg(16, 64, 8, 4, 4), _cfg(16, 128, 1, 4, 8), _cfg(16, 64, 2, 4, 8)],
-    64: [_cfg(32, 64, 1, 4, 4), _cfg(64, 64, 1, 4, 4), _cfg(32, 128, 1, 4, 4), _cfg(64, 128, 1, 4, 4)],
-    256: [_cfg(64, 128, 1, 4, 4), _cfg(128, 64, 1, 4, 4), _cfg(64, 64, 1, 4, 4), _cfg(128, 128, 1, 8, 4)],
+    64: [_cfg(32, 64, 1, 4, 4), _cfg(64, 64, 1, 4, 4), _cfg(32, 128, 1, 4, 4), _cfg(64, 128, 1, 4, 4),
+         _cfg(32, 64, 4, 4, 4), _cfg(64, 64, 2, 4, 4)],
+    256: [_cfg(64, 128, 1, 4, 4), _cfg(128, 64, 1, 4, 4), _cfg(64, 64, 1, 4, 4), _cfg(128, 128, 1, 8, 4),
+          _cfg(64, 64, 2, 4, 4), _cfg(64, 128, 2, 4, 4)],
     0: [_cfg(128, 128, 1, 4, 4), _cfg(128, 128, 1, 8, 4), _cfg(256, 128, 1, 8, 3), _cfg(128, 256, 1, 8, 3),
         _cfg(256, 64, 1, 8, 4)],
 }
@@ -253,6 +256,9 @@ _tuned = triton.autotune([c for cs in _CONFIGS.values() for c in cs],
                          reset_to_zero=["ws_ptr"])(_kernel)  # split-K timings include the per-call zeroing
 
 
+_chosen_split: dict[tuple, int] = {}  # autotuning key -> SPLIT_K of the config the autotuner chose for it
+
+
 def _use_asm(device: torch.device) -> bool:
     """Inline PTX on a real GPU; plain integer arithmetic in Triton's CPU interpreter, which cannot run PTX."""
     return device.type == "cuda"
@@ -270,10 +276,11 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s2t: torch.Tensor | None, zpt: tor
     if m == 0:
         return out
     packed = s2t is not None
-    split = (config.kwargs if config else {}).get("SPLIT_K")
-    # The split-K buffer (sums, then arrival counts) is allocated per call; configs without split-K ignore it.
-    may_split = split > 1 if split else regime(m) == REGIMES[0]
-    ws = torch.zeros(2 * m * n if may_split else 1, dtype=torch.int32, device=x.device)
+    # The split-K buffer (sums, then arrival counts) is allocated per call, and zeroed, only where the config splits:
+    # the pinned one, or the one the autotuner chose for this key (until it has chosen, any config of the regime may).
+    key = (triton.next_power_of_2(m), n, k, group, packed, x.dtype, out.dtype, None if bias is None else bias.dtype)
+    split = config.kwargs["SPLIT_K"] if config else _chosen_split.get(key, 0 if regime(m) else 1)
+    ws = torch.zeros(2 * m * n if split != 1 else 1, dtype=torch.int32, device=x.device)
     any_t = ws  # pointer for arguments a variant does not read
     args = (x, w, s2t if packed else any_t, zpt if packed else any_t, sx if sx is not None else any_t,
             s1 if epilogue else any_t, bias if bias is not None else any_t, out, ws, m, n, x.stride(0),
@@ -286,6 +293,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s2t: torch.Tensor | None, zpt: tor
 
     if config is None:
         _tuned[grid](*args, **meta)
+        _chosen_split[key] = _tuned.best_config.kwargs["SPLIT_K"]
     else:
         _kernel[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
                                      num_stages=config.num_stages)
