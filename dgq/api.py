@@ -31,18 +31,24 @@ def check_model(model: nn.Module, config: QuantConfig) -> None:
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, samples: torch.Tensor, config: QuantConfig,
+def quantize(model: nn.Module, samples: torch.Tensor | None, config: QuantConfig,
              device: torch.device | str | None = None, progress: bool = True) -> QuantizeResult:
     """Quantize ``model`` in place with ``config``, calibrating on token ids ``samples`` ``[n, seqlen]``.
 
     ``device`` is where each block is calibrated (default: CUDA if available); the rest of the model stays put.
     The method name and settings are attached as ``model.dgq_config``.
     """
+    from dgq.validate import finite_weights, token_ids_fit
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     start = time.perf_counter()
     report = CalibrationReport()
     if config.quantizes_weights:
+        finite_weights(model)
         check_model(model, config)
+        if samples is None:
+            raise ValueError("quantize() needs calibration token ids `samples` to quantize weights")
+        token_ids_fit(samples, model.get_input_embeddings().num_embeddings, "the calibration text")
         report = quantize_blocks(model, adapter_for(model), samples, config, device, progress)
     model.dgq_config = config
     return QuantizeResult(model, config, report, time.perf_counter() - start)

@@ -8,7 +8,6 @@ the stored tensors, so the float model is never materialised.  See docs/format.m
 
 from __future__ import annotations
 
-from dgq.errors import DGQError
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dgq.config import ConfigError, QuantConfig
+from dgq.errors import DGQError
 from dgq.formats import FormatError
 from dgq.nn import FakeQuantLinear, QuantLinear
 
@@ -43,10 +43,13 @@ def quantization_config(model: nn.Module) -> dict[str, Any]:
         raise CheckpointError("model carries no dgq_config: quantize it with dgq first")
     modules = {name: {"type": "dgq" if isinstance(m, QuantLinear) else "fake", "act": m.act_mode}
                for name, m in model.named_modules() if isinstance(m, (QuantLinear, FakeQuantLinear))}
+    settings = config.to_dict()
+    if settings["calib_data"] is not None:  # the file's name says what was used; its folder is the machine's
+        settings["calib_data"] = Path(settings["calib_data"]).name
     # Smoothing scales are always folded into the neighbouring weights: a loader has nothing left to apply.
     return {"quant_method": "dgq", "format_version": FORMAT_VERSION, "weight_bits": config.weight_bits,
             "act_bits": config.act_bits, "group_size": config.group_size, "activation": config.act,
-            "smoothing_folded": True, "settings": config.to_dict(), "modules": modules}
+            "smoothing_folded": True, "settings": settings, "modules": modules}
 
 
 def unique_tensors(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -98,36 +101,84 @@ def write_json(file: Path, obj: dict[str, Any]) -> None:
     file.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
-@contextmanager
-def atomic_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
-    """Yield an empty temporary sibling of ``out_dir``; on success it replaces ``out_dir``, on failure it vanishes.
+class PendingDir:
+    """An output directory reserved up front: its empty temporary sibling is created at once, so an unwritable or
+    taken path fails before the job instead of after it; :meth:`commit` moves the finished contents into place, and
+    :meth:`discard` (or leaving a ``with`` block by an exception) removes every trace.
 
     Writing beside the target keeps the final rename on one filesystem, so readers never see half a checkpoint.
-    An existing ``out_dir`` is refused unless ``overwrite``; then it is moved aside, and moved back if the swap fails.
+    An existing ``out`` is refused unless ``overwrite``; then it is moved aside, and moved back if the swap fails.
+    Errors name ``out``, the user's path, never the hidden temporary one.
     """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output directory {out} already exists (pass overwrite=True / --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    for stale in (tmp, old):  # left behind by a killed earlier run of this process id
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
+
+    def __init__(self, out: str | Path, overwrite: bool) -> None:
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise CheckpointError(f"output directory {self.out} already exists (pass overwrite=True / --overwrite)")
+        if self.out.exists() and not self.out.is_dir():
+            raise CheckpointError(f"output path {self.out} is a file, not a directory")
+        ancestor = next(p for p in (self.out.parent, *self.out.parent.parents) if p.exists())
+        if not ancestor.is_dir():
+            raise CheckpointError(f"cannot write the output directory {self.out}: {ancestor} is a file")
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+        self._old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            for stale in (self.tmp, self._old):  # left behind by a killed earlier run of this process id
+                shutil.rmtree(stale, ignore_errors=True)
+            self.tmp.mkdir()
+        except OSError as exc:
+            raise CheckpointError(f"cannot write the output directory {self.out}: {exc.strerror or exc}") from None
+
+    def commit(self) -> Path:
+        """Give every file the mode a plain file in the folder gets (safetensors writes 0600), then swap in."""
+        mode = self.tmp.stat().st_mode & 0o666
+        try:
+            for file in self.tmp.rglob("*"):
+                if file.is_file():
+                    file.chmod(mode)
+            if self.out.exists():
+                os.replace(self.out, self._old)
+                try:
+                    os.replace(self.tmp, self.out)
+                except OSError:
+                    os.replace(self._old, self.out)
+                    raise
+                shutil.rmtree(self._old)
+            else:
+                os.replace(self.tmp, self.out)
+        except OSError as exc:
+            self.discard()
+            raise CheckpointError(f"cannot write the output directory {self.out}: {exc.strerror or exc}") from None
+        return self.out
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def write(self, fill: Any) -> Path:
+        """Run ``fill(tmp)`` and commit; an ``OSError`` while writing is reported against ``out``."""
+        try:
+            fill(self.tmp)
+        except OSError as exc:
+            self.discard()
+            raise CheckpointError(f"cannot write the output directory {self.out}: {exc.strerror or exc}") from None
+        except BaseException:
+            self.discard()
+            raise
+        return self.commit()
+
+
+@contextmanager
+def atomic_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Yield the empty temporary sibling of ``out_dir`` (see :class:`PendingDir`); on success it replaces
+    ``out_dir``, on failure it vanishes."""
+    pending = PendingDir(out_dir, overwrite)
     try:
-        yield tmp
-        if out.exists():
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        yield pending.tmp
+    except BaseException:
+        pending.discard()
+        raise
+    pending.commit()
 
 
 def _model_card(qc: dict[str, Any], card: dict[str, Any]) -> str:
@@ -138,27 +189,30 @@ def _model_card(qc: dict[str, Any], card: dict[str, Any]) -> str:
              f"activations `{s['act']}`, smoothing `{s['smoothing']}`, search {'on' if s['search'] else 'off'}, "
              f"calibration {s['nsamples']} x {s['seqlen']} tokens (seed {s['seed']}).", ""]
     if card.get("base_model"):
-        lines += [f"Base model: `{json.dumps(card['base_model'])}`", ""]
+        lines += [f"Base model: `{json.dumps(card['base_model'], sort_keys=True)}`", ""]
     ppl, fp = card.get("perplexity") or {}, card.get("perplexity_fp") or {}
     if ppl:
         lines += [f"Perplexity (seqlen {card.get('seqlen')}, windows {card.get('windows') or 'all'}):", "",
                   "| dataset | before | after |", "|---|---|---|"]
         lines += [f"| {d} | {fp.get(d, float('nan')):.3f} | {p:.3f} |" for d, p in ppl.items()] + [""]
-    if card.get("quantize_seconds") is not None:
-        lines += [f"Quantization took {card['quantize_seconds']} s.", ""]
     lines += ["Load with `dgq.load(path)`; docs/format.md of dgq describes the tensors.", ""]
     return "\n".join(lines)
 
 
-def save(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, overwrite: bool = False,
+def save(model: nn.Module, out_dir: str | Path | PendingDir, tokenizer: Any = None, overwrite: bool = False,
          card: dict[str, Any] | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
-    """Write the quantized ``model`` (and ``tokenizer``) to ``out_dir`` atomically; returns ``out_dir``.
+    """Write the quantized ``model`` (and ``tokenizer``) to ``out_dir`` atomically; returns the output path.
 
-    ``card`` fills the model card: ``name``, ``base_model``, ``perplexity`` / ``perplexity_fp`` (dataset → value),
-    ``seqlen``, ``windows``, ``quantize_seconds``.  ``shard_bytes`` is the largest safetensors file before the tensors are sharded.
+    ``out_dir`` may be a :class:`PendingDir` reserved before the job started (then ``overwrite`` was decided there).
+    ``card`` fills the model card: ``name``, ``base_model`` (no paths of this machine: see
+    ``ModelSource.card_dict``), ``perplexity`` / ``perplexity_fp`` (dataset → value), ``seqlen``, ``windows``; it
+    holds no timings, so the same job gives the same files.  ``shard_bytes`` is the largest safetensors file before
+    the tensors are sharded.
     """
     qc = quantization_config(model)
-    with atomic_dir(out_dir, overwrite) as tmp:
+    pending = out_dir if isinstance(out_dir, PendingDir) else PendingDir(out_dir, overwrite)
+
+    def fill(tmp: Path) -> None:
         state, aliases = unique_tensors(model.state_dict())
         qc["aliases"] = aliases
         write_tensors(state, tmp, shard_bytes)
@@ -168,7 +222,8 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, overwrite
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(qc, card or {}))
-    return Path(out_dir)
+
+    return pending.write(fill)
 
 
 def read_quantization_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -181,8 +236,11 @@ def read_quantization_config(path: str | Path) -> tuple[dict[str, Any], dict[str
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{file} is not valid JSON: {exc}") from None
     qc = config.pop("quantization_config", None)
-    if not isinstance(qc, dict) or qc.get("quant_method") != "dgq":
-        raise CheckpointError(f"{file} has no dgq quantization_config")
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method is not None and method != "dgq":
+        raise CheckpointError(f"{path} is a {method!r} checkpoint, not a dgq checkpoint")
+    if method is None:
+        raise CheckpointError(f"{path} is not a dgq checkpoint: {file.name} has no dgq quantization_config")
     if qc.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"unknown dgq format_version {qc.get('format_version')!r} in {file} "
                               f"(this dgq reads version {FORMAT_VERSION})")
@@ -230,6 +288,25 @@ def _format_keys(model: nn.Module) -> set[str]:
             for b, _ in m.named_buffers(recurse=False) if b != "bias"}
 
 
+def _offset_norm_keys(model: nn.Module) -> set[str]:
+    """Weights of norms that scale by ``1 + w`` and absorbed smoothing (Gemma): they stay float32 in any dtype.
+
+    The folded weight is ``(w + 1) / k - 1``; for a large ``k`` it sits near -1 and ``1 + w`` is a small difference
+    of two numbers near 1, which bf16/fp16 would wipe out (a relative error up to 100% of the scale).  Such norms
+    compute in float32 anyway (``x.float() * (1 + w.float())``), so keeping their weights float32 is exact and free.
+    """
+    from dgq.models import UnsupportedModelError, adapter_for
+
+    try:
+        adapter = adapter_for(model)
+    except UnsupportedModelError:
+        return set()
+    blocks = adapter.blocks(model)
+    prefix = next(name for name, module in model.named_modules() if module is blocks)
+    producers = [pair.producer for pair in adapter.pairs if pair.norm_offset]
+    return {f"{prefix}.{i}.{producer}.weight" for i in range(len(blocks)) for producer in producers}
+
+
 def _check_state(path: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
                  strict_dtype: set[str]) -> None:
     missing = sorted(set(expected) - set(state))
@@ -272,7 +349,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     strict = _format_keys(model)
     _check_state(path, state, expected, strict)
     if dtype is not None:
-        state = {k: t.to(dtype) if t.is_floating_point() and k not in strict else t for k, t in state.items()}
+        keep = strict | _offset_norm_keys(model)
+        state = {k: t.to(dtype) if t.is_floating_point() and k not in keep else t for k, t in state.items()}
     state.update({alias: state[twin] for alias, twin in aliases.items()})
     model.load_state_dict(state, assign=True, strict=True)
     for name, module in model.named_modules():

@@ -17,39 +17,46 @@ import torch
 from dgq.config import PRESETS, QuantConfig, preset
 
 EXIT_USAGE = 2
-DEFAULT_GROUPS = (128, 64)
+CPU_NSAMPLES = 32  # calibration sequences on the CPU when --nsamples is absent (RESULTS.md: time and quality)
 
 
 def _device(name: str | None) -> torch.device:
+    from dgq.validate import ArgumentError
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available on this machine")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ArgumentError(f"unknown device {name!r}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError(f"device {name!r} asked for, but CUDA is not available on this machine")
+    return device
 
 
 def _datasets(spec: str | None) -> list[str]:
     from dgq.data import DATASETS
+    from dgq.validate import ArgumentError
 
     names = [d.strip() for d in (spec or "").split(",") if d.strip()]
     unknown = [d for d in names if d not in DATASETS]
     if unknown:
-        raise ValueError(f"unknown dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}")
+        raise ArgumentError(f"unknown dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}")
     return names
 
 
-def auto_group_size(model: torch.nn.Module) -> int:
-    """The largest default group size that divides every quantized layer's in_features."""
-    from dgq.models import adapter_for
+def _eval_ids(tokenizer, datasets: list[str], args: argparse.Namespace, vocab: int) -> None:  # noqa: ANN001
+    """Tokenize the evaluation texts now (they are cached for the evaluation) and check them against the model's
+    vocabulary and the window length, before any weight is loaded."""
+    from dgq.eval.perplexity import tokenize_eval
+    from dgq.validate import ArgumentError, token_ids_fit
 
-    adapter = adapter_for(model)
-    block = adapter.blocks(model)[0]
-    widths = {block.get_submodule(n).in_features for n in adapter.linear_names()}
-    for g in DEFAULT_GROUPS:
-        if all(w % g == 0 for w in widths):
-            return g
-    raise ValueError(f"no default group size ({', '.join(map(str, DEFAULT_GROUPS))}) divides the layer widths "
-                     f"{sorted(widths)}; pass --group-size")
+    for d in datasets:
+        ids = tokenize_eval(tokenizer, d, args.data_dir)
+        token_ids_fit(ids, vocab, f"the {d} evaluation text")
+        if ids.numel() < args.seqlen:
+            raise ArgumentError(f"--seqlen {args.seqlen} is longer than the whole {d} evaluation text "
+                                f"({ids.numel()} tokens)")
 
 
 def _evaluate(model, tokenizer, datasets: list[str], args: argparse.Namespace, device: torch.device,
@@ -62,14 +69,22 @@ def _evaluate(model, tokenizer, datasets: list[str], args: argparse.Namespace, d
 
 
 def is_checkpoint(path: Path) -> bool:
-    """A directory written by ``dgq quantize`` (its config carries a dgq quantization_config)."""
+    """A directory written by ``dgq quantize`` (its config carries a dgq quantization_config); another method's
+    checkpoint is refused here, named, rather than handed to transformers."""
     import json
+
+    from dgq.checkpoint import CheckpointError
+    from dgq.validate import foreign_quantization
 
     config = path / "config.json"
     if not config.is_file():
         return False
-    qc = json.loads(config.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method") == "dgq"
+    try:
+        hf_config = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config} is not valid JSON: {exc}") from None
+    foreign_quantization(hf_config, str(path))
+    return (hf_config.get("quantization_config") or {}).get("quant_method") == "dgq"
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -79,70 +94,103 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def cmd_quantize(args: argparse.Namespace) -> None:
-    from dgq.api import check_model, quantize
-    from dgq.checkpoint import save
-    from dgq.data import calibration_samples
-    from dgq.loading import load_model
-
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"output directory {out} already exists (pass --overwrite to replace it)")
-    datasets = _datasets(args.eval)
-    device = _device(args.device)
-    nsamples = args.nsamples or (128 if device.type == "cuda" else 32)
-    model, tokenizer, source = load_model(args.model)
-    group = args.group_size or auto_group_size(model)
-    overrides = dict(group_size=group, nsamples=nsamples, seqlen=args.seqlen, seed=args.seed,
-                     calib_data=args.calib, calib_batch=args.calib_batch)
-    if args.act:
-        overrides["act"] = args.act
-    for name in ("percentile", "sq_alpha", "clip_grid", "clip_min", "s1_grid"):
+def _quantize_config(args: argparse.Namespace, nsamples: int) -> QuantConfig:
+    """The run's settings from the flags; only flags that were given override the method's preset."""
+    overrides = dict(nsamples=nsamples, seqlen=args.seqlen, seed=args.seed, calib_data=args.calib,
+                     calib_batch=args.calib_batch)
+    for name in ("act", "percentile", "sq_alpha", "clip_grid", "clip_min", "s1_grid"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
-    config = preset(args.method, **overrides)
-    print(f"model {source.display_name} · method {config.method} · W{config.weight_bits}A{config.act_bits} · "
-          f"group {config.group_size} · act {config.act} · calibration {nsamples} x {args.seqlen} tokens "
-          f"({'paper setting' if nsamples == 128 else 'as asked' if args.nsamples else 'CPU default; --nsamples 128 for the paper setting'})",
-          flush=True)
-    if config.quantizes_weights:
-        check_model(model, config)
-    before = _evaluate(model, tokenizer, datasets, args, device) if datasets else {}
-    model.to("cpu")
-    samples = calibration_samples(tokenizer, path=args.calib, nsamples=nsamples, seqlen=args.seqlen,
-                                  seed=args.seed, root=args.data_dir)
-    result = quantize(model, samples, config, device=device)
-    after = _evaluate(model, tokenizer, datasets, args, device) if datasets else {}
-    model.to("cpu")
-    card = {"base_model": source.to_dict(), "perplexity": after, "perplexity_fp": before,
-            "windows": args.windows, "seqlen": args.seqlen, "quantize_seconds": round(result.seconds, 1)}
-    save(model, out, tokenizer=tokenizer, overwrite=args.overwrite, card=card)
+    return preset(args.method, **overrides)
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    """Everything that can be checked is checked before the weights are loaded, in order of cost; the output folder
+    is reserved first, so an unwritable path fails in milliseconds and nothing is left behind on any failure."""
+    from dgq import validate
+    from dgq.api import quantize
+    from dgq.checkpoint import PendingDir, save
+    from dgq.data import calibration_samples
+    from dgq.loading import load_tokenizer, load_weights
+
+    for flag, value, minimum in (("--group-size", args.group_size, 2), ("--nsamples", args.nsamples, 1),
+                                 ("--seqlen", args.seqlen, 1), ("--calib-batch", args.calib_batch, 1),
+                                 ("--windows", args.windows, 1)):
+        validate.at_least(flag, value, minimum)
+    datasets = _datasets(args.eval)
+    device = _device(args.device)
+    nsamples = args.nsamples if args.nsamples is not None else (128 if device.type == "cuda" else CPU_NSAMPLES)
+    config = _quantize_config(args, nsamples)
+    pending = PendingDir(args.out, args.overwrite)
+    try:
+        validate.data_files(datasets, args.calib, args.data_dir, calibrate=config.quantizes_weights)
+        source, hf_config, skeleton = validate.model_structure(args.model, args.seqlen)
+        group = validate.group_size_for(skeleton, args.group_size, grouped=config.weight in ("dual", "group"))
+        config = config.with_(group_size=group)
+        tokenizer = load_tokenizer(source)
+        validate.vocabulary_fits(tokenizer, hf_config)
+        _eval_ids(tokenizer, datasets, args, hf_config.vocab_size)
+        samples = (calibration_samples(tokenizer, path=args.calib, nsamples=nsamples, seqlen=args.seqlen,
+                                       seed=args.seed, root=args.data_dir) if config.quantizes_weights else None)
+        print(f"model {source.display_name} · method {config.method} · W{config.weight_bits}A{config.act_bits} · "
+              f"group {config.group_size} · act {config.act} · calibration {nsamples} x {args.seqlen} tokens "
+              f"({'paper setting' if nsamples == 128 else 'as asked' if args.nsamples else 'CPU default; --nsamples 128 for the paper setting'})",
+              flush=True)
+        model = load_weights(source, hf_config)
+        validate.finite_weights(model)
+        before = _evaluate(model, tokenizer, datasets, args, device) if datasets else {}
+        model.to("cpu")
+        result = quantize(model, samples, config, device=device)
+        after = _evaluate(model, tokenizer, datasets, args, device) if datasets else {}
+        model.to("cpu")
+        card = {"base_model": source.card_dict(), "perplexity": after, "perplexity_fp": before,
+                "windows": args.windows, "seqlen": args.seqlen}
+        save(model, pending, tokenizer=tokenizer, card=card)
+    except BaseException:
+        pending.discard()
+        raise
     rows = [["method", "bits", "group", "act"] + [f"{d} fp" for d in datasets] + [f"{d} quant" for d in datasets]
             + ["quantize time"]]
     rows.append([config.method, f"W{config.weight_bits}A{config.act_bits}", str(config.group_size), config.act]
                 + [f"{before[d]:.3f}" for d in datasets] + [f"{after[d]:.3f}" for d in datasets]
                 + [f"{result.seconds:.0f} s"])
     print(_table(rows))
-    print(f"saved to {out}")
+    print(f"saved to {args.out}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from dgq.checkpoint import load
-    from dgq.loading import load_model
+    """Checked like ``quantize``: flags, data files, the model's config and tokenizer, then the weights."""
+    from transformers import AutoConfig, AutoTokenizer
 
+    from dgq import validate
+    from dgq.checkpoint import load, read_quantization_config
+    from dgq.loading import load_tokenizer, load_weights
+
+    validate.at_least("--windows", args.windows, 1)
+    validate.at_least("--seqlen", args.seqlen, 1)
     datasets = _datasets(args.datasets)
     if not datasets:
-        raise ValueError("--datasets is empty")
+        raise validate.ArgumentError("--datasets is empty")
     device = _device(args.device)
-    if is_checkpoint(Path(args.model)):
-        model = load(args.model)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    validate.data_files(datasets, None, args.data_dir, calibrate=False)
+    path = Path(args.model)
+    if is_checkpoint(path):
+        config_dict, _ = read_quantization_config(path)
+        hf_config = AutoConfig.for_model(**config_dict)
+        validate.seqlen_fits(args.seqlen, hf_config)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        source, hf_config, _ = validate.model_structure(args.model, args.seqlen)
+        tokenizer = load_tokenizer(source)
+    validate.vocabulary_fits(tokenizer, hf_config)
+    _eval_ids(tokenizer, datasets, args, hf_config.vocab_size)
+    if is_checkpoint(path):
+        model = load(path)
         label = f"{args.model} ({model.dgq_config.method})"
     else:
-        model, tokenizer, source = load_model(args.model)
+        model = load_weights(source, hf_config)
         label = f"{source.display_name} (unquantized)"
+    validate.finite_weights(model)
     start = time.perf_counter()
     ppl = _evaluate(model, tokenizer, datasets, args, device)
     rows = [["model"] + datasets, [label] + [f"{ppl[d]:.3f}" for d in datasets]]
@@ -174,16 +222,20 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from dgq.bench import decode, prefill
     from dgq.checkpoint import load
+    from dgq.validate import ArgumentError, at_least, int_list
 
+    seqlens, batches = int_list("--seqlens", args.seqlens), int_list("--decode-batches", args.decode_batches)
+    for flag in ("context", "decode_steps", "repeats"):
+        at_least(f"--{flag.replace('_', '-')}", getattr(args, flag), 1)
     if not torch.cuda.is_available():
-        raise ValueError("dgq bench measures GPU speed and needs CUDA; none is available on this machine")
+        raise ArgumentError("dgq bench measures GPU speed and needs CUDA; none is available on this machine")
     model = load(args.model, device="cuda", dtype=torch.float16)
     vocab = model.config.vocab_size
     rows = [["phase", "batch", "seqlen", "result", "peak memory"]]
-    for seqlen in [int(s) for s in args.seqlens.split(",")]:
+    for seqlen in seqlens:
         ms, peak = prefill(model, 1, seqlen, vocab, args.repeats)
         rows.append(["prefill", "1", str(seqlen), f"{ms:.2f} ms", f"{peak / 2**30:.2f} GiB"])
-    for batch in [int(b) for b in args.decode_batches.split(",")]:
+    for batch in batches:
         tps, peak, mode = decode(model, batch, args.context, args.decode_steps, vocab)
         rows.append([f"decode ({mode.split(' ')[0]})", str(batch), str(args.context), f"{tps:.1f} tok/s",
                      f"{peak / 2**30:.2f} GiB"])

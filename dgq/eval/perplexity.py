@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from dgq.data import data_root, load_eval_text, token_ids
+from dgq.data import DataError, data_root, load_eval_text, token_ids
+from dgq.validate import ArgumentError
 
 C4_MAX_WINDOWS = 256  # GPTQ evaluates the first 256 windows of C4
 _TOKEN_CACHE: dict[tuple[str, str, str], torch.Tensor] = {}
@@ -55,12 +56,12 @@ def tokenize_eval(tokenizer, dataset: str, root: str | Path | None = None) -> to
 def _window_count(ids: torch.Tensor, dataset: str, seqlen: int, windows: int | None) -> tuple[int, str]:
     """How many windows to evaluate, and a note when the request had to be clamped to what exists."""
     if windows is not None and windows < 1:
-        raise ValueError(f"windows must be at least 1, got {windows}")
+        raise ArgumentError(f"windows must be at least 1, got {windows}")
     available = ids.numel() // seqlen
     if dataset == "c4":
         available = min(available, C4_MAX_WINDOWS)
     if available == 0:
-        raise ValueError(f"{dataset} has {ids.numel()} tokens, fewer than one window of {seqlen}")
+        raise DataError(f"{dataset} has {ids.numel()} tokens, fewer than one window of {seqlen}")
     if windows is None or windows <= available:
         return windows or available, ""
     return available, f"asked for {windows} windows of {dataset}, only {available} available; evaluated {available}"

@@ -12,8 +12,10 @@ from typing import Callable
 
 from torch import nn
 
+from dgq.errors import DGQError
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(DGQError, ValueError):
     """A model architecture dgq has no adapter for."""
 
 
