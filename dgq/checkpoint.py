@@ -217,6 +217,7 @@ def save(model: nn.Module, out_dir: str | Path | PendingDir, tokenizer: Any = No
         qc["aliases"] = aliases
         write_tensors(state, tmp, shard_bytes)
         config = model.config.to_dict()
+        config.pop("_name_or_path", None)  # the folder the base model was read from, on this machine
         config["quantization_config"] = qc
         write_json(tmp / "config.json", config)
         if tokenizer is not None:
