@@ -2,16 +2,14 @@
 
 __version__ = "0.1.0"
 
+_API = {"load": "load", "save": "save", "quantize": "quantize_model", "evaluate": "evaluate", "export": "export"}
+
 
 def __getattr__(name: str):  # lazy, so ``import dgq`` stays cheap (no transformers import)
-    if name in ("load", "save"):
-        from dgq import checkpoint
+    if name in _API:
+        from dgq import api
 
-        return getattr(checkpoint, name)
-    if name == "quantize":
-        from dgq.api import quantize_model
-
-        return quantize_model
+        return getattr(api, _API[name])
     if name in ("QuantConfig", "preset"):
         from dgq import config
 

@@ -1,17 +1,27 @@
-"""The Python entry points: ``quantize(model, tokenizer, config)``, and what the CLI builds on."""
+"""The one front door: quantize, save, load, evaluate, generate, export and bench.
+
+The command line (``dgq/cli.py``) only parses arguments and calls these functions, so the Python API and the CLI
+run the same pipeline with the same defaults.  Errors that are the user's to fix are :class:`dgq.errors.DGQError`
+subclasses with a one-line message; anything else escaping from here is a bug.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TextIO
 
 import torch
 from torch import nn
 
 from dgq.calibrate import CalibrationReport, quantize_blocks
-from dgq.config import QuantConfig
+from dgq.config import ConfigError, QuantConfig, preset
 from dgq.models import adapter_for
 from dgq.quantizer import check_layer
+
+CUDA_NSAMPLES = 128  # the paper's calibration set
+CPU_NSAMPLES = 32  # a CPU run of SmolLM2-135M finishes in minutes with this many
 
 
 @dataclass
@@ -20,6 +30,24 @@ class QuantizeResult:
     config: QuantConfig
     report: CalibrationReport
     seconds: float
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """``name`` as a device; ``None`` is CUDA when available, else the CPU.  Asking for CUDA without it is refused."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {str(name)!r}; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {str(name)!r} asked for, but CUDA is not available on this machine")
+    return device
+
+
+def default_nsamples(device: torch.device) -> int:
+    """Calibration sequences when none are asked for: the paper's 128 on CUDA, fewer on the CPU to stay in minutes."""
+    return CUDA_NSAMPLES if device.type == "cuda" else CPU_NSAMPLES
 
 
 def check_model(model: nn.Module, config: QuantConfig) -> None:
@@ -40,29 +68,282 @@ def quantize(model: nn.Module, samples: torch.Tensor | None, config: QuantConfig
     """
     from dgq.validate import finite_weights, token_ids_fit
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     start = time.perf_counter()
     report = CalibrationReport()
     if config.quantizes_weights:
         finite_weights(model)
         check_model(model, config)
         if samples is None:
-            raise ValueError("quantize() needs calibration token ids `samples` to quantize weights")
+            raise ConfigError("quantize() needs calibration token ids `samples` to quantize weights")
         token_ids_fit(samples, model.get_input_embeddings().num_embeddings, "the calibration text")
         report = quantize_blocks(model, adapter_for(model), samples, config, device, progress)
     model.dgq_config = config
     return QuantizeResult(model, config, report, time.perf_counter() - start)
 
 
-def quantize_model(model: nn.Module, tokenizer, config: QuantConfig | None = None,  # noqa: ANN001
+def quantize_model(model: nn.Module, tokenizer: Any, config: QuantConfig | None = None,
                    calib_data: str | None = None, device: torch.device | str | None = None,
-                   progress: bool = True) -> nn.Module:
+                   progress: bool = True, data_dir: str | Path | None = None) -> nn.Module:
     """``dgq.quantize(model, tokenizer, config) -> model``: draw the calibration samples ``config`` asks for with
     ``tokenizer`` (default: the C4 calibration half, or ``calib_data``) and quantize ``model`` in place."""
-    from dgq.config import preset
     from dgq.data import calibration_samples
 
     config = config or preset("dgq")
     samples = calibration_samples(tokenizer, path=calib_data or config.calib_data, nsamples=config.nsamples,
-                                  seqlen=config.seqlen, seed=config.seed)
+                                  seqlen=config.seqlen, seed=config.seed, root=data_dir)
     return quantize(model, samples, config, device=device, progress=progress).model
+
+
+@dataclass
+class QuantizeRun:
+    """What :func:`quantize_pretrained` did: the settings, where it saved, and perplexity before/after."""
+
+    config: QuantConfig
+    out: Path
+    source: Any  # dgq.loading.ModelSource
+    seconds: float
+    perplexity_fp: dict[str, float] = field(default_factory=dict)
+    perplexity: dict[str, float] = field(default_factory=dict)
+
+
+def quantize_pretrained(model: str, out: str | Path, method: str = "dgq", *, group_size: int | None = None,
+                        nsamples: int | None = None, device: str | torch.device | None = None,
+                        eval_datasets: tuple[str, ...] | list[str] = (), windows: int | None = None,
+                        data_dir: str | Path | None = None, overwrite: bool = False,
+                        log: Callable[[str], None] = print, **settings: Any) -> QuantizeRun:
+    """Load ``model`` (an alias, .gguf, directory or hub id), quantize it with ``method`` and save it to ``out``.
+
+    ``settings`` override :class:`QuantConfig` fields (``act``, ``seqlen``, ``seed``, ``calib_data``, search
+    grids, …).  ``group_size`` defaults to the largest of 128, 64 that divides the layer widths, ``nsamples`` to
+    :func:`default_nsamples`; a default applies only when the argument is absent (``None``), never for 0.  With
+    ``eval_datasets``, perplexity is measured before and after (``windows`` per dataset) and recorded in the model
+    card.  Everything that can be checked is checked before the weights are read, in order of cost
+    (:mod:`dgq.validate`); ``out`` is reserved first, so an unwritable path fails at once, and no failure leaves
+    anything behind.
+    """
+    from dgq import validate
+    from dgq.checkpoint import PendingDir
+    from dgq.checkpoint import save as write_checkpoint
+    from dgq.data import calibration_samples
+    from dgq.loading import load_tokenizer, load_weights
+
+    for flag, value, minimum in (("--group-size", group_size, 2), ("--nsamples", nsamples, 1),
+                                 ("--seqlen", settings.get("seqlen"), 1), ("--calib-batch", settings.get("calib_batch"), 1),
+                                 ("--windows", windows, 1)):
+        validate.at_least(flag, value, minimum)
+    datasets = check_datasets(eval_datasets)
+    device = resolve_device(device)
+    asked_nsamples = nsamples is not None
+    nsamples = nsamples if asked_nsamples else default_nsamples(device)
+    config = preset(method, nsamples=nsamples, **settings)  # every setting but the group size, checked now
+    pending = PendingDir(out, overwrite)
+    try:
+        validate.data_files(datasets, config.calib_data, data_dir, calibrate=config.quantizes_weights)
+        source, hf_config, skeleton = validate.model_structure(model, config.seqlen)
+        config = config.with_(group_size=validate.group_size_for(skeleton, group_size,
+                                                                 grouped=config.weight in ("dual", "group")))
+        tokenizer = load_tokenizer(source)
+        validate.vocabulary_fits(tokenizer, hf_config)
+        validate.eval_texts_fit(tokenizer, datasets, config.seqlen, data_dir, hf_config.vocab_size)
+        samples = calibration_samples(tokenizer, path=config.calib_data, nsamples=nsamples, seqlen=config.seqlen,
+                                      seed=config.seed, root=data_dir) if config.quantizes_weights else None
+        why = "paper setting" if nsamples == CUDA_NSAMPLES else "as asked" if asked_nsamples else \
+            f"CPU default; --nsamples {CUDA_NSAMPLES} for the paper setting"
+        log(f"model {source.display_name} · method {config.method} · W{config.weight_bits}A{config.act_bits} · "
+            f"group {config.group_size} · act {config.act} · calibration {nsamples} x {config.seqlen} tokens ({why})")
+        fp_model = load_weights(source, hf_config)
+        validate.finite_weights(fp_model)
+        before = evaluate(fp_model, tokenizer, datasets=datasets, windows=windows, seqlen=config.seqlen,
+                          data_dir=data_dir, device=device).perplexity if datasets else {}
+        fp_model.to("cpu")
+        result = quantize(fp_model, samples, config, device=device)
+        after = evaluate(fp_model, tokenizer, datasets=datasets, windows=windows, seqlen=config.seqlen,
+                         data_dir=data_dir, device=device).perplexity if datasets else {}
+        fp_model.to("cpu")
+        card = {"base_model": source.card_dict(), "perplexity": after, "perplexity_fp": before, "windows": windows,
+                "seqlen": config.seqlen}
+        write_checkpoint(fp_model, pending, tokenizer=tokenizer, card=card)
+    except BaseException:
+        pending.discard()
+        raise
+    return QuantizeRun(config, Path(out), source, result.seconds, before, after)
+
+
+def save(model: nn.Module, out: str | Path, tokenizer: Any = None, overwrite: bool = False,
+         card: dict[str, Any] | None = None) -> Path:
+    """Write the quantized ``model`` (and ``tokenizer``) to the directory ``out``, atomically."""
+    from dgq import checkpoint
+
+    return checkpoint.save(model, out, tokenizer=tokenizer, overwrite=overwrite, card=card)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+    """The quantized model saved at ``path``, its packed tensors validated."""
+    from dgq import checkpoint
+
+    return checkpoint.load(path, device=resolve_device(device), dtype=dtype)
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a directory written by dgq (its config carries a dgq ``quantization_config``); another
+    method's checkpoint is refused, named, rather than handed to transformers."""
+    import json
+
+    from dgq.checkpoint import CheckpointError
+    from dgq.validate import foreign_quantization
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        hf_config = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config} is not valid JSON: {exc}") from None
+    foreign_quantization(hf_config, str(path))
+    return (hf_config.get("quantization_config") or {}).get("quant_method") == "dgq"
+
+
+@dataclass
+class Prepared:
+    """A model checked up to its weights: its config and tokenizer, and how to read the weights."""
+
+    config: Any
+    tokenizer: Any
+    label: str
+    read_weights: Callable[[], nn.Module]
+
+
+def prepare_any(spec: str, seqlen: int | None = None, device: str | torch.device = "cpu") -> Prepared:
+    """A dgq checkpoint or any model spec :func:`quantize_pretrained` takes (then unquantized), checked from its
+    config and tokenizer alone (another method's checkpoint, too few positions for ``seqlen``, a vocabulary smaller
+    than the tokenizer's) before :attr:`Prepared.read_weights` reads anything heavy."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from dgq import validate
+    from dgq.checkpoint import read_quantization_config
+    from dgq.loading import load_tokenizer, load_weights
+
+    if is_checkpoint(spec):
+        config_dict, qc = read_quantization_config(spec)
+        config = AutoConfig.for_model(**config_dict)
+        if seqlen is not None:
+            validate.seqlen_fits(seqlen, config)
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+        prepared = Prepared(config, tokenizer, f"{spec} ({qc['settings'].get('method', 'dgq')})",
+                            lambda: load(spec, device=device))
+    else:
+        source, config, _ = validate.model_structure(spec, seqlen)
+        prepared = Prepared(config, load_tokenizer(source), f"{source.display_name} (unquantized)",
+                            lambda: load_weights(source, config, device=resolve_device(device)))
+    validate.vocabulary_fits(prepared.tokenizer, config)
+    return prepared
+
+
+def load_any(spec: str, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, str]:
+    """``(model, tokenizer, label)`` for a dgq checkpoint or for any model spec :func:`quantize_pretrained` takes
+    (then unquantized), so before and after are evaluated through the same path; checked as :func:`prepare_any`
+    does, and the weights for NaN/Inf."""
+    from dgq.validate import finite_weights
+
+    prepared = prepare_any(spec, device=device)
+    model = prepared.read_weights()
+    finite_weights(model)
+    return model, prepared.tokenizer, prepared.label
+
+
+def check_datasets(names: tuple[str, ...] | list[str] | None) -> list[str]:
+    """The perplexity datasets named, each known (else a :class:`~dgq.data.DataError` naming the choices)."""
+    from dgq.data import DATASETS, DataError
+
+    names = list(names or [])
+    unknown = [d for d in names if d not in DATASETS]
+    if unknown:
+        raise DataError(f"unknown dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}")
+    return names
+
+
+@dataclass
+class Evaluation:
+    """Perplexity per dataset, and the settings it was measured with (``label`` names a model loaded by spec)."""
+
+    perplexity: dict[str, float] = field(default_factory=dict)
+    seqlen: int = 2048
+    windows: int | None = None
+    seconds: float = 0.0
+    label: str = ""
+
+
+def evaluate(model: nn.Module | str, tokenizer: Any = None, *, datasets: tuple[str, ...] | list[str] = ("wikitext2",),
+             windows: int | None = None, seqlen: int = 2048, data_dir: str | Path | None = None,
+             device: str | torch.device | None = None, progress: bool = True) -> Evaluation:
+    """Perplexity (GPTQ protocol) of ``model`` (a module with its ``tokenizer``, or anything :func:`load_any` takes)
+    on ``datasets``, over the first ``windows`` windows of ``seqlen`` tokens (default all; C4 at most 256).
+
+    Given a spec, everything is checked before the weights are read: the ranges, the data files, the model's config
+    and tokenizer against the texts (:func:`prepare_any`).
+    """
+    from dgq import validate
+    from dgq.eval.perplexity import perplexity
+
+    validate.at_least("--windows", windows, 1)
+    validate.at_least("--seqlen", seqlen, 1)
+    datasets = check_datasets(datasets)
+    device = resolve_device(device)
+    label = ""
+    if isinstance(model, (str, Path)):
+        validate.data_files(datasets, None, data_dir, calibrate=False)
+        prepared = prepare_any(str(model), seqlen)
+        validate.eval_texts_fit(prepared.tokenizer, datasets, seqlen, data_dir, prepared.config.vocab_size)
+        model, tokenizer, label = prepared.read_weights(), prepared.tokenizer, prepared.label
+        validate.finite_weights(model)
+    start = time.perf_counter()
+    model.to(device)
+    ppl = {d: perplexity(model, tokenizer, d, seqlen=seqlen, windows=windows, root=data_dir, device=device,
+                         progress=progress).ppl for d in datasets}
+    return Evaluation(ppl, seqlen, windows, time.perf_counter() - start, label)
+
+
+def generate(path: str | Path, prompt: str, settings: Any = None, device: str | torch.device | None = None,
+             out: TextIO | None = None) -> str:
+    """Text generated from the checkpoint at ``path`` for ``prompt`` (``settings``: a
+    :class:`~dgq.generate.GenerationSettings`, default greedy), streamed to ``out`` when given."""
+    from transformers import AutoTokenizer
+
+    from dgq.generate import GenerationSettings, generate as run
+
+    settings = settings or GenerationSettings()
+    model = load(path, device=resolve_device(device))
+    return run(model, AutoTokenizer.from_pretrained(path), prompt, settings, out=out)
+
+
+def export(path: str | Path, out: str | Path, format: str, overwrite: bool = False) -> Path:
+    """Convert the checkpoint at ``path`` to ``format`` (see :mod:`dgq.export`) in the directory ``out``."""
+    from dgq.export import export as run
+
+    return run(path, out, format, overwrite=overwrite)
+
+
+def bench(path: str | Path, seqlens: list[int], decode_batches: list[int], context: int = 1024,
+          decode_steps: int = 50, repeats: int = 10) -> list[dict[str, Any]]:
+    """Prefill latency (batch 1, each of ``seqlens``) and decode tokens/s (each of ``decode_batches``) of the
+    checkpoint at ``path`` on the local GPU, one dict per measurement."""
+    from dgq.bench import decode, prefill
+    from dgq.errors import DGQError
+    from dgq.validate import at_least
+
+    for flag, value in (("--context", context), ("--decode-steps", decode_steps), ("--repeats", repeats)):
+        at_least(flag, value, 1)
+    if not torch.cuda.is_available():
+        raise DGQError("dgq bench measures GPU speed and needs CUDA; none is available on this machine")
+    model = load(path, device="cuda", dtype=torch.float16)
+    vocab = model.config.vocab_size
+    rows: list[dict[str, Any]] = []
+    for seqlen in seqlens:
+        ms, peak = prefill(model, 1, seqlen, vocab, repeats)
+        rows.append({"phase": "prefill", "batch": 1, "seqlen": seqlen, "ms": ms, "peak_bytes": peak})
+    for batch in decode_batches:
+        tps, peak, mode = decode(model, batch, context, decode_steps, vocab)
+        rows.append({"phase": "decode", "batch": batch, "seqlen": context, "tokens_per_s": tps,
+                     "peak_bytes": peak, "mode": mode})
+    return rows

@@ -1,90 +1,25 @@
-"""The ``dgq`` command line: quantize, evaluate, generate, export.
+"""The ``dgq`` command line: it parses arguments and calls :mod:`dgq.api`, nothing more.
 
-Every expected failure (bad path, unsupported model, bad setting, missing data) ends as one ``error: ...`` line
-on stderr with exit code 2, before anything is written.
+Every failure that is the user's (a :class:`dgq.errors.DGQError`: bad path, unsupported model, bad setting,
+missing data; or an ``OSError`` such as a full disk) ends as one ``error: ...`` line on stderr with exit code 2,
+before anything is written.  Any other exception is a bug in dgq: its traceback is shown, and the exit code is 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
-from pathlib import Path
+import traceback
 from typing import Callable
 
-import torch
-
-from dgq.config import PRESETS, QuantConfig, preset
+from dgq import api
+from dgq.config import PRESETS, ConfigError, QuantConfig
+from dgq.errors import DGQError
+from dgq.validate import int_list
 
 EXIT_USAGE = 2
-CPU_NSAMPLES = 32  # calibration sequences on the CPU when --nsamples is absent (RESULTS.md: time and quality)
-
-
-def _device(name: str | None) -> torch.device:
-    from dgq.validate import ArgumentError
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ArgumentError(f"unknown device {name!r}; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ArgumentError(f"device {name!r} asked for, but CUDA is not available on this machine")
-    return device
-
-
-def _datasets(spec: str | None) -> list[str]:
-    from dgq.data import DATASETS
-    from dgq.validate import ArgumentError
-
-    names = [d.strip() for d in (spec or "").split(",") if d.strip()]
-    unknown = [d for d in names if d not in DATASETS]
-    if unknown:
-        raise ArgumentError(f"unknown dataset {unknown[0]!r}; choose from {', '.join(DATASETS)}")
-    return names
-
-
-def _eval_ids(tokenizer, datasets: list[str], args: argparse.Namespace, vocab: int) -> None:  # noqa: ANN001
-    """Tokenize the evaluation texts now (they are cached for the evaluation) and check them against the model's
-    vocabulary and the window length, before any weight is loaded."""
-    from dgq.eval.perplexity import tokenize_eval
-    from dgq.validate import ArgumentError, token_ids_fit
-
-    for d in datasets:
-        ids = tokenize_eval(tokenizer, d, args.data_dir)
-        token_ids_fit(ids, vocab, f"the {d} evaluation text")
-        if ids.numel() < args.seqlen:
-            raise ArgumentError(f"--seqlen {args.seqlen} is longer than the whole {d} evaluation text "
-                                f"({ids.numel()} tokens)")
-
-
-def _evaluate(model, tokenizer, datasets: list[str], args: argparse.Namespace, device: torch.device,
-              ) -> dict[str, float]:
-    from dgq.eval.perplexity import perplexity
-
-    model.to(device)
-    return {d: perplexity(model, tokenizer, d, seqlen=args.seqlen, windows=args.windows, root=args.data_dir,
-                          device=device).ppl for d in datasets}
-
-
-def is_checkpoint(path: Path) -> bool:
-    """A directory written by ``dgq quantize`` (its config carries a dgq quantization_config); another method's
-    checkpoint is refused here, named, rather than handed to transformers."""
-    import json
-
-    from dgq.checkpoint import CheckpointError
-    from dgq.validate import foreign_quantization
-
-    config = path / "config.json"
-    if not config.is_file():
-        return False
-    try:
-        hf_config = json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{config} is not valid JSON: {exc}") from None
-    foreign_quantization(hf_config, str(path))
-    return (hf_config.get("quantization_config") or {}).get("quant_method") == "dgq"
+EXIT_BUG = 1
+BUG_LINE = "this is a bug in dgq, please report it (with the traceback above)"
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -94,151 +29,60 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _quantize_config(args: argparse.Namespace, nsamples: int) -> QuantConfig:
-    """The run's settings from the flags; only flags that were given override the method's preset."""
-    overrides = dict(nsamples=nsamples, seqlen=args.seqlen, seed=args.seed, calib_data=args.calib,
-                     calib_batch=args.calib_batch)
-    for name in ("act", "percentile", "sq_alpha", "clip_grid", "clip_min", "s1_grid"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    return preset(args.method, **overrides)
+def _names(spec: str | None) -> list[str]:
+    return [d.strip() for d in (spec or "").split(",") if d.strip()]
 
 
 def cmd_quantize(args: argparse.Namespace) -> None:
-    """Everything that can be checked is checked before the weights are loaded, in order of cost; the output folder
-    is reserved first, so an unwritable path fails in milliseconds and nothing is left behind on any failure."""
-    from dgq import validate
-    from dgq.api import quantize
-    from dgq.checkpoint import PendingDir, save
-    from dgq.data import calibration_samples
-    from dgq.loading import load_tokenizer, load_weights
-
-    for flag, value, minimum in (("--group-size", args.group_size, 2), ("--nsamples", args.nsamples, 1),
-                                 ("--seqlen", args.seqlen, 1), ("--calib-batch", args.calib_batch, 1),
-                                 ("--windows", args.windows, 1)):
-        validate.at_least(flag, value, minimum)
-    datasets = _datasets(args.eval)
-    device = _device(args.device)
-    nsamples = args.nsamples if args.nsamples is not None else (128 if device.type == "cuda" else CPU_NSAMPLES)
-    config = _quantize_config(args, nsamples)
-    pending = PendingDir(args.out, args.overwrite)
-    try:
-        validate.data_files(datasets, args.calib, args.data_dir, calibrate=config.quantizes_weights)
-        source, hf_config, skeleton = validate.model_structure(args.model, args.seqlen)
-        group = validate.group_size_for(skeleton, args.group_size, grouped=config.weight in ("dual", "group"))
-        config = config.with_(group_size=group)
-        tokenizer = load_tokenizer(source)
-        validate.vocabulary_fits(tokenizer, hf_config)
-        _eval_ids(tokenizer, datasets, args, hf_config.vocab_size)
-        samples = (calibration_samples(tokenizer, path=args.calib, nsamples=nsamples, seqlen=args.seqlen,
-                                       seed=args.seed, root=args.data_dir) if config.quantizes_weights else None)
-        print(f"model {source.display_name} · method {config.method} · W{config.weight_bits}A{config.act_bits} · "
-              f"group {config.group_size} · act {config.act} · calibration {nsamples} x {args.seqlen} tokens "
-              f"({'paper setting' if nsamples == 128 else 'as asked' if args.nsamples else 'CPU default; --nsamples 128 for the paper setting'})",
-              flush=True)
-        model = load_weights(source, hf_config)
-        validate.finite_weights(model)
-        before = _evaluate(model, tokenizer, datasets, args, device) if datasets else {}
-        model.to("cpu")
-        result = quantize(model, samples, config, device=device)
-        after = _evaluate(model, tokenizer, datasets, args, device) if datasets else {}
-        model.to("cpu")
-        card = {"base_model": source.card_dict(), "perplexity": after, "perplexity_fp": before,
-                "windows": args.windows, "seqlen": args.seqlen}
-        save(model, pending, tokenizer=tokenizer, card=card)
-    except BaseException:
-        pending.discard()
-        raise
+    settings = {name: getattr(args, name) for name in
+                ("act", "percentile", "sq_alpha", "clip_grid", "clip_min", "s1_grid") if getattr(args, name) is not None}
+    run = api.quantize_pretrained(
+        args.model, args.out, args.method, group_size=args.group_size, nsamples=args.nsamples, device=args.device,
+        eval_datasets=_names(args.eval), windows=args.windows, data_dir=args.data_dir, overwrite=args.overwrite,
+        log=lambda line: print(line, flush=True), seqlen=args.seqlen, seed=args.seed, calib_data=args.calib,
+        calib_batch=args.calib_batch, **settings)
+    c, datasets = run.config, list(run.perplexity)
     rows = [["method", "bits", "group", "act"] + [f"{d} fp" for d in datasets] + [f"{d} quant" for d in datasets]
             + ["quantize time"]]
-    rows.append([config.method, f"W{config.weight_bits}A{config.act_bits}", str(config.group_size), config.act]
-                + [f"{before[d]:.3f}" for d in datasets] + [f"{after[d]:.3f}" for d in datasets]
-                + [f"{result.seconds:.0f} s"])
+    rows.append([c.method, f"W{c.weight_bits}A{c.act_bits}", str(c.group_size), c.act]
+                + [f"{run.perplexity_fp[d]:.3f}" for d in datasets] + [f"{run.perplexity[d]:.3f}" for d in datasets]
+                + [f"{run.seconds:.0f} s"])
     print(_table(rows))
-    print(f"saved to {args.out}")
+    print(f"saved to {run.out}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    """Checked like ``quantize``: flags, data files, the model's config and tokenizer, then the weights."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from dgq import validate
-    from dgq.checkpoint import load, read_quantization_config
-    from dgq.loading import load_tokenizer, load_weights
-
-    validate.at_least("--windows", args.windows, 1)
-    validate.at_least("--seqlen", args.seqlen, 1)
-    datasets = _datasets(args.datasets)
+    datasets = api.check_datasets(_names(args.datasets))
     if not datasets:
-        raise validate.ArgumentError("--datasets is empty")
-    device = _device(args.device)
-    validate.data_files(datasets, None, args.data_dir, calibrate=False)
-    path = Path(args.model)
-    if is_checkpoint(path):
-        config_dict, _ = read_quantization_config(path)
-        hf_config = AutoConfig.for_model(**config_dict)
-        validate.seqlen_fits(args.seqlen, hf_config)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    else:
-        source, hf_config, _ = validate.model_structure(args.model, args.seqlen)
-        tokenizer = load_tokenizer(source)
-    validate.vocabulary_fits(tokenizer, hf_config)
-    _eval_ids(tokenizer, datasets, args, hf_config.vocab_size)
-    if is_checkpoint(path):
-        model = load(path)
-        label = f"{args.model} ({model.dgq_config.method})"
-    else:
-        model = load_weights(source, hf_config)
-        label = f"{source.display_name} (unquantized)"
-    validate.finite_weights(model)
-    start = time.perf_counter()
-    ppl = _evaluate(model, tokenizer, datasets, args, device)
-    rows = [["model"] + datasets, [label] + [f"{ppl[d]:.3f}" for d in datasets]]
+        raise ConfigError("--datasets is empty")
+    result = api.evaluate(args.model, datasets=datasets, windows=args.windows, seqlen=args.seqlen,
+                          data_dir=args.data_dir, device=args.device)
+    rows = [["model"] + datasets, [result.label] + [f"{result.perplexity[d]:.3f}" for d in datasets]]
     print(_table(rows))
-    print(f"seqlen {args.seqlen}, windows {args.windows or 'all'}, {time.perf_counter() - start:.0f} s")
+    print(f"seqlen {args.seqlen}, windows {args.windows or 'all'}, {result.seconds:.0f} s")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
-
-    from dgq.checkpoint import load
-    from dgq.generate import GenerationSettings, generate
+    from dgq.generate import GenerationSettings
 
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # fail fast
-    model = load(args.model, device=_device(args.device))
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
     print(args.prompt, end="", flush=True)
-    generate(model, tokenizer, args.prompt, settings, out=sys.stdout)
+    api.generate(args.model, args.prompt, settings, device=args.device, out=sys.stdout)
     print()
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from dgq.export import export
-
-    out = export(args.model, args.out, args.format, overwrite=args.overwrite)
+    out = api.export(args.model, args.out, args.format, overwrite=args.overwrite)
     print(f"exported {args.model} as {args.format} to {out}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from dgq.bench import decode, prefill
-    from dgq.checkpoint import load
-    from dgq.validate import ArgumentError, at_least, int_list
-
-    seqlens, batches = int_list("--seqlens", args.seqlens), int_list("--decode-batches", args.decode_batches)
-    for flag in ("context", "decode_steps", "repeats"):
-        at_least(f"--{flag.replace('_', '-')}", getattr(args, flag), 1)
-    if not torch.cuda.is_available():
-        raise ArgumentError("dgq bench measures GPU speed and needs CUDA; none is available on this machine")
-    model = load(args.model, device="cuda", dtype=torch.float16)
-    vocab = model.config.vocab_size
     rows = [["phase", "batch", "seqlen", "result", "peak memory"]]
-    for seqlen in seqlens:
-        ms, peak = prefill(model, 1, seqlen, vocab, args.repeats)
-        rows.append(["prefill", "1", str(seqlen), f"{ms:.2f} ms", f"{peak / 2**30:.2f} GiB"])
-    for batch in batches:
-        tps, peak, mode = decode(model, batch, args.context, args.decode_steps, vocab)
-        rows.append([f"decode ({mode.split(' ')[0]})", str(batch), str(args.context), f"{tps:.1f} tok/s",
-                     f"{peak / 2**30:.2f} GiB"])
+    seqlens, batches = int_list("--seqlens", args.seqlens), int_list("--decode-batches", args.decode_batches)
+    for r in api.bench(args.model, seqlens, batches, args.context, args.decode_steps, args.repeats):
+        result = f"{r['ms']:.2f} ms" if r["phase"] == "prefill" else f"{r['tokens_per_s']:.1f} tok/s"
+        phase = r["phase"] if r["phase"] == "prefill" else f"decode ({r['mode'].split(' ')[0]})"
+        rows.append([phase, str(r["batch"]), str(r["seqlen"]), result, f"{r['peak_bytes'] / 2**30:.2f} GiB"])
     print(_table(rows))
 
 
@@ -340,12 +184,16 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], None] = args.func
     try:
         func(args)
-    except (ValueError, OSError) as exc:
+    except (DGQError, OSError) as exc:  # the user's input, files or machine: one line says what to fix
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - anything else is dgq's fault: show it as the bug it is
+        traceback.print_exc()
+        print(BUG_LINE, file=sys.stderr)
+        return EXIT_BUG
     return 0
 
 

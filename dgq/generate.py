@@ -13,7 +13,7 @@ from typing import Any, Iterator, TextIO
 import torch
 from torch import nn
 
-from dgq.validate import ArgumentError
+from dgq.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -30,11 +30,11 @@ class GenerationSettings:
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
-            raise ArgumentError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
-            raise ArgumentError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+            raise ConfigError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ArgumentError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
 
     def generate_kwargs(self) -> dict[str, Any]:
         if self.temperature == 0:
@@ -45,7 +45,7 @@ class GenerationSettings:
 
 def _inputs(model: nn.Module, tokenizer: Any, prompt: str) -> dict[str, torch.Tensor]:
     if not prompt:
-        raise ArgumentError("the prompt is empty")
+        raise ConfigError("the prompt is empty")
     enc = tokenizer(prompt, return_tensors="pt")
     return {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 

@@ -14,11 +14,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from dgq.config import ConfigError
 from dgq.errors import DGQError
-
-
-class ArgumentError(DGQError, ValueError):
-    """An argument outside the range it can take."""
 
 
 class ModelCheckError(DGQError, ValueError):
@@ -29,15 +26,7 @@ class ModelCheckError(DGQError, ValueError):
 def at_least(name: str, value: int | float | None, minimum: int | float) -> None:
     """``value`` (when given) must be ``>= minimum``.  ``None`` means "absent, use the default"; 0 never does."""
     if value is not None and value < minimum:
-        raise ArgumentError(f"{name} must be >= {minimum}, got {value}")
-
-
-def in_range(name: str, value: float | None, low: float, high: float, low_open: bool = False) -> None:
-    """``value`` (when given) must lie in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
-    if value is None:
-        return
-    if value > high or value < low or (low_open and value == low):
-        raise ArgumentError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+        raise ConfigError(f"{name} must be >= {minimum}, got {value}")
 
 
 def int_list(name: str, spec: str) -> list[int]:
@@ -45,9 +34,9 @@ def int_list(name: str, spec: str) -> list[int]:
     try:
         values = [int(v) for v in spec.split(",")]
     except ValueError:
-        raise ArgumentError(f"{name} must be a comma list of positive integers, got {spec!r}") from None
+        raise ConfigError(f"{name} must be a comma list of positive integers, got {spec!r}") from None
     if not values or min(values) < 1:
-        raise ArgumentError(f"{name} must be a comma list of positive integers, got {spec!r}")
+        raise ConfigError(f"{name} must be a comma list of positive integers, got {spec!r}")
     return values
 
 
@@ -74,7 +63,7 @@ def seqlen_fits(seqlen: int, config: Any, option: str = "--seqlen") -> None:
     trained for (or fail inside the rotary tables), so it is refused before the weights are loaded."""
     positions = max_positions(config)
     if positions is not None and seqlen > positions:
-        raise ArgumentError(f"{option} {seqlen} exceeds the {positions} positions of this model "
+        raise ConfigError(f"{option} {seqlen} exceeds the {positions} positions of this model "
                             f"(max_position_embeddings in its config); use {option} {positions} or less")
 
 
@@ -171,5 +160,18 @@ def group_size_for(model: nn.Module, asked: int | None, grouped: bool = True,
     for g in defaults:
         if all(k % g == 0 for k in widths.values()):
             return g
-    raise ArgumentError(f"no default group size ({', '.join(map(str, defaults))}) divides the layer widths "
+    raise ConfigError(f"no default group size ({', '.join(map(str, defaults))}) divides the layer widths "
                         f"{sorted(set(widths.values()))}; pass --group-size")
+
+
+def eval_texts_fit(tokenizer: Any, datasets: Iterable[str], seqlen: int, root: Any, vocab: int) -> None:
+    """Tokenize the evaluation texts now (the tokens are cached for the evaluation) and check them against the
+    model's vocabulary and the window length, before any weight is read."""
+    from dgq.eval.perplexity import tokenize_eval
+
+    for name in datasets:
+        ids = tokenize_eval(tokenizer, name, root)
+        token_ids_fit(ids, vocab, f"the {name} evaluation text")
+        if ids.numel() < seqlen:
+            raise ConfigError(f"--seqlen {seqlen} is longer than the whole {name} evaluation text "
+                                f"({ids.numel()} tokens)")

@@ -99,3 +99,23 @@ def test_bad_input_fails_cleanly(case, model_dir, data_dir, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no GPU")
 def test_bench_says_it_needs_cuda(tmp_path):
     _assert_one_line_error(run_cli("bench", str(tmp_path)), "needs CUDA")
+
+
+def test_user_errors_are_one_line_and_bugs_show_their_traceback(monkeypatch, capsys, tmp_path):
+    from dgq import api
+    from dgq.cli import BUG_LINE, main
+    from dgq.config import ConfigError
+
+    def fails_with(exc: Exception):  # noqa: ANN202
+        def run(*args, **kwargs):  # noqa: ANN002, ANN003
+            raise exc
+        return run
+
+    monkeypatch.setattr(api, "export", fails_with(ConfigError("bad setting")))
+    args = ["export", str(tmp_path), "--format", "fake-fp16", "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    assert capsys.readouterr().err == "error: bad setting\n"
+    monkeypatch.setattr(api, "export", fails_with(ValueError("internal invariant broken")))
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError: internal invariant broken" in err and err.endswith(BUG_LINE + "\n")

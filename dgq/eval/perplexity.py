@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dgq.config import ConfigError
 from dgq.data import DataError, data_root, load_eval_text, token_ids
-from dgq.validate import ArgumentError
 
 C4_MAX_WINDOWS = 256  # GPTQ evaluates the first 256 windows of C4
 _TOKEN_CACHE: dict[tuple[str, str, str], torch.Tensor] = {}
@@ -56,7 +56,7 @@ def tokenize_eval(tokenizer, dataset: str, root: str | Path | None = None) -> to
 def _window_count(ids: torch.Tensor, dataset: str, seqlen: int, windows: int | None) -> tuple[int, str]:
     """How many windows to evaluate, and a note when the request had to be clamped to what exists."""
     if windows is not None and windows < 1:
-        raise ArgumentError(f"windows must be at least 1, got {windows}")
+        raise ConfigError(f"windows must be at least 1, got {windows}")
     available = ids.numel() // seqlen
     if dataset == "c4":
         available = min(available, C4_MAX_WINDOWS)
