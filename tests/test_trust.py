@@ -119,24 +119,26 @@ def test_every_dgq_error_class_derives_from_dgqerror():
 
 
 def _tensors_held(module: torch.nn.Module) -> list[torch.Tensor]:
-    """Every tensor a module holds: parameters, buffers, and any plain attribute (a cache), nested in tuples."""
-    found: list[torch.Tensor] = []
+    """Every tensor a module holds, once: parameters, buffers, and any plain attribute (a cache), nested in tuples,
+    lists, dicts or dataclasses."""
+    found: dict[int, torch.Tensor] = {}
 
     def visit(value: object) -> None:
         if isinstance(value, torch.Tensor):
-            found.append(value)
+            found[id(value)] = value
         elif isinstance(value, (tuple, list)):
             for v in value:
+                visit(v)
+        elif isinstance(value, dict):
+            for v in value.values():
                 visit(v)
         elif hasattr(value, "__dataclass_fields__"):
             for name in value.__dataclass_fields__:
                 visit(getattr(value, name))
 
     for m in module.modules():
-        for value in vars(m).values():
-            visit(value)
-        found += list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
-    return found
+        visit({k: v for k, v in vars(m).items() if k != "_modules"})
+    return list(found.values())
 
 
 def _small_quant_linear() -> QuantLinear:
