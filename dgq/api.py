@@ -17,6 +17,7 @@ from torch import nn
 
 from dgq.calibrate import CalibrationReport, quantize_blocks
 from dgq.config import ConfigError, QuantConfig, preset
+from dgq.hf import CheckpointError, mark_quantized, quant_config
 from dgq.models import adapter_for
 from dgq.quantizer import check_layer
 
@@ -64,7 +65,8 @@ def quantize(model: nn.Module, samples: torch.Tensor | None, config: QuantConfig
     """Quantize ``model`` in place with ``config``, calibrating on token ids ``samples`` ``[n, seqlen]``.
 
     ``device`` is where each block is calibrated (default: CUDA if available); the rest of the model stays put.
-    The method name and settings are attached as ``model.dgq_config``.
+    The settings are recorded in ``model.config.quantization_config`` (a :class:`dgq.hf.DGQConfig`), so the model
+    saves with ``save_pretrained`` / :func:`save` and :func:`dgq.hf.quant_config` reads them back.
     """
     from dgq.validate import finite_weights, token_ids_fit
 
@@ -78,7 +80,7 @@ def quantize(model: nn.Module, samples: torch.Tensor | None, config: QuantConfig
             raise ConfigError("quantize() needs calibration token ids `samples` to quantize weights")
         token_ids_fit(samples, model.get_input_embeddings().num_embeddings, "the calibration text")
         report = quantize_blocks(model, adapter_for(model), samples, config, device, progress)
-    model.dgq_config = config
+    mark_quantized(model, config)
     return QuantizeResult(model, config, report, time.perf_counter() - start)
 
 
@@ -218,19 +220,21 @@ def prepare_any(spec: str, seqlen: int | None = None, device: str | torch.device
     """A dgq checkpoint or any model spec :func:`quantize_pretrained` takes (then unquantized), checked from its
     config and tokenizer alone (another method's checkpoint, too few positions for ``seqlen``, a vocabulary smaller
     than the tokenizer's) before :attr:`Prepared.read_weights` reads anything heavy."""
+    import json
+
     from transformers import AutoConfig, AutoTokenizer
 
     from dgq import validate
-    from dgq.checkpoint import read_quantization_config
+    from dgq.checkpoint import check_directory
     from dgq.loading import load_tokenizer, load_weights
 
     if is_checkpoint(spec):
-        config_dict, qc = read_quantization_config(spec)
-        config = AutoConfig.for_model(**config_dict)
+        check_directory(spec)
+        config = AutoConfig.from_pretrained(spec)
         if seqlen is not None:
             validate.seqlen_fits(seqlen, config)
-        tokenizer = AutoTokenizer.from_pretrained(spec)
-        prepared = Prepared(config, tokenizer, f"{spec} ({qc['settings'].get('method', 'dgq')})",
+        method = json.loads((Path(spec) / "config.json").read_text())["quantization_config"]["settings"]["method"]
+        prepared = Prepared(config, AutoTokenizer.from_pretrained(spec), f"{spec} ({method})",
                             lambda: load(spec, device=device))
     else:
         source, config, _ = validate.model_structure(spec, seqlen)
@@ -265,43 +269,55 @@ def check_datasets(names: tuple[str, ...] | list[str] | None) -> list[str]:
 
 @dataclass
 class Evaluation:
-    """Perplexity per dataset, and the settings it was measured with (``label`` names a model loaded by spec)."""
+    """Perplexity per dataset and lm-eval's zero-shot metrics per task, and the settings they were measured with."""
 
     perplexity: dict[str, float] = field(default_factory=dict)
+    zeroshot: dict[str, dict[str, float]] = field(default_factory=dict)
     seqlen: int = 2048
     windows: int | None = None
+    limit: int | None = None
     seconds: float = 0.0
-    label: str = ""
+    label: str = ""  # what was evaluated, for tables: the checkpoint and its method, or the unquantized model
 
 
-def evaluate(model: nn.Module | str, tokenizer: Any = None, *, datasets: tuple[str, ...] | list[str] = ("wikitext2",),
-             windows: int | None = None, seqlen: int = 2048, data_dir: str | Path | None = None,
+def evaluate(model: nn.Module | str, tokenizer: Any = None, *, datasets: tuple[str, ...] | list[str] = (),
+             tasks: tuple[str, ...] | list[str] = (), windows: int | None = None, seqlen: int = 2048,
+             limit: int | None = None, batch_size: int = 16, data_dir: str | Path | None = None,
              device: str | torch.device | None = None, progress: bool = True) -> Evaluation:
-    """Perplexity (GPTQ protocol) of ``model`` (a module with its ``tokenizer``, or anything :func:`load_any` takes)
-    on ``datasets``, over the first ``windows`` windows of ``seqlen`` tokens (default all; C4 at most 256).
+    """Evaluate ``model`` (a module with its ``tokenizer``, or anything :func:`load_any` takes: a dgq checkpoint,
+    or an unquantized model to compare with).
 
-    Given a spec, everything is checked before the weights are read: the ranges, the data files, the model's config
-    and tokenizer against the texts (:func:`prepare_any`).
+    ``datasets``: perplexity (GPTQ protocol) over the first ``windows`` windows of ``seqlen`` tokens (default all;
+    C4 at most 256).  ``tasks``: zero-shot accuracy through lm-evaluation-harness on the first ``limit`` items of
+    each task (default all; see :mod:`dgq.eval.zeroshot`).  Given a spec, everything is checked before the weights
+    are read: the ranges, the names, the data files, the model's config and tokenizer against the texts
+    (:func:`prepare_any`).
     """
     from dgq import validate
     from dgq.eval.perplexity import perplexity
+    from dgq.eval.zeroshot import check_tasks, zeroshot
 
     validate.at_least("--windows", windows, 1)
     validate.at_least("--seqlen", seqlen, 1)
-    datasets = check_datasets(datasets)
+    validate.at_least("--limit", limit, 1)
+    datasets, tasks = check_datasets(datasets), check_tasks(tasks)
+    if not datasets and not tasks:
+        raise ConfigError("nothing to evaluate: name perplexity datasets and/or zero-shot tasks")
     device = resolve_device(device)
-    label = ""
     if isinstance(model, (str, Path)):
         validate.data_files(datasets, None, data_dir, calibrate=False)
-        prepared = prepare_any(str(model), seqlen)
+        prepared = prepare_any(str(model), seqlen if datasets else None)
         validate.eval_texts_fit(prepared.tokenizer, datasets, seqlen, data_dir, prepared.config.vocab_size)
         model, tokenizer, label = prepared.read_weights(), prepared.tokenizer, prepared.label
         validate.finite_weights(model)
+    else:
+        label = getattr(model.config, "name_or_path", "") or type(model).__name__
     start = time.perf_counter()
     model.to(device)
     ppl = {d: perplexity(model, tokenizer, d, seqlen=seqlen, windows=windows, root=data_dir, device=device,
                          progress=progress).ppl for d in datasets}
-    return Evaluation(ppl, seqlen, windows, time.perf_counter() - start, label)
+    accuracy = zeroshot(model, tokenizer, tasks, limit=limit, root=data_dir, batch_size=batch_size) if tasks else {}
+    return Evaluation(ppl, accuracy, seqlen, windows, limit, time.perf_counter() - start, label)
 
 
 def generate(path: str | Path, prompt: str, settings: Any = None, device: str | torch.device | None = None,

@@ -15,6 +15,7 @@ from typing import Callable
 from dgq import api
 from dgq.config import PRESETS, ConfigError, QuantConfig
 from dgq.errors import DGQError
+from dgq.eval.zeroshot import TASKS
 from dgq.validate import int_list
 
 EXIT_USAGE = 2
@@ -52,14 +53,25 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    datasets = api.check_datasets(_names(args.datasets))
-    if not datasets:
+    tasks = _names(args.tasks)
+    datasets = _names(args.datasets if args.datasets is not None else None if tasks else "wikitext2")
+    if not datasets and not tasks:
         raise ConfigError("--datasets is empty")
-    result = api.evaluate(args.model, datasets=datasets, windows=args.windows, seqlen=args.seqlen,
-                          data_dir=args.data_dir, device=args.device)
-    rows = [["model"] + datasets, [result.label] + [f"{result.perplexity[d]:.3f}" for d in datasets]]
-    print(_table(rows))
-    print(f"seqlen {args.seqlen}, windows {args.windows or 'all'}, {result.seconds:.0f} s")
+    result = api.evaluate(args.model, datasets=datasets, tasks=tasks, windows=args.windows,
+                          seqlen=args.seqlen, limit=args.limit, batch_size=args.batch_size, data_dir=args.data_dir,
+                          device=args.device)
+    if datasets:
+        print(_table([["model"] + datasets, [result.label] + [f"{result.perplexity[d]:.3f}" for d in datasets]]))
+        print(f"perplexity: seqlen {args.seqlen}, windows {args.windows or 'all'}")
+    if tasks:
+        rows = [["task", "items", "acc", "acc_norm", "perplexity"]]
+        for task, m in result.zeroshot.items():
+            rows.append([task, str(m["n"]), f"{m['acc']:.4f}",
+                         f"{m['acc_norm']:.4f}" if "acc_norm" in m else "-",
+                         f"{m['perplexity']:.3f}" if "perplexity" in m else "-"])
+        print(f"zero-shot (lm-evaluation-harness), {result.label}:")
+        print(_table(rows))
+    print(f"{result.seconds:.0f} s")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -135,10 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval_options(q)
     q.set_defaults(func=cmd_quantize)
 
-    e = sub.add_parser("eval", help="perplexity of a saved quantized model (or of an unquantized model)",
-                       description="Perplexity at --seqlen on WikiText-2 / PTB / C4, GPTQ protocol.")
+    e = sub.add_parser("eval", help="perplexity and zero-shot accuracy of a saved quantized model (or of an "
+                                    "unquantized model)",
+                       description="Perplexity at --seqlen on WikiText-2 / PTB / C4 (GPTQ protocol), and zero-shot "
+                                   "accuracy through lm-evaluation-harness on the offline task files.")
     e.add_argument("model", help="a directory written by 'dgq quantize', or any model spec 'quantize' takes")
-    e.add_argument("--datasets", default="wikitext2", help="comma list: wikitext2,ptb,c4 (default: wikitext2)")
+    e.add_argument("--datasets", default=None,
+                   help="comma list: wikitext2,ptb,c4 (default: wikitext2, or none when --tasks is given)")
+    e.add_argument("--tasks", default=None, help=f"comma list of zero-shot tasks: {','.join(TASKS)}")
+    e.add_argument("--limit", type=int, default=None, help="zero-shot: only the first N items of each task")
+    e.add_argument("--batch-size", type=int, default=16, help="zero-shot: requests per forward pass")
     _add_eval_options(e)
     e.set_defaults(func=cmd_eval)
 

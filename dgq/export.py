@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from huggingface_hub import save_torch_state_dict
 from torch import nn
 
-from dgq.checkpoint import DEFAULT_SHARD_BYTES, atomic_dir, load, unique_tensors, write_json, write_tensors
+from dgq.checkpoint import DEFAULT_SHARD_BYTES, atomic_dir, load, write_json
+from dgq.hf import quant_config, tied_keys
 from dgq.nn import FakeQuantLinear, QuantLinear
 
 FORMATS = ("compressed-tensors", "fake-fp16")
@@ -85,7 +87,8 @@ def _export_state(model: nn.Module, convert: Callable[[nn.Module, torch.dtype], 
     cannot turn one shared tensor into two copies.
     """
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, FakeQuantLinear))}
-    state, _ = unique_tensors(model.state_dict())
+    tied = tied_keys(model)
+    state = {k: t for k, t in model.state_dict().items() if k not in tied}
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         owner, _, leaf = key.rpartition(".")
@@ -105,7 +108,7 @@ def _act_args(act: str) -> dict[str, Any]:
 
 def compressed_tensors_config(model: nn.Module) -> dict[str, Any]:
     """The ``quantization_config`` block vLLM / compressed-tensors read for this dual-grained model."""
-    config = model.dgq_config
+    config = quant_config(model)
     ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
                "group_size": config.group_size, "dynamic": False, "actorder": None}
@@ -117,9 +120,7 @@ def compressed_tensors_config(model: nn.Module) -> dict[str, Any]:
 
 
 def _check_dual(model: nn.Module) -> None:
-    config = getattr(model, "dgq_config", None)
-    if config is None:
-        raise ExportError("model carries no dgq_config: quantize it with dgq first")
+    config = quant_config(model)
     if config.weight != "dual" or any(isinstance(m, FakeQuantLinear) for m in model.modules()):
         raise ExportError(f"compressed-tensors export needs dual-grained weights (a 'dual' method such as dgq); "
                           f"this model was quantized with method {config.method!r} (weight format {config.weight!r})")
@@ -158,11 +159,10 @@ def export(path_or_model: str | Path | nn.Module, out: str | Path, format: str, 
         state = _export_state(model, _compressed_tensors_module, dtype)
         config["quantization_config"] = compressed_tensors_config(model)
     else:
-        if getattr(model, "dgq_config", None) is None:
-            raise ExportError("model carries no dgq_config: quantize it with dgq first")
+        quant_config(model)  # refuses a model dgq did not quantize
         state = _export_state(model, _dequantized_module, dtype)
     with atomic_dir(out, overwrite) as tmp:
-        write_tensors(state, tmp, shard_bytes)
+        save_torch_state_dict(state, tmp, max_shard_size=shard_bytes, metadata={"format": "pt"})
         write_json(tmp / "config.json", config)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

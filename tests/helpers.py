@@ -54,7 +54,8 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def write_data_dir(root: Path, words: int = 3000) -> Path:
-    """A data folder with the same file names as ../shared/data, holding short random-word text."""
+    """A data folder with the same file names as ../shared/data, holding short random-word text (and the tiny
+    zero-shot items below)."""
     g = torch.Generator().manual_seed(1)
     pool = ["alpha", "beta", "gamma", "delta", "quant", "group", "scale", "token", "model", "layer"]
 
@@ -70,4 +71,60 @@ def write_data_dir(root: Path, words: int = 3000) -> Path:
         with (root / "c4" / name).open("w") as f:
             for _ in range(20):
                 f.write(json.dumps({"text": text(150), "url": "u", "timestamp": "t"}) + "\n")
+    return write_zeroshot_dir(root)
+
+
+# Tiny zero-shot files in the shared data formats (quirks included: an ARC question with 3 choices labelled 1-3 and
+# one with 5, JSON-boolean BoolQ answers, WinoGrande answers "1"/"2").  Scored by a model whose every next-token
+# distribution is uniform, each choice's log-likelihood is -(characters of " " + choice) * log(VOCAB) under the
+# character tokenizer: acc picks the shortest choice and acc_norm (per character) the longest, the first on ties,
+# which gives each task a known number of correct answers (ZEROSHOT_CORRECT).
+_PIQA = [("Open a jar.", "Twist lid.", "Twist the lid off firmly.", 0),   # acc yes, acc_norm no
+         ("Dry hands.", "Use a clean towel on them.", "Use air.", 0),       # acc no, acc_norm yes
+         ("Cool tea.", "Wait.", "Add some ice cubes to it.", 1),            # acc no, acc_norm yes
+         ("Light room.", "Lamp on.", "Sun out.", 0)]                        # tie: both pick 0, yes
+_ARC_EASY = [("Which is a gas?", ["Steam", "Ice cube", "Rock salt", "Iron bar"], "ABCD", "A"),      # yes, no
+             ("Which is largest?", ["The Sun", "A pebble", "Moon"], "123", "1"),                     # no, no
+             ("What do plants need?", ["Light", "Plastic bags", "Loud noise", "Sand", "Darkness and cold"],
+              "ABCDE", "E")]                                                                          # no, yes
+_ARC_CHALLENGE = [("Which is a metal?", ["Copper", "Wood", "Glass pane", "Paper sheet"], "ABCD", "B"),  # yes, no
+                  ("Which conducts heat best?", ["Silver", "Foam", "Air", "A woolen blanket"], "ABCD", "D")]  # no, yes
+_BOOLQ = [("is the sky blue", "The sky looks blue.", True), ("is ice hot", "Ice is cold.", False),
+          ("can fish fly", "Most fish swim.", False)]  # acc picks "no": 2 of 3
+_HELLASWAG = [("Cooking: A man cracks an egg. he", 2,
+               ["stirs it.", "drops the bowl on the floor.", "whisks the egg in a bowl quickly.", "sits."]),  # no, yes
+              ("Running: A woman jogs in a park. she", 0,
+               ["stops.", "runs past a lake and waves.", "eats a big sandwich slowly.", "jumps over a bench."])]  # yes, no
+_WINOGRANDE = [("Tom gave Bob a book because _ was kind.", "Tom", "Bob", "1"),  # both contexts score the same
+               ("The cup fell off the table because _ was wobbly.", "cup", "table", "2"),  # continuation: picks 1
+               ("Ann asked Sue for help since _ knew the way.", "Ann", "Sue", "2")]
+_LAMBADA = ["The cat sat on the mat", "She opened the door slowly"]  # targets " mat", " slowly": 4 and 7 tokens
+ZEROSHOT_CORRECT = {"piqa": (4, 2, 3), "arc_easy": (3, 1, 1), "arc_challenge": (2, 1, 1), "boolq": (3, 2, None),
+                    "hellaswag": (2, 1, 1), "winogrande": (3, 1, None)}  # task: (items, acc right, acc_norm right)
+LAMBADA_TARGET_TOKENS = (4, 7)
+
+
+def write_zeroshot_dir(root: Path) -> Path:
+    """The ``zeroshot/`` folder of a data folder, in the shared files' formats, holding the items above."""
+    z = root / "zeroshot"
+    for task in ("piqa", "arc_easy", "arc_challenge", "boolq", "hellaswag", "winogrande", "lambada_openai"):
+        (z / task).mkdir(parents=True)
+
+    def jsonl(path: Path, rows: list[dict]) -> None:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    jsonl(z / "piqa" / "valid.jsonl", [{"goal": g, "sol1": a, "sol2": b} for g, a, b, _ in _PIQA])
+    (z / "piqa" / "valid-labels.lst").write_text("".join(f"{y}\n" for *_, y in _PIQA))
+    for task, file, items in (("arc_easy", "ARC-Easy-Test.jsonl", _ARC_EASY),
+                              ("arc_challenge", "ARC-Challenge-Test.jsonl", _ARC_CHALLENGE)):
+        jsonl(z / task / file, [{"id": f"q{i}", "question": {"stem": stem, "choices": [
+            {"text": t, "label": lab} for t, lab in zip(texts, labels)]}, "answerKey": key}
+            for i, (stem, texts, labels, key) in enumerate(items)])
+    jsonl(z / "boolq" / "dev.jsonl", [{"question": q, "title": "t", "answer": a, "passage": p} for q, p, a in _BOOLQ])
+    (z / "hellaswag" / "hellaswag_val_full.txt").write_text(
+        "".join(f"{ctx}\n{gold}\n" + "".join(e + "\n" for e in endings) for ctx, gold, endings in _HELLASWAG))
+    jsonl(z / "winogrande" / "dev.jsonl", [{"qID": f"w{i}", "sentence": s, "option1": a, "option2": b, "answer": y}
+                                          for i, (s, a, b, y) in enumerate(_WINOGRANDE)])
+    (z / "winogrande" / "dev-labels.lst").write_text("".join(f"{y}\n" for *_, y in _WINOGRANDE))
+    jsonl(z / "lambada_openai" / "lambada_test.jsonl", [{"text": t} for t in _LAMBADA])
     return root

@@ -234,7 +234,7 @@ def test_bad_input(build, message, model_dir, checkpoint_dir, data_dir, tmp_path
         def no_weights(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
             raise AssertionError("weights were loaded before the bad input was found")
         monkeypatch.setattr("dgq.loading.load_weights", no_weights)
-        monkeypatch.setattr("dgq.checkpoint.read_tensors", no_weights)
+        monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", no_weights)  # checkpoints
     env = Env(tmp_path, model_dir, data_dir, checkpoint_dir)
     (tmp_path / "existing").mkdir()
     (tmp_path / "existing" / "keep.txt").write_text("precious")

@@ -1,4 +1,5 @@
-"""Checkpoints: exact round trips, byte-identical re-saves, sharding, atomic writes and one-line load errors."""
+"""Checkpoints: exact round trips through dgq.load and transformers' from_pretrained / save_pretrained,
+byte-identical re-saves, sharding, atomic writes, one-line load errors, and what happens without ``import dgq``."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from dgq.api import quantize
 from dgq.checkpoint import SINGLE_FILE, CheckpointError, load, save
 from dgq.config import preset
 from dgq.formats import DualGrainedWeight
+from dgq.hf import DGQConfig, mark_quantized, quant_config
 from dgq.models import adapter_for
 from dgq.nn import FakeQuantLinear, QuantLinear
 from helpers import VOCAB, make_model, make_tokenizer
@@ -56,10 +58,11 @@ def test_round_trip_is_exact_and_resave_byte_identical(family, method, root, tmp
     path = saved(family, method, root)
     loaded = load(path)
     assert torch.equal(logits(loaded), logits(model))
-    assert loaded.dgq_config == model.dgq_config
+    assert isinstance(loaded.config.quantization_config, DGQConfig)
+    assert quant_config(loaded) == quant_config(model)
     kinds = {n: type(m) for n, m in loaded.named_modules() if isinstance(m, (QuantLinear, FakeQuantLinear))}
     assert kinds == {n: type(m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, FakeQuantLinear))}
-    assert kinds and set(kinds.values()) == {QuantLinear if model.dgq_config.weight == "dual" else FakeQuantLinear}
+    assert kinds and set(kinds.values()) == {QuantLinear if quant_config(model).weight == "dual" else FakeQuantLinear}
     tied = model.config.tie_word_embeddings
     assert (loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight) == tied
     save(loaded, tmp_path / "again", tokenizer=make_tokenizer(), card={"perplexity": {"wikitext2": 12.5}})
@@ -67,13 +70,46 @@ def test_round_trip_is_exact_and_resave_byte_identical(family, method, root, tmp
         assert (tmp_path / "again" / name).read_bytes() == (path / name).read_bytes(), name
 
 
+@pytest.mark.parametrize("family,method", CASES[:3])
+def test_from_pretrained_and_save_pretrained_are_dgq_load_and_save(family, method, root, tmp_path):
+    path = saved(family, method, root)
+    hf = AutoModelForCausalLM.from_pretrained(path)
+    assert torch.equal(logits(hf), logits(load(path)))
+    assert quant_config(hf) == quant_config(quantized(family, method))
+    assert {n: type(m) for n, m in hf.named_modules()} == {n: type(m) for n, m in load(path).named_modules()}
+    hf.save_pretrained(tmp_path / "hf")
+    for name in (SINGLE_FILE, "config.json"):
+        assert (tmp_path / "hf" / name).read_bytes() == (path / name).read_bytes(), name
+    assert torch.equal(logits(load(tmp_path / "hf")), logits(quantized(family, method)))
+
+
+def test_without_import_dgq_transformers_refuses_dual_grained_checkpoints(root):
+    """A fresh interpreter that never imports dgq: transformers skips the unknown quant_method and builds float
+    Linear layers, and the packed codes stored as ``P.weight`` ([in/2, out] uint8) fail its size check."""
+    import subprocess
+    import sys
+
+    path = saved("llama", "w4a8_rtn_dg", root)
+    code = ("import sys; from transformers import AutoModelForCausalLM; "
+            "AutoModelForCausalLM.from_pretrained(sys.argv[1]); assert 'dgq' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
+                          cwd=root, env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode != 0
+    assert "Unknown quantization type, got dgq" in proc.stderr
+    assert "self_attn.q_proj.weight" in proc.stderr and "MISMATCH" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("RuntimeError: You set `ignore_mismatched_sizes` to `False`")
+
+
 def test_config_records_settings_and_modules(root):
     path = saved("gemma3", "dgq_static", root)
     qc = json.loads((path / "config.json").read_text())["quantization_config"]
-    assert qc["quant_method"] == "dgq" and qc["format_version"] == 1 and qc["smoothing_folded"] is True
+    assert qc["quant_method"] == "dgq" and qc["format_version"] == 2 and qc["smoothing_folded"] is True
     assert qc["settings"]["method"] == "dgq_static" and (qc["weight_bits"], qc["act_bits"]) == (4, 8)
     assert qc["modules"]["model.layers.1.mlp.down_proj"] == {"type": "dgq", "act": "static"}
-    assert qc["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    stored = load_file(path / SINGLE_FILE)
+    assert "lm_head.weight" not in stored  # tied to the embeddings: stored once
+    codes = stored["model.layers.1.mlp.down_proj.weight"]  # packed codes under the Linear's own name
+    assert codes.dtype == torch.uint8 and tuple(codes.shape) == (256 // 2, 128)
     assert len(qc["modules"]) == 2 * len(adapter_for(quantized("gemma3", "dgq_static")).linear_names())
     assert "12.500" in (path / "README.md").read_text()
     assert (path / "tokenizer.json").is_file()
@@ -125,9 +161,9 @@ CORRUPTIONS = {
     "unexpected tensor": (lambda p: _edit_tensors(p, lambda s: s.update(extra=torch.zeros(1))),
                           "unexpected tensor extra"),
     "wrong shape": (lambda p: _edit_tensors(p, lambda s: s.update({f"{LAYER}.s1": torch.ones(3)})),
-                    f"tensor {LAYER}.s1 is torch.float32[3]"),
+                    f"tensor {LAYER}.s1 is F32[3], expected F32[128]"),
     "wrong dtype": (lambda p: _edit_tensors(p, lambda s: s.update({f"{LAYER}.s2": s[f"{LAYER}.s2"].short()})),
-                    f"tensor {LAYER}.s2 is torch.int16"),
+                    f"tensor {LAYER}.s2 is I16[128, 2], expected I8[128, 2]"),
     "int8 overflow": (lambda p: _edit_tensors(p, lambda s: s.update({f"{LAYER}.s2": torch.full_like(
         s[f"{LAYER}.s2"], 127)})), "leaves [-127, 127]"),
     "truncated file": (lambda p: (p / SINGLE_FILE).write_bytes((p / SINGLE_FILE).read_bytes()[:-100]),
@@ -169,7 +205,7 @@ def test_failure_leaves_no_partial_output(existing, tmp_path, monkeypatch):
     def broken(*args, **kwargs):  # noqa: ANN002, ANN003
         raise OSError("disk full")
 
-    monkeypatch.setattr("dgq.checkpoint.write_json", broken)
+    monkeypatch.setattr("dgq.checkpoint._model_card", broken)
     with pytest.raises(CheckpointError, match=f"^cannot write the output directory {out}: disk full$"):
         save(quantized("llama", "w4a8_rtn_dg"), out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])
@@ -204,7 +240,7 @@ def test_loading_never_materialises_the_float_model(tmp_path):
                                    s2=torch.ones(out, inp // 128, dtype=torch.int8), s1=torch.rand(out) + 0.1,
                                    group_size=128)
             block.set_submodule(name, QuantLinear.from_weight(dg, None, "dynamic"))
-    model.dgq_config = preset("w4a8_rtn_dg", group_size=128)
+    mark_quantized(model, preset("w4a8_rtn_dg", group_size=128))
     save(model, tmp_path / "big")
     packed_bytes = (tmp_path / "big" / SINGLE_FILE).stat().st_size
     del model

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dgq.checkpoint import SINGLE_FILE, save
 from dgq.export import ExportError, export, pack_int4
+from dgq.hf import quant_config
 from dgq.nn import FakeQuantLinear, QuantLinear
 from helpers import make_tokenizer
 from test_checkpoint import quantized
@@ -50,7 +51,7 @@ def test_compressed_tensors_decompresses_to_our_weights(family, method, tmp_path
     weights, acts = qc["config_groups"]["group_0"]["weights"], qc["config_groups"]["group_0"]["input_activations"]
     assert qc["format"] == "pack-quantized" and qc["ignore"] == ["lm_head"]
     assert (weights["strategy"], weights["group_size"], weights["symmetric"]) == ("group", 64, False)
-    assert (acts["num_bits"], acts["dynamic"]) == (8, model.dgq_config.act == "dynamic")
+    assert (acts["num_bits"], acts["dynamic"]) == (8, quant_config(model).act == "dynamic")
     state = load_file(out / SINGLE_FILE)
     layer = "model.layers.0.mlp.down_proj"
     assert {k.rsplit(".", 1)[1]: v.dtype for k, v in state.items() if k.startswith(layer + ".")} == {

@@ -5,6 +5,7 @@ import torch
 
 from dgq.api import quantize
 from dgq.config import PRESETS, preset
+from dgq.hf import quant_config
 from dgq.nn import FakeQuantLinear, QuantLinear
 from dgq.quantizer import LayerError
 from dgq.validate import ModelCheckError
@@ -105,5 +106,5 @@ def test_package_entry_point(tokenizer, data_dir, monkeypatch):
     monkeypatch.setenv("DGQ_DATA", str(data_dir))
     model = make_model("opt")
     out = dgq.quantize(model, tokenizer, dgq.preset("dgq", group_size=64, nsamples=2, seqlen=32, calib_batch=2))
-    assert out is model and out.dgq_config.method == "dgq"
+    assert out is model and quant_config(out).method == "dgq" and out.config.quantization_config.quant_method == "dgq"
     assert any(isinstance(m, QuantLinear) for m in model.modules())
