@@ -1,10 +1,14 @@
-"""WikiText-2 perplexity of every method of the paper's Tables 1 and 5 on one model, in one process.
+"""Perplexity of every method of the paper's Tables 1 and 5 on one model and one dataset, in one process.
 
-Regenerates ``results/smollm2_wikitext2.json`` and the table between the accuracy markers of RESULTS.md.
+Regenerates ``results/smollm2_<dataset>.json`` (``--dataset wikitext2|ptb|c4``) and the table between the accuracy
+markers of RESULTS.md: one row per method, one column per dataset, read from the WikiText-2 JSON named by
+``--json`` and the PTB and C4 JSONs beside it (a column stays "not run" until its file exists; files made with
+other quantization settings are refused).
 Methods already in the JSON with the same settings are kept, so a long run can be split over several invocations
 (``--methods``); a table never mixes windows, calibration sizes or group sizes (the script refuses).
 
     python benchmarks/accuracy.py --windows 40 --nsamples 8
+    python benchmarks/accuracy.py --dataset ptb --windows all --nsamples 128 --device cuda
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ import torch
 
 from dgq.api import quantize
 from dgq.config import preset
-from dgq.data import calibration_samples
+from dgq.data import DATASETS, calibration_samples
 from dgq.eval.perplexity import perplexity
 from dgq.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = ["fp", "w4a16_rtn", "w4a8_rtn", "w4a8_rtn_dg", "w4a8_smoothquant", "w8a8_smoothquant", "w4a8_group",
         "dgq_dynamic", "dgq_static"]
+DATASET_NAMES = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 ABLATION = {"ablation_s_cw": "S+CW", "ablation_s_gw": "S+GW", "ablation_d_cw": "D+CW", "dgq_static": "S+DG"}
 LABELS = {"fp": "FP (unquantized, fp32 compute)", "w4a16_rtn": "W4A16 RTN (group)", "w4a8_rtn": "W4A8 RTN (group)",
           "w4a8_rtn_dg": "W4A8 RTN dual-grained (naive s1)", "w4a8_smoothquant": "W4A8 SmoothQuant (group)",
@@ -37,7 +42,7 @@ LABELS = {"fp": "FP (unquantized, fp32 compute)", "w4a16_rtn": "W4A16 RTN (group
 
 
 def _settings(args: argparse.Namespace) -> dict:
-    return {"model": args.label or args.model, "dataset": "wikitext2", "seqlen": args.seqlen,
+    return {"model": args.label or args.model, "dataset": args.dataset, "seqlen": args.seqlen,
             "windows_requested": "all" if args.windows is None else args.windows, "group_size": args.group_size,
             "nsamples": args.nsamples, "device": args.device}
 
@@ -76,7 +81,7 @@ def run(args: argparse.Namespace) -> dict:
         if method != "fp":
             config = preset(method, group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen)
             seconds = quantize(model, samples, config, device=args.device).seconds
-        result = perplexity(model.to(args.device), tokenizer, "wikitext2", seqlen=args.seqlen,
+        result = perplexity(model.to(args.device), tokenizer, args.dataset, seqlen=args.seqlen,
                             windows=args.windows, root=args.data_dir)
         ppl = result.ppl
         data["ppl"][method], data["quantize_seconds"][method] = ppl, round(seconds, 1)
@@ -87,13 +92,28 @@ def run(args: argparse.Namespace) -> dict:
     return data
 
 
-def _row(name: str, label: str, data: dict) -> str:
-    ppl, sec = data["ppl"].get(name), data["quantize_seconds"].get(name)
+def _row(name: str, label: str, columns: dict[str, dict | None]) -> str:
+    data = columns["wikitext2"]
+    sec = data["quantize_seconds"].get(name)
     cfg = preset(name) if name != "fp" else None
     bits = "fp32" if cfg is None else f"W{cfg.weight_bits}A{cfg.act_bits}"
-    p = "not run" if ppl is None else f"{ppl:.3f}"
+    cells = ["not run" if d is None or name not in d["ppl"] else f"{d['ppl'][name]:.3f}" for d in columns.values()]
     s = "" if sec is None or name == "fp" else f"{sec:.0f}"
-    return f"| {label} | `{name}` | {bits} | {p} | {s} |"
+    return f"| {label} | `{name}` | {bits} | {' | '.join(cells)} | {s} |"
+
+
+def sibling_columns(wikitext2_json: Path, data: dict) -> dict[str, dict | None]:
+    """The WikiText-2 results and, per other dataset, the results in ``smollm2_<dataset>.json`` beside them (None
+    where that file does not exist), refusing files whose quantization settings differ from WikiText-2's."""
+    columns: dict[str, dict | None] = {"wikitext2": data}
+    same = ("model", "seqlen", "group_size", "nsamples", "device")
+    for dataset in DATASETS[1:]:
+        path = wikitext2_json.with_name(wikitext2_json.name.replace("wikitext2", dataset))
+        other = json.loads(path.read_text()) if path.exists() and path != wikitext2_json else None
+        if other is not None and any(other.get(k) != data.get(k) for k in same):
+            raise SystemExit(f"error: {path} was made with other settings than {wikitext2_json}")
+        columns[dataset] = other
+    return columns
 
 
 def checks(data: dict) -> list[str]:
@@ -111,18 +131,26 @@ def checks(data: dict) -> list[str]:
             f"{ok(p['dgq_dynamic'] < p['w4a8_smoothquant'])}"]
 
 
-def table(data: dict) -> str:
-    head = f"| method | preset | bits | WikiText-2 ppl | quantize time (s, {data['device']}) |\n|---|---|---|---|---|"
-    main = "\n".join(_row(m, LABELS[m], data) for m in MAIN)
-    abl = "\n".join(_row(m, label, data) for m, label in ABLATION.items())
-    windows = data.get("windows")
-    scope = f"all {windows} windows" if data["windows_requested"] == "all" else f"the first {windows} windows"
-    lines = [f"Model `{data['model']}`, WikiText-2 test, seqlen {data['seqlen']}, {scope}, "
+def _scope(d: dict) -> str:
+    windows = d.get("windows")
+    return f"all {windows} windows" if d["windows_requested"] == "all" else f"the first {windows} windows"
+
+
+def table(columns: dict[str, dict | None]) -> str:
+    data = columns["wikitext2"]
+    names = " | ".join(f"{DATASET_NAMES[d]} ppl" for d in columns)
+    head = (f"| method | preset | bits | {names} | quantize time (s, {data['device']}) |\n"
+            f"|---|---|---|{'---|' * len(columns)}---|")
+    main = "\n".join(_row(m, LABELS[m], columns) for m in MAIN)
+    abl = "\n".join(_row(m, label, columns) for m, label in ABLATION.items())
+    scopes = "; ".join(f"{DATASET_NAMES[d]} {'not run yet' if c is None else _scope(c)}" for d, c in columns.items())
+    commands = [cmd for c in columns.values() if c is not None for cmd in c["commands"]]
+    lines = [f"Model `{data['model']}`, test sets at seqlen {data['seqlen']} ({scopes}), "
              f"group size {data['group_size']}, calibration {data['nsamples']} x {data['seqlen']} tokens of the C4 "
              f"calibration half (seed 0), computed on {data['device']}.", "", head, main, "",
              "Table 5 ablation (same settings):", "",
              head, abl, "", "Targets:", ""] + [f"- {c}" for c in checks(data)]
-    lines += ["", "Produced by:", "", "```"] + data["commands"] + ["```"]
+    lines += ["", "Produced by:", "", "```"] + commands + ["```"]
     return "\n".join(lines)
 
 
@@ -143,8 +171,9 @@ def main() -> None:
     parser.add_argument("--label", default=None, help="model name written into the results (default: --model)")
     parser.add_argument("--device", default="cpu", help="where to calibrate and evaluate (cpu or cuda)")
     parser.add_argument("--data-dir", default=None, help="data folder (default: $DGQ_DATA or ../shared/data)")
-    parser.add_argument("--json", default=str(ROOT / "results" / "smollm2_wikitext2.json"),
-                        help="results file to create or extend")
+    parser.add_argument("--dataset", default="wikitext2", choices=DATASETS, help="perplexity test set")
+    parser.add_argument("--json", default=None,
+                        help="results file to create or extend (default: results/smollm2_<dataset>.json)")
     parser.add_argument("--marker", default="accuracy", help="which table of RESULTS.md to rewrite")
     parser.add_argument("--no-results-md", action="store_true", help="leave RESULTS.md alone")
     parser.add_argument("--methods", default=",".join(MAIN + [m for m in ABLATION if m not in MAIN]),
@@ -158,6 +187,7 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="only rebuild RESULTS.md from the JSON")
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
+    args.json = args.json or str(ROOT / "results" / f"smollm2_{args.dataset}.json")
     torch.manual_seed(0)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # the exact integer reference needs true fp32 matmul
@@ -167,7 +197,11 @@ def main() -> None:
         start = time.perf_counter()
         data = run(args)
         print(f"total {time.perf_counter() - start:.0f} s")
-    text = table(data)
+    path = Path(args.json)
+    wikitext2_json = path.with_name(path.name.replace(args.dataset, "wikitext2"))
+    if not wikitext2_json.exists():
+        raise SystemExit(f"error: the table's rows come from {wikitext2_json}, which does not exist yet")
+    text = table(sibling_columns(wikitext2_json, json.loads(wikitext2_json.read_text())))
     if not args.no_results_md:
         update_results_md(text, args.marker)
     print(text)

@@ -21,7 +21,6 @@ from torch import nn
 from dgq.hf import FORMAT_VERSION, QUANT_METHOD, CheckpointError, DGQConfig
 
 SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 

@@ -54,7 +54,10 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     tasks = _names(args.tasks)
-    datasets = _names(args.datasets if args.datasets is not None else None if tasks else "wikitext2")
+    if args.datasets is not None:
+        datasets = _names(args.datasets)
+    else:  # documented default: WikiText-2 perplexity, unless zero-shot tasks were asked for instead
+        datasets = [] if tasks else ["wikitext2"]
     if not datasets and not tasks:
         raise ConfigError("--datasets is empty")
     result = api.evaluate(args.model, datasets=datasets, tasks=tasks, windows=args.windows,

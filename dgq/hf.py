@@ -182,6 +182,14 @@ def _safetensors_dtype(dtype: torch.dtype) -> str:
             torch.bfloat16: "BF16", torch.int32: "I32", torch.int64: "I64"}[dtype]
 
 
+def _local_files(path: str) -> list[str]:
+    """The safetensors files of a local checkpoint directory (empty for anything else, e.g. a hub id)."""
+    from pathlib import Path
+
+    folder = Path(path)
+    return sorted(str(f) for f in folder.glob("*.safetensors")) if folder.is_dir() else []
+
+
 def validate(model: nn.Module) -> None:
     """Every ``QuantLinear``'s dual-grained invariants (codes, scales, int8 range); raises :class:`CheckpointError`."""
     for name, module in model.named_modules():
@@ -251,9 +259,10 @@ class DGQHfQuantizer(HfQuantizer):
             model.set_submodule(name, _skeleton(linear, entry, qc.group_size))
         # transformers reads this set when it decides each tensor's dtype, after this hook
         model._keep_in_fp32_modules_strict = set(model._keep_in_fp32_modules_strict or ()) | folded_offset_norms(model)
-        if not checkpoint_files:
-            raise CheckpointError("dgq checkpoints load from safetensors files; none were given")
-        check_files(model, checkpoint_files)
+        files = checkpoint_files or _local_files(model.config.name_or_path)  # older transformers pass no files
+        if not files:
+            raise CheckpointError("dgq checkpoints load from safetensors files; none were found")
+        check_files(model, files)
         return model
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:

@@ -157,6 +157,10 @@ CORRUPTIONS = {
                                "no dgq quantization_config"),
     "unknown version": (lambda p: _edit_config(p, lambda c: c["quantization_config"].update(format_version=99)),
                         "format_version 99"),
+    "unknown module type": (lambda p: _edit_config(p, lambda c: c["quantization_config"]["modules"][LAYER].update(
+        type="int3")), f"module {LAYER}: {{'act': 'dynamic', 'type': 'int3'}} is not"),
+    "unknown config key": (lambda p: _edit_config(p, lambda c: c["quantization_config"].update(rotation=True)),
+                           "unknown quantization_config keys: rotation"),
     "missing tensor": (lambda p: _edit_tensors(p, lambda s: s.pop(f"{LAYER}.s1")), f"missing tensor {LAYER}.s1"),
     "unexpected tensor": (lambda p: _edit_tensors(p, lambda s: s.update(extra=torch.zeros(1))),
                           "unexpected tensor extra"),

@@ -11,6 +11,7 @@ of each choice, ``acc``, ``acc_norm``, LAMBADA's perplexity) is lm-eval's own, r
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,10 +174,16 @@ def zeroshot(model: nn.Module, tokenizer: Any, tasks: list[str] | tuple[str, ...
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be at least 1, got {limit}")
     root = data_root(root)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
     configs = [TASKS[name].config(name, root) for name in tasks]
-    out = lm_eval.simple_evaluate(model=lm, tasks=configs, limit=limit, task_manager=TaskManager(include_defaults=False),
-                                  bootstrap_iters=1000, log_samples=False, verbosity="ERROR")
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # its warnings about model objects and custom datasets concern its own CLI
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(model.device))
+        out = lm_eval.simple_evaluate(model=lm, tasks=configs, limit=limit, bootstrap_iters=1000, log_samples=False,
+                                      task_manager=TaskManager(include_defaults=False))
+    finally:
+        logger.setLevel(level)
     results: dict[str, dict[str, float]] = {}
     for name in tasks:
         # lm-eval keys are "metric,filter" ("acc,none", "acc_stderr,none"); every task here has the one filter
