@@ -28,7 +28,8 @@ from dgq.smooth import (
 
 
 class _StopForward(Exception):
-    """Raised by the last recorder so the capture pass skips the final norm and LM head."""
+    """Ends a forward pass once everything it was run for has been recorded (the capture pass skips the final norm
+    and LM head; the statistics pass skips what follows the last consumer's input)."""
 
 
 class _Recorder(nn.Module):
@@ -103,8 +104,13 @@ def _block_output(out: Any) -> torch.Tensor:
 @torch.no_grad()
 def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[torch.Tensor],
                   kwargs: list[dict[str, Any]]) -> list[LinearStats]:
-    """One pass of the float block, accumulating ``H`` and channel maxima of each pair's activation."""
+    """One pass of the float block, accumulating ``H`` and channel maxima of each pair's activation.
+
+    Each chunk's pass stops as soon as every pair has seen its input: the rest of the block (the last linear and
+    the residual add, about a tenth of the pass) would produce outputs nobody reads.
+    """
     stats: list[LinearStats | None] = [None] * len(pairs)
+    seen: set[int] = set()
 
     def hook(index: int) -> Callable:
         def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -116,12 +122,19 @@ def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[
             st.h.addmm_(x.t(), x)
             torch.maximum(st.absmax, x.abs().amax(0), out=st.absmax)
             st.tokens += x.shape[0]
+            seen.add(index)
+            if len(seen) == len(pairs):
+                raise _StopForward
         return record
 
     handles = [_module(block, p.consumers[0]).register_forward_pre_hook(hook(i)) for i, p in enumerate(pairs)]
     try:
         for h, kw in zip(hidden, kwargs):
-            block(h, **kw)
+            seen.clear()
+            try:
+                block(h, **kw)
+            except _StopForward:
+                pass
     finally:
         for handle in handles:
             handle.remove()

@@ -16,6 +16,7 @@ from dgq import api
 from dgq.config import PRESETS, ConfigError, QuantConfig
 from dgq.errors import DGQError
 from dgq.eval.zeroshot import TASKS
+from dgq.validate import int_list
 
 EXIT_USAGE = 2
 EXIT_BUG = 1
@@ -92,8 +93,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     rows = [["phase", "batch", "seqlen", "result", "peak memory"]]
-    for r in api.bench(args.model, [int(s) for s in args.seqlens.split(",")],
-                       [int(b) for b in args.decode_batches.split(",")], args.context, args.decode_steps, args.repeats):
+    seqlens, batches = int_list("--seqlens", args.seqlens), int_list("--decode-batches", args.decode_batches)
+    for r in api.bench(args.model, seqlens, batches, args.context, args.decode_steps, args.repeats):
         result = f"{r['ms']:.2f} ms" if r["phase"] == "prefill" else f"{r['tokens_per_s']:.1f} tok/s"
         phase = r["phase"] if r["phase"] == "prefill" else f"decode ({r['mode'].split(' ')[0]})"
         rows.append([phase, str(r["batch"]), str(r["seqlen"]), result, f"{r['peak_bytes'] / 2**30:.2f} GiB"])

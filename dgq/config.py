@@ -6,9 +6,10 @@ baselines run through exactly the same pipeline as DGQ and differ only in these 
 
 from __future__ import annotations
 
-from dgq.errors import DGQError
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
+
+from dgq.errors import DGQError
 
 WEIGHT_FORMATS = ("none", "dual", "group", "channel", "int8")
 ACT_MODES = ("none", "dynamic", "static")
@@ -57,6 +58,12 @@ class QuantConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.weight in ("dual", "group") and (self.group_size < 2 or self.group_size % 2):
             raise ConfigError(f"group_size must be an even number >= 2, got {self.group_size}")
+        if self.weight == "none" and (self.act != "none" or self.smoothing != "none" or self.search):
+            # Activations are quantized inside the quantized layers, and smoothing and search serve the weight
+            # quantizer: with no weight quantization none of them would happen, yet the checkpoint would say so.
+            raise ConfigError(f"weight 'none' quantizes no layer, so act {self.act!r}, smoothing {self.smoothing!r} "
+                              f"and search {self.search} would do nothing; use act='none', smoothing='none', "
+                              f"search=False (the 'fp' method), or a weight format")
         if self.weight == "dual" and self.act == "none":
             raise ConfigError("the dual-grained format needs int8 activations (act 'dynamic' or 'static')")
         if not 0 < self.percentile < 50:

@@ -44,16 +44,21 @@ class LayerReport:
     act_scale: float | None
 
 
-def check_layer(name: str, linear: nn.Linear, config: QuantConfig) -> None:
-    """Fail early, naming the layer, on what would otherwise surface as a wrong or crashing quantization."""
-    if not torch.isfinite(linear.weight).all():
-        raise LayerError(f"layer {name}: weight contains NaN or Inf")
+def check_layer_shape(name: str, linear: nn.Module, config: QuantConfig) -> None:
+    """Fail early, naming the layer, on a shape the format cannot hold; needs no weights (works on meta models)."""
     k = linear.in_features
     if config.weight in ("dual", "group") and k % config.group_size:
         raise LayerError(f"layer {name}: group size {config.group_size} does not divide in_features {k} "
                          f"(choose a group size that divides it, e.g. 64)")
     if config.weight in ("dual", "group", "channel") and k % 2:
         raise LayerError(f"layer {name}: in_features {k} is odd; 4-bit codes are packed in pairs")
+
+
+def check_layer(name: str, linear: nn.Linear, config: QuantConfig) -> None:
+    """:func:`check_layer_shape`, and finite weights: a NaN would otherwise surface as a wrong quantization."""
+    check_layer_shape(name, linear, config)
+    if not torch.isfinite(linear.weight).all():
+        raise LayerError(f"layer {name}: weight contains NaN or Inf")
 
 
 def _group_scales(w: torch.Tensor, h: torch.Tensor, g: int, config: QuantConfig):  # noqa: ANN202

@@ -63,7 +63,7 @@ def test_bad_input_fails_cleanly(case, model_dir, data_dir, tmp_path):
     extra: list[str] = ["--data-dir", str(data_dir)]
     message = {"missing_model": "does not exist", "unsupported": "unsupported architecture 'gpt2'",
                "group": "group size 96 does not divide in_features 128", "missing_data": "not found at",
-               "nan": "weight contains NaN", "exists": "already exists"}[case]
+               "nan": "model weight model.layers.0.self_attn.k_proj.weight holds 1 NaN/Inf", "exists": "already exists"}[case]
     if case == "missing_model":
         model = str(tmp_path / "no-such-model")
     elif case == "unsupported":

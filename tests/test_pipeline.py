@@ -8,6 +8,7 @@ from dgq.config import PRESETS, preset
 from dgq.hf import quant_config
 from dgq.nn import FakeQuantLinear, QuantLinear
 from dgq.quantizer import LayerError
+from dgq.validate import ModelCheckError
 from helpers import FAMILIES, make_model
 
 
@@ -76,7 +77,7 @@ def test_nan_weight_is_named():
     model = make_model("llama")
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
-    with pytest.raises(LayerError, match="block 1 mlp.up_proj: weight contains NaN"):
+    with pytest.raises(ModelCheckError, match=r"model weight model\.layers\.1\.mlp\.up_proj\.weight holds 1 NaN/Inf"):
         quantize(model, _ids(model), preset("dgq", group_size=64), progress=False)
 
 
