@@ -99,3 +99,14 @@ def test_bad_input_fails_cleanly(case, model_dir, data_dir, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where there is no GPU")
 def test_bench_says_it_needs_cuda(tmp_path):
     _assert_one_line_error(run_cli("bench", str(tmp_path)), "needs CUDA")
+
+
+def test_gptq_flag(model_dir, data_dir, tmp_path):
+    common = ["--nsamples", "2", "--seqlen", "64", "--device", "cpu", "--data-dir", str(data_dir)]
+    proc = run_cli("quantize", str(model_dir), "--out", str(tmp_path / "q"), "--gptq", *common)
+    assert proc.returncode == 0, proc.stderr
+    settings = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["settings"]
+    assert settings["method"] == "dgq" and settings["gptq"] and settings["act_order"]
+    proc = run_cli("quantize", str(model_dir), "--out", str(tmp_path / "w8"), "--method", "w8a8_smoothquant",
+                   "--gptq", *common)
+    _assert_one_line_error(proc, "gptq chooses 4-bit codes")
