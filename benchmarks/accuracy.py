@@ -28,9 +28,9 @@ from dgq.loading import load_model
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = ["fp", "w4a16_rtn", "w4a8_rtn", "w4a8_rtn_dg", "w4a8_smoothquant", "w8a8_smoothquant", "w4a8_group",
         "w4a8_group_gptq", "dgq_dynamic", "dgq_gptq", "dgq_gptq_seq", "dgq_static", "dgq_static_clip",
-        "dgq_static_gptq"]
+        "dgq_static_gptq", "dgq_rot", "dgq_rot_nosmooth"]
 # Quantized methods that are ours (DGQ and its extensions); every other quantized row is a baseline.
-DGQ_DYNAMIC = ("dgq_dynamic", "dgq_gptq", "dgq_gptq_seq")
+DGQ_DYNAMIC = ("dgq_dynamic", "dgq_gptq", "dgq_gptq_seq", "dgq_rot", "dgq_rot_nosmooth")
 DGQ_STATIC = ("dgq_static", "dgq_static_clip", "dgq_static_gptq")
 ABLATION = {"ablation_s_cw": "S+CW", "ablation_s_gw": "S+GW", "ablation_d_cw": "D+CW", "dgq_static": "S+DG"}
 LABELS = {"fp": "FP (unquantized, fp32 compute)", "w4a16_rtn": "W4A16 RTN (group)", "w4a8_rtn": "W4A8 RTN (group)",
@@ -41,7 +41,9 @@ LABELS = {"fp": "FP (unquantized, fp32 compute)", "w4a16_rtn": "W4A16 RTN (group
           "w4a8_group_gptq": "W4A8 group-wise + search + smoothing + GPTQ", "dgq_gptq": "**DGQ + GPTQ** dynamic",
           "dgq_gptq_seq": "**DGQ + GPTQ** dynamic, true-sequential statistics",
           "dgq_static_clip": "**DGQ static**, searched activation scale",
-          "dgq_static_gptq": "**DGQ + GPTQ static**, searched activation scale"}
+          "dgq_static_gptq": "**DGQ + GPTQ static**, searched activation scale",
+          "dgq_rot": "**DGQ** dynamic on the Hadamard-rotated model",
+          "dgq_rot_nosmooth": "**DGQ** dynamic on the Hadamard-rotated model, no smoothing"}
 
 
 def _settings(args: argparse.Namespace) -> dict:

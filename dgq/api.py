@@ -12,6 +12,7 @@ from dgq.calibrate import CalibrationReport, quantize_blocks
 from dgq.config import QuantConfig
 from dgq.models import adapter_for
 from dgq.quantizer import check_layer
+from dgq.rotation import rotate_model
 
 
 @dataclass
@@ -43,6 +44,8 @@ def quantize(model: nn.Module, samples: torch.Tensor, config: QuantConfig,
     report = CalibrationReport()
     if config.quantizes_weights:
         check_model(model, config)
+        if config.rotate:
+            rotate_model(model, config.seed)
         report = quantize_blocks(model, adapter_for(model), samples, config, device, progress)
     model.dgq_config = config
     return QuantizeResult(model, config, report, time.perf_counter() - start)

@@ -35,6 +35,8 @@ class QuantConfig:
                ``gptq_block`` (columns per lazy update) and ``act_order`` (columns by decreasing H_jj) tune it.
     true_sequential: collect H and maxima of each activation of a block after the linears before it are
                quantized (GPTQ's option), instead of all from the float block.
+    rotate:    before calibration, rotate the residual stream by a randomised Hadamard matrix folded into the
+               weights (:mod:`dgq.rotation`, Llama family only); the float model's function is unchanged.
     act_clip_grid: static activations only: clipping ratios in ``[act_clip_min, 1]`` of the calibration max tried
                per layer, scored on the layer's output error over a token sample; 1 keeps the max.
     """
@@ -61,6 +63,7 @@ class QuantConfig:
     gptq_block: int = 128
     act_order: bool = False
     true_sequential: bool = False
+    rotate: bool = False
     act_clip_grid: int = 1
     act_clip_min: float = 0.3
 
@@ -150,6 +153,8 @@ PRESETS |= {
     "w4a8_group_gptq": PRESETS["w4a8_group"] | dict(gptq=True, act_order=True),
     "dgq_static_clip": PRESETS["dgq_static"] | dict(act_clip_grid=16),
     "dgq_static_gptq": PRESETS["dgq_static"] | dict(gptq=True, act_order=True, act_clip_grid=16),
+    "dgq_rot": PRESETS["dgq_dynamic"] | dict(rotate=True),
+    "dgq_rot_nosmooth": PRESETS["dgq_dynamic"] | dict(rotate=True, smoothing="none"),
 }
 PRESETS["dgq"] = PRESETS["dgq_dynamic"]
 
