@@ -138,6 +138,24 @@ def checks(data: dict) -> list[str]:
     return lines
 
 
+# (method, what it adds, the method it is compared with): the gain of each option of issue 11, where both ran.
+COMPARISONS = [("dgq_gptq", "GPTQ codes on the DGQ grid", "dgq_dynamic"),
+               ("w4a8_group_gptq", "GPTQ codes on the float group grid", "w4a8_group"),
+               ("dgq_gptq_seq", "true-sequential statistics", "dgq_gptq"),
+               ("dgq_static_clip", "searched static activation scale", "dgq_static"),
+               ("dgq_static_gptq", "GPTQ on top of the searched static scale", "dgq_static_clip"),
+               ("dgq_rot", "Hadamard rotation (with smoothing)", "dgq_dynamic"),
+               ("dgq_rot_nosmooth", "Hadamard rotation without smoothing", "dgq_dynamic")]
+
+
+def comparisons(data: dict) -> list[str]:
+    """Perplexity change that each option brings over the method it extends (negative is better)."""
+    p, t = data["ppl"], data["quantize_seconds"]
+    return [f"{what} (`{new}` vs `{base}`): {p[base]:.3f} -> {p[new]:.3f} ({(p[new] - p[base]) / p[base]:+.1%}), "
+            f"quantize time {t[base]:.0f} s -> {t[new]:.0f} s"
+            for new, what, base in COMPARISONS if new in p and base in p]
+
+
 def table(data: dict) -> str:
     head = f"| method | preset | bits | WikiText-2 ppl | quantize time (s, {data['device']}) |\n|---|---|---|---|---|"
     main = "\n".join(_row(m, LABELS[m], data) for m in MAIN)
@@ -146,9 +164,13 @@ def table(data: dict) -> str:
     scope = f"all {windows} windows" if data["windows_requested"] == "all" else f"the first {windows} windows"
     lines = [f"Model `{data['model']}`, WikiText-2 test, seqlen {data['seqlen']}, {scope}, "
              f"group size {data['group_size']}, calibration {data['nsamples']} x {data['seqlen']} tokens of the C4 "
-             f"calibration half (seed 0), computed on {data['device']}.", "", head, main, "",
-             "Table 5 ablation (same settings):", "",
-             head, abl, "", "Targets:", ""] + [f"- {c}" for c in checks(data)]
+             f"calibration half (seed 0), computed on {data['device']}.", "", head, main, ""]
+    if any(m in data["ppl"] for m in ABLATION if m not in MAIN):
+        lines += ["Table 5 ablation (same settings):", "", head, abl, ""]
+    gains = comparisons(data)
+    if gains:
+        lines += ["Options (perplexity and quantize time, this table's settings):", ""] + [f"- {c}" for c in gains] + [""]
+    lines += ["Targets:", ""] + [f"- {c}" for c in checks(data)]
     lines += ["", "Produced by:", "", "```"] + data["commands"] + ["```"]
     return "\n".join(lines)
 
