@@ -16,7 +16,9 @@ stored format is unchanged.  Nothing here knows about models: inputs are a weigh
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -84,7 +86,19 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
 
 
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run the body with one intra-op CPU thread, restoring the previous count after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
+@_one_thread()
 def gptq_codes(w: torch.Tensor, h: torch.Tensor, grid: CodeGrid, damp: float = 0.01, block_size: int = 128,
                act_order: bool = False) -> torch.Tensor:
     """Codes ``[rows, k]`` (float, integer-valued) for ``w`` on ``grid``, chosen by GPTQ's error feedback on ``H``.
@@ -92,6 +106,9 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, grid: CodeGrid, damp: float = 0
     Input channels that never fire (``H_jj = 0``) cannot affect the output; their weights are zeroed and their
     diagonal set to 1 so that the factorisation exists, as in GPTQ.  The result always lies on ``grid``: every
     code is clamped to its group's ``[low, high]``.
+
+    Runs on one CPU thread: the column loop is a dozen tiny ops per column, and on a loaded CPU the thread
+    synchronisation of those ops (and of LAPACK's ``cholesky_inverse``) cost ten to twenty times the work itself.
     """
     w = w.float().clone()
     h = h.float().clone()
@@ -105,21 +122,23 @@ def gptq_codes(w: torch.Tensor, h: torch.Tensor, grid: CodeGrid, damp: float = 0
         w, h = w[:, perm], h[perm][:, perm]
         step, zp, low, high = (t[:, perm] for t in (step, zp, low, high))
     u = _inverse_hessian_factor(h, damp)
-    codes = torch.empty_like(w)
+    # Column-major from here on: column c of w is the contiguous row c of wt, so each step reads contiguous memory.
+    wt, step, zp, low, high = (t.t().contiguous() for t in (w, step, zp, low, high))
+    codes = torch.empty_like(wt)
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)
-        wb = w[:, b0:b1].clone()
+        wb = wt[b0:b1].clone()
         errors = torch.empty_like(wb)
         ub = u[b0:b1, b0:b1]
         for i in range(b1 - b0):
             c = b0 + i
-            col = wb[:, i]
-            q = torch.maximum(torch.minimum(torch.round(col / step[:, c]) + zp[:, c], high[:, c]), low[:, c])
-            codes[:, c] = q
-            err = (col - (q - zp[:, c]) * step[:, c]) / ub[i, i]
-            wb[:, i:].addr_(err, ub[i, i:], alpha=-1.0)
-            errors[:, i] = err
-        w[:, b1:].addmm_(errors, u[b0:b1, b1:], alpha=-1.0)  # the block's lazy update of all later columns
+            q = torch.clamp(torch.round(wb[i] / step[c]).add_(zp[c]), low[c], high[c])
+            codes[c] = q
+            err = torch.sub(wb[i], (q - zp[c]).mul_(step[c])).div_(ub[i, i])
+            wb[i:].addr_(ub[i, i:], err, alpha=-1.0)
+            errors[i] = err
+        wt[b1:].addmm_(u[b0:b1, b1:].t(), errors, alpha=-1.0)  # the block's lazy update of all later columns
+    codes = codes.t()
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return codes
