@@ -40,9 +40,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("s1", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=out_dtype, device=device) if bias else None)
-        # Reference-path cache of the widened weight as float32 [in, out]: trades memory for speed on the CPU;
-        # never saved, and the fast CUDA path never builds it.
-        self._w_t: torch.Tensor | None = None
+        # Derived views of the buffers, never saved.  One rule for both: built on first use, dropped whenever the
+        # module is moved or cast (``_apply``), rebuilt when a buffer is replaced or written in place (the key).
+        # "widened_t": the reference path's float32 weight [in, out] (CPU speed for memory);
+        # "kernel": the CUDA kernel's layout (:class:`dgq.kernels.gemm.KernelWeight`).
+        self._derived: dict[str, tuple[tuple, object]] = {}
 
     @classmethod
     def from_weight(cls, dg: DualGrainedWeight, bias: torch.Tensor | None, act_mode: ActMode,
@@ -70,13 +72,25 @@ class QuantLinear(nn.Module):
                                  group_size=self.group_size)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
-        self._w_t = None  # moving or casting the module invalidates the cached widened weight
+        self._derived = {}  # a move or cast leaves no derived copy behind on the old device
         return super()._apply(fn, recurse)
 
+    def _cached(self, name: str, build):  # noqa: ANN001, ANN202
+        key = tuple((t.data_ptr(), t._version) for t in (self.qweight, self.s2, self.zp, self.s1))
+        hit = self._derived.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._derived[name] = (key, build())
+        return hit[1]
+
+    def kernel_layout(self):  # noqa: ANN201 - KernelWeight; its module imports triton, which the CPU path never needs
+        """The CUDA kernel's view of this layer's tensors (:class:`dgq.kernels.gemm.KernelWeight`), cached."""
+        def build():  # noqa: ANN202
+            from dgq.kernels.gemm import KernelWeight
+            return KernelWeight.from_format(self.qweight, self.s2, self.zp, self.s1, self.group_size)
+        return self._cached("kernel", build)
+
     def _widened_t(self) -> torch.Tensor:
-        if self._w_t is None:
-            self._w_t = self.dual_grained().int8_weight().float().t().contiguous()
-        return self._w_t
+        return self._cached("widened_t", lambda: self.dual_grained().int8_weight().float().t().contiguous())
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Pure-PyTorch forward with the exact int32 accumulator; the definition every kernel must match."""
@@ -95,8 +109,10 @@ class QuantLinear(nn.Module):
             if not TRITON_AVAILABLE:
                 raise RuntimeError("QuantLinear on CUDA needs triton for its kernels; install triton, or call "
                                    "forward_reference explicitly for the slow exact path")
-            from dgq.kernels.linear import quant_linear_forward
-            return quant_linear_forward(self, x)
+            from dgq.kernels.linear import a8w4_linear
+            static = self.act_scale if self.act_mode == "static" else None
+            out = a8w4_linear(x.reshape(-1, self.in_features), self.kernel_layout(), static, self.bias, x.dtype)
+            return out.reshape(*x.shape[:-1], self.out_features)
         return self.forward_reference(x)
 
     def extra_repr(self) -> str:

@@ -11,6 +11,7 @@ from helpers import make_tokenizer, write_data_dir
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads real models; runs only with DGQ_SLOW=1")
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); run with pytest -m cuda")
 
 
 def pytest_collection_modifyitems(config, items):

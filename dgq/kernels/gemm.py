@@ -1,22 +1,35 @@
-"""Triton int8 tensor-core GEMMs: A8W4 dual-grained (fused widening) and plain W8A8, one kernel body.
+"""The A8W4 GEMM: one transposed Triton kernel for every M, the int4 weight widened to int8 in registers.
 
-``out[m, n] = s_x[m] * s1[n] * sum_k x_s8[m, k] * w_s8[n, k]`` (+ bias), int32 accumulation, so the accumulator
-equals :func:`dgq.formats.int_matmul` exactly.  The weight comes either
+``out[m, n] = (s_x[m] * s1[n]) * sum_k x_s8[m, k] * W_s8[n, k]`` (+ bias), int32 accumulation, so the accumulator
+equals :func:`dgq.formats.int_matmul` bit for bit.  The kernel computes ``out^T = W_s8 @ x_s8^T``: the weight tile
+``[BLOCK_N, TILE_K]`` is unpacked in registers and is the *left* (register-sourced) operand of the int8 tensor-core
+dot, the activation tile the right one, and the tokens are the dot's N dimension.  Triton on Hopper keeps a register
+operand only on the left, so this orientation is what lets the widening stay in registers at every M (M <= 16 pads
+to one 16-token tile; prefill uses 64..256-token tiles).
 
-* packed 4-bit (``PACKED``): the [K/2, N] tile of :mod:`dgq.packing` is loaded (coalesced along N) and its raw
-  nibbles (0..15, valid int8) go straight into the int8 dots; since a tile lies in one group,
-  ``x . (s2 * (u4 - zp)) = s2 * (x . u4 - zp * sum(x))`` is applied to the tile's int32 partial sum, which costs
-  per output, not per weight (forming ``s2 * (u4 - zp)`` per weight made the kernel ALU-bound at 1.2 TB/s on H100).
-  Low nibbles are the even k, high nibbles the odd k, so instead of interleaving the weight, the activation tile
-  is split into its even and odd columns and two int8 dots of depth BLOCK_K/2 run;
-* or as int8 ``[N, K]`` (the W8A8 peer, and the prefill path that widens the whole weight once).
+**Widening, four weights at a time.**  The format guarantees ``|s2 * (u4 - zp)| <= 127`` for every stored code, so
+``s2 * u4 + c`` with ``c = 128 - s2 * zp`` lies in [1, 255].  Four codes sit in the four bytes of a 32-bit word
+(one per byte, after masking a nibble); one 32-bit multiply-add by ``s2`` plus ``c * 0x01010101`` then yields the
+four values as uint8 lanes without a carry between lanes, and ``xor 0x80808080`` turns them into the int8 weights.
+That is :data:`_WIDEN_PTX` (nibble mask/shift, one ``mad``, one ``xor`` per four weights).  The CPU interpreter cannot
+run PTX, so ``USE_ASM=False`` computes the same bytes with plain integer arithmetic (the tests' path);
+``tests/test_kernels.py`` proves the byte-lane identity exhaustively for every ``(s2, zp, u4)`` the format allows.
 
-Small M is memory-bound: configs with split-K spread K over more programs; partial sums meet in an int32
-workspace through atomics, and whichever program completes an output element (per-element arrival counter)
-applies the epilogue to it and zeroes workspace and counter again, so no memset launch is needed (the workspace is per device: launches must not run
-concurrently on two streams).  K and the group size are compile-time constants: loop trip counts are then
-constants (the Triton 3.6 CPU interpreter rejects run-time loop bounds), at the price of one compile per K.  Like :mod:`dgq.kernels.act_quant`, no ``@triton.jit`` helpers of Triton's
-standard library are used, so the CPU interpreter runs these kernels whenever triton was imported.
+**Layout** (:class:`KernelWeight`, built at load time from the checkpoint tensors): codes ``[N, K/2]`` row-major;
+within each ``TILE_K``-wide K tile, byte ``j`` holds ``k = j`` (low nibble) and ``k = TILE_K/2 + j`` (high nibble),
+so a tile is two dots of depth ``TILE_K/2`` with no interleave.  ``s2``/``zp`` are ``[K/g, N]`` so a tile's scales
+are one coalesced row; ``c`` is formed once per tile row from them (``2 + 2`` ops per row, not per weight), which
+moves 1 byte per group instead of the 4 a precomputed int32 constant would cost on the memory-bound decode path.
+
+**Activations** arrive as int8 codes from :func:`dgq.kernels.act_quant.quantize_activations_triton` (one launch
+before the GEMM).  Quantizing inside the GEMM was built and measured (benchmarks/notes_gemm.md): every program must
+first reduce its rows' absmax over all of K, a chain of dependent L2 loads that made the decode GEMM 3-25x slower
+than the separate launch, which costs 10-15% at M = 1.
+
+**Split-K** (small M, long K): each split adds its int32 partial sums into a zeroed buffer allocated *per call*
+(so a captured CUDA graph owns its own copy; nothing global can be reallocated under it) and counts its arrival per
+output element; the split that completes an element (acquire on the counter) applies the epilogue.  Integer
+addition is exact in any order, so the result is deterministic.
 """
 
 from __future__ import annotations
@@ -27,256 +40,325 @@ import torch
 import triton
 import triton.language as tl
 
+from dgq.errors import DGQError
+
+
+class KernelShapeError(DGQError, ValueError):
+    """A layer whose shape the CUDA kernel does not support (its exact CPU reference still runs it)."""
+
+
+def tile_k_for(k: int, group: int) -> int:
+    """The K tile of the kernel layout: 128 where K and the group allow it, else 64 (e.g. K = 576)."""
+    if k % 64:
+        raise KernelShapeError(f"the A8W4 CUDA kernel needs in_features to be a multiple of 64, got {k}")
+    tile = 128 if k % 128 == 0 and group % 64 == 0 else 64
+    if group % (tile // 2):
+        raise KernelShapeError(f"the A8W4 CUDA kernel needs the group size to be a multiple of 32 (64 when "
+                               f"in_features is a multiple of 128), got {group}")
+    return tile
+
 
 @dataclass(frozen=True)
 class KernelWeight:
-    """The A8W4 weight in the layout the kernel reads (derived from ``QuantLinear``'s buffers, never saved).
+    """The A8W4 weight as the kernel reads it, derived from a layer's format tensors and never saved.
 
-    ``packed`` uint8 ``[K/2, N]`` (see :mod:`dgq.packing`); ``s2t`` int8 and ``zpt`` uint8 ``[K/g, N]`` are the
-    transposes of the format's ``[N, K/g]`` tensors, so a tile's scales are one coalesced row; ``s1`` fp32 ``[N]``.
+    ``codes`` uint8 ``[N, K/2]`` (module docstring: per ``tile_k`` tile, byte j = codes of k j and tile_k/2 + j);
+    ``s2t`` int8 and ``zpt`` uint8 ``[K/g, N]``; ``s1`` fp32 ``[N]``.
     """
 
-    packed: torch.Tensor
+    codes: torch.Tensor
     s2t: torch.Tensor
     zpt: torch.Tensor
     s1: torch.Tensor
     group_size: int
+    tile_k: int
 
     @classmethod
-    def from_format(cls, packed: torch.Tensor, s2: torch.Tensor, zp: torch.Tensor, s1: torch.Tensor,
+    def from_format(cls, qweight: torch.Tensor, s2: torch.Tensor, zp: torch.Tensor, s1: torch.Tensor,
                     group_size: int) -> "KernelWeight":
-        return cls(packed.contiguous(), s2.t().contiguous(), zp.t().contiguous(), s1.float().contiguous(), group_size)
+        """From a layer's buffers: ``qweight`` uint8 ``[K/2, N]`` in the checkpoint's packing (:mod:`dgq.packing`)."""
+        k, n = qweight.shape[0] * 2, qweight.shape[1]
+        tile = tile_k_for(k, group_size)
+        lo, hi = qweight & 0xF, qweight >> 4  # codes of even / odd k, [K/2, N] each
+        u4 = torch.stack((lo, hi), dim=1).reshape(k, n).t()  # [N, K]
+        u = u4.reshape(n, k // tile, 2, tile // 2)
+        codes = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+        return cls(codes, s2.t().contiguous(), zp.t().contiguous(), s1.float().contiguous(), group_size, tile)
 
     @property
     def in_features(self) -> int:
-        return self.packed.shape[0] * 2
+        return self.codes.shape[1] * 2
 
     @property
     def out_features(self) -> int:
-        return self.packed.shape[1]
+        return self.codes.shape[0]
 
 
-def _cfg(bm: int, bn: int, bk: int, split_k: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split_k, "GROUP_M": 8},
-                         num_warps=warps, num_stages=stages)
-
-
-# Few configs per M regime (each is one compile per K), chosen for H100 (132 SMs, 228 KB shared memory):
-# memory-bound GEMV-like tiles with split-K for M <= 16 (BLOCK_K = the group, or 128), 64-row tiles up to M = 128,
-# wgmma-sized 128-row tiles beyond.  The pruner keeps the regime that matches M.
-_CONFIGS = [
-    *(_cfg(16, bn, bk, sk, 4, 4) for bk in (64, 128) for bn, sk in ((64, 1), (64, 4), (64, 8), (128, 4))),
-    _cfg(64, 128, 128, 1, 4, 4), _cfg(64, 256, 128, 1, 8, 3), _cfg(64, 128, 64, 2, 4, 4),
-    _cfg(128, 128, 128, 1, 8, 4), _cfg(128, 256, 128, 1, 8, 3), _cfg(128, 256, 64, 1, 8, 4),
-    _cfg(128, 128, 64, 1, 4, 4),
-]
-SMALL_M, MID_M = 16, 128  # regime bounds on M
-
-
-def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    args = {**named_args, **kwargs}
-    m, k, group = args["M"], args["K"], args["GROUP"]
-    regime_bm = 16 if m <= SMALL_M else 64 if m <= MID_M else 128
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] == regime_bm
-            and not group % c.kwargs["BLOCK_K"] and not k % c.kwargs["BLOCK_K"]
-            and (regime_bm != 16 or c.kwargs["BLOCK_K"] == min(group, 128))]
-    if not keep:
-        raise ValueError(f"no GEMM config fits K={k}, group={group}: K must be a multiple of 64")
-    return keep
+# Four int4 codes -> four int8 weights per 32-bit word: $2 = four packed code bytes (two nibbles each); $3 / $7 the
+# low nibbles' s2 and c * 0x01010101, $11 / $15 the high nibbles' (each int32 operand arrives as 4 registers, one
+# per packed element, all equal: the four elements of one call share a tile row, and the tests check bit-exactness).
+_WIDEN_PTX = tl.constexpr("""{
+.reg .b32 lo, hi;
+and.b32 lo, $2, 0x0F0F0F0F;
+shr.u32 hi, $2, 4;
+and.b32 hi, hi, 0x0F0F0F0F;
+mad.lo.u32 lo, lo, $3, $7;
+mad.lo.u32 hi, hi, $11, $15;
+xor.b32 $0, lo, 0x80808080;
+xor.b32 $1, hi, 0x80808080;
+}""")
 
 
 @triton.jit
-def _add(a, b):
-    return a + b
+def _widen(p, s_lo, z_lo, s_hi, z_hi, USE_ASM: tl.constexpr):
+    """int8 weights ``(s2 * (u4 - zp))`` of the low and high nibbles of uint8 ``p`` [BN, H]; scales are [BN] int32."""
+    if USE_ASM:
+        c_lo = ((128 - s_lo * z_lo).to(tl.uint32, bitcast=True) * 0x01010101).to(tl.int32, bitcast=True)
+        c_hi = ((128 - s_hi * z_hi).to(tl.uint32, bitcast=True) * 0x01010101).to(tl.int32, bitcast=True)
+        w_lo, w_hi = tl.inline_asm_elementwise(
+            _WIDEN_PTX, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [p, s_lo[:, None], c_lo[:, None], s_hi[:, None], c_hi[:, None]],
+            dtype=(tl.int8, tl.int8), is_pure=True, pack=4)
+    else:
+        q = p.to(tl.int32)
+        w_lo = ((q & 15) * s_lo[:, None] - (s_lo * z_lo)[:, None]).to(tl.int8)
+        w_hi = ((q >> 4) * s_hi[:, None] - (s_hi * z_hi)[:, None]).to(tl.int8)
+    return w_lo, w_hi
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, s2_ptr, zp_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
+def _load(ptrs, mask):
+    """A load whose mask may be None (a tile known to lie inside the tensor): masked elements read 0."""
+    if mask is None:
+        v = tl.load(ptrs)
+    else:
+        v = tl.load(ptrs, mask=mask, other=0)
+    return v
+
+
+@triton.jit
+def _a8w4_kernel(x_ptr, w_ptr, s2_ptr, zp_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr,
                  M, N, stride_x, stride_o, stride_sx, M_BUCKET,
-                 K: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr, EPILOGUE: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # Grouped tile order: GROUP_M row-tiles share each weight column-tile while it is in L2.
+                 K: tl.constexpr, GROUP: tl.constexpr, TILE_K: tl.constexpr, PACKED: tl.constexpr,
+                 EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """int8 codes ``x`` with scales at ``sx_ptr`` (per token, or one static scale: ``stride_sx`` 0).
+    PACKED: int4 codes of :class:`KernelWeight`, else an int8 weight [N, K].
+    EVEN_N / EVEN_K (set by :func:`_even`): no weight tile crosses N, every split's tiles lie inside K, so those loads
+    need no mask (masks on the contiguous dimension cost vectorized loads and pipelining).
+    """
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     num_m, num_n = (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N
-    first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    first_m = (pid // (GROUP_M * num_n)) * GROUP_M  # GROUP_M token tiles share each weight tile while it is in L2
     rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
     pid_m = first_m + (pid % (GROUP_M * num_n)) % rows_in_group
     pid_n = (pid % (GROUP_M * num_n)) // rows_in_group
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask, n_mask = offs_m < M, offs_n < N
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_x + tl.arange(0, BLOCK_K)[None, :]
-    if PACKED:
-        w_ptrs = w_ptr + tl.arange(0, BLOCK_K // 2)[:, None] * N + offs_n[None, :]
-    else:
-        w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * K + tl.arange(0, BLOCK_K)[:, None]
+    x_rows = x_ptr + offs_m.to(tl.int64)[None, :] * stride_x
 
-    # Each split owns TILES consecutive K tiles; the last split's tiles past K load as zeros.
-    TILES: tl.constexpr = (K // BLOCK_K + SPLIT_K - 1) // SPLIT_K
-    acc = tl.full([BLOCK_M, BLOCK_N], 0, tl.int32)
+    sx = tl.load(sx_ptr + offs_m * stride_sx, mask=m_mask, other=0.0)
+
+    HALF: tl.constexpr = TILE_K // 2
+    kh = tl.arange(0, HALF)
+    TILES: tl.constexpr = (K // TILE_K + SPLIT_K - 1) // SPLIT_K  # the last split's tiles past K load as zeros
+    acc = tl.full([BLOCK_N, BLOCK_M], 0, tl.int32)
     for i in range(TILES):
-        k0 = (pid_k * TILES + i) * BLOCK_K
-        in_k = k0 < K
-        a = tl.load(x_ptrs + k0, mask=m_mask[:, None] & in_k, other=0)
-        if PACKED:
-            # sum_k x * s2 * (u4 - zp) = s2 * (x . u4 - zp * sum_k x) within the tile (one group): the raw nibbles
-            # feed the int8 dots, and the group's scale and zero point touch the accumulator, not every weight.
-            b = tl.load(w_ptrs + (k0 // 2) * N, mask=n_mask[None, :] & in_k, other=0)
-            g = k0 // GROUP
-            s2 = tl.load(s2_ptr + g * N + offs_n, mask=n_mask & in_k, other=0).to(tl.int32)
-            zp = tl.load(zp_ptr + g * N + offs_n, mask=n_mask & in_k, other=0).to(tl.int32)
-            a_even, a_odd = tl.split(tl.reshape(a, [BLOCK_M, BLOCK_K // 2, 2]))
-            part = tl.dot(a_even, (b & 15).to(tl.int8), out_dtype=tl.int32)
-            part = tl.dot(a_odd, (b >> 4).to(tl.int8), part, out_dtype=tl.int32)
-            x_sum = tl.reduce(a.to(tl.int32), 1, _add)
-            acc += s2[None, :] * (part - x_sum[:, None] * zp[None, :])
+        k0 = (pid_k * TILES + i) * TILE_K
+        if EVEN_K:
+            x_mask = m_mask[None, :]
+            w_mask = None if EVEN_N else n_mask[:, None]
+            s_mask = None if EVEN_N else n_mask
         else:
-            b = tl.load(w_ptrs + k0, mask=n_mask[None, :] & in_k, other=0)
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            in_k = k0 < K
+            x_mask = m_mask[None, :] & in_k
+            w_mask = n_mask[:, None] & in_k
+            s_mask = n_mask & in_k  # masked rows get s2 = zp = 0: weight 0
+        x_lo = tl.load(x_rows + (k0 + kh)[:, None], mask=x_mask, other=0)
+        x_hi = tl.load(x_rows + (k0 + HALF + kh)[:, None], mask=x_mask, other=0)
+        if PACKED:
+            p = _load(w_ptr + offs_n.to(tl.int64)[:, None] * (K // 2) + (k0 // 2 + kh)[None, :], w_mask)
+            g_lo = k0 // GROUP
+            s_lo = _load(s2_ptr + g_lo * N + offs_n, s_mask).to(tl.int32)
+            z_lo = _load(zp_ptr + g_lo * N + offs_n, s_mask).to(tl.int32)
+            if GROUP >= TILE_K:  # one group per tile
+                s_hi, z_hi = s_lo, z_lo
+            else:
+                s_hi = _load(s2_ptr + (g_lo + 1) * N + offs_n, s_mask).to(tl.int32)
+                z_hi = _load(zp_ptr + (g_lo + 1) * N + offs_n, s_mask).to(tl.int32)
+            w_lo, w_hi = _widen(p, s_lo, z_lo, s_hi, z_hi, USE_ASM)
+        else:
+            w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
+            w_lo = _load(w_rows + (k0 + kh)[None, :], w_mask)
+            w_hi = _load(w_rows + (k0 + HALF + kh)[None, :], w_mask)
+        acc = tl.dot(w_lo, x_lo, acc, out_dtype=tl.int32)
+        acc = tl.dot(w_hi, x_hi, acc, out_dtype=tl.int32)
 
-    out_offs = offs_m.to(tl.int64)[:, None] * stride_o + offs_n[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
+    mask = n_mask[:, None] & m_mask[None, :]
     if SPLIT_K > 1:
-        # Per-element arrival: each thread adds its partial sum, then (release) counts its element's arrival; the
-        # thread that completes an element (acquire) takes the sum and zeroes workspace and counter for the next
-        # call.  Per element, so no ordering between threads is needed (a per-tile counter behind a barrier gave
-        # wrong outputs now and then at M = 16 on H100, as if other threads' atomics were not yet visible).
-        ws_offs = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
-        tl.atomic_add(ws_ptr + ws_offs, acc, mask=mask, sem="relaxed")
-        arrived = tl.atomic_add(cnt_ptr + ws_offs, 1, mask=mask, sem="acq_rel")
-        last = mask & (arrived == SPLIT_K - 1)
-        acc = tl.atomic_xchg(ws_ptr + ws_offs, 0, mask=last, sem="acquire")
-        tl.store(cnt_ptr + ws_offs, 0, mask=last)
-        _epilogue(acc, offs_m, offs_n, m_mask, n_mask, last, out_ptr + out_offs, sx_ptr, stride_sx, s1_ptr,
-                  bias_ptr, EPILOGUE, HAS_BIAS)
-    else:
-        _epilogue(acc, offs_m, offs_n, m_mask, n_mask, mask, out_ptr + out_offs, sx_ptr, stride_sx, s1_ptr, bias_ptr,
-                  EPILOGUE, HAS_BIAS)
-
-
-@triton.jit
-def _epilogue(acc, offs_m, offs_n, m_mask, n_mask, mask, out_ptrs, sx_ptr, stride_sx, s1_ptr, bias_ptr,
-              EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Store the int32 accumulator, or ``(acc * s_x) * s1 (+ bias)`` in fp32 cast to the output's dtype."""
-    if EPILOGUE:
-        sx = tl.load(sx_ptr + offs_m * stride_sx, mask=m_mask, other=0.0)
+        # Per-element arrival (no barrier needed): relaxed add of the partial sum, then an acq_rel count; the split
+        # that brings the count to SPLIT_K reads the complete sum (acquire) and owns the epilogue.
+        offs = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
+        tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")
+        arrived = tl.atomic_add(ws_ptr + M * N + offs, 1, mask=mask, sem="acq_rel")
+        mask = mask & (arrived == SPLIT_K - 1)
+        acc = tl.atomic_add(ws_ptr + offs, 0, mask=mask, sem="acquire")
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[None, :] * stride_o + offs_n[:, None]
+    if EPILOGUE:  # the reference's order: (acc * s_x) * s1 (+ bias) in fp32, then the output's dtype
         s1 = tl.load(s1_ptr + offs_n, mask=n_mask, other=0.0)
-        val = acc.to(tl.float32) * sx[:, None] * s1[None, :]
+        val = acc.to(tl.float32) * sx[None, :] * s1[:, None]
         if HAS_BIAS:
-            val += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            val += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptrs, val.to(out_ptrs.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptrs, acc, mask=mask)
 
 
-_gemm_tuned = triton.autotune(_CONFIGS, key=["M_BUCKET", "N", "K", "GROUP", "PACKED"],
-                              prune_configs_by={"early_config_prune": _prune})(_gemm_kernel)
-
-_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _workspace(device: torch.device, m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed int32 split-K workspace and arrival counters (>= m*n each) for ``device``; the kernel re-zeroes them."""
-    need = max(m, SMALL_M) * n
-    ws, cnt = _workspaces.get(device, (None, None))
-    if ws is None or ws.numel() < need:
-        ws = torch.zeros(need, dtype=torch.int32, device=device)
-        cnt = torch.zeros(need, dtype=torch.int32, device=device)  # one arrival counter per output element
-        _workspaces[device] = (ws, cnt)
-    return ws, cnt
+def _cfg(bm: int, bn: int, split_k: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split_k, "GROUP_M": 8}, num_warps=warps,
+                         num_stages=stages)
 
 
-def _launch(x_s8: torch.Tensor, w: torch.Tensor, s2t: torch.Tensor | None, zpt: torch.Tensor | None, n: int,
-            group: int, s_x: torch.Tensor | None, s1: torch.Tensor | None, bias: torch.Tensor | None,
-            out_dtype: torch.dtype | None, config: triton.Config | None) -> torch.Tensor:
-    if x_s8.dtype != torch.int8 or x_s8.dim() != 2:
-        raise ValueError(f"x_s8 must be a 2-D int8 tensor, got {x_s8.dtype}{list(x_s8.shape)}")
-    x_s8 = x_s8 if x_s8.stride(-1) == 1 else x_s8.contiguous()
-    m, k = x_s8.shape
-    packed = s2t is not None
+# A few configs per M regime (each compiles once per K), for H100 (132 SMs): BLOCK_N >= 64 (the wgmma's M);
+# decode tiles of 16 tokens; 32..128-token tiles up to M = 256, where small tiles keep 132 SMs busy; split-K up to
+# M = 256 for short-N/long-K shapes (at M = 64 without it, 11008x4096 took 2.3x the M = 16 time); 128..256-token
+# tiles beyond.  The pruner keeps the regime that matches M.
+REGIMES = (16, 64, 256)  # M upper bounds of the decode, small and medium regimes; larger M is the large regime
+_CONFIGS = {
+    16: [_cfg(16, 64, 1, 4, 4), _cfg(16, 64, 2, 4, 4), _cfg(16, 64, 4, 4, 4), _cfg(16, 128, 1, 4, 4),
+         _cfg(16, 128, 2, 4, 4), _cfg(16, 64, 8, 4, 4), _cfg(16, 128, 1, 4, 8), _cfg(16, 64, 2, 4, 8)],
+    64: [_cfg(32, 64, 1, 4, 4), _cfg(64, 64, 1, 4, 4), _cfg(32, 128, 1, 4, 4), _cfg(64, 128, 1, 4, 4),
+         _cfg(32, 64, 4, 4, 4), _cfg(64, 64, 2, 4, 4)],
+    256: [_cfg(64, 128, 1, 4, 4), _cfg(128, 64, 1, 4, 4), _cfg(64, 64, 1, 4, 4), _cfg(128, 128, 1, 8, 4),
+          _cfg(64, 64, 2, 4, 4), _cfg(64, 128, 2, 4, 4)],
+    0: [_cfg(128, 128, 1, 4, 4), _cfg(128, 128, 1, 8, 4), _cfg(256, 128, 1, 8, 3), _cfg(128, 256, 1, 8, 3),
+        _cfg(256, 64, 1, 8, 4)],
+}
+
+
+def regime(m: int) -> int:
+    """The key of :data:`_CONFIGS` for ``m`` tokens."""
+    return next((r for r in REGIMES if m <= r), 0)
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    wanted = _CONFIGS[regime({**named_args, **kwargs}["M"])]
+    return [c for c in configs if any(c is w for w in wanted)]
+
+
+_kernel = triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
+                             "EVEN_K": lambda a: (a["K"] // a["TILE_K"]) % a["SPLIT_K"] == 0})(_a8w4_kernel)
+_tuned = triton.autotune([c for cs in _CONFIGS.values() for c in cs],
+                         key=["M_BUCKET", "N", "K", "GROUP", "PACKED", "EPILOGUE"],
+                         prune_configs_by={"early_config_prune": _prune},
+                         reset_to_zero=["ws_ptr"])(_kernel)  # split-K timings include the per-call zeroing
+
+
+_chosen_split: dict[tuple, int] = {}  # autotuning key -> SPLIT_K of the config the autotuner chose for it
+
+
+def _use_asm(device: torch.device) -> bool:
+    """Inline PTX on a real GPU; plain integer arithmetic in Triton's CPU interpreter, which cannot run PTX."""
+    return device.type == "cuda"
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, s2t: torch.Tensor | None, zpt: torch.Tensor | None, n: int,
+            group: int, tile_k: int, sx: torch.Tensor | None, s1: torch.Tensor | None,
+            bias: torch.Tensor | None, out_dtype: torch.dtype | None, config: triton.Config | None) -> torch.Tensor:
+    if x.dim() != 2:
+        raise ValueError(f"expected a 2-D activation, got shape {list(x.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    m, k = x.shape
     epilogue = out_dtype is not None
-    out = torch.empty((m, n), dtype=out_dtype if epilogue else torch.int32, device=x_s8.device)
+    out = torch.empty((m, n), dtype=out_dtype if epilogue else torch.int32, device=x.device)
     if m == 0:
         return out
-    ws, cnt = _workspace(x_s8.device, m, n)
-    sx = s_x.reshape(-1) if epilogue else ws  # unused pointers get any tensor of the device
-    args = (x_s8, w, s2t if packed else ws, zpt if packed else ws, sx, s1 if epilogue else ws,
-            bias if bias is not None else ws, out, ws, cnt, m, n, x_s8.stride(0), out.stride(0),
-            int(epilogue and sx.numel() > 1), triton.next_power_of_2(m))
-    meta = dict(K=k, GROUP=group, PACKED=packed, EPILOGUE=epilogue, HAS_BIAS=bias is not None)
+    packed = s2t is not None
+    # The split-K buffer (sums, then arrival counts) is allocated per call, and zeroed, only where the config splits:
+    # the pinned one, or the one the autotuner chose for this key (until it has chosen, any config of the regime may).
+    key = (triton.next_power_of_2(m), n, k, group, packed, x.dtype, out.dtype, None if bias is None else bias.dtype)
+    split = config.kwargs["SPLIT_K"] if config else _chosen_split.get(key, 0 if regime(m) else 1)
+    ws = torch.zeros(2 * m * n if split != 1 else 1, dtype=torch.int32, device=x.device)
+    any_t = ws  # pointer for arguments a variant does not read
+    args = (x, w, s2t if packed else any_t, zpt if packed else any_t, sx if sx is not None else any_t,
+            s1 if epilogue else any_t, bias if bias is not None else any_t, out, ws, m, n, x.stride(0),
+            out.stride(0), int(sx is not None and sx.numel() > 1), triton.next_power_of_2(m))
+    meta = dict(K=k, GROUP=group, TILE_K=tile_k, PACKED=packed, EPILOGUE=epilogue,
+                HAS_BIAS=bias is not None, USE_ASM=_use_asm(x.device))
 
     def grid(c: dict) -> tuple[int, int]:
         return triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"]
 
     if config is None:
-        _gemm_tuned[grid](*args, **meta)
+        _tuned[grid](*args, **meta)
+        _chosen_split[key] = _tuned.best_config.kwargs["SPLIT_K"]
     else:
-        if group % config.kwargs["BLOCK_K"] or k % config.kwargs["BLOCK_K"]:
-            raise ValueError(f"config {config} does not fit K={k}, group={group}")
-        _gemm_kernel[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
-                                          num_stages=config.num_stages)
+        _kernel[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                     num_stages=config.num_stages)
     return out
 
 
 def a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = torch.float16,
                 config: triton.Config | None = None) -> torch.Tensor:
-    """A8W4 GEMM with the int4 weight widened in registers: ``(s_x * s1) * (x_s8 @ W_s8ᵀ) (+ bias)``.
+    """A8W4 GEMM of int8 codes ``x_s8 [M, K]`` with scales ``s_x`` (``[M, 1]`` per token or one static scale).
 
-    ``out_dtype=None`` returns the raw int32 accumulator (``s_x`` and ``bias`` are then ignored).  ``config``
-    pins one kernel configuration instead of autotuning (tests use it to cover every code path).
+    ``out_dtype=None`` returns the raw int32 accumulator (``s_x`` and ``bias`` are then ignored).  ``config`` pins
+    one kernel configuration instead of autotuning (tests use it to reach every code path).
     """
-    if x_s8.shape[-1] != kw.in_features:
-        raise ValueError(f"x has K={x_s8.shape[-1]}, weight expects {kw.in_features}")
-    return _launch(x_s8, kw.packed, kw.s2t, kw.zpt, kw.out_features, kw.group_size, s_x, kw.s1, bias, out_dtype,
-                   config)
+    if x_s8.dtype != torch.int8 or x_s8.shape[-1] != kw.in_features:
+        raise ValueError(f"x_s8 must be int8 [M, {kw.in_features}], got {x_s8.dtype}{list(x_s8.shape)}")
+    sx = s_x.reshape(-1).float() if out_dtype is not None else None
+    return _launch(x_s8, kw.codes, kw.s2t, kw.zpt, kw.out_features, kw.group_size, kw.tile_k, sx, kw.s1, bias,
+                   out_dtype, config)
+
+
+@triton.jit
+def _widen_kernel(w_ptr, s2_ptr, zp_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr, TILE_K: tl.constexpr,
+                  BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr):
+    """``W_s8 [N, K]`` from the kernel layout, one K tile of BLOCK_N rows per program (same widening as the GEMM)."""
+    pid_n, tile = tl.program_id(0), tl.program_id(1)
+    HALF: tl.constexpr = TILE_K // 2
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    kh = tl.arange(0, HALF)
+    k0 = tile * TILE_K
+    p = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * (K // 2) + (k0 // 2 + kh)[None, :], mask=n_mask[:, None],
+                other=0)
+    g_lo, g_hi = k0 // GROUP, (k0 + HALF) // GROUP
+    s_lo = tl.load(s2_ptr + g_lo * N + offs_n, mask=n_mask, other=0).to(tl.int32)
+    z_lo = tl.load(zp_ptr + g_lo * N + offs_n, mask=n_mask, other=0).to(tl.int32)
+    s_hi = tl.load(s2_ptr + g_hi * N + offs_n, mask=n_mask, other=0).to(tl.int32)
+    z_hi = tl.load(zp_ptr + g_hi * N + offs_n, mask=n_mask, other=0).to(tl.int32)
+    w_lo, w_hi = _widen(p, s_lo, z_lo, s_hi, z_hi, USE_ASM)
+    rows = out_ptr + offs_n.to(tl.int64)[:, None] * K
+    tl.store(rows + (k0 + kh)[None, :], w_lo, mask=n_mask[:, None])
+    tl.store(rows + (k0 + HALF + kh)[None, :], w_hi, mask=n_mask[:, None])
+
+
+def widen_weight(kw: KernelWeight, block_n: int = 64) -> torch.Tensor:
+    """``W_s8 = s2 * (u4 - zp)`` as int8 ``[N, K]`` in one pass over the packed weight (the large-M path's first step)."""
+    n, k = kw.out_features, kw.in_features
+    out = torch.empty((n, k), dtype=torch.int8, device=kw.codes.device)
+    _widen_kernel[(triton.cdiv(n, block_n), k // kw.tile_k)](kw.codes, kw.s2t, kw.zpt, out, n, K=k,
+                                                             GROUP=kw.group_size, TILE_K=kw.tile_k, BLOCK_N=block_n,
+                                                             USE_ASM=_use_asm(kw.codes.device))
+    return out
 
 
 def w8a8_matmul(x_s8: torch.Tensor, w_s8: torch.Tensor, s_x: torch.Tensor | None = None,
                 s1: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                 out_dtype: torch.dtype | None = torch.float16, config: triton.Config | None = None) -> torch.Tensor:
-    """Plain int8 GEMM of ``x_s8 [M, K]`` and an int8 weight ``w_s8 [N, K]``, same epilogue as :func:`a8w4_matmul`.
+    """The same kernel on a ready int8 weight ``w_s8 [N, K]`` (the W8A8 peer: what A8W4 would cost with no widening).
 
-    K must be a multiple of 64 (there is no K tail: every config's BLOCK_K is 64 or 128).
+    K must be a multiple of 64.
     """
-    if w_s8.dtype != torch.int8 or w_s8.shape[1] != x_s8.shape[-1]:
-        raise ValueError(f"w_s8 must be int8 [N, {x_s8.shape[-1]}], got {w_s8.dtype}{list(w_s8.shape)}")
+    if w_s8.dtype != torch.int8 or w_s8.shape[1] != x_s8.shape[-1] or x_s8.dtype != torch.int8:
+        raise ValueError(f"w_s8 must be int8 [N, {x_s8.shape[-1]}] and x_s8 int8, got {w_s8.dtype}{list(w_s8.shape)}"
+                         f" and {x_s8.dtype}")
     k = w_s8.shape[1]
-    return _launch(x_s8, w_s8.contiguous(), None, None, w_s8.shape[0], 128 if k % 128 == 0 else 64, s_x, s1, bias,
-                   out_dtype, config)
-
-
-@triton.jit
-def _widen_kernel(w_ptr, s2_ptr, zp_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    k0 = pid_k * BLOCK_K
-    b = tl.load(w_ptr + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[:, None] * N + offs_n[None, :],
-                mask=n_mask[None, :], other=0).to(tl.int32)
-    g = k0 // GROUP
-    s2 = tl.load(s2_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32)
-    zs = tl.load(zp_ptr + g * N + offs_n, mask=n_mask, other=0).to(tl.int32) * s2
-    w_even = ((b & 15) * s2[None, :] - zs[None, :]).to(tl.int8)
-    w_odd = ((b >> 4) * s2[None, :] - zs[None, :]).to(tl.int8)
-    w = tl.reshape(tl.permute(tl.join(w_even, w_odd), (1, 0, 2)), [BLOCK_N, BLOCK_K])  # [n, k] in k order
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :], w, mask=n_mask[:, None])
-
-
-def widen_weight(kw: KernelWeight, block_n: int = 128, block_k: int | None = None) -> torch.Tensor:
-    """``W_s8 = s2 * (u4 - zp)`` as int8 ``[N, K]`` in one pass (the prefill path's first step).
-
-    ``block_k`` defaults to the group size, at most 128.
-    """
-    n, k = kw.out_features, kw.in_features
-    block_k = block_k or min(kw.group_size, 128)
-    if kw.group_size % block_k:
-        raise ValueError(f"block_k {block_k} must divide the group size {kw.group_size}")
-    out = torch.empty((n, k), dtype=torch.int8, device=kw.packed.device)
-    _widen_kernel[(triton.cdiv(n, block_n), k // block_k)](kw.packed, kw.s2t, kw.zpt, out, n, K=k,
-                                                           GROUP=kw.group_size, BLOCK_N=block_n, BLOCK_K=block_k)
-    return out
+    sx = s_x.reshape(-1).float() if out_dtype is not None else None
+    return _launch(x_s8, w_s8.contiguous(), None, None, w_s8.shape[0], 128, tile_k_for(k, 128 if k % 128 == 0
+                   else 64), sx, s1, bias, out_dtype, config)

@@ -1,0 +1,117 @@
+"""The real kernels on a CUDA GPU (``pytest -m cuda``; skipped without one): what the CPU interpreter cannot show.
+
+The inline-PTX widening, the autotuned configs of every M regime, split-K's atomics under real concurrency, and
+CUDA-graph capture.  Accumulators must equal :func:`dgq.formats.int_matmul` bit for bit on random and adversarial
+inputs (s2 at its bounds with codes at the ends of their windows, ±127 activations, zero rows).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs compiled kernels")]
+
+if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    from dgq.formats import int_matmul, quantize_activations
+    from dgq.kernels.gemm import _CONFIGS, KernelWeight, a8w4_matmul, regime, widen_weight
+    from dgq.kernels.linear import a8w4_linear
+    from dgq.nn import QuantLinear
+    from dgq.packing import pack_u4
+    from test_kernels import random_acts, random_weight
+
+MS = [1, 3, 16, 17, 64, 255, 1000, 1500]  # 1500: the widen-once path (dgq.kernels.linear.WIDEN_MIN_M)
+SHAPES = [(4096, 320, 128), (576, 192, 64), (1024, 256, 64)]  # (K, N, group): K tiles of 128 and 64
+
+
+def layout(dg) -> "KernelWeight":  # noqa: ANN001
+    return KernelWeight.from_format(pack_u4(dg.u4).cuda(), dg.s2.cuda(), dg.zp.cuda(), dg.s1.cuda(), dg.group_size)
+
+
+@pytest.fixture(autouse=True)
+def _exact_reference():
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.mark.parametrize("k,n,g", SHAPES)
+@pytest.mark.parametrize("kind", ["random", "extreme"])
+def test_every_config_is_bit_exact(k: int, n: int, g: int, kind: str) -> None:
+    gen = torch.Generator().manual_seed(k + n)
+    dg = random_weight(n, k, g, gen, kind)
+    kw = layout(dg)
+    assert torch.equal(widen_weight(kw).cpu(), dg.int8_weight())  # the large-M path's widening (inline PTX)
+    for m in MS:
+        x = random_acts(m, k, gen, kind)
+        if kind == "random" and m > 2:
+            x[m // 3] = 0  # a zero row
+        ref = int_matmul(x, dg.int8_weight())
+        assert torch.equal(a8w4_matmul(x.cuda(), kw, out_dtype=None).cpu(), ref), f"autotuned, M={m}"
+        for cfg in _CONFIGS[regime(m)] if k != 4096 else ():  # pinned configs on the short-K shapes (compile time)
+            got = a8w4_matmul(x.cuda(), kw, out_dtype=None, config=cfg).cpu()
+            assert torch.equal(got, ref), f"M={m} {cfg}"
+
+
+@pytest.mark.parametrize("k,n,g", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("static", [False, True])
+def test_production_path_matches_the_exact_reference(k: int, n: int, g: int, dtype: torch.dtype,
+                                                     static: bool) -> None:
+    gen = torch.Generator().manual_seed(n)
+    dg = random_weight(n, k, g, gen)
+    kw = layout(dg)
+    bias = torch.randn(n, generator=gen).to(dtype)
+    scale = torch.tensor(0.05) if static else None
+    for m in MS:
+        x = (torch.randn(m, k, generator=gen) * torch.logspace(-2, 1, m)[:, None]).to(dtype)
+        x[m // 2] = 0
+        out = a8w4_linear(x.cuda(), kw, scale, bias.cuda(), dtype)
+        x_q, s_x = quantize_activations(x, scale)  # the CPU definition
+        want = int_matmul(x_q, dg.int8_weight()).double() * s_x.double() * dg.s1.double() + bias.double()
+        eps = torch.finfo(dtype).eps
+        bad = (out.cpu().double() - want).abs() > want.abs() * eps + 4 * eps * want.abs().max()
+        assert not bad.any(), f"M={m}: {int(bad.sum())} outputs off by more than the output's rounding"
+
+
+def test_split_k_is_deterministic_under_concurrency() -> None:
+    gen = torch.Generator().manual_seed(9)
+    dg = random_weight(4096, 4096, 128, gen)
+    kw = layout(dg)
+    x = random_acts(16, 4096, gen).cuda()
+    ref = int_matmul(x.cpu(), dg.int8_weight())
+    for cfg in [c for c in _CONFIGS[16] if c.kwargs["SPLIT_K"] > 1]:
+        outs = [a8w4_matmul(x, kw, out_dtype=None, config=cfg) for _ in range(30)]
+        assert all(torch.equal(o.cpu(), ref) for o in outs), str(cfg)
+
+
+def test_captured_graph_survives_a_larger_call() -> None:
+    """Split-K buffers are per call: a graph captured at M=1 still replays right after an eager M=16 call."""
+    gen = torch.Generator().manual_seed(10)
+    dg = random_weight(4096, 4096, 128, gen)
+    kw = layout(dg)
+    x = torch.randn(1, 4096, generator=gen).half().cuda()
+    a8w4_linear(x, kw)  # autotune outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = a8w4_linear(x, kw)
+    big = torch.randn(16, 4096, generator=gen).half().cuda()
+    big_out = a8w4_linear(big, kw)
+    for _ in range(3):
+        x.copy_(torch.randn(1, 4096, generator=gen).half())
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, a8w4_linear(x, kw))
+    assert torch.equal(big_out, a8w4_linear(big, kw))
+
+
+def test_layer_layout_follows_the_device() -> None:
+    gen = torch.Generator().manual_seed(12)
+    layer = QuantLinear.from_weight(random_weight(256, 512, 64, gen), None, "dynamic").cuda()
+    x = torch.randn(2, 512, generator=gen).half().cuda()
+    layer(x)
+    assert layer.kernel_layout().codes.is_cuda
+    layer.cpu()
+    assert all(not t.is_cuda for t in layer.buffers()) and layer._derived == {}
