@@ -17,9 +17,10 @@ from torch import nn
 
 from dgq.calibrate import CalibrationReport, quantize_blocks
 from dgq.config import ConfigError, QuantConfig, preset
-from dgq.hf import CheckpointError, mark_quantized, quant_config
+from dgq.hf import mark_quantized
 from dgq.models import adapter_for
 from dgq.quantizer import check_layer
+from dgq.rotation import rotate_model
 
 CUDA_NSAMPLES = 128  # the paper's calibration set
 CPU_NSAMPLES = 32  # a CPU run of SmolLM2-135M finishes in minutes with this many
@@ -79,6 +80,8 @@ def quantize(model: nn.Module, samples: torch.Tensor | None, config: QuantConfig
         if samples is None:
             raise ConfigError("quantize() needs calibration token ids `samples` to quantize weights")
         token_ids_fit(samples, model.get_input_embeddings().num_embeddings, "the calibration text")
+        if config.rotate:
+            rotate_model(model, config.seed)
         report = quantize_blocks(model, adapter_for(model), samples, config, device, progress)
     mark_quantized(model, config)
     return QuantizeResult(model, config, report, time.perf_counter() - start)

@@ -108,3 +108,15 @@ def test_package_entry_point(tokenizer, data_dir, monkeypatch):
     out = dgq.quantize(model, tokenizer, dgq.preset("dgq", group_size=64, nsamples=2, seqlen=32, calib_batch=2))
     assert out is model and quant_config(out).method == "dgq" and out.config.quantization_config.quant_method == "dgq"
     assert any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_gptq_and_searched_static_scale_beat_their_plain_versions_on_outlier_model():
+    errors = {}
+    for method in ("dgq_dynamic", "dgq_gptq", "dgq_static", "dgq_static_clip"):
+        model = _outlier_model()
+        held_out = _ids(model, n=4, seed=1)
+        ref = model(held_out).logits
+        quantize(model, _ids(model, n=8), preset(method, group_size=64, calib_batch=4), progress=False)
+        errors[method] = _rel_err(model(held_out).logits, ref)
+    assert errors["dgq_gptq"] < 0.7 * errors["dgq_dynamic"]
+    assert errors["dgq_static_clip"] < errors["dgq_static"]
