@@ -218,6 +218,7 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
             if config.true_sequential and j > 0:  # statistics of the (smoothed) block with pairs < j quantized
                 stats[j] = collect_stats(block, (pair,), hidden, kwargs, sample)[0]
             report.layers += quantize_block(block, names[id(block)], (pair,), [stats[j]], config)
+        del stats  # this block's H matrices (on ``device``) must not live on while the next block is calibrated
         hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
         block.to(home)
         worst = max(r.rel_error for r in report.layers[-len(adapter.linear_names()):])

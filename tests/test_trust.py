@@ -148,10 +148,8 @@ def _small_quant_linear() -> QuantLinear:
     return model.model.layers[0].self_attn.q_proj
 
 
-@pytest.mark.skipif(not hasattr(QuantLinear, "kernel_layout"),
-                    reason="needs the kernel engineer's QuantLinear.kernel_layout (dgq/nn.py)")
 def test_cached_layouts_follow_the_layer_device():
-    """Depends on dgq/nn.py (kernel engineer): whatever the layer caches for its forward or its kernels must move
+    """Whatever the layer caches for its forward or its kernels must move
     (or be dropped) with the layer, or a block sent back to the CPU keeps GPU memory alive."""
     pytest.importorskip("triton", reason="the kernel layout's module needs triton")
     layer = _small_quant_linear()
@@ -165,7 +163,7 @@ def test_cached_layouts_follow_the_layer_device():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_calibration_holds_at_most_one_block():
-    """Depends on dgq/nn.py (kernel engineer): while block 1 is calibrated the GPU holds nothing more of block 0
+    """While block 1 is calibrated the GPU holds nothing more of block 0
     than before it was calibrated, and afterwards nothing of any block (packed weights and kernel layouts)."""
     import gc
 
