@@ -22,11 +22,13 @@ from typing import Iterator
 
 import torch
 
+from dgq.errors import DGQError
 from dgq.formats import INT4_MAX, DualGrainedWeight, int8_safe_window
 
 
-class GPTQError(ValueError):
-    """``H`` stays singular after dampening: the Cholesky factorisation that GPTQ needs does not exist."""
+class GPTQError(DGQError, ValueError):
+    """``H`` stays singular after dampening: the Cholesky factorisation that GPTQ needs does not exist (the user's
+    calibration data or dampening setting; the message says which knob to turn)."""
 
 
 @dataclass
