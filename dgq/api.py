@@ -17,11 +17,11 @@ from torch import nn
 
 from dgq.calibrate import CalibrationReport, quantize_blocks
 from dgq.config import ConfigError, QuantConfig, preset
-from dgq.hf import CheckpointError, mark_quantized, quant_config
+from dgq.hf import mark_quantized
 from dgq.models import adapter_for
 from dgq.quantizer import check_layer
+from dgq.rotation import rotate_model
 
-DEFAULT_GROUPS = (128, 64)
 CUDA_NSAMPLES = 128  # the paper's calibration set
 CPU_NSAMPLES = 32  # a CPU run of SmolLM2-135M finishes in minutes with this many
 
@@ -38,7 +38,10 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     """``name`` as a device; ``None`` is CUDA when available, else the CPU.  Asking for CUDA without it is refused."""
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {str(name)!r}; use cpu or cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {str(name)!r} asked for, but CUDA is not available on this machine")
     return device
@@ -47,18 +50,6 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
 def default_nsamples(device: torch.device) -> int:
     """Calibration sequences when none are asked for: the paper's 128 on CUDA, fewer on the CPU to stay in minutes."""
     return CUDA_NSAMPLES if device.type == "cuda" else CPU_NSAMPLES
-
-
-def auto_group_size(model: nn.Module) -> int:
-    """The largest default group size that divides every quantized layer's in_features."""
-    adapter = adapter_for(model)
-    block = adapter.blocks(model)[0]
-    widths = {block.get_submodule(n).in_features for n in adapter.linear_names()}
-    for g in DEFAULT_GROUPS:
-        if all(w % g == 0 for w in widths):
-            return g
-    raise ConfigError(f"no default group size ({', '.join(map(str, DEFAULT_GROUPS))}) divides the layer widths "
-                      f"{sorted(widths)}; pass --group-size")
 
 
 def check_model(model: nn.Module, config: QuantConfig) -> None:
@@ -70,7 +61,7 @@ def check_model(model: nn.Module, config: QuantConfig) -> None:
 
 
 @torch.no_grad()
-def quantize(model: nn.Module, samples: torch.Tensor, config: QuantConfig,
+def quantize(model: nn.Module, samples: torch.Tensor | None, config: QuantConfig,
              device: torch.device | str | None = None, progress: bool = True) -> QuantizeResult:
     """Quantize ``model`` in place with ``config``, calibrating on token ids ``samples`` ``[n, seqlen]``.
 
@@ -78,11 +69,19 @@ def quantize(model: nn.Module, samples: torch.Tensor, config: QuantConfig,
     The settings are recorded in ``model.config.quantization_config`` (a :class:`dgq.hf.DGQConfig`), so the model
     saves with ``save_pretrained`` / :func:`save` and :func:`dgq.hf.quant_config` reads them back.
     """
+    from dgq.validate import finite_weights, token_ids_fit
+
     device = resolve_device(device)
     start = time.perf_counter()
     report = CalibrationReport()
     if config.quantizes_weights:
+        finite_weights(model)
         check_model(model, config)
+        if samples is None:
+            raise ConfigError("quantize() needs calibration token ids `samples` to quantize weights")
+        token_ids_fit(samples, model.get_input_embeddings().num_embeddings, "the calibration text")
+        if config.rotate:
+            rotate_model(model, config.seed)
         report = quantize_blocks(model, adapter_for(model), samples, config, device, progress)
     mark_quantized(model, config)
     return QuantizeResult(model, config, report, time.perf_counter() - start)
@@ -122,42 +121,58 @@ def quantize_pretrained(model: str, out: str | Path, method: str = "dgq", *, gro
 
     ``settings`` override :class:`QuantConfig` fields (``act``, ``seqlen``, ``seed``, ``calib_data``, search
     grids, …).  ``group_size`` defaults to the largest of 128, 64 that divides the layer widths, ``nsamples`` to
-    :func:`default_nsamples`.  With ``eval_datasets``, perplexity is measured before and after (``windows`` per
-    dataset) and recorded in the model card.  Everything that can be checked without the model is checked first.
+    :func:`default_nsamples`; a default applies only when the argument is absent (``None``), never for 0.  With
+    ``eval_datasets``, perplexity is measured before and after (``windows`` per dataset) and recorded in the model
+    card.  Everything that can be checked is checked before the weights are read, in order of cost
+    (:mod:`dgq.validate`); ``out`` is reserved first, so an unwritable path fails at once, and no failure leaves
+    anything behind.
     """
-    from dgq.checkpoint import save
+    from dgq import validate
+    from dgq.checkpoint import PendingDir
+    from dgq.checkpoint import save as write_checkpoint
     from dgq.data import calibration_samples
-    from dgq.loading import load_model
+    from dgq.loading import load_tokenizer, load_weights
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output directory {out} already exists (pass --overwrite to replace it)")
+    for flag, value, minimum in (("--group-size", group_size, 2), ("--nsamples", nsamples, 1),
+                                 ("--seqlen", settings.get("seqlen"), 1), ("--calib-batch", settings.get("calib_batch"), 1),
+                                 ("--windows", windows, 1)):
+        validate.at_least(flag, value, minimum)
     datasets = check_datasets(eval_datasets)
     device = resolve_device(device)
     asked_nsamples = nsamples is not None
-    nsamples = nsamples or default_nsamples(device)
-    preset(method, nsamples=nsamples, **settings)  # a bad setting fails here, before the model loads
-    fp_model, tokenizer, source = load_model(model)
-    config = preset(method, group_size=group_size or auto_group_size(fp_model), nsamples=nsamples, **settings)
-    why = "paper setting" if nsamples == CUDA_NSAMPLES else "as asked" if asked_nsamples else \
-        f"CPU default; --nsamples {CUDA_NSAMPLES} for the paper setting"
-    log(f"model {source.display_name} · method {config.method} · W{config.weight_bits}A{config.act_bits} · "
-        f"group {config.group_size} · act {config.act} · calibration {nsamples} x {config.seqlen} tokens ({why})")
-    if config.quantizes_weights:
-        check_model(fp_model, config)
-    before = evaluate(fp_model, tokenizer, datasets=datasets, windows=windows, seqlen=config.seqlen,
-                      data_dir=data_dir, device=device).perplexity if datasets else {}
-    fp_model.to("cpu")
-    samples = calibration_samples(tokenizer, path=config.calib_data, nsamples=nsamples, seqlen=config.seqlen,
-                                  seed=config.seed, root=data_dir)
-    result = quantize(fp_model, samples, config, device=device)
-    after = evaluate(fp_model, tokenizer, datasets=datasets, windows=windows, seqlen=config.seqlen,
-                     data_dir=data_dir, device=device).perplexity if datasets else {}
-    fp_model.to("cpu")
-    card = {"base_model": source.to_dict(), "perplexity": after, "perplexity_fp": before, "windows": windows,
-            "seqlen": config.seqlen, "quantize_seconds": round(result.seconds, 1)}
-    save(fp_model, out, tokenizer=tokenizer, overwrite=overwrite, card=card)
-    return QuantizeRun(config, out, source, result.seconds, before, after)
+    nsamples = nsamples if asked_nsamples else default_nsamples(device)
+    config = preset(method, nsamples=nsamples, **settings)  # every setting but the group size, checked now
+    pending = PendingDir(out, overwrite)
+    try:
+        validate.data_files(datasets, config.calib_data, data_dir, calibrate=config.quantizes_weights)
+        source, hf_config, skeleton = validate.model_structure(model, config.seqlen)
+        config = config.with_(group_size=validate.group_size_for(skeleton, group_size,
+                                                                 grouped=config.weight in ("dual", "group")))
+        tokenizer = load_tokenizer(source)
+        validate.vocabulary_fits(tokenizer, hf_config)
+        validate.eval_texts_fit(tokenizer, datasets, config.seqlen, data_dir, hf_config.vocab_size)
+        samples = calibration_samples(tokenizer, path=config.calib_data, nsamples=nsamples, seqlen=config.seqlen,
+                                      seed=config.seed, root=data_dir) if config.quantizes_weights else None
+        why = "paper setting" if nsamples == CUDA_NSAMPLES else "as asked" if asked_nsamples else \
+            f"CPU default; --nsamples {CUDA_NSAMPLES} for the paper setting"
+        log(f"model {source.display_name} · method {config.method} · W{config.weight_bits}A{config.act_bits} · "
+            f"group {config.group_size} · act {config.act} · calibration {nsamples} x {config.seqlen} tokens ({why})")
+        fp_model = load_weights(source, hf_config)
+        validate.finite_weights(fp_model)
+        before = evaluate(fp_model, tokenizer, datasets=datasets, windows=windows, seqlen=config.seqlen,
+                          data_dir=data_dir, device=device).perplexity if datasets else {}
+        fp_model.to("cpu")
+        result = quantize(fp_model, samples, config, device=device)
+        after = evaluate(fp_model, tokenizer, datasets=datasets, windows=windows, seqlen=config.seqlen,
+                         data_dir=data_dir, device=device).perplexity if datasets else {}
+        fp_model.to("cpu")
+        card = {"base_model": source.card_dict(), "perplexity": after, "perplexity_fp": before, "windows": windows,
+                "seqlen": config.seqlen}
+        write_checkpoint(fp_model, pending, tokenizer=tokenizer, card=card)
+    except BaseException:
+        pending.discard()
+        raise
+    return QuantizeRun(config, Path(out), source, result.seconds, before, after)
 
 
 def save(model: nn.Module, out: str | Path, tokenizer: Any = None, overwrite: bool = False,
@@ -176,28 +191,72 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a directory written by dgq (its config carries a dgq ``quantization_config``)."""
+    """Whether ``path`` is a directory written by dgq (its config carries a dgq ``quantization_config``); another
+    method's checkpoint is refused, named, rather than handed to transformers."""
     import json
+
+    from dgq.checkpoint import CheckpointError
+    from dgq.validate import foreign_quantization
 
     config = Path(path) / "config.json"
     if not config.is_file():
         return False
-    qc = json.loads(config.read_text()).get("quantization_config") or {}
-    return qc.get("quant_method") == "dgq"
+    try:
+        hf_config = json.loads(config.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{config} is not valid JSON: {exc}") from None
+    foreign_quantization(hf_config, str(path))
+    return (hf_config.get("quantization_config") or {}).get("quant_method") == "dgq"
+
+
+@dataclass
+class Prepared:
+    """A model checked up to its weights: its config and tokenizer, and how to read the weights."""
+
+    config: Any
+    tokenizer: Any
+    label: str
+    read_weights: Callable[[], nn.Module]
+
+
+def prepare_any(spec: str, seqlen: int | None = None, device: str | torch.device = "cpu") -> Prepared:
+    """A dgq checkpoint or any model spec :func:`quantize_pretrained` takes (then unquantized), checked from its
+    config and tokenizer alone (another method's checkpoint, too few positions for ``seqlen``, a vocabulary smaller
+    than the tokenizer's) before :attr:`Prepared.read_weights` reads anything heavy."""
+    import json
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from dgq import validate
+    from dgq.checkpoint import check_directory
+    from dgq.loading import load_tokenizer, load_weights
+
+    if is_checkpoint(spec):
+        check_directory(spec)
+        config = AutoConfig.from_pretrained(spec)
+        if seqlen is not None:
+            validate.seqlen_fits(seqlen, config)
+        method = json.loads((Path(spec) / "config.json").read_text())["quantization_config"]["settings"]["method"]
+        prepared = Prepared(config, AutoTokenizer.from_pretrained(spec), f"{spec} ({method})",
+                            lambda: load(spec, device=device))
+    else:
+        source, config, _ = validate.model_structure(spec, seqlen)
+        prepared = Prepared(config, load_tokenizer(source), f"{source.display_name} (unquantized)",
+                            lambda: load_weights(source, config, device=resolve_device(device)))
+    validate.vocabulary_fits(prepared.tokenizer, config)
+    return prepared
 
 
 def load_any(spec: str, device: str | torch.device = "cpu") -> tuple[nn.Module, Any, str]:
     """``(model, tokenizer, label)`` for a dgq checkpoint or for any model spec :func:`quantize_pretrained` takes
-    (then unquantized), so before and after are evaluated through the same path."""
-    from transformers import AutoTokenizer
+    (then unquantized), so before and after are evaluated through the same path; checked as :func:`prepare_any`
+    does, and the weights for NaN/Inf."""
+    from dgq.validate import finite_weights
 
-    from dgq.loading import load_model
-
-    if is_checkpoint(spec):
-        model = load(spec, device=device)
-        return model, AutoTokenizer.from_pretrained(spec), f"{spec} ({quant_config(model).method})"
-    model, tokenizer, source = load_model(spec, device=resolve_device(device))
-    return model, tokenizer, f"{source.display_name} (unquantized)"
+    prepared = prepare_any(spec, device=device)
+    model = prepared.read_weights()
+    finite_weights(model)
+    return model, prepared.tokenizer, prepared.label
 
 
 def check_datasets(names: tuple[str, ...] | list[str] | None) -> list[str]:
@@ -233,17 +292,27 @@ def evaluate(model: nn.Module | str, tokenizer: Any = None, *, datasets: tuple[s
 
     ``datasets``: perplexity (GPTQ protocol) over the first ``windows`` windows of ``seqlen`` tokens (default all;
     C4 at most 256).  ``tasks``: zero-shot accuracy through lm-evaluation-harness on the first ``limit`` items of
-    each task (default all; see :mod:`dgq.eval.zeroshot`).  Names are checked before the model loads.
+    each task (default all; see :mod:`dgq.eval.zeroshot`).  Given a spec, everything is checked before the weights
+    are read: the ranges, the names, the data files, the model's config and tokenizer against the texts
+    (:func:`prepare_any`).
     """
+    from dgq import validate
     from dgq.eval.perplexity import perplexity
     from dgq.eval.zeroshot import check_tasks, zeroshot
 
+    validate.at_least("--windows", windows, 1)
+    validate.at_least("--seqlen", seqlen, 1)
+    validate.at_least("--limit", limit, 1)
     datasets, tasks = check_datasets(datasets), check_tasks(tasks)
     if not datasets and not tasks:
         raise ConfigError("nothing to evaluate: name perplexity datasets and/or zero-shot tasks")
     device = resolve_device(device)
     if isinstance(model, (str, Path)):
-        model, tokenizer, label = load_any(str(model))
+        validate.data_files(datasets, None, data_dir, calibrate=False)
+        prepared = prepare_any(str(model), seqlen if datasets else None)
+        validate.eval_texts_fit(prepared.tokenizer, datasets, seqlen, data_dir, prepared.config.vocab_size)
+        model, tokenizer, label = prepared.read_weights(), prepared.tokenizer, prepared.label
+        validate.finite_weights(model)
     else:
         label = getattr(model.config, "name_or_path", "") or type(model).__name__
     start = time.perf_counter()
@@ -280,7 +349,10 @@ def bench(path: str | Path, seqlens: list[int], decode_batches: list[int], conte
     checkpoint at ``path`` on the local GPU, one dict per measurement."""
     from dgq.bench import decode, prefill
     from dgq.errors import DGQError
+    from dgq.validate import at_least
 
+    for flag, value in (("--context", context), ("--decode-steps", decode_steps), ("--repeats", repeats)):
+        at_least(flag, value, 1)
     if not torch.cuda.is_available():
         raise DGQError("dgq bench measures GPU speed and needs CUDA; none is available on this machine")
     model = load(path, device="cuda", dtype=torch.float16)

@@ -21,14 +21,15 @@ from tqdm.auto import tqdm
 
 from dgq.config import QuantConfig
 from dgq.models.adapters import Adapter, SmoothPair
-from dgq.quantizer import LayerReport, LinearStats, quantize_linear
+from dgq.quantizer import LayerReport, LinearStats, TokenSample, quantize_linear
 from dgq.smooth import (
     column_absmax, expand_for_heads, fold_scales, percentile_scales, reduce_for_heads, smoothquant_scales,
 )
 
 
 class _StopForward(Exception):
-    """Raised by the last recorder so the capture pass skips the final norm and LM head."""
+    """Ends a forward pass once everything it was run for has been recorded (the capture pass skips the final norm
+    and LM head; the statistics pass skips what follows the last consumer's input)."""
 
 
 class _Recorder(nn.Module):
@@ -102,9 +103,16 @@ def _block_output(out: Any) -> torch.Tensor:
 
 @torch.no_grad()
 def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[torch.Tensor],
-                  kwargs: list[dict[str, Any]]) -> list[LinearStats]:
-    """One pass of the float block, accumulating ``H`` and channel maxima of each pair's activation."""
+                  kwargs: list[dict[str, Any]], sample: bool = False) -> list[LinearStats]:
+    """One pass of the float block, accumulating ``H`` and channel maxima of each pair's activation (and with
+    ``sample`` a :class:`TokenSample` of it, for the static activation scale search).
+
+    Each chunk's pass stops as soon as every pair has seen its input: the rest of the block (the last linear and
+    the residual add, about a tenth of the pass) would produce outputs nobody reads.
+    """
     stats: list[LinearStats | None] = [None] * len(pairs)
+    seen: set[int] = set()
+    total = sum(h[..., 0].numel() for h in hidden)
 
     def hook(index: int) -> Callable:
         def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -112,16 +120,26 @@ def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[
             st = stats[index]
             if st is None:
                 k = x.shape[1]
-                st = stats[index] = LinearStats(torch.zeros(k, k, device=x.device), torch.zeros(k, device=x.device), 0)
+                st = stats[index] = LinearStats(torch.zeros(k, k, device=x.device), torch.zeros(k, device=x.device), 0,
+                                                TokenSample(total) if sample else None)
             st.h.addmm_(x.t(), x)
+            if st.sample is not None:
+                st.sample.add(x)
             torch.maximum(st.absmax, x.abs().amax(0), out=st.absmax)
             st.tokens += x.shape[0]
+            seen.add(index)
+            if len(seen) == len(pairs):
+                raise _StopForward
         return record
 
     handles = [_module(block, p.consumers[0]).register_forward_pre_hook(hook(i)) for i, p in enumerate(pairs)]
     try:
         for h, kw in zip(hidden, kwargs):
-            block(h, **kw)
+            seen.clear()
+            try:
+                block(h, **kw)
+            except _StopForward:
+                pass
     finally:
         for handle in handles:
             handle.remove()
@@ -161,7 +179,8 @@ def smooth_block(block: nn.Module, pairs: tuple[SmoothPair, ...], stats: list[Li
             continue
         fold_scales(_module(block, pair.producer), consumers, k, pair)
         k_in = expand_for_heads(k, pair.heads).to(st.h.device)
-        smoothed.append(LinearStats(st.h / torch.outer(k_in, k_in), st.absmax / k_in, st.tokens))
+        smoothed.append(LinearStats(st.h / torch.outer(k_in, k_in), st.absmax / k_in, st.tokens,
+                                    None if st.sample is None else st.sample.scaled(k_in)))
     return smoothed
 
 
@@ -192,9 +211,13 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         home = next(block.parameters()).device
         block.to(device)
         kwargs = inputs.kwargs[i]
-        stats = collect_stats(block, adapter.pairs, hidden, kwargs)
+        sample = config.act == "static" and config.act_clip_grid > 1
+        stats = collect_stats(block, adapter.pairs, hidden, kwargs, sample)
         stats = smooth_block(block, adapter.pairs, stats, config)
-        report.layers += quantize_block(block, names[id(block)], adapter.pairs, stats, config)
+        for j, pair in enumerate(adapter.pairs):
+            if config.true_sequential and j > 0:  # statistics of the (smoothed) block with pairs < j quantized
+                stats[j] = collect_stats(block, (pair,), hidden, kwargs, sample)[0]
+            report.layers += quantize_block(block, names[id(block)], (pair,), [stats[j]], config)
         hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
         block.to(home)
         worst = max(r.rel_error for r in report.layers[-len(adapter.linear_names()):])

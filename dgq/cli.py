@@ -16,6 +16,7 @@ from dgq import api
 from dgq.config import PRESETS, ConfigError, QuantConfig
 from dgq.errors import DGQError
 from dgq.eval.zeroshot import TASKS
+from dgq.validate import int_list
 
 EXIT_USAGE = 2
 EXIT_BUG = 1
@@ -36,6 +37,8 @@ def _names(spec: str | None) -> list[str]:
 def cmd_quantize(args: argparse.Namespace) -> None:
     settings = {name: getattr(args, name) for name in
                 ("act", "percentile", "sq_alpha", "clip_grid", "clip_min", "s1_grid") if getattr(args, name) is not None}
+    if args.gptq:
+        settings.update(gptq=True, act_order=True)
     run = api.quantize_pretrained(
         args.model, args.out, args.method, group_size=args.group_size, nsamples=args.nsamples, device=args.device,
         eval_datasets=_names(args.eval), windows=args.windows, data_dir=args.data_dir, overwrite=args.overwrite,
@@ -92,8 +95,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     rows = [["phase", "batch", "seqlen", "result", "peak memory"]]
-    for r in api.bench(args.model, [int(s) for s in args.seqlens.split(",")],
-                       [int(b) for b in args.decode_batches.split(",")], args.context, args.decode_steps, args.repeats):
+    seqlens, batches = int_list("--seqlens", args.seqlens), int_list("--decode-batches", args.decode_batches)
+    for r in api.bench(args.model, seqlens, batches, args.context, args.decode_steps, args.repeats):
         result = f"{r['ms']:.2f} ms" if r["phase"] == "prefill" else f"{r['tokens_per_s']:.1f} tok/s"
         phase = r["phase"] if r["phase"] == "prefill" else f"decode ({r['mode'].split(' ')[0]})"
         rows.append([phase, str(r["batch"]), str(r["seqlen"]), result, f"{r['peak_bytes'] / 2**30:.2f} GiB"])
@@ -125,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=None,
                    help="input channels per fine-grained group (default: 128, or 64 if 128 does not divide the "
                         "layer widths, as for SmolLM2's 576)")
+    q.add_argument("--gptq", action="store_true",
+                   help="after the scale search, choose the 4-bit codes with GPTQ's error feedback (activation order) "
+                        "instead of nearest rounding; the same as the dgq_gptq method for --method dgq")
     q.add_argument("--act", choices=["dynamic", "static"], default=None,
                    help="int8 activations per token (dynamic) or per tensor with a calibrated scale (static)")
     q.add_argument("--percentile", type=float, default=None,

@@ -6,9 +6,10 @@ baselines run through exactly the same pipeline as DGQ and differ only in these 
 
 from __future__ import annotations
 
-from dgq.errors import DGQError
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
+
+from dgq.errors import DGQError
 
 WEIGHT_FORMATS = ("none", "dual", "group", "channel", "int8")
 ACT_MODES = ("none", "dynamic", "static")
@@ -30,6 +31,15 @@ class QuantConfig:
     smoothing: ``percentile`` (DGQ Eq. 7), ``smoothquant`` (max|X|^a / max|W|^(1-a)), or ``none``.
     search:    grid-search clipping ratios (phase 1) and, for ``dual``, channel scales (phase 2) on H = XᵀX;
                without it weights are rounded to nearest (RTN) and ``dual`` uses the naive s1 = max scale / 8.
+    gptq:      once the scales are fixed, choose the 4-bit codes with GPTQ's inverse-Hessian error feedback
+               (:mod:`dgq.gptq`) instead of nearest rounding; ``gptq_damp`` (fraction of mean diag H added to H),
+               ``gptq_block`` (columns per lazy update) and ``act_order`` (columns by decreasing H_jj) tune it.
+    true_sequential: collect H and maxima of each activation of a block after the linears before it are
+               quantized (GPTQ's option), instead of all from the float block.
+    rotate:    before calibration, rotate the residual stream by a randomised Hadamard matrix folded into the
+               weights (:mod:`dgq.rotation`, Llama family only); the float model's function is unchanged.
+    act_clip_grid: static activations only: clipping ratios in ``[act_clip_min, 1]`` of the calibration max tried
+               per layer, scored on the layer's output error over a token sample; 1 keeps the max.
     """
 
     method: str = "dgq"
@@ -49,6 +59,14 @@ class QuantConfig:
     seed: int = 0
     calib_batch: int = 4
     calib_data: str | None = None
+    gptq: bool = False
+    gptq_damp: float = 0.01
+    gptq_block: int = 128
+    act_order: bool = False
+    true_sequential: bool = False
+    rotate: bool = False
+    act_clip_grid: int = 1
+    act_clip_min: float = 0.3
 
     def __post_init__(self) -> None:
         choices = {"weight": WEIGHT_FORMATS, "act": ACT_MODES, "smoothing": SMOOTHINGS}
@@ -57,6 +75,12 @@ class QuantConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.weight in ("dual", "group") and (self.group_size < 2 or self.group_size % 2):
             raise ConfigError(f"group_size must be an even number >= 2, got {self.group_size}")
+        if self.weight == "none" and (self.act != "none" or self.smoothing != "none" or self.search):
+            # Activations are quantized inside the quantized layers, and smoothing and search serve the weight
+            # quantizer: with no weight quantization none of them would happen, yet the checkpoint would say so.
+            raise ConfigError(f"weight 'none' quantizes no layer, so act {self.act!r}, smoothing {self.smoothing!r} "
+                              f"and search {self.search} would do nothing; use act='none', smoothing='none', "
+                              f"search=False (the 'fp' method), or a weight format")
         if self.weight == "dual" and self.act == "none":
             raise ConfigError("the dual-grained format needs int8 activations (act 'dynamic' or 'static')")
         if not 0 < self.percentile < 50:
@@ -68,7 +92,15 @@ class QuantConfig:
         lo, hi = self.s2_range
         if self.s1_grid < 1 or not 1 <= lo <= hi <= 127:
             raise ConfigError("s1_grid must be >= 1 and s2_range must satisfy 1 <= low <= high <= 127")
-        for name in ("nsamples", "seqlen", "calib_batch"):
+        if self.gptq and self.weight not in ("dual", "group", "channel"):
+            raise ConfigError(f"gptq chooses 4-bit codes on a dual, group or channel grid, not weight {self.weight!r}")
+        if not 0 < self.gptq_damp < 1:
+            raise ConfigError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
+        if self.act_clip_grid < 1 or not 0 < self.act_clip_min <= 1:
+            raise ConfigError("act_clip_grid must be >= 1 and act_clip_min in (0, 1]")
+        if self.act_clip_grid > 1 and self.act != "static":
+            raise ConfigError("act_clip_grid searches the static activation scale; it needs act 'static'")
+        for name in ("nsamples", "seqlen", "calib_batch", "gptq_block"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -120,6 +152,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ablation_s_gw": dict(weight="group", act="static", smoothing="percentile", search=True),
     "ablation_d_cw": dict(weight="channel", act="dynamic", smoothing="percentile", search=True),
     "ablation_s_dg": dict(weight="dual", act="static", smoothing="percentile", search=True),
+}
+# Beyond the paper: GPTQ's error feedback on the searched grid, and a searched static activation scale.
+PRESETS |= {
+    "dgq_gptq": PRESETS["dgq_dynamic"] | dict(gptq=True, act_order=True),
+    "dgq_gptq_seq": PRESETS["dgq_dynamic"] | dict(gptq=True, act_order=True, true_sequential=True),
+    "w4a8_group_gptq": PRESETS["w4a8_group"] | dict(gptq=True, act_order=True),
+    "dgq_static_clip": PRESETS["dgq_static"] | dict(act_clip_grid=16),
+    "dgq_static_gptq": PRESETS["dgq_static"] | dict(gptq=True, act_order=True, act_clip_grid=16),
+    "dgq_rot": PRESETS["dgq_dynamic"] | dict(rotate=True),
+    "dgq_rot_nosmooth": PRESETS["dgq_dynamic"] | dict(rotate=True, smoothing="none"),
 }
 PRESETS["dgq"] = PRESETS["dgq_dynamic"]
 

@@ -7,13 +7,14 @@ beside the working directory or beside this repository, so the CLI works from th
 
 from __future__ import annotations
 
-from dgq.errors import DGQError
 import json
 import os
 import random
 from pathlib import Path
 
 import torch
+
+from dgq.errors import DGQError
 
 DATASETS = ("wikitext2", "ptb", "c4")
 _EVAL_FILES = {"wikitext2": "wikitext-2-raw/wiki.test.raw", "ptb": "ptb/ptb.test.txt",
@@ -43,21 +44,47 @@ def data_root(override: str | Path | None = None) -> Path:
 
 def _data_file(relative: str, what: str, root: str | Path | None) -> Path:
     path = data_root(root) / relative
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{what} not found at {path} ({_HINT})")
     return path
 
 
-def _jsonl_texts(path: Path) -> list[str]:
+def read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path`` with universal newlines (as ``Path.read_text`` reads it).
+
+    Every way the file can be unusable (missing, a folder, unreadable, binary, not UTF-8) raises :class:`DataError`
+    naming ``what`` and the file, so the user learns which of their files to fix.
+    """
+    if path.is_dir():
+        raise DataError(f"{what} {path} is a directory, not a text file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist") from None
+    except OSError as exc:
+        raise DataError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    if b"\x00" in raw:
+        raise DataError(f"{what} {path} is not a text file (it holds NUL bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+                        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _jsonl_texts(path: Path, what: str) -> list[str]:
     """The ``text`` field of every non-blank json line."""
     texts = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    texts.append(json.loads(line)["text"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise DataError(f"{path}:{n} is not a json line with a 'text' field") from None
+    for n, line in enumerate(read_text(path, what).split("\n"), 1):
+        if line.strip():
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise DataError(f"{what} {path}, line {n}: not a json object with a 'text' field") from None
+            if not isinstance(text, str):
+                raise DataError(f"{what} {path}, line {n}: 'text' is {type(text).__name__}, not a string")
+            texts.append(text)
     return texts
 
 
@@ -69,10 +96,11 @@ def load_eval_text(name: str, root: str | Path | None = None) -> str:
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
-    path = _data_file(_EVAL_FILES[name], f"{name} evaluation file", root)
+    what = f"{name} evaluation file"
+    path = _data_file(_EVAL_FILES[name], what, root)
     if name == "c4":
-        return " ".join(_jsonl_texts(path))
-    text = path.read_text(encoding="utf-8")
+        return " ".join(_jsonl_texts(path, what))
+    text = read_text(path, what)
     if name == "wikitext2":
         return "\n\n".join(text.splitlines(keepends=True))
     return " ".join(line.strip() for line in text.splitlines())
@@ -83,13 +111,9 @@ def calibration_texts(path: str | Path | None = None, root: str | Path | None = 
 
     ``path=None`` means the default C4 calibration half, which is disjoint from every evaluation file.
     """
-    if path is None:
-        file = _data_file(CALIBRATION_FILE, "calibration file", root)
-    else:
-        file = Path(path).expanduser().absolute()
-        if not file.is_file():
-            raise DataError(f"calibration file {file} does not exist")
-    texts = _jsonl_texts(file) if file.suffix == ".jsonl" else [file.read_text(encoding="utf-8")]
+    what = "calibration file"
+    file = _data_file(CALIBRATION_FILE, what, root) if path is None else Path(path).expanduser().absolute()
+    texts = _jsonl_texts(file, what) if file.suffix == ".jsonl" else [read_text(file, what)]
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise DataError(f"calibration file {file} holds no text")

@@ -103,6 +103,16 @@ def fake_quant_groups(w: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor) ->
     return ((q - zp) * scale[..., None]).reshape(w.shape)
 
 
+def int8_safe_window(zp: torch.Tensor, s2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lowest and highest 4-bit code of each group whose ``s2 * (u4 - zp)`` stays in ``[-127, 127]``:
+    ``zp ± floor(127 / s2)`` intersected with ``[0, 15]`` (float tensors of integer values, shaped like ``zp``).
+
+    Every code producer (nearest rounding here, GPTQ's error feedback in :mod:`dgq.gptq`) clamps to this window,
+    which is what makes the int8 widening exact by construction."""
+    reach = torch.floor(INT8_MAX / s2)
+    return (zp - reach).clamp(min=0), (zp + reach).clamp(max=INT4_MAX)
+
+
 def dual_grain(w: torch.Tensor, s1: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
                group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``w`` to the dual-grained codes for channel scales ``s1`` (paper Eq. 5, overflow-safe).
@@ -115,11 +125,10 @@ def dual_grain(w: torch.Tensor, s1: torch.Tensor, scale: torch.Tensor, lo: torch
     s2 = torch.round(scale / s1[..., None]).clamp(1, INT8_MAX)
     step = s1[..., None] * s2
     zp = torch.round(-lo / step).clamp(0, INT4_MAX)
-    reach = torch.floor(INT8_MAX / s2)
-    low = (zp - reach).clamp(min=0)[..., None]
-    high = (zp + reach).clamp(max=INT4_MAX)[..., None]
+    low, high = int8_safe_window(zp, s2)
     wg = w.reshape(*w.shape[:-1], -1, group_size)
-    u4 = torch.maximum(torch.minimum(torch.round(wg / step[..., None]) + zp[..., None], high), low)
+    u4 = torch.maximum(torch.minimum(torch.round(wg / step[..., None]) + zp[..., None], high[..., None]),
+                       low[..., None])
     return u4.reshape(*u4.shape[:-2], -1), zp, s2
 
 

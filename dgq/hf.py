@@ -15,6 +15,7 @@ size-mismatch error for ``P.weight`` instead of running randomly initialised wei
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -82,7 +83,10 @@ class DGQConfig(QuantizationConfigMixin):
         """The config of ``model`` after quantizing it with ``config``."""
         modules = {name: {"type": "dgq" if isinstance(m, QuantLinear) else "fake", "act": m.act_mode}
                    for name, m in model.named_modules() if isinstance(m, (QuantLinear, FakeQuantLinear))}
-        return cls(config.to_dict(), modules)
+        settings = config.to_dict()
+        if settings["calib_data"] is not None:  # the file's name says what was used; its folder is the machine's
+            settings["calib_data"] = Path(settings["calib_data"]).name
+        return cls(settings, modules)
 
 
 def _skeleton(linear: nn.Module, entry: dict[str, str], group_size: int) -> nn.Module:
@@ -212,6 +216,25 @@ def mark_quantized(model: PreTrainedModel, config: QuantConfig) -> None:
     quantizer.postprocess_model(model)
 
 
+def folded_offset_norms(model: nn.Module) -> set[str]:
+    """Norms that scale by ``1 + w`` and absorbed smoothing scales (Gemma): they load in float32 in any dtype.
+
+    The folded weight is ``(w + 1) / k - 1``; for a large ``k`` it sits near -1 and ``1 + w`` is a small difference
+    of two numbers near 1, which bf16/fp16 would wipe out (a relative error up to 100% of the scale).  Such norms
+    compute in float32 anyway (``x.float() * (1 + w.float())``), so keeping their weights float32 is exact and free.
+    """
+    from dgq.models import UnsupportedModelError, adapter_for
+
+    try:
+        adapter = adapter_for(model)
+    except UnsupportedModelError:
+        return set()
+    blocks = adapter.blocks(model)
+    prefix = next(name for name, module in model.named_modules() if module is blocks)
+    producers = [pair.producer for pair in adapter.pairs if pair.norm_offset]
+    return {f"{prefix}.{i}.{producer}" for i in range(len(blocks)) for producer in producers}
+
+
 class DGQHfQuantizer(HfQuantizer):
     """Loads and saves pre-quantized dgq checkpoints; dgq quantizes through :func:`dgq.api.quantize`, which needs
     calibration data, so quantizing on the fly in ``from_pretrained`` is refused."""
@@ -234,6 +257,8 @@ class DGQHfQuantizer(HfQuantizer):
                 raise CheckpointError(f"quantization_config names module {name}, which the model does not have") \
                     from None
             model.set_submodule(name, _skeleton(linear, entry, qc.group_size))
+        # transformers reads this set when it decides each tensor's dtype, after this hook
+        model._keep_in_fp32_modules_strict = set(model._keep_in_fp32_modules_strict or ()) | folded_offset_norms(model)
         files = checkpoint_files or _local_files(model.config.name_or_path)  # older transformers pass no files
         if not files:
             raise CheckpointError("dgq checkpoints load from safetensors files; none were found")

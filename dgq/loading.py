@@ -6,13 +6,15 @@ that the checkpoint writer can record where a quantized model came from (``Model
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import socket
-from urllib.parse import urlparse
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+from urllib.parse import urlparse
 
 import torch
 
@@ -40,6 +42,15 @@ class ModelSource:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def card_dict(self) -> dict[str, Any]:
+        """What a model card may say about the source: no folder of the quantizing machine, only names that mean
+        the same thing elsewhere (the alias, a hub id, the file or folder name)."""
+        name = self.spec if self.kind in ("alias", "hub") else Path(self.spec).name
+        card = {"name": name, "kind": self.kind}
+        if self.gguf_file:
+            card["gguf_file"] = self.gguf_file
+        return card
 
 
 def _smollm2() -> ModelSource:
@@ -88,28 +99,107 @@ def _hub_reachable() -> bool:
     return True
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, ModelSource]:
-    """``(model, tokenizer, source)`` for ``spec``; the model in eval mode on ``device`` with its KV cache off
-    (calibration and perplexity score whole windows, so a cache only costs memory)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@contextmanager
+def _memoized_gguf_name_map() -> Iterator[None]:
+    """Memoize ``gguf.get_tensor_name_map`` while transformers loads a GGUF file.
 
-    source = resolve_model(spec)
+    transformers asks for the same (architecture, block count) map once per module of the model (397 times for
+    SmolLM2), and each call rebuilds a large table: 9 of the 29 s that loading SmolLM2 took on a 2-core machine.
+    The map is a pure function of its arguments, so caching it for the duration of one load changes nothing else.
+    """
+    import gguf
+
+    original = gguf.get_tensor_name_map
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original)
+    try:
+        yield
+    finally:
+        gguf.get_tensor_name_map = original
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _hub_kwargs(source: ModelSource) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     if source.kind == "hub" and not _hub_reachable():
         kwargs["local_files_only"] = True
+    return kwargs
+
+
+def _load_error(source: ModelSource, what: str, exc: Exception) -> ModelLoadError:
+    """One line for any failure of transformers or the hub client, naming the user's model and the file."""
+    if source.kind == "hub":
+        return ModelLoadError(f"{source.spec!r} is not a local path, and the hub could not be reached or has no "
+                              f"such model ({_first_line(exc)})")
+    if source.gguf_file:
+        file = Path(source.path) / source.gguf_file
+        problem = _gguf_problem(file)
+        if problem is not None:
+            return ModelLoadError(f"GGUF file {file} is truncated or corrupt ({problem})")
+    return ModelLoadError(f"could not load the {what} of {source.spec!r}: {_first_line(exc)}")
+
+
+def _gguf_problem(file: Path) -> str | None:
+    """Why the GGUF reader cannot parse ``file`` (a short file fails when its tensors' data is mapped), or None if
+    it can, in which case the failure was transformers' (e.g. an architecture it does not convert)."""
+    from gguf import GGUFReader
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
+        GGUFReader(file)
+    except Exception as exc:  # noqa: BLE001 - numpy and struct raise many types on a damaged file
+        return _first_line(exc)
+    return None
+
+
+def load_config(source: ModelSource) -> Any:
+    """The model's ``transformers`` config, without its weights (milliseconds for a folder; a GGUF file's metadata is
+    parsed, a few seconds), so that settings can be checked against the model before minutes of loading."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path, **_hub_kwargs(source))
     except Exception as exc:  # noqa: BLE001 - transformers and the hub client raise many types; all become one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if source.kind == "hub":
-            raise ModelLoadError(f"{spec!r} is not a local path, and the hub could not be reached or has no such "
-                                 f"model ({reason})") from None
-        raise ModelLoadError(f"could not load {spec!r}: {reason}") from None
+        raise _load_error(source, "config", exc) from None
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    """The model's tokenizer (no weights are read)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source.path, **_hub_kwargs(source))
+    except Exception as exc:  # noqa: BLE001 - see load_config
+        raise _load_error(source, "tokenizer", exc) from None
+
+
+def load_weights(source: ModelSource, config: Any, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model of ``config`` with its weights, in eval mode on ``device`` with its KV cache off (calibration and
+    perplexity score whole windows, so a cache only costs memory)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with _memoized_gguf_name_map():
+            model = AutoModelForCausalLM.from_pretrained(source.path, config=config, dtype=dtype,
+                                                         **_hub_kwargs(source))
+    except Exception as exc:  # noqa: BLE001 - see load_config
+        raise _load_error(source, "weights", exc) from None
     if source.gguf_file and getattr(model, "hf_quantizer", None) is not None:
         # transformers dequantizes GGUF weights to plain float tensors but still marks the model quantized, which
         # blocks .half()/.float() and would carry a stale GGUF quantization_config into our checkpoints.
         model.hf_quantizer.remove_quantization_config(model)
     model.config.use_cache = False
-    return model.to(device).eval(), tokenizer, source
+    return model.to(device).eval()
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, ModelSource]:
+    """``(model, tokenizer, source)`` for ``spec``: :func:`load_config`, :func:`load_tokenizer`,
+    :func:`load_weights` in one call, for callers that check nothing in between."""
+    source = resolve_model(spec)
+    config = load_config(source)
+    tokenizer = load_tokenizer(source)
+    return load_weights(source, config, dtype, device), tokenizer, source

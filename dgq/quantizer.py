@@ -7,6 +7,7 @@ replaces the Linear: a :class:`~dgq.nn.QuantLinear` for the dual-grained format,
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -14,11 +15,12 @@ from torch import nn
 
 from dgq.config import QuantConfig
 from dgq.errors import DGQError
-from dgq.formats import INT8_MAX, fake_quant_groups, to_dual_grained
+from dgq.formats import INT8_MAX, DualGrainedWeight, to_dual_grained
+from dgq.gptq import CodeGrid, gptq_codes
 from dgq.nn import FakeQuantLinear, QuantLinear
 from dgq.search import (
-    int8_channel_fake_quant, naive_channel_scale, output_error, rtn_group_scales, search_channel_scale,
-    search_group_clip,
+    int8_channel_fake_quant, naive_channel_scale, output_error, rtn_group_scales, search_act_scale,
+    search_channel_scale, search_group_clip,
 )
 
 
@@ -26,13 +28,58 @@ class LayerError(DGQError, ValueError):
     """A layer that cannot be quantized as asked (non-finite weights, indivisible group size)."""
 
 
+class TokenSample:
+    """A weighted sample of an activation's calibration tokens, for scores that ``H`` cannot give (the error of
+    quantizing the activation itself, which depends on each token's own maximum).
+
+    Stratified so that the few tokens with huge activations, which decide whether clipping pays, are never missed:
+    the ``top`` tokens of largest ``max|x|`` are kept exactly (weight 1), and every ``stride``-th token stands for
+    ``stride`` tokens of the rest.
+    """
+
+    def __init__(self, total_tokens: int, size: int = 1024, top: int = 64) -> None:
+        self.stride = max(1, total_tokens // size)
+        self.top = top
+        self.seen = 0
+        self.uniform: list[torch.Tensor] = []
+        self.peaks: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Take the sample's share of ``x`` ``[tokens, k]``."""
+        first = (-self.seen) % self.stride
+        self.uniform.append(x[first::self.stride].clone())
+        self.seen += x.shape[0]
+        pool = x if self.peaks is None else torch.cat([self.peaks, x])
+        keep = pool.abs().amax(1).topk(min(self.top, pool.shape[0])).indices
+        self.peaks = pool[keep].clone()
+
+    def tokens_and_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample tokens ``[n, k]`` and how many calibration tokens each stands for ``[n]``."""
+        if self.peaks is None:
+            raise ValueError("the token sample saw no tokens")
+        uniform = torch.cat(self.uniform)
+        rest = max(self.seen - self.peaks.shape[0], 0) / max(uniform.shape[0], 1)
+        weights = torch.cat([torch.ones(self.peaks.shape[0]), torch.full((uniform.shape[0],), rest)])
+        return torch.cat([self.peaks, uniform]), weights.to(uniform.device)
+
+    def scaled(self, k: torch.Tensor) -> "TokenSample":
+        """The sample of ``x / k`` (what smoothing by ``k`` makes of the activation; the peak tokens stay those
+        that peaked before smoothing, which only ever lowers the largest channels)."""
+        out = copy.copy(self)
+        out.uniform = [u / k for u in self.uniform]
+        out.peaks = None if self.peaks is None else self.peaks / k
+        return out
+
+
 @dataclass
 class LinearStats:
-    """Calibration statistics of one activation: ``H = XᵀX`` and ``max|x_j|`` over all tokens."""
+    """Calibration statistics of one activation: ``H = XᵀX`` and ``max|x_j|`` over all tokens, and for the static
+    scale search a :class:`TokenSample`."""
 
     h: torch.Tensor
     absmax: torch.Tensor
     tokens: int
+    sample: TokenSample | None = None
 
 
 @dataclass
@@ -44,10 +91,8 @@ class LayerReport:
     act_scale: float | None
 
 
-def check_layer(name: str, linear: nn.Linear, config: QuantConfig) -> None:
-    """Fail early, naming the layer, on what would otherwise surface as a wrong or crashing quantization."""
-    if not torch.isfinite(linear.weight).all():
-        raise LayerError(f"layer {name}: weight contains NaN or Inf")
+def check_layer_shape(name: str, linear: nn.Module, config: QuantConfig) -> None:
+    """Fail early, naming the layer, on a shape the format cannot hold; needs no weights (works on meta models)."""
     k = linear.in_features
     if config.weight in ("dual", "group") and k % config.group_size:
         raise LayerError(f"layer {name}: group size {config.group_size} does not divide in_features {k} "
@@ -56,10 +101,39 @@ def check_layer(name: str, linear: nn.Linear, config: QuantConfig) -> None:
         raise LayerError(f"layer {name}: in_features {k} is odd; 4-bit codes are packed in pairs")
 
 
+def check_layer(name: str, linear: nn.Linear, config: QuantConfig) -> None:
+    """:func:`check_layer_shape`, and finite weights: a NaN would otherwise surface as a wrong quantization."""
+    check_layer_shape(name, linear, config)
+    if not torch.isfinite(linear.weight).all():
+        raise LayerError(f"layer {name}: weight contains NaN or Inf")
+
+
 def _group_scales(w: torch.Tensor, h: torch.Tensor, g: int, config: QuantConfig):  # noqa: ANN202
     if config.search:
         return search_group_clip(w, h, g, config.clip_grid, config.clip_min)
     return rtn_group_scales(w, g)
+
+
+def _gptq(w: torch.Tensor, h: torch.Tensor, grid: CodeGrid, nearest: torch.Tensor,
+          config: QuantConfig) -> torch.Tensor:
+    """GPTQ codes on ``grid``, row by row kept only where they beat the ``nearest`` codes on the undamped output
+    error ``(w - ŵ)ᵀ H (w - ŵ)``: rows are independent in that error, so per layer it is never above rounding."""
+    codes = gptq_codes(w, h, grid, config.gptq_damp, config.gptq_block, config.act_order)
+    better = output_error(w, grid.dequantize(codes), h) < output_error(w, grid.dequantize(nearest), h)
+    return torch.where(better[:, None], codes, nearest)
+
+
+def _static_scale(stats: LinearStats, w: torch.Tensor, w_hat: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+    """The per-tensor activation scale: the calibration max / 127, or with ``act_clip_grid > 1`` the clipped max
+    that minimises the layer's output error on the token sample."""
+    absmax = stats.absmax.max().float()
+    if config.act_clip_grid == 1:
+        return absmax.reshape(()) / INT8_MAX
+    if stats.sample is None:
+        raise ValueError("the static scale search needs a token sample; calibration did not collect one")
+    x, weights = stats.sample.tokens_and_weights()
+    return search_act_scale(x.to(w.device), weights.to(w.device), w, w_hat, absmax, config.act_clip_grid,
+                            config.act_clip_min)
 
 
 @torch.no_grad()
@@ -70,7 +144,7 @@ def quantize_linear(name: str, linear: nn.Linear, stats: LinearStats, config: Qu
     w = linear.weight.detach().float()
     h = stats.h.to(w.device, torch.float32)
     bias = None if linear.bias is None else linear.bias.detach().clone()
-    act_scale = stats.absmax.max().float().reshape(()) / INT8_MAX if config.act == "static" else None
+    dg: DualGrainedWeight | None = None
     if config.weight == "dual":
         g = config.group_size
         rtn = rtn_group_scales(w, g)
@@ -80,15 +154,24 @@ def quantize_linear(name: str, linear: nn.Linear, stats: LinearStats, config: Qu
         else:
             s1, gs = naive_channel_scale(rtn), rtn
         dg = to_dual_grained(w, s1, gs.scale, gs.lo, g)
+        if config.gptq:
+            codes = _gptq(w, h, CodeGrid.dual_grained(dg), dg.u4.float(), config)
+            dg = DualGrainedWeight(codes.to(torch.uint8), dg.zp, dg.s2, dg.s1, g)
+            dg.validate(name)
         w_hat = dg.dequantize()
+    elif config.weight == "int8":
+        w_hat = int8_channel_fake_quant(w)
+    else:
+        gs = _group_scales(w, h, w.shape[1] if config.weight == "channel" else config.group_size, config)
+        grid = CodeGrid.float_groups(gs.scale, gs.lo)
+        codes = grid.round(w)
+        if config.gptq:
+            codes = _gptq(w, h, grid, codes, config)
+        w_hat = grid.dequantize(codes)
+    act_scale = _static_scale(stats, w, w_hat, config) if config.act == "static" else None
+    if dg is not None:
         module: nn.Module = QuantLinear.from_weight(dg, bias, config.act, act_scale)
     else:
-        if config.weight == "int8":
-            w_hat = int8_channel_fake_quant(w)
-        else:
-            g = w.shape[1] if config.weight == "channel" else config.group_size
-            gs = _group_scales(w, h, g, config)
-            w_hat = fake_quant_groups(w, gs.scale, gs.lo)
         module = FakeQuantLinear(w_hat.to(linear.weight.dtype), bias, config.act, act_scale)
     ref = output_error(w, torch.zeros_like(w), h).sum().clamp(min=1e-30)
     rel = float(output_error(w, w_hat, h).sum() / ref)

@@ -117,3 +117,24 @@ def int8_channel_fake_quant(w: torch.Tensor) -> torch.Tensor:
     """Symmetric per-output-channel int8 rounding (the SmoothQuant W8 weights), dequantized."""
     s = (w.abs().amax(-1, keepdim=True) / INT8_MAX).clamp(min=1e-12)
     return torch.clamp(torch.round(w / s), -INT8_MAX, INT8_MAX) * s
+
+
+def search_act_scale(x: torch.Tensor, weights: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor,
+                     absmax: torch.Tensor, grid: int, clip_min: float) -> torch.Tensor:
+    """The static per-tensor int8 activation scale ``r · absmax / 127``, ``r`` in ``[clip_min, 1]``, minimising the
+    layer's output error ``Σ_t weights_t ||q(x_t) Ŵᵀ - x_t Wᵀ||²`` over sample tokens ``x`` ``[n, k]``.
+
+    Clipping trades the error of the few tokens above the clip for finer steps on all others; only the layer's
+    output (with its already quantized weight ``ŵ``) can say which wins.  ``r = 1`` (the max) is a candidate, so
+    on the sample the result is never worse than the max.
+    """
+    x, w, w_hat = x.float(), w.float(), w_hat.float()
+    ref = x @ w.t()
+    best, best_err = None, float("inf")
+    for r in torch.linspace(1.0, clip_min, grid).tolist():
+        s = (absmax * r / INT8_MAX).clamp(min=1e-8)
+        xq = torch.clamp(torch.round(x / s), -INT8_MAX, INT8_MAX) * s
+        err = float((((xq @ w_hat.t()) - ref) ** 2).sum(1) @ weights)
+        if err < best_err:
+            best, best_err = s, err
+    return best.reshape(())

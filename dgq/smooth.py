@@ -56,13 +56,17 @@ def fold_scales(producer: nn.Module, consumers: list[nn.Linear], k: torch.Tensor
     """Divide the activation by ``k`` (per producer output channel) and multiply the consumers' columns by it.
 
     ``k`` is given per producer channel; for a GQA value → output pair it is expanded over the shared heads.
+    A norm that scales by ``offset + w`` (Gemma) keeps ``(w + offset) / k - offset`` in float32 whatever the
+    model's dtype: for large ``k`` that value is close to ``-offset``, and bf16/fp16 would lose most of the small
+    difference ``offset + w`` that the norm multiplies by (such norms compute in float32 anyway).
     """
     k_out = k.to(producer.weight.device, torch.float32)
     if isinstance(producer, nn.Linear):
         producer.weight.copy_(producer.weight.float().div(k_out[:, None]))
-    else:  # a norm: x_hat * (offset + w) + b
-        w = producer.weight.float()
-        producer.weight.copy_((w + pair.norm_offset) / k_out - pair.norm_offset)
+    elif pair.norm_offset:  # a norm x_hat * (offset + w): see below for why its weight becomes float32
+        producer.weight.data = (producer.weight.float() + pair.norm_offset) / k_out - pair.norm_offset
+    else:  # a norm: x_hat * w + b
+        producer.weight.copy_(producer.weight.float() / k_out)
     if getattr(producer, "bias", None) is not None:
         producer.bias.copy_(producer.bias.float() / k_out)
     k_in = expand_for_heads(k_out, pair.heads)

@@ -210,7 +210,7 @@ def test_failure_leaves_no_partial_output(existing, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr("dgq.checkpoint._model_card", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=f"^cannot write the output directory {out}: disk full$"):
         save(quantized("llama", "w4a8_rtn_dg"), out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])
     assert not existing or [p.name for p in out.iterdir()] == ["keep.txt"]

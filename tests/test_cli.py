@@ -63,7 +63,7 @@ def test_bad_input_fails_cleanly(case, model_dir, data_dir, tmp_path):
     extra: list[str] = ["--data-dir", str(data_dir)]
     message = {"missing_model": "does not exist", "unsupported": "unsupported architecture 'gpt2'",
                "group": "group size 96 does not divide in_features 128", "missing_data": "not found at",
-               "nan": "weight contains NaN", "exists": "already exists"}[case]
+               "nan": "model weight model.layers.0.self_attn.k_proj.weight holds 1 NaN/Inf", "exists": "already exists"}[case]
     if case == "missing_model":
         model = str(tmp_path / "no-such-model")
     elif case == "unsupported":
@@ -119,3 +119,14 @@ def test_user_errors_are_one_line_and_bugs_show_their_traceback(monkeypatch, cap
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "ValueError: internal invariant broken" in err and err.endswith(BUG_LINE + "\n")
+
+
+def test_gptq_flag(model_dir, data_dir, tmp_path):
+    common = ["--nsamples", "2", "--seqlen", "64", "--device", "cpu", "--data-dir", str(data_dir)]
+    proc = run_cli("quantize", str(model_dir), "--out", str(tmp_path / "q"), "--gptq", *common)
+    assert proc.returncode == 0, proc.stderr
+    settings = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["settings"]
+    assert settings["method"] == "dgq" and settings["gptq"] and settings["act_order"]
+    proc = run_cli("quantize", str(model_dir), "--out", str(tmp_path / "w8"), "--method", "w8a8_smoothquant",
+                   "--gptq", *common)
+    _assert_one_line_error(proc, "gptq chooses 4-bit codes")

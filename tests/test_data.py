@@ -87,7 +87,7 @@ def test_calibration_from_user_files(tokenizer, tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (None, "does not exist"), ("", "holds no text"), ("short", "fewer than one sequence of 64"),
-    ('{"txt": 1}\n', "is not a json line with a 'text' field"),
+    ('{"txt": 1}\n', "line 1: not a json object with a 'text' field"),
 ])
 def test_calibration_errors(tokenizer, tmp_path, content, message):
     path = tmp_path / "calib.jsonl" if content and content.startswith("{") else tmp_path / "calib.txt"

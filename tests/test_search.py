@@ -4,7 +4,8 @@ import torch
 
 from dgq.formats import fake_quant_groups, to_dual_grained
 from dgq.search import (
-    diagonal_blocks, naive_channel_scale, output_error, rtn_group_scales, search_channel_scale, search_group_clip,
+    diagonal_blocks, naive_channel_scale, output_error, rtn_group_scales, search_act_scale, search_channel_scale,
+    search_group_clip,
 )
 
 G = 32
@@ -72,3 +73,29 @@ def test_phase2_scores_against_original_weights_not_phase1_result():
         cand = phase1.scale.amax(1) / t
         other = output_error(w, to_dual_grained(w, cand, phase1.scale, phase1.lo, G).dequantize(), h)
         assert torch.all(chosen <= other * (1 + 1e-4))
+
+
+def _act_error(x, weights, w, w_hat, s):
+    xq = torch.clamp(torch.round(x / s), -127, 127) * s
+    return float((((xq @ w_hat.t()) - x @ w.t()) ** 2).sum(1) @ weights)
+
+
+def test_static_scale_search_clips_rare_outlier_tokens():
+    """One huge token among many ordinary ones: clipping it costs less than coarse steps for all the others."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=g)
+    x = torch.randn(256, 64, generator=g)
+    x[0] *= 3  # the peak token (kept exactly in a TokenSample, weight 1)
+    weights = torch.cat([torch.ones(1), torch.full((255,), 50.0)])  # the ordinary tokens stand for many
+    absmax = x.abs().max()
+    s = search_act_scale(x, weights, w, w, absmax, grid=16, clip_min=0.2)
+    assert s < 0.7 * absmax / 127
+    assert _act_error(x, weights, w, w, s) < 0.7 * _act_error(x, weights, w, w, absmax / 127)
+
+
+def test_static_scale_search_keeps_the_max_when_every_token_reaches_it():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(32, 64, generator=g)
+    x = torch.sign(torch.randn(256, 64, generator=g))  # every entry is +-max: any clipping hurts every token
+    s = search_act_scale(x, torch.ones(256), w, w, x.abs().max(), grid=16, clip_min=0.2)
+    assert torch.isclose(s, torch.tensor(1 / 127))
