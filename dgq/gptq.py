@@ -22,10 +22,11 @@ from typing import Iterator
 
 import torch
 
+from dgq.errors import DGQError
 from dgq.formats import INT4_MAX, DualGrainedWeight, int8_safe_window
 
 
-class GPTQError(ValueError):
+class GPTQError(DGQError, ValueError):
     """``H`` stays singular after dampening: the Cholesky factorisation that GPTQ needs does not exist."""
 
 
