@@ -26,7 +26,7 @@ before the GEMM).  Quantizing inside the GEMM was built and measured (benchmarks
 first reduce its rows' absmax over all of K, a chain of dependent L2 loads that made the decode GEMM 3-25x slower
 than the separate launch, which costs 10-15% at M = 1.
 
-**Split-K** (small M, long K): each split adds its int32 partial sums into a zeroed buffer allocated *per call*
+**Split-K** (M <= 256, long K): each split adds its int32 partial sums into a zeroed buffer allocated *per call*
 (so a captured CUDA graph owns its own copy; nothing global can be reallocated under it) and counts its arrival per
 output element; the split that completes an element (acquire on the counter) applies the epilogue.  Integer
 addition is exact in any order, so the result is deterministic.
