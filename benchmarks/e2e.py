@@ -25,7 +25,7 @@ from torch import nn
 from dgq.bench import decode, prefill
 from dgq.formats import INT4_MAX, INT8_MAX, group_minmax, to_dual_grained
 from dgq.kernels.act_quant import quantize_activations_triton
-from dgq.kernels.gemm import w8a8_matmul
+from dgq.kernels.int8_gemm import int8_matmul
 from dgq.nn import QuantLinear
 from dgq.search import naive_channel_scale, rtn_group_scales
 
@@ -55,7 +55,7 @@ class W8A8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         x_s8, s_x = quantize_activations_triton(x2)
-        return w8a8_matmul(x_s8, self.w_s8, s_x, self.s1, None, x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return int8_matmul(x_s8, self.w_s8, s_x, self.s1, None, x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
 class W4A16Linear(nn.Module):

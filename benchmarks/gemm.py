@@ -9,13 +9,17 @@ the L2 several times) are captured in one CUDA graph, replayed after warm-up (wh
 replay time per call is reported.  Writes ``[{"K", "N", "M", "kernel", "ms"}]`` to ``--out`` (plus the config the
 autotuner picked for ``dgq``) and prints a table of ms and speed-up vs FP16.
 
-Peers: cuBLAS FP16, ``torch._int_mm``, FP8 row-wise ``_scaled_mm``, our kernel on a ready int8 weight
-(``w8a8_triton``: A8W4 with no widening), tinygemm W4A16, and GemLite W4A16 when the ``gemlite`` package imports.
+Peers: cuBLAS FP16, ``torch._int_mm``, FP8 row-wise ``_scaled_mm``, our TMA int8 kernel on a ready int8 weight
+(``w8a8_triton``: A8W4 with free widening), tinygemm W4A16, and GemLite W4A16 when the ``gemlite`` package imports.
+dgq's own rows: ``dgq`` (what ``QuantLinear`` runs, act-quant included, path by M: ``dgq.kernels.linear``) and each
+path alone from int8 activations: ``dgq_gemv`` (M <= 16 only: it re-reads the weight per token),
+``dgq_gemm_only`` (in-register widening), ``dgq_widen_once`` (widen + TMA int8 kernel).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -26,9 +30,11 @@ from typing import Callable
 import torch
 
 from dgq.formats import DualGrainedWeight, int_matmul, quantize_activations
-from dgq.kernels import linear
+from dgq.kernels import gemm, gemv, int8_gemm, linear
 from dgq.kernels.act_quant import quantize_activations_triton
-from dgq.kernels.gemm import KernelWeight, _tuned, a8w4_matmul, w8a8_matmul, widen_weight
+from dgq.kernels.gemm import KernelWeight, a8w4_matmul, widen_weight
+from dgq.kernels.gemv import a8w4_gemv
+from dgq.kernels.int8_gemm import int8_matmul
 from dgq.nn import QuantLinear
 from dgq.packing import pack_u4
 
@@ -37,8 +43,8 @@ MS = [1, 16, 64, 256, 1024, 4096, 8192]
 GROUP = 128
 TOUCH_BYTES = 256e6  # bytes each timed graph touches at least (~5x the H100's 50 MB L2)
 PEAK_INT8_TOPS, PEAK_FP16_TFLOPS = 1979.0, 989.0  # H100 SXM dense datasheet
-KERNELS = ["fp16", "int_mm", "w8a8_triton", "w4a16_tinygemm", "w4a16_gemlite", "fp8_rowwise", "dgq",
-           "dgq_gemm_only", "dgq_widen_once"]  # dgq = act-quant + one of the last two, by M (dgq.kernels.linear)
+KERNELS = ["fp16", "int_mm", "w8a8_triton", "w4a16_tinygemm", "w4a16_gemlite", "fp8_rowwise", "dgq", "dgq_gemv",
+           "dgq_gemm_only", "dgq_widen_once"]  # dgq = act-quant + one of the last three, by M (dgq.kernels.linear)
 
 
 def make_weight(n: int, k: int, g: int) -> DualGrainedWeight:
@@ -90,27 +96,44 @@ class Operands:
         self.x_fp8 = self.x_s8.to(torch.float8_e4m3fn)
 
 
+def operand_sets(k: int, n: int) -> list[Operands]:
+    """Enough random operand sets of one shape that a graph over them touches >= TOUCH_BYTES of packed weight."""
+    return [Operands(make_weight(n, k, GROUP)) for _ in range(min(24, max(2, math.ceil(
+        TOUCH_BYTES / (n * k * (0.5 + 2 / GROUP))))))]
+
+
 def kernel_call(name: str, o: Operands) -> Callable[[], torch.Tensor]:
     """One call of kernel ``name`` on operand set ``o`` (its current activations)."""
     calls = {
         "fp16": lambda: o.x16 @ o.w16.t(),
         "int_mm": lambda: torch._int_mm(o.x_s8, o.w8.t()),
-        "w8a8_triton": lambda: w8a8_matmul(o.x_s8, o.w8, o.s_x, o.dg.s1),
+        "w8a8_triton": lambda: int8_matmul(o.x_s8, o.w8, o.s_x, o.dg.s1),
         "w4a16_tinygemm": lambda: torch._weight_int4pack_mm(o.xbf, o.tiny(), GROUP, o.tiny_sz),
         "w4a16_gemlite": lambda: o.gemlite()(o.x16),
         "fp8_rowwise": lambda: torch._scaled_mm(o.x_fp8, o.w_fp8.t(), scale_a=o.s_x, scale_b=o.s1_row,
                                                 out_dtype=torch.bfloat16),
         "dgq": lambda: linear.a8w4_linear(o.x16, o.kw),
+        "dgq_gemv": lambda: a8w4_gemv(o.x_s8, o.kw, o.s_x),
         "dgq_gemm_only": lambda: a8w4_matmul(o.x_s8, o.kw, o.s_x),  # in-register widening at every M
-        "dgq_widen_once": lambda: w8a8_matmul(o.x_s8, widen_weight(o.kw), o.s_x, o.dg.s1),
+        "dgq_widen_once": lambda: int8_matmul(o.x_s8, widen_weight(o.kw), o.s_x, o.dg.s1),
     }
     return calls[name]
+
+
+def chosen_config(name: str, m: int) -> object:
+    """The config the autotuner of the kernel that ``name`` ran at ``m`` chose for its last call."""
+    if name == "dgq":
+        name = ("dgq_gemv" if m <= linear.GEMV_MAX_M else "dgq_widen_once" if m >= linear.WIDEN_MIN_M
+                else "dgq_gemm_only")
+    tuner = {"dgq_gemv": gemv._tuned, "dgq_gemm_only": gemm._tuned, "dgq_widen_once": int8_gemm._tuned}[name]
+    return tuner.best_config
 
 
 def call_bytes(name: str, m: int, k: int, n: int) -> float:
     """Fewest bytes one call must move (weights, activations in, output)."""
     w = {"fp16": 2.0, "int_mm": 1.0, "w8a8_triton": 1.0, "fp8_rowwise": 1.0}.get(name, 0.5 + 2 / GROUP) * n * k
-    x = m * k * (1 if name in ("int_mm", "w8a8_triton", "fp8_rowwise", "dgq_gemm_only") else 2)
+    x = m * k * (1 if name in ("int_mm", "w8a8_triton", "fp8_rowwise", "dgq_gemv", "dgq_gemm_only",
+                               "dgq_widen_once") else 2)
     return w + x + m * n * (4 if name == "int_mm" else 2)
 
 
@@ -165,9 +188,10 @@ def check_quant_linear(failures: list[str]) -> None:
     for mode in ("dynamic", "static"):
         layer = QuantLinear.from_weight(dg, torch.randn(512, device="cuda").half(), mode,
                                         torch.tensor(0.02) if mode == "static" else None)
-        for m in (1, 21):
+        on_cpu = copy.deepcopy(layer).cpu()  # the definition runs on the CPU: CUDA's own division differs (check())
+        for m in (1, 21, 1500):
             x = torch.randn(1, m, 4096, device="cuda").half()
-            out, ref = layer(x).double(), layer.forward_reference(x).double()
+            out, ref = layer(x).double().cpu(), on_cpu.forward_reference(x.cpu()).double()
             if ((out - ref).abs() > ref.abs() * 2 ** -10 + 1e-6).any():
                 failures.append(f"QuantLinear {mode} M={m}: fast path != reference")
 
@@ -199,14 +223,16 @@ def main() -> None:
         if time.time() - t0 > args.budget_s:
             print(f"budget spent: skipping {k}x{n}", flush=True)
             continue
-        n_sets = min(24, max(2, math.ceil(TOUCH_BYTES / (n * k * (0.5 + 2 / GROUP)))))
-        sets = [Operands(make_weight(n, k, GROUP)) for _ in range(n_sets)]
+        sets = operand_sets(k, n)
+        n_sets = len(sets)
         check(sets, failures, f"K={k} N={n}")
         print(f"checked K={k} N={n} ({time.time() - t0:.0f} s); failures so far: {len(failures)}", flush=True)
         for m in ms:
             for o in sets:
                 o.set_acts(m)
             for name in kernels:
+                if name == "dgq_gemv" and m > 16:
+                    continue  # one weight pass per token: not a path for M > 1 (dgq.kernels.linear)
                 use = sets[:min(n_sets, max(2, math.ceil(TOUCH_BYTES / call_bytes(name, m, k, n))))]
                 try:
                     ms_ = time_graph([kernel_call(name, o) for o in use])
@@ -216,7 +242,7 @@ def main() -> None:
                 row = {"K": k, "N": n, "M": m, "kernel": name, "ms": ms_}
                 if name.startswith("dgq"):
                     kernel_call(name, o)()  # the config the autotuner picked for this call
-                    row["config"] = str(_tuned.best_config)
+                    row["config"] = str(chosen_config(name, m))
                 rows.append(row)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(rows, indent=0))

@@ -11,8 +11,7 @@ import argparse
 
 import torch
 
-from benchmarks.gemm import GROUP, Operands, kernel_call, make_weight
-from dgq.kernels.gemm import _tuned
+from benchmarks.gemm import GROUP, Operands, chosen_config, kernel_call, make_weight
 
 
 def main() -> None:
@@ -28,7 +27,7 @@ def main() -> None:
     for _ in range(3):
         call()  # compile and autotune outside the profiled range
     torch.cuda.synchronize()
-    print(f"{args.kernel} K={args.k} N={args.n} M={args.m}: config {_tuned.best_config}", flush=True)
+    print(f"{args.kernel} K={args.k} N={args.n} M={args.m}: config {chosen_config(args.kernel, args.m)}", flush=True)
     torch.cuda.cudart().cudaProfilerStart()
     call()
     torch.cuda.synchronize()

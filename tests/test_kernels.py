@@ -2,8 +2,8 @@
 
 Accumulators must equal :func:`dgq.formats.int_matmul` bit for bit; fp16/bf16 outputs must equal the reference
 epilogue up to the output's rounding.  Configs are pinned (no autotuning in the interpreter) so that every path
-runs: split-K with its last-split reduction, M/N tails, both K tiles (64, 128), group sizes 64 and 128, packed and
-int8 weights.  The interpreter runs the plain-integer widening
+runs: split-K with its last-split reduction, M/N tails, both K tiles (64, 128), group sizes 64 and 128, the
+decode GEMV, the TMA int8 GEMM's persistent tile loop and K tail, and the path ``a8w4_linear`` picks for each M.  The interpreter runs the plain-integer widening
 (``USE_ASM=False``); the PTX's byte-lane arithmetic is proven here exhaustively in 32-bit integer emulation, and the
 real kernel is checked bit-exact on a GPU by ``tests/test_kernels_cuda.py`` (``pytest -m cuda``).
 """
@@ -21,9 +21,9 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be tested")
 
 from dgq.formats import DualGrainedWeight, int_matmul, quantize_activations  # noqa: E402
+from dgq.kernels import act_quant, gemv, int8_gemm, linear  # noqa: E402
 from dgq.kernels.act_quant import quantize_activations_triton  # noqa: E402
-from dgq.kernels.gemm import (KernelShapeError, KernelWeight, _cfg, a8w4_matmul, tile_k_for,  # noqa: E402
-                              w8a8_matmul, widen_weight)
+from dgq.kernels.gemm import KernelShapeError, KernelWeight, _cfg, a8w4_matmul, tile_k_for, widen_weight  # noqa: E402
 from dgq.nn import QuantLinear  # noqa: E402
 from dgq.packing import pack_u4, unpack_u4  # noqa: E402
 
@@ -86,14 +86,77 @@ def test_a8w4_accumulator_is_exact(m: int, n: int, k: int, g: int, config: trito
     assert torch.equal(acc.cpu(), int_matmul(x, dg.int8_weight()))
 
 
-@pytest.mark.parametrize("m,n,k,g,config", GEMM_CASES[::2])
-def test_widen_and_w8a8_are_exact(m: int, n: int, k: int, g: int, config: triton.Config) -> None:
+def fp32_epilogue(acc: torch.Tensor, s_x: torch.Tensor, s1: torch.Tensor, b: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """The kernels' epilogue in the same fp32 operations and order: ``(acc * s_x) * s1 (+ b)``."""
+    out = acc.float() * s_x.float().reshape(-1, 1) * s1.float()
+    return out if b is None else out + b.float()
+
+
+# (M, N, K, group, BLOCK_M, BLOCK_N, BLOCK_K): more tiles than the interpreter's 4 persistent programs, M and N tails,
+# a K tail read as zeros through the descriptor (K = 192 with 128-wide K blocks).
+INT8_CASES = [(20, 130, 256, 128, 16, 32, 64), (5, 64, 192, 64, 16, 64, 128), (33, 40, 128, 64, 16, 32, 128)]
+
+
+@pytest.mark.parametrize("m,n,k,g,bm,bn,bk", INT8_CASES)
+def test_widen_and_int8_gemm_are_exact(m: int, n: int, k: int, g: int, bm: int, bn: int, bk: int) -> None:
     gen = torch.Generator().manual_seed(7 + m)
     dg, x = random_weight(n, k, g, gen, "extreme"), random_acts(m, k, gen)
     w8 = widen_weight(kernel_weight(dg), block_n=64)
     assert torch.equal(w8.cpu(), dg.int8_weight())
-    acc = w8a8_matmul(x.to(DEVICE), w8, out_dtype=None, config=config)
-    assert torch.equal(acc.cpu(), int_matmul(x, dg.int8_weight()))
+    s_x = torch.rand(m, 1, generator=gen) * 0.05 + 1e-3
+    config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 2}, num_warps=4, num_stages=1)
+    out = int8_gemm.int8_matmul(x.to(DEVICE), w8, s_x.to(DEVICE), dg.s1.to(DEVICE), out_dtype=torch.float32,
+                                config=config)
+    assert torch.equal(out.cpu(), fp32_epilogue(int_matmul(x, dg.int8_weight()), s_x, dg.s1))
+
+
+# (M, N, K, group): an N tail, more K tiles than some configs' splits cover (masked tiles), two groups per K tile, and
+# K tiles of 64 (K = 192, as SmolLM2's 576).
+GEMV_CASES = [(1, 40, 256, 64), (3, 72, 384, 128), (2, 64, 192, 64)]
+
+
+@pytest.mark.parametrize("m,n,k,g", GEMV_CASES)
+@pytest.mark.parametrize("config", gemv.CONFIGS[:4], ids=str)
+def test_gemv_is_exact(m: int, n: int, k: int, g: int, config: triton.Config) -> None:
+    gen = torch.Generator().manual_seed(n + k)
+    dg, x = random_weight(n, k, g, gen, "extreme"), random_acts(m, k, gen, "extreme")
+    s_x = torch.rand(m, 1, generator=gen) * 0.05 + 1e-3
+    b = torch.randn(n, generator=gen)
+    kw = kernel_weight(dg)
+    for _ in range(2):  # at M = 1 the split-K slots are the layer's own: each call must leave them zeroed
+        out = gemv.a8w4_gemv(x.to(DEVICE), kw, s_x.to(DEVICE), b.to(DEVICE), torch.float32, config)
+        assert torch.equal(out.cpu(), fp32_epilogue(int_matmul(x, dg.int8_weight()), s_x, dg.s1, b))
+        assert not kw.gemv_scratch.any()
+
+
+def test_gemv_takes_a_static_scale() -> None:
+    gen = torch.Generator().manual_seed(5)
+    dg, x = random_weight(64, 256, 128, gen), random_acts(1, 256, gen)
+    scale = torch.tensor([[0.02]])
+    out = gemv.a8w4_gemv(x.to(DEVICE), kernel_weight(dg), scale.to(DEVICE), None, torch.float32, gemv.CONFIGS[1])
+    assert torch.equal(out.cpu(), fp32_epilogue(int_matmul(x, dg.int8_weight()), scale, dg.s1))
+
+
+@pytest.mark.parametrize("m", [1, 3, 6])
+def test_linear_takes_the_path_for_its_m(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """M = 1: the GEMV; then the in-register kernel; from WIDEN_MIN_M (lowered here to 5): widen + int8 GEMM.
+    Each path gives the exact reference (the kernels are pinned to small configs: no autotuning here)."""
+    monkeypatch.setattr(linear, "WIDEN_MIN_M", 5)
+    called = []
+    for name, config in (("a8w4_gemv", gemv.CONFIGS[1]), ("a8w4_matmul", _cfg(16, 64, 1, 4, 1)),
+                         ("int8_matmul", triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2},
+                                                       num_warps=4, num_stages=1))):
+        fn = getattr(linear, name)
+        monkeypatch.setattr(linear, name, lambda *a, _fn=fn, _c=config, _n=name, **kw: called.append(_n) or
+                            _fn(*a, **kw, config=_c))
+    gen = torch.Generator().manual_seed(m)
+    dg = random_weight(64, 256, 64, gen)
+    x = torch.randn(m, 256, generator=gen)
+    out = linear.a8w4_linear(x.to(DEVICE), kernel_weight(dg), out_dtype=torch.float32)
+    q, s = quantize_activations(x)
+    assert called == [{1: "a8w4_gemv", 3: "a8w4_matmul", 6: "int8_matmul"}[m]]
+    assert torch.equal(out.cpu(), fp32_epilogue(int_matmul(q, dg.int8_weight()), s, dg.s1))
 
 
 def test_kernel_layout_pairs_k_and_k_plus_half_tile() -> None:
@@ -221,6 +284,16 @@ def test_act_quant_is_bit_exact(shape: tuple[int, int], dtype: torch.dtype, stat
     scale = torch.tensor(0.01) if static else None  # static: many values clamp at ±127
     q, s = quantize_activations_triton(x.to(DEVICE), scale)
     q_ref, s_ref = quantize_activations(x, scale)
+    assert torch.equal(s.cpu(), s_ref) and torch.equal(q.cpu(), q_ref)
+
+
+def test_act_quant_chunks_many_long_rows_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many long rows are read in 4096-element chunks (act_quant.row_block); MANY_ROWS is lowered to reach it."""
+    monkeypatch.setattr(act_quant, "MANY_ROWS", 2)
+    assert act_quant.row_block(3, 9000) == 4096
+    x = torch.randn(3, 9000, generator=torch.Generator().manual_seed(1)).half()
+    q, s = quantize_activations_triton(x.to(DEVICE))
+    q_ref, s_ref = quantize_activations(x)
     assert torch.equal(s.cpu(), s_ref) and torch.equal(q.cpu(), q_ref)
 
 

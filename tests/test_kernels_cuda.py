@@ -1,7 +1,7 @@
 """The real kernels on a CUDA GPU (``pytest -m cuda``; skipped without one): what the CPU interpreter cannot show.
 
 The inline-PTX widening, the autotuned configs of every M regime, split-K's atomics under real concurrency, and
-CUDA-graph capture.  Accumulators must equal :func:`dgq.formats.int_matmul` bit for bit on random and adversarial
+CUDA-graph capture with programmatic dependent launches.  Accumulators must equal :func:`dgq.formats.int_matmul` bit for bit on random and adversarial
 inputs (s2 at its bounds with codes at the ends of their windows, ±127 activations, zero rows).
 """
 
@@ -18,13 +18,14 @@ pytestmark = [pytest.mark.cuda,
 
 if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     from dgq.formats import int_matmul, quantize_activations
+    from dgq.kernels import gemv, int8_gemm
     from dgq.kernels.gemm import _CONFIGS, KernelWeight, a8w4_matmul, regime, widen_weight
     from dgq.kernels.linear import a8w4_linear
     from dgq.nn import QuantLinear
     from dgq.packing import pack_u4
-    from test_kernels import random_acts, random_weight
+    from test_kernels import fp32_epilogue, random_acts, random_weight
 
-MS = [1, 3, 16, 17, 64, 255, 1000, 1500]  # 1500: the widen-once path (dgq.kernels.linear.WIDEN_MIN_M)
+MS = [1, 3, 16, 17, 64, 255, 1000, 1500]  # 1: the GEMV; 1500: widen + int8 GEMM (dgq.kernels.linear)
 SHAPES = [(4096, 320, 128), (576, 192, 64), (1024, 256, 64)]  # (K, N, group): K tiles of 128 and 64
 
 
@@ -53,6 +54,17 @@ def test_every_config_is_bit_exact(k: int, n: int, g: int, kind: str) -> None:
         for cfg in _CONFIGS[regime(m)] if k != 4096 else ():  # pinned configs on the short-K shapes (compile time)
             got = a8w4_matmul(x.cuda(), kw, out_dtype=None, config=cfg).cpu()
             assert torch.equal(got, ref), f"M={m} {cfg}"
+        s_x = torch.rand(m, 1, generator=gen) * 0.05 + 1e-3
+        want = fp32_epilogue(ref, s_x, dg.s1)  # the fp32 epilogue's exact result: checks the accumulator bit for bit
+        if m <= 3:
+            for cfg in gemv.CONFIGS:
+                got = gemv.a8w4_gemv(x.cuda(), kw, s_x.cuda(), out_dtype=torch.float32, config=cfg).cpu()
+                assert torch.equal(got, want), f"GEMV M={m} {cfg}"
+        if m >= 17:
+            for cfg in int8_gemm.CONFIGS:
+                got = int8_gemm.int8_matmul(x.cuda(), widen_weight(kw), s_x.cuda(), kw.s1, out_dtype=torch.float32,
+                                            config=cfg).cpu()
+                assert torch.equal(got, want), f"int8 GEMM M={m} {cfg}"
 
 
 @pytest.mark.parametrize("k,n,g", SHAPES)
@@ -88,7 +100,8 @@ def test_split_k_is_deterministic_under_concurrency() -> None:
 
 
 def test_captured_graph_survives_a_larger_call() -> None:
-    """Split-K buffers are per call: a graph captured at M=1 still replays right after an eager M=16 call."""
+    """Split-K buffers are per call: a graph captured at M=1 (the GEMV, launched programmatically dependent on the
+    act-quant) still replays right after an eager M=16 call."""
     gen = torch.Generator().manual_seed(10)
     dg = random_weight(4096, 4096, 128, gen)
     kw = layout(dg)

@@ -163,24 +163,36 @@ def test_cached_layouts_follow_the_layer_device():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_calibration_holds_at_most_one_block():
-    """While block 1 is calibrated the GPU holds nothing more of block 0
-    than before it was calibrated, and afterwards nothing of any block (packed weights and kernel layouts)."""
+    """While a block is calibrated the GPU holds no tensor of any other block (weights, packed buffers, kernel
+    layouts and other caches), and afterwards nothing of any block.
+
+    (An earlier form compared ``memory_allocated`` between blocks 0 and 1; it failed on the H100 by exactly one
+    [4, 64, hidden] fp32 activation, which is the calibration's hidden states, not a block's weights.)"""
     import gc
 
     from dgq.calibrate import quantize_blocks
 
     model = make_model("llama")
     adapter = adapter_for(model)
+    blocks = list(adapter.blocks(model))
     ids = torch.randint(0, 96, (4, 64), generator=torch.Generator().manual_seed(0))
-    readings: list[list[int]] = [[] for _ in adapter.blocks(model)]
-    for i, block in enumerate(adapter.blocks(model)):
-        block.register_forward_hook(lambda *_, i=i: readings[i].append(torch.cuda.memory_allocated()))
+    strays: list[str] = []
+
+    def others_on_gpu(i: int) -> None:
+        for j, other in enumerate(blocks):
+            on_gpu = [t for m in other.modules() for t in _tensors_held(m) if t.is_cuda]
+            if j != i and on_gpu:
+                strays.append(f"block {j} holds {len(on_gpu)} CUDA tensors while block {i} runs")
+
+    for i, block in enumerate(blocks):
+        block.register_forward_hook(lambda *_, i=i: others_on_gpu(i))
     torch.ones(8, 8, device="cuda") @ torch.ones(8, 8, device="cuda")  # the cuBLAS workspace lives for the process
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     quantize_blocks(model, adapter, ids, preset("dgq", group_size=64), torch.device("cuda"), progress=False)
     gc.collect()
     torch.cuda.synchronize()
-    packed = sum(b.numel() * b.element_size() for b in adapter.blocks(model)[0].buffers())
-    assert max(readings[1]) - max(readings[0]) < packed / 2, "block 0 stayed on the GPU while block 1 ran"
+    assert not strays, strays[:3]
+    assert not [t for m in model.modules() for t in _tensors_held(m) if t.is_cuda]
+    packed = sum(b.numel() * b.element_size() for b in blocks[0].buffers())
     assert torch.cuda.memory_allocated() - base < packed / 2, "calibrated blocks left tensors on the GPU"

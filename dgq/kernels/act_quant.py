@@ -20,6 +20,21 @@ import triton.language as tl
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds an fp32 of magnitude <= 2**22 to even
 _MIN_SCALE = tl.constexpr(1e-8)  # the reference's clamp of the dynamic scale
 MAX_ROW_BLOCK = 32768  # rows up to this length are read once, held in registers (64 fp32 per thread at 16 warps)
+MANY_ROWS = 1024  # from this many rows on, long rows are read in chunks (row_block)
+
+
+def row_block(m: int, k: int) -> int:
+    """Elements one program handles per step for ``m`` rows of ``k``.
+
+    A few rows: the whole row in registers (one read; at M = 1 chunking cost 30-40% more time for K = 11008/28672).
+    Many long rows: 4096- or 8192-element chunks, two passes (the second mostly from L2), because 16-warp programs
+    holding 16-32K elements each left the copy bandwidth unused: on the H100 at M = 4096, K = 11008 took 0.124 ms in
+    one 16K block and 0.067 ms in 4K chunks, K = 28672 0.298 ms in one 32K block and 0.163 ms in 8K chunks
+    (benchmarks/notes_gemm.md).
+    """
+    if m < MANY_ROWS or k <= 8192:
+        return min(triton.next_power_of_2(k), MAX_ROW_BLOCK)
+    return 4096 if k <= 16384 else 8192
 
 
 @triton.jit
@@ -36,7 +51,9 @@ def _maximum(a, b):
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, DYNAMIC: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, ON_GPU: tl.constexpr):
+    if ON_GPU:  # let the GEMM that consumes the codes launch now (it waits for this grid to finish: gdc_wait)
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
@@ -65,6 +82,14 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, 
             tl.store(q_row + c, _round_clamp_s8(tl.math.div_rn(x, scale)), mask=c < K)
 
 
+def _warps(m: int, block: int) -> int:
+    """16 warps for a few rows of >= 4096 elements (decode: one program per row, latency-bound; on the H100 at
+    M = 1, K = 4096 took 2.50 us with 4 warps and 2.02 us with 16), else 32 elements per thread."""
+    if m < MANY_ROWS and block >= 4096:
+        return 16
+    return max(1, min(16, block // 1024))
+
+
 def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | None = None
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Int8 codes ``[M, K]`` and fp32 scales of a 2-D ``x`` (fp16/bf16/fp32), as the reference computes them.
@@ -81,9 +106,9 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
         s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     else:
         s = static_scale.detach().to(device=x.device, dtype=torch.float32).reshape(1, 1)
-    block = min(triton.next_power_of_2(k), MAX_ROW_BLOCK)
+    block = row_block(m, k)
     if m:
         _act_quant_kernel[(m,)](x, q, s, x.stride(0), q.stride(0), K=k, DYNAMIC=static_scale is None, BLOCK=block,
-                                num_warps=max(1, min(16, block // 1024)))
+                                ON_GPU=x.device.type == "cuda", num_warps=_warps(m, block))
     return q, s
 

@@ -1,11 +1,12 @@
-"""The A8W4 GEMM: one transposed Triton kernel for every M, the int4 weight widened to int8 in registers.
+"""The A8W4 GEMM for 2..1023 tokens (and the layout and widening every A8W4 path shares): one transposed Triton
+kernel, the int4 weight widened to int8 in registers.  :mod:`dgq.kernels.linear` says which path serves which M.
 
 ``out[m, n] = (s_x[m] * s1[n]) * sum_k x_s8[m, k] * W_s8[n, k]`` (+ bias), int32 accumulation, so the accumulator
 equals :func:`dgq.formats.int_matmul` bit for bit.  The kernel computes ``out^T = W_s8 @ x_s8^T``: the weight tile
 ``[BLOCK_N, TILE_K]`` is unpacked in registers and is the *left* (register-sourced) operand of the int8 tensor-core
 dot, the activation tile the right one, and the tokens are the dot's N dimension.  Triton on Hopper keeps a register
 operand only on the left, so this orientation is what lets the widening stay in registers at every M (M <= 16 pads
-to one 16-token tile; prefill uses 64..256-token tiles).
+to one 16-token tile; larger M uses 32..256-token tiles).
 
 **Widening, four weights at a time.**  The format guarantees ``|s2 * (u4 - zp)| <= 127`` for every stored code, so
 ``s2 * u4 + c`` with ``c = 128 - s2 * zp`` lies in [1, 255].  Four codes sit in the four bytes of a 32-bit word
@@ -24,7 +25,9 @@ moves 1 byte per group instead of the 4 a precomputed int32 constant would cost 
 **Activations** arrive as int8 codes from :func:`dgq.kernels.act_quant.quantize_activations_triton` (one launch
 before the GEMM).  Quantizing inside the GEMM was built and measured (benchmarks/notes_gemm.md): every program must
 first reduce its rows' absmax over all of K, a chain of dependent L2 loads that made the decode GEMM 3-25x slower
-than the separate launch, which costs 10-15% at M = 1.
+than the separate launch.  The GEMMs are launched *programmatically dependent* on it (:func:`launch_options`):
+their programs become resident while it runs and wait for its codes with ``griddepcontrol.wait``, which hides the
+launch latency (3-7% at M <= 16 on the H100).
 
 **Split-K** (M <= 256, long K): each split adds its int32 partial sums into a zeroed buffer allocated *per call*
 (so a captured CUDA graph owns its own copy; nothing global can be reallocated under it) and counts its arrival per
@@ -63,7 +66,8 @@ class KernelWeight:
     """The A8W4 weight as the kernel reads it, derived from a layer's format tensors and never saved.
 
     ``codes`` uint8 ``[N, K/2]`` (module docstring: per ``tile_k`` tile, byte j = codes of k j and tile_k/2 + j);
-    ``s2t`` int8 and ``zpt`` uint8 ``[K/g, N]``; ``s1`` fp32 ``[N]``.
+    ``s2t`` int8 and ``zpt`` uint8 ``[K/g, N]``; ``s1`` fp32 ``[N]``; ``gemv_scratch`` int32 ``[2 N]`` zeros, the
+    one-token GEMV's split-K slots (:mod:`dgq.kernels.gemv`), which every call leaves zeroed.
     """
 
     codes: torch.Tensor
@@ -72,6 +76,7 @@ class KernelWeight:
     s1: torch.Tensor
     group_size: int
     tile_k: int
+    gemv_scratch: torch.Tensor
 
     @classmethod
     def from_format(cls, qweight: torch.Tensor, s2: torch.Tensor, zp: torch.Tensor, s1: torch.Tensor,
@@ -83,7 +88,8 @@ class KernelWeight:
         u4 = torch.stack((lo, hi), dim=1).reshape(k, n).t()  # [N, K]
         u = u4.reshape(n, k // tile, 2, tile // 2)
         codes = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-        return cls(codes, s2.t().contiguous(), zp.t().contiguous(), s1.float().contiguous(), group_size, tile)
+        return cls(codes, s2.t().contiguous(), zp.t().contiguous(), s1.float().contiguous(), group_size, tile,
+                   torch.zeros(2 * n, dtype=torch.int32, device=qweight.device))
 
     @property
     def in_features(self) -> int:
@@ -94,19 +100,25 @@ class KernelWeight:
         return self.codes.shape[0]
 
 
-# Four int4 codes -> four int8 weights per 32-bit word: $2 = four packed code bytes (two nibbles each); $3 / $7 the
-# low nibbles' s2 and c * 0x01010101, $11 / $15 the high nibbles' (each int32 operand arrives as 4 registers, one
-# per packed element, all equal: the four elements of one call share a tile row, and the tests check bit-exactness).
-_WIDEN_PTX = tl.constexpr("""{
+def widen_ptx(s_lo: str, c_lo: str, s_hi: str, c_hi: str) -> str:
+    """Four int4 codes -> four int8 weights per 32-bit word, for each nibble half: ``$2`` = four packed code bytes
+    (two nibbles each), out ``$0`` (low nibbles) and ``$1`` (high nibbles); the arguments name the operands holding
+    each half's s2 and ``c * 0x01010101`` (they differ with ``inline_asm_elementwise``'s packing)."""
+    return f"""{{
 .reg .b32 lo, hi;
 and.b32 lo, $2, 0x0F0F0F0F;
 shr.u32 hi, $2, 4;
 and.b32 hi, hi, 0x0F0F0F0F;
-mad.lo.u32 lo, lo, $3, $7;
-mad.lo.u32 hi, hi, $11, $15;
+mad.lo.u32 lo, lo, {s_lo}, {c_lo};
+mad.lo.u32 hi, hi, {s_hi}, {c_hi};
 xor.b32 $0, lo, 0x80808080;
 xor.b32 $1, hi, 0x80808080;
-}""")
+}}"""
+
+
+# With pack=4 each int32 operand arrives as 4 registers, one per packed element, all equal (the four elements of one
+# call share a tile row; the tests check bit-exactness): s2 / c of the low nibbles are $3 / $7, of the high $11 / $15.
+_WIDEN_PTX = tl.constexpr(widen_ptx("$3", "$7", "$11", "$15"))
 
 
 @triton.jit
@@ -139,16 +151,18 @@ def _load(ptrs, mask):
 @triton.jit
 def _a8w4_kernel(x_ptr, w_ptr, s2_ptr, zp_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr,
                  M, N, stride_x, stride_o, stride_sx, M_BUCKET,
-                 K: tl.constexpr, GROUP: tl.constexpr, TILE_K: tl.constexpr, PACKED: tl.constexpr,
+                 K: tl.constexpr, GROUP: tl.constexpr, TILE_K: tl.constexpr,
                  EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
                  EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-    """int8 codes ``x`` with scales at ``sx_ptr`` (per token, or one static scale: ``stride_sx`` 0).
-    PACKED: int4 codes of :class:`KernelWeight`, else an int8 weight [N, K].
+    """int8 codes ``x`` with scales at ``sx_ptr`` (per token, or one static scale: ``stride_sx`` 0); ``w_ptr`` the
+    packed codes of :class:`KernelWeight`.
     EVEN_N / EVEN_K (set by :func:`_even`): no weight tile crosses N, every split's tiles lie inside K, so those loads
     need no mask (masks on the contiguous dimension cost vectorized loads and pipelining).
     """
     pid, pid_k = tl.program_id(0), tl.program_id(1)
+    if USE_ASM:
+        tl.extra.cuda.gdc_wait()  # launched early (programmatic dependent launch): wait for the producer of x
     num_m, num_n = (M + BLOCK_M - 1) // BLOCK_M, (N + BLOCK_N - 1) // BLOCK_N
     first_m = (pid // (GROUP_M * num_n)) * GROUP_M  # GROUP_M token tiles share each weight tile while it is in L2
     rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
@@ -178,21 +192,16 @@ def _a8w4_kernel(x_ptr, w_ptr, s2_ptr, zp_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr
             s_mask = n_mask & in_k  # masked rows get s2 = zp = 0: weight 0
         x_lo = tl.load(x_rows + (k0 + kh)[:, None], mask=x_mask, other=0)
         x_hi = tl.load(x_rows + (k0 + HALF + kh)[:, None], mask=x_mask, other=0)
-        if PACKED:
-            p = _load(w_ptr + offs_n.to(tl.int64)[:, None] * (K // 2) + (k0 // 2 + kh)[None, :], w_mask)
-            g_lo = k0 // GROUP
-            s_lo = _load(s2_ptr + g_lo * N + offs_n, s_mask).to(tl.int32)
-            z_lo = _load(zp_ptr + g_lo * N + offs_n, s_mask).to(tl.int32)
-            if GROUP >= TILE_K:  # one group per tile
-                s_hi, z_hi = s_lo, z_lo
-            else:
-                s_hi = _load(s2_ptr + (g_lo + 1) * N + offs_n, s_mask).to(tl.int32)
-                z_hi = _load(zp_ptr + (g_lo + 1) * N + offs_n, s_mask).to(tl.int32)
-            w_lo, w_hi = _widen(p, s_lo, z_lo, s_hi, z_hi, USE_ASM)
+        p = _load(w_ptr + offs_n.to(tl.int64)[:, None] * (K // 2) + (k0 // 2 + kh)[None, :], w_mask)
+        g_lo = k0 // GROUP
+        s_lo = _load(s2_ptr + g_lo * N + offs_n, s_mask).to(tl.int32)
+        z_lo = _load(zp_ptr + g_lo * N + offs_n, s_mask).to(tl.int32)
+        if GROUP >= TILE_K:  # one group per tile
+            s_hi, z_hi = s_lo, z_lo
         else:
-            w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * K
-            w_lo = _load(w_rows + (k0 + kh)[None, :], w_mask)
-            w_hi = _load(w_rows + (k0 + HALF + kh)[None, :], w_mask)
+            s_hi = _load(s2_ptr + (g_lo + 1) * N + offs_n, s_mask).to(tl.int32)
+            z_hi = _load(zp_ptr + (g_lo + 1) * N + offs_n, s_mask).to(tl.int32)
+        w_lo, w_hi = _widen(p, s_lo, z_lo, s_hi, z_hi, USE_ASM)
         acc = tl.dot(w_lo, x_lo, acc, out_dtype=tl.int32)
         acc = tl.dot(w_hi, x_hi, acc, out_dtype=tl.int32)
 
@@ -224,13 +233,14 @@ def _cfg(bm: int, bn: int, split_k: int, warps: int, stages: int) -> triton.Conf
 # A few configs per M regime (each compiles once per K), for H100 (132 SMs): BLOCK_N >= 64 (the wgmma's M);
 # decode tiles of 16 tokens; 32..128-token tiles up to M = 256, where small tiles keep 132 SMs busy; split-K up to
 # M = 256 for short-N/long-K shapes (at M = 64 without it, 11008x4096 took 2.3x the M = 16 time); 128..256-token
-# tiles beyond.  The pruner keeps the regime that matches M.
+# tiles beyond.  The pruner keeps the regime that matches M.  Up to M = 64 only 64-row weight tiles: in one H100 run
+# the autotuner picked 128-row tiles for N = 11008 at M = 16 / 64 that replayed 60% slower than the 64-row tiles it
+# picked in the run before (benchmarks/notes_gemm.md), and no run measured a 128-row tile faster there.
 REGIMES = (16, 64, 256)  # M upper bounds of the decode, small and medium regimes; larger M is the large regime
 _CONFIGS = {
-    16: [_cfg(16, 64, 1, 4, 4), _cfg(16, 64, 2, 4, 4), _cfg(16, 64, 4, 4, 4), _cfg(16, 128, 1, 4, 4),
-         _cfg(16, 128, 2, 4, 4), _cfg(16, 64, 8, 4, 4), _cfg(16, 128, 1, 4, 8), _cfg(16, 64, 2, 4, 8)],
-    64: [_cfg(32, 64, 1, 4, 4), _cfg(64, 64, 1, 4, 4), _cfg(32, 128, 1, 4, 4), _cfg(64, 128, 1, 4, 4),
-         _cfg(32, 64, 4, 4, 4), _cfg(64, 64, 2, 4, 4)],
+    16: [_cfg(16, 64, 1, 4, 4), _cfg(16, 64, 2, 4, 4), _cfg(16, 64, 4, 4, 4), _cfg(16, 64, 8, 4, 4),
+         _cfg(16, 64, 2, 4, 8)],
+    64: [_cfg(32, 64, 1, 4, 4), _cfg(64, 64, 1, 4, 4), _cfg(32, 64, 4, 4, 4), _cfg(64, 64, 2, 4, 4)],
     256: [_cfg(64, 128, 1, 4, 4), _cfg(128, 64, 1, 4, 4), _cfg(64, 64, 1, 4, 4), _cfg(128, 128, 1, 8, 4),
           _cfg(64, 64, 2, 4, 4), _cfg(64, 128, 2, 4, 4)],
     0: [_cfg(128, 128, 1, 4, 4), _cfg(128, 128, 1, 8, 4), _cfg(256, 128, 1, 8, 3), _cfg(128, 256, 1, 8, 3),
@@ -251,7 +261,7 @@ def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[tri
 _kernel = triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
                              "EVEN_K": lambda a: (a["K"] // a["TILE_K"]) % a["SPLIT_K"] == 0})(_a8w4_kernel)
 _tuned = triton.autotune([c for cs in _CONFIGS.values() for c in cs],
-                         key=["M_BUCKET", "N", "K", "GROUP", "PACKED", "EPILOGUE"],
+                         key=["M_BUCKET", "N", "K", "GROUP", "EPILOGUE"],
                          prune_configs_by={"early_config_prune": _prune},
                          reset_to_zero=["ws_ptr"])(_kernel)  # split-K timings include the per-call zeroing
 
@@ -264,29 +274,44 @@ def _use_asm(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _launch(x: torch.Tensor, w: torch.Tensor, s2t: torch.Tensor | None, zpt: torch.Tensor | None, n: int,
-            group: int, tile_k: int, sx: torch.Tensor | None, s1: torch.Tensor | None,
-            bias: torch.Tensor | None, out_dtype: torch.dtype | None, config: triton.Config | None) -> torch.Tensor:
-    if x.dim() != 2:
-        raise ValueError(f"expected a 2-D activation, got shape {list(x.shape)}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
+PDL = True  # programmatic dependent launch on CUDA (benchmarks/gemm_variants.py measures it off and on)
+
+
+def launch_options(device: torch.device) -> dict:
+    """Launch options of the kernels that consume the act-quant's codes: on CUDA they launch while it still runs
+    (programmatic dependent launch) and wait for it inside (``gdc_wait``), hiding the launch latency."""
+    return {"launch_pdl": True} if PDL and device.type == "cuda" else {}
+
+
+def a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = torch.float16,
+                config: triton.Config | None = None) -> torch.Tensor:
+    """A8W4 GEMM of int8 codes ``x_s8 [M, K]`` with scales ``s_x`` (``[M, 1]`` per token or one static scale).
+
+    ``out_dtype=None`` returns the raw int32 accumulator (``s_x`` and ``bias`` are then ignored).  ``config`` pins
+    one kernel configuration instead of autotuning (tests use it to reach every code path).
+    """
+    if x_s8.dtype != torch.int8 or x_s8.dim() != 2 or x_s8.shape[-1] != kw.in_features:
+        raise ValueError(f"x_s8 must be int8 [M, {kw.in_features}], got {x_s8.dtype}{list(x_s8.shape)}")
+    x = x_s8 if x_s8.stride(-1) == 1 else x_s8.contiguous()
     m, k = x.shape
+    n = kw.out_features
     epilogue = out_dtype is not None
     out = torch.empty((m, n), dtype=out_dtype if epilogue else torch.int32, device=x.device)
     if m == 0:
         return out
-    packed = s2t is not None
+    sx = s_x.reshape(-1).float() if epilogue else None
     # The split-K buffer (sums, then arrival counts) is allocated per call, and zeroed, only where the config splits:
     # the pinned one, or the one the autotuner chose for this key (until it has chosen, any config of the regime may).
-    key = (triton.next_power_of_2(m), n, k, group, packed, x.dtype, out.dtype, None if bias is None else bias.dtype)
+    key = (triton.next_power_of_2(m), n, k, kw.group_size, x.dtype, out.dtype, None if bias is None else bias.dtype)
     split = config.kwargs["SPLIT_K"] if config else _chosen_split.get(key, 0 if regime(m) else 1)
     ws = torch.zeros(2 * m * n if split != 1 else 1, dtype=torch.int32, device=x.device)
     any_t = ws  # pointer for arguments a variant does not read
-    args = (x, w, s2t if packed else any_t, zpt if packed else any_t, sx if sx is not None else any_t,
-            s1 if epilogue else any_t, bias if bias is not None else any_t, out, ws, m, n, x.stride(0),
-            out.stride(0), int(sx is not None and sx.numel() > 1), triton.next_power_of_2(m))
-    meta = dict(K=k, GROUP=group, TILE_K=tile_k, PACKED=packed, EPILOGUE=epilogue,
-                HAS_BIAS=bias is not None, USE_ASM=_use_asm(x.device))
+    args = (x, kw.codes, kw.s2t, kw.zpt, sx if epilogue else any_t, kw.s1 if epilogue else any_t,
+            bias if bias is not None else any_t, out, ws, m, n, x.stride(0), out.stride(0),
+            int(epilogue and sx.numel() > 1), triton.next_power_of_2(m))
+    meta = dict(K=k, GROUP=kw.group_size, TILE_K=kw.tile_k, EPILOGUE=epilogue, HAS_BIAS=bias is not None,
+                USE_ASM=_use_asm(x.device), **launch_options(x.device))
 
     def grid(c: dict) -> tuple[int, int]:
         return triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"]
@@ -298,21 +323,6 @@ def _launch(x: torch.Tensor, w: torch.Tensor, s2t: torch.Tensor | None, zpt: tor
         _kernel[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
                                      num_stages=config.num_stages)
     return out
-
-
-def a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = torch.float16,
-                config: triton.Config | None = None) -> torch.Tensor:
-    """A8W4 GEMM of int8 codes ``x_s8 [M, K]`` with scales ``s_x`` (``[M, 1]`` per token or one static scale).
-
-    ``out_dtype=None`` returns the raw int32 accumulator (``s_x`` and ``bias`` are then ignored).  ``config`` pins
-    one kernel configuration instead of autotuning (tests use it to reach every code path).
-    """
-    if x_s8.dtype != torch.int8 or x_s8.shape[-1] != kw.in_features:
-        raise ValueError(f"x_s8 must be int8 [M, {kw.in_features}], got {x_s8.dtype}{list(x_s8.shape)}")
-    sx = s_x.reshape(-1).float() if out_dtype is not None else None
-    return _launch(x_s8, kw.codes, kw.s2t, kw.zpt, kw.out_features, kw.group_size, kw.tile_k, sx, kw.s1, bias,
-                   out_dtype, config)
 
 
 @triton.jit
@@ -346,19 +356,3 @@ def widen_weight(kw: KernelWeight, block_n: int = 64) -> torch.Tensor:
                                                              GROUP=kw.group_size, TILE_K=kw.tile_k, BLOCK_N=block_n,
                                                              USE_ASM=_use_asm(kw.codes.device))
     return out
-
-
-def w8a8_matmul(x_s8: torch.Tensor, w_s8: torch.Tensor, s_x: torch.Tensor | None = None,
-                s1: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                out_dtype: torch.dtype | None = torch.float16, config: triton.Config | None = None) -> torch.Tensor:
-    """The same kernel on a ready int8 weight ``w_s8 [N, K]`` (the W8A8 peer: what A8W4 would cost with no widening).
-
-    K must be a multiple of 64.
-    """
-    if w_s8.dtype != torch.int8 or w_s8.shape[1] != x_s8.shape[-1] or x_s8.dtype != torch.int8:
-        raise ValueError(f"w_s8 must be int8 [N, {x_s8.shape[-1]}] and x_s8 int8, got {w_s8.dtype}{list(w_s8.shape)}"
-                         f" and {x_s8.dtype}")
-    k = w_s8.shape[1]
-    sx = s_x.reshape(-1).float() if out_dtype is not None else None
-    return _launch(x_s8, w_s8.contiguous(), None, None, w_s8.shape[0], 128, tile_k_for(k, 128 if k % 128 == 0
-                   else 64), sx, s1, bias, out_dtype, config)
