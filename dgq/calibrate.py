@@ -20,6 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dgq.config import QuantConfig
+from dgq.formats import amax_abs
 from dgq.models.adapters import Adapter, SmoothPair
 from dgq.quantizer import LayerReport, LinearStats, TokenSample, quantize_linear
 from dgq.smooth import (
@@ -97,6 +98,25 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, samples: torch.Tens
     return BlockInputs(hidden, [[rec["kwargs"] for rec in sink] for sink in sinks])
 
 
+# Column-block width of the ``H`` accumulation.  ``XᵀX`` is symmetric, so only the blocks on and above the diagonal
+# are computed per chunk and the rest is mirrored once at the end: 2/3 of the work for SmolLM2's 1536-wide down_proj
+# input (70% of all ``H`` work), 3/4 for the 576-wide ones; 0.11 s less per chunk of 8192 tokens on 2 cores.
+_GRAM_BLOCK = 512
+
+
+def add_gram_upper(h: torch.Tensor, x: torch.Tensor) -> None:
+    """``h += xᵀx`` on and above the block diagonal; what lies below it is left for :func:`mirror_upper`."""
+    k = x.shape[1]
+    width = -(-k // -(-k // _GRAM_BLOCK))  # equal blocks of at most _GRAM_BLOCK columns
+    for a in range(0, k, width):
+        h[a:a + width, a:].addmm_(x[:, a:a + width].t(), x[:, a:])
+
+
+def mirror_upper(h: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle (diagonal included) is that of ``h``."""
+    return torch.triu(h) + torch.triu(h, 1).t()
+
+
 def _block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
@@ -122,10 +142,10 @@ def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[
                 k = x.shape[1]
                 st = stats[index] = LinearStats(torch.zeros(k, k, device=x.device), torch.zeros(k, device=x.device), 0,
                                                 TokenSample(total) if sample else None)
-            st.h.addmm_(x.t(), x)
+            add_gram_upper(st.h, x)
             if st.sample is not None:
                 st.sample.add(x)
-            torch.maximum(st.absmax, x.abs().amax(0), out=st.absmax)
+            torch.maximum(st.absmax, amax_abs(x, 0), out=st.absmax)
             st.tokens += x.shape[0]
             seen.add(index)
             if len(seen) == len(pairs):
@@ -146,6 +166,8 @@ def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[
     missing = [p.consumers[0] for p, s in zip(pairs, stats) if s is None]
     if missing:
         raise RuntimeError(f"calibration saw no input for {', '.join(missing)}")
+    for st in stats:
+        st.h = mirror_upper(st.h)
     return stats  # type: ignore[return-value]
 
 
@@ -219,7 +241,8 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
                 stats[j] = collect_stats(block, (pair,), hidden, kwargs, sample)[0]
             report.layers += quantize_block(block, names[id(block)], (pair,), [stats[j]], config)
         del stats  # this block's H matrices (on ``device``) must not live on while the next block is calibrated
-        hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
+        if i + 1 < len(blocks):  # the last block's outputs would feed nothing
+            hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
         block.to(home)
         worst = max(r.rel_error for r in report.layers[-len(adapter.linear_names()):])
         bar.set_postfix(max_rel_err=f"{worst:.2e}")

@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--s1-grid", type=int, default=None,
                    help=f"phase 2: channel scales tried per output channel (default {QuantConfig.s1_grid})")
     q.add_argument("--nsamples", type=int, default=None,
-                   help="calibration sequences (default: 128 on CUDA as in the paper, 32 on CPU to finish in minutes)")
+                   help="calibration sequences (default: 128 on CUDA as in the paper; 12 on CPU: the README's job in "
+                        "under 5 minutes on 2 cores, perplexity within the spread of 32 sequences' runs)")
     q.add_argument("--calib", default=None,
                    help="calibration text (.jsonl with a 'text' field, or plain text; default: the C4 calibration half)")
     q.add_argument("--calib-batch", type=int, default=QuantConfig.calib_batch,

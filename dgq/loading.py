@@ -117,6 +117,39 @@ def _memoized_gguf_name_map() -> Iterator[None]:
         gguf.get_tensor_name_map = original
 
 
+_READER: dict[tuple, Any] = {}  # the last GGUF file parsed: (path, size, mtime) -> its gguf.GGUFReader
+
+
+@contextmanager
+def _shared_gguf_reader() -> Iterator[None]:
+    """Parse a GGUF file once for its config, tokenizer and weights, instead of once for each.
+
+    transformers builds a new ``gguf.GGUFReader`` every time it reads a GGUF file, and a quantize run reads it three
+    times; each parse walks the metadata value by value (SmolLM2's 49152-token vocabulary and its merges): 4-6 s
+    per parse on a 2-core machine.  The reader only maps and reads the file, so reusing the last one for the same
+    path, size and modification time changes nothing else.  Only the last file is kept, and :func:`load_weights`,
+    the last of the three reads, drops it (its parsed fields hold about 130 MB of small arrays for SmolLM2).
+    """
+    import gguf
+
+    original = gguf.GGUFReader
+
+    def reader(path: str | os.PathLike, *args: Any, **kwargs: Any) -> Any:
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns, args, tuple(sorted(kwargs.items())))
+        if key not in _READER:
+            parsed = original(path, *args, **kwargs)  # a damaged file raises here and is never kept
+            _READER.clear()
+            _READER[key] = parsed
+        return _READER[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -160,7 +193,8 @@ def load_config(source: ModelSource) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source.path, **_hub_kwargs(source))
+        with _shared_gguf_reader():
+            return AutoConfig.from_pretrained(source.path, **_hub_kwargs(source))
     except Exception as exc:  # noqa: BLE001 - transformers and the hub client raise many types; all become one line
         raise _load_error(source, "config", exc) from None
 
@@ -170,7 +204,8 @@ def load_tokenizer(source: ModelSource) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source.path, **_hub_kwargs(source))
+        with _shared_gguf_reader():
+            return AutoTokenizer.from_pretrained(source.path, **_hub_kwargs(source))
     except Exception as exc:  # noqa: BLE001 - see load_config
         raise _load_error(source, "tokenizer", exc) from None
 
@@ -182,11 +217,13 @@ def load_weights(source: ModelSource, config: Any, dtype: torch.dtype = torch.fl
     from transformers import AutoModelForCausalLM
 
     try:
-        with _memoized_gguf_name_map():
+        with _memoized_gguf_name_map(), _shared_gguf_reader():
             model = AutoModelForCausalLM.from_pretrained(source.path, config=config, dtype=dtype,
                                                          **_hub_kwargs(source))
     except Exception as exc:  # noqa: BLE001 - see load_config
         raise _load_error(source, "weights", exc) from None
+    finally:
+        _READER.clear()
     if source.gguf_file and getattr(model, "hf_quantizer", None) is not None:
         # transformers dequantizes GGUF weights to plain float tensors but still marks the model quantized, which
         # blocks .half()/.float() and would carry a stale GGUF quantization_config into our checkpoints.

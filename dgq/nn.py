@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from dgq.formats import DualGrainedWeight, exact_matmul, quantize_activations
+from dgq.formats import DualGrainedWeight, int_matmul, quantize_activations
 from dgq.packing import pack_u4, unpack_u4
 
 ActMode = Literal["none", "dynamic", "static"]
@@ -42,7 +42,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=out_dtype, device=device) if bias else None)
         # Derived views of the buffers, never saved.  One rule for both: built on first use, dropped whenever the
         # module is moved or cast (``_apply``), rebuilt when a buffer is replaced or written in place (the key).
-        # "widened_t": the reference path's float32 weight [in, out] (CPU speed for memory);
+        # "int8": the reference path's int8 weight W_s8 [out, in] (widened once, not per forward);
         # "kernel": the CUDA kernel's layout (:class:`dgq.kernels.gemm.KernelWeight`).
         self._derived: dict[str, tuple[tuple, object]] = {}
 
@@ -89,15 +89,16 @@ class QuantLinear(nn.Module):
             return KernelWeight.from_format(self.qweight, self.s2, self.zp, self.s1, self.group_size)
         return self._cached("kernel", build)
 
-    def _widened_t(self) -> torch.Tensor:
-        return self._cached("widened_t", lambda: self.dual_grained().int8_weight().float().t().contiguous())
+    def _int8_weight(self) -> torch.Tensor:
+        return self._cached("int8", lambda: self.dual_grained().int8_weight())
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """Pure-PyTorch forward with the exact int32 accumulator; the definition every kernel must match."""
+        """Pure-PyTorch forward with the exact int32 accumulator (:func:`~dgq.formats.int_matmul`, an int8 GEMM on
+        the CPU) and a float32 epilogue; the definition every kernel must match."""
         static = self.act_scale if self.act_mode == "static" else None
         x2 = x.reshape(-1, self.in_features)
-        x_q, s_x = quantize_activations(x2, static, dtype=torch.float32)
-        out = exact_matmul(x_q, self._widened_t()).mul_(s_x).mul_(self.s1)
+        x_q, s_x = quantize_activations(x2, static)
+        out = int_matmul(x_q, self._int8_weight()).float().mul_(s_x).mul_(self.s1)
         if self.bias is not None:
             out += self.bias
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

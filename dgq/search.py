@@ -15,8 +15,10 @@ import torch
 
 from dgq.formats import INT8_MAX, dual_grain, dual_grain_dequant, fake_quant_groups, group_minmax
 
-# Bytes of candidate tensors materialised at once; rows are processed in chunks that stay below it.
-_CHUNK_BYTES = 1 << 28
+# Bytes of candidate tensors materialised at once; rows are processed in chunks that stay below it.  Sized for the
+# CPU's caches: the searches are chains of elementwise passes over ``[candidates, rows, K]``, which run from cache
+# at 16 MiB and from memory at the former 256 MiB (SmolLM2-135M, 2 cores: 2.1 s -> 1.3 s per block, same results).
+_CHUNK_BYTES = 1 << 24
 # s2 of the widest group in the naive dual-grained rounding: 8 * 15 = 120 can never overflow int8.
 NAIVE_S2_MAX = 8
 

@@ -6,7 +6,8 @@ import torch
 from hypothesis import given, settings
 
 from dgq.formats import (
-    INT8_MAX, DualGrainedWeight, FormatError, group_minmax, int_matmul, quantize_activations, to_dual_grained,
+    INT8_MAX, DualGrainedWeight, FormatError, amax_abs, exact_matmul, group_minmax, int_matmul, quantize_activations,
+    to_dual_grained,
 )
 from dgq.packing import pack_u4, unpack_u4
 
@@ -95,16 +96,25 @@ def test_validate_rejects_indivisible_group():
         dg.validate()
 
 
+@pytest.mark.parametrize("path", ["int_matmul", "float"])  # the CPU's int8 GEMM and the chunked float products
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(1, 5), n=st.integers(1, 7), k=st.integers(1, 2500), seed=st.integers(0, 1000))
-def test_int_matmul_is_exact(m, n, k, seed):
+def test_int_matmul_is_exact(path, m, n, k, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
     w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     if seed % 3 == 0:  # worst case: every product at its maximum
         x.fill_(127), w.fill_(-127)
     expect = x.long() @ w.long().t()
-    assert torch.equal(int_matmul(x, w).long(), expect)
+    got = int_matmul(x, w) if path == "int_matmul" else exact_matmul(x.float(), w.float().t())
+    assert torch.equal(got.long(), expect)
+
+
+def test_amax_abs_equals_abs_amax():
+    x = torch.randn(7, 33)
+    x[2, 5] = -1e4  # the extreme is negative in one row
+    assert torch.equal(amax_abs(x, -1, keepdim=True), x.abs().amax(-1, keepdim=True))
+    assert torch.equal(amax_abs(x, 0), x.abs().amax(0))
 
 
 def test_activation_quantization_modes():
@@ -123,3 +133,21 @@ def test_activation_quantization_modes():
 def test_pack_roundtrip(n, k_half, seed):
     u4 = torch.randint(0, 16, (n, 2 * k_half), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
     assert torch.equal(unpack_u4(pack_u4(u4)), u4)
+
+
+@pytest.mark.parametrize("k", [256, 1536])  # one float chunk and several (K > 1040) in the float definition
+def test_quant_linear_cpu_forward_is_the_format_definition(k):
+    """The CPU forward (int8 GEMM) equals ``(s_x · s1) · (X_s8 @ W_s8ᵀ) + b`` computed by exact float products."""
+    from dgq.nn import QuantLinear
+
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(48, k, generator=g)
+    s, lo = group_minmax(w, GROUP)
+    dg = to_dual_grained(w, s.amax(-1) / 12, s, lo, GROUP)
+    bias = torch.randn(48, generator=g)
+    layer = QuantLinear.from_weight(dg, bias, "dynamic")
+    x = torch.randn(2, 5, k, generator=g) * 4
+    x_s8, s_x = quantize_activations(x.reshape(-1, k))
+    acc = exact_matmul(x_s8.float(), dg.int8_weight().float().t()).float()
+    expect = (acc * s_x * dg.s1 + bias).reshape(2, 5, 48)
+    assert torch.equal(layer(x), expect)

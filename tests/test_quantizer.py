@@ -1,5 +1,7 @@
-"""Calibration statistics beyond H: the token sample of the static scale search, and true-sequential collection."""
+"""Calibration statistics: H from its upper blocks, the token sample of the static scale search, and true-sequential
+collection."""
 
+import pytest
 import torch
 
 import dgq.calibrate as calibrate
@@ -61,3 +63,16 @@ def test_searched_static_scale_is_never_above_the_max():
     assert len(scales["dgq_static"]) == 7
     assert torch.all(scales["dgq_static_clip"] <= scales["dgq_static"] * (1 + 1e-6))
     assert torch.any(scales["dgq_static_clip"] < scales["dgq_static"] * 0.99)
+
+
+@pytest.mark.parametrize("k", [40, 576, 1100])  # one column block, two, three
+def test_gram_from_upper_blocks_is_xtx(k):
+    """``H`` accumulated on and above the block diagonal over several chunks, then mirrored, is ``XᵀX``."""
+    chunks = [torch.randn(300, k, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    h = torch.zeros(k, k)
+    for x in chunks:
+        calibrate.add_gram_upper(h, x)
+    h = calibrate.mirror_upper(h)
+    x = torch.cat(chunks).double()
+    assert torch.equal(h, h.t())
+    torch.testing.assert_close(h.double(), x.t() @ x, rtol=1e-5, atol=1e-3)
