@@ -214,6 +214,28 @@ def update_results_md(text: str, marker: str) -> None:
     _write_atomic(path, f"{head}{begin}\n{text}\n{end}{tail}")
 
 
+def add_common_args(parser: argparse.ArgumentParser, nsamples: int) -> None:
+    """The calibration protocol and bookkeeping options this script and benchmarks/zeroshot.py share."""
+    parser.add_argument("--nsamples", type=int, default=nsamples, help="calibration sequences")
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--group-size", type=int, default=64, help="64: SmolLM2's width 576 is not divisible by 128")
+    parser.add_argument("--redo", action="store_true", help="re-run what the JSON already holds")
+    parser.add_argument("--table-only", action="store_true", help="only rebuild RESULTS.md from the JSON")
+
+
+def results(args: argparse.Namespace, run_fn) -> dict:  # noqa: ANN001 - run(args) -> dict
+    """Run the measurements (seeded; exact fp32 matmuls on CUDA) or, with --table-only, read the JSON back."""
+    torch.manual_seed(0)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = False  # the exact integer reference needs true fp32 matmul
+    if args.table_only:
+        return json.loads(Path(args.json).read_text())
+    start = time.perf_counter()
+    data = run_fn(args)
+    print(f"total {time.perf_counter() - start:.0f} s")
+    return data
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="model spec, as for 'dgq quantize'")
@@ -229,23 +251,11 @@ def main() -> None:
                         help="comma list of presets to run (default: all of Tables 1 and 5)")
     parser.add_argument("--windows", type=lambda v: None if v == "all" else int(v), default=40,
                         help="first N WikiText-2 windows, or 'all' (all methods alike)")
-    parser.add_argument("--nsamples", type=int, default=8, help="calibration sequences")
-    parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--group-size", type=int, default=64, help="64: SmolLM2's width 576 is not divisible by 128")
-    parser.add_argument("--redo", action="store_true", help="re-run methods already in the JSON")
-    parser.add_argument("--table-only", action="store_true", help="only rebuild RESULTS.md from the JSON")
+    add_common_args(parser, nsamples=8)
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
     args.json = args.json or str(ROOT / "results" / f"smollm2_{args.dataset}.json")
-    torch.manual_seed(0)
-    if args.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = False  # the exact integer reference needs true fp32 matmul
-    if args.table_only:
-        data = json.loads(Path(args.json).read_text())
-    else:
-        start = time.perf_counter()
-        data = run(args)
-        print(f"total {time.perf_counter() - start:.0f} s")
+    results(args, run)  # writes the JSON; the table reads it and its siblings back
     path = Path(args.json)
     wikitext2_json = path.with_name(path.name.replace(args.dataset, "wikitext2"))
     if not wikitext2_json.exists():

@@ -19,9 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from accuracy import LABELS, ROOT, _write_atomic, update_results_md
+from accuracy import LABELS, ROOT, _write_atomic, add_common_args, results, update_results_md
 from dgq.api import quantize
 from dgq.config import preset
 from dgq.data import calibration_samples
@@ -133,27 +131,14 @@ def main() -> None:
     parser.add_argument("--limit", type=lambda v: None if v == "all" else int(v), default=None,
                         help="first N items of each task, or 'all' (default)")
     parser.add_argument("--batch-size", type=int, default=32, help="lm-eval requests per forward pass")
-    parser.add_argument("--nsamples", type=int, default=128, help="calibration sequences")
-    parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--group-size", type=int, default=64, help="64: SmolLM2's width 576 is not divisible by 128")
-    parser.add_argument("--redo", action="store_true", help="re-run (method, task) pairs already in the JSON")
-    parser.add_argument("--table-only", action="store_true", help="only rebuild RESULTS.md from the JSON")
+    add_common_args(parser, nsamples=128)
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
     args.tasks = [t for t in args.tasks.split(",") if t]
     unknown = [m for m in args.methods if m not in METHODS] + [t for t in args.tasks if t not in TASKS]
     if unknown:
         raise SystemExit(f"error: unknown method or task {unknown[0]!r}")
-    torch.manual_seed(0)
-    if args.device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = False  # the exact integer reference needs true fp32 matmul
-    if args.table_only:
-        data = json.loads(Path(args.json).read_text())
-    else:
-        start = time.perf_counter()
-        data = run(args)
-        print(f"total {time.perf_counter() - start:.0f} s")
-    text = table(data)
+    text = table(results(args, run))
     if not args.no_results_md:
         update_results_md(text, "zeroshot")
     print(text)

@@ -196,6 +196,6 @@ def int_matmul(x_s8: torch.Tensor, w_s8: torch.Tensor) -> torch.Tensor:
     speed on AVX512-VNNI; the calibration's quantized passes and every CPU evaluation run through it); elsewhere
     :func:`exact_matmul`'s chunked float products, which are exact too and need no integer GEMM.
     """
-    if x_s8.device.type == "cpu":
+    if x_s8.device.type == "cpu" and x_s8.shape[-1] > 1:  # torch 2.13's CPU _int_mm returns zeros for K = 1
         return torch._int_mm(x_s8.contiguous(), w_s8.t())
     return exact_matmul(x_s8.float(), w_s8.float().t()).to(torch.int32)

@@ -110,6 +110,12 @@ def test_int_matmul_is_exact(path, m, n, k, seed):
     assert torch.equal(got.long(), expect)
 
 
+def test_int_matmul_single_column_is_exact():
+    """K = 1: torch 2.13's CPU ``_int_mm`` returns zeros there (found by the property test above); the float path runs."""
+    x, w = torch.full((3, 1), 127, dtype=torch.int8), torch.full((4, 1), -127, dtype=torch.int8)
+    assert torch.equal(int_matmul(x, w).long(), torch.full((3, 4), -16129))
+
+
 def test_amax_abs_equals_abs_amax():
     x = torch.randn(7, 33)
     x[2, 5] = -1e4  # the extreme is negative in one row
