@@ -187,11 +187,20 @@ def save(model: nn.Module, out: str | Path, tokenizer: Any = None, overwrite: bo
     return checkpoint.save(model, out, tokenizer=tokenizer, overwrite=overwrite, card=card)
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
-    """The quantized model saved at ``path``, its packed tensors validated."""
-    from dgq import checkpoint
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+         fuse: bool = False) -> nn.Module:
+    """The quantized model saved at ``path``, its packed tensors validated.
 
-    return checkpoint.load(path, device=resolve_device(device), dtype=dtype)
+    ``fuse``: one A8W4 layer for q/k/v and one for gate/up in each block (:func:`dgq.fuse.fuse_projections`):
+    the same outputs, bit for bit, from one activation quantization and one GEMM per shared input.  A fused model
+    cannot be saved (fusion is a load-time step); a model whose projections cannot fuse exactly is refused with a
+    :class:`~dgq.fuse.FusionError` naming the layer.
+    """
+    from dgq import checkpoint
+    from dgq.fuse import fuse_projections
+
+    model = checkpoint.load(path, device=resolve_device(device), dtype=dtype)
+    return fuse_projections(model) if fuse else model
 
 
 def is_checkpoint(path: str | Path) -> bool:

@@ -28,6 +28,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from dgq.config import ConfigError, QuantConfig
 from dgq.errors import DGQError
 from dgq.formats import FormatError
+from dgq.fuse import is_fused
 from dgq.nn import FakeQuantLinear, QuantLinear
 
 QUANT_METHOD = "dgq"
@@ -111,7 +112,12 @@ def _restore_codes(model: nn.Module) -> None:
 
 
 def stored_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` under the checkpoint's names (each ``QuantLinear``'s codes as ``P.weight``)."""
+    """``model.state_dict()`` under the checkpoint's names (each ``QuantLinear``'s codes as ``P.weight``).
+
+    A model with fused projections is refused: its layout is no checkpoint's, and fusion is redone at load time."""
+    if is_fused(model):
+        raise CheckpointError("this model has fused projections (dgq.load(..., fuse=True)), a load-time layout "
+                              "that is never saved; save the model loaded without fuse")
     layers = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     state = {}
     for key, tensor in model.state_dict().items():

@@ -1,0 +1,142 @@
+"""Fused projections: one A8W4 GEMM (and one activation quantization) per shared input.
+
+In a Llama-family block, q/k/v read the same normed hidden state, and so do gate/up.  :func:`fuse_projections`
+replaces each such group of :class:`~dgq.nn.QuantLinear` layers by ONE layer whose output channels are the group's,
+concatenated: the codes, ``zp`` and ``s2`` are per (output channel, group) and ``s1`` and the bias per output
+channel, so they concatenate exactly, and a token's dynamic activation scale depends on the token alone.  Every
+int32 accumulator, and so every output, is therefore bit-identical to the unfused layers'.
+
+Mechanism, and why.  Transformers' attention calls ``self.q_proj(h)``, ``self.k_proj(h)``, ``self.v_proj(h)`` one
+after the other (the MLP ``gate_proj(x)`` and ``up_proj(x)``).  Three ways give one GEMM without rewriting that code:
+
+* cache the fused output keyed on the input tensor's identity: a silent stale read when a tensor is reused, and
+  module state that ``torch.compile`` and CUDA graphs handle badly;
+* re-implement the attention and MLP forwards: a copy of transformers' code to keep in step with every release;
+* (chosen) a forward pre-hook on the parent (``self_attn`` / ``mlp``) that runs the fused layer on the input and
+  hands the parent the fused output instead, while ``q_proj``, ``k_proj`` … become :class:`ProjectionSlice`
+  modules returning their columns of it (a view: no copy, no state).  This relies on what these families' forwards
+  do with their input: only pass it to the fused projections and read its leading shape; which is why fusion is
+  limited to the families below, whose forwards are known to (the tests check the logits of each).
+
+Static activation scales: one quantized input needs one scale, so a group whose layers were calibrated to different
+static scales (``act_clip_grid`` searches them per layer) cannot fuse exactly.  Fusion is all or nothing: every
+group is checked first and any reason not to fuse raises :class:`FusionError` with the model untouched, so a user
+who asks for fused projections never gets a silently half-fused model.
+
+Fusion is a load-time step (:func:`dgq.load` with ``fuse=True``): a fused model's state has a new layout
+(``qkv_proj``, ``gate_up_proj``) that no dgq checkpoint uses, so :func:`dgq.save` refuses it (:func:`is_fused`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from dgq.errors import DGQError
+from dgq.formats import DualGrainedWeight
+from dgq.models.adapters import adapter_for
+from dgq.nn import QuantLinear
+
+# (parent module, fused layer's name, the projections it replaces in output order), the same in every family below
+_GROUPS = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+           ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
+class FusionError(DGQError, ValueError):
+    """A model whose projections cannot be fused exactly; the message names the layer and the reason."""
+
+
+class ProjectionSlice(nn.Module):
+    """Stands where one projection was: returns its output columns ``[start, stop)`` of the fused layer's output,
+    which the parent's pre-hook passes in place of the shared input."""
+
+    def __init__(self, start: int, stop: int, fused_width: int) -> None:
+        super().__init__()
+        self.start, self.stop, self.fused_width = start, stop, fused_width
+
+    def forward(self, fused_out: torch.Tensor) -> torch.Tensor:
+        if fused_out.shape[-1] != self.fused_width:  # called on a hidden state, not from the fused parent
+            raise FusionError(f"a fused projection takes the fused output ({self.fused_width} wide), got a tensor "
+                              f"{fused_out.shape[-1]} wide; call the parent module, or load without fuse")
+        return fused_out[..., self.start:self.stop]
+
+    def extra_repr(self) -> str:
+        return f"columns [{self.start}, {self.stop}) of {self.fused_width}"
+
+
+def _run_fused(name: str) -> Callable[..., tuple[tuple, dict[str, Any]]]:
+    """The parent's forward pre-hook: its input replaced by the output of its fused layer ``name`` (looked up by
+    name on each call, so a deep copy or a device move of the model keeps the hook right)."""
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        fused = module.get_submodule(name)
+        if args:  # the MLP is called as mlp(x), the attention as self_attn(hidden_states=...)
+            return (fused(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fused(kwargs["hidden_states"])}
+    return hook
+
+
+def _check_group(where: str, layers: list[tuple[str, nn.Module]]) -> None:
+    """Raise :class:`FusionError` unless ``layers`` can share one quantized input and one GEMM exactly."""
+    for layer_name, layer in layers:
+        if isinstance(layer, ProjectionSlice):
+            raise FusionError(f"{where}.{layer_name} is already fused")
+        if not isinstance(layer, QuantLinear):
+            raise FusionError(f"{where}.{layer_name} is a {type(layer).__name__}; only dgq A8W4 layers "
+                              f"(QuantLinear) fuse")
+    first_name, first = layers[0]
+    for layer_name, layer in layers[1:]:
+        for attr in ("in_features", "group_size", "act_mode"):
+            if getattr(layer, attr) != getattr(first, attr):
+                raise FusionError(f"{where}.{layer_name} has {attr} {getattr(layer, attr)}, {first_name} "
+                                  f"{getattr(first, attr)}: they cannot share one input")
+        if first.act_mode == "static" and not torch.equal(layer.act_scale, first.act_scale):
+            raise FusionError(f"{where}.{layer_name} and {first_name} have different static activation scales "
+                              f"({float(layer.act_scale):.6g}, {float(first.act_scale):.6g}), so one quantized "
+                              f"input cannot serve both; load without fuse")
+
+
+def _fused_layer(layers: list[QuantLinear]) -> QuantLinear:
+    """One :class:`QuantLinear` whose output channels are those of ``layers``, in order."""
+    parts = [layer.dual_grained() for layer in layers]
+    dg = DualGrainedWeight(**{f: torch.cat([getattr(p, f) for p in parts]) for f in ("u4", "zp", "s2", "s1")},
+                           group_size=layers[0].group_size)
+    bias = None
+    if any(layer.bias is not None for layer in layers):  # a missing bias is an exact zero
+        dtype = next(layer.bias.dtype for layer in layers if layer.bias is not None)
+        bias = torch.cat([layer.bias if layer.bias is not None else
+                          torch.zeros(layer.out_features, dtype=dtype, device=layer.s1.device) for layer in layers])
+    return QuantLinear.from_weight(dg, bias, layers[0].act_mode, layers[0].act_scale)
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Fuse, in place, each block's q/k/v into one ``qkv_proj`` and gate/up into one ``gate_up_proj``
+    :class:`QuantLinear` (see the module docstring); returns ``model``.  Outputs are bit-identical to the
+    unfused model's.  Raises :class:`FusionError`, before changing anything, for a family other than
+    :data:`FAMILIES`, layers that are not dgq A8W4 layers, or a group that cannot share one quantized input."""
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if family not in FAMILIES:
+        raise FusionError(f"fusing projections supports {', '.join(FAMILIES)}; this model is {family!r}")
+    blocks = adapter_for(model).blocks(model)
+    plan = []
+    for i, block in enumerate(blocks):
+        for parent_name, fused_name, names in _GROUPS:
+            parent = block.get_submodule(parent_name)
+            layers = [(n, getattr(parent, n)) for n in names]
+            _check_group(f"block {i} {parent_name}", layers)
+            plan.append((parent, fused_name, names, [layer for _, layer in layers]))
+    for parent, fused_name, names, layers in plan:
+        parent.add_module(fused_name, _fused_layer(layers))
+        width, start = sum(layer.out_features for layer in layers), 0
+        for name, layer in zip(names, layers):
+            setattr(parent, name, ProjectionSlice(start, start + layer.out_features, width))
+            start += layer.out_features
+        parent.register_forward_pre_hook(_run_fused(fused_name), with_kwargs=True)
+    return model
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Whether :func:`fuse_projections` changed ``model``."""
+    return any(isinstance(m, ProjectionSlice) for m in model.modules())
