@@ -73,12 +73,17 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def record_command(data: dict, script: str) -> None:
+    """Note in the results the command line that produced them (once per distinct command)."""
+    command = f"python benchmarks/{script} " + " ".join(sys.argv[1:])
+    if command not in data["commands"]:
+        data["commands"].append(command)
+
+
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.json)
     data = _load(out, _settings(args))
-    command = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
-    if command not in data["commands"]:
-        data["commands"].append(command)
+    record_command(data, "accuracy.py")
     base, tokenizer, _ = load_model(args.model)
     samples = calibration_samples(tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
                                   root=args.data_dir)
@@ -215,7 +220,11 @@ def update_results_md(text: str, marker: str) -> None:
 
 
 def add_common_args(parser: argparse.ArgumentParser, nsamples: int) -> None:
-    """The calibration protocol and bookkeeping options this script and benchmarks/zeroshot.py share."""
+    """The model, calibration protocol and bookkeeping options this script and benchmarks/zeroshot.py share."""
+    parser.add_argument("--model", default="smollm2-135m", help="model spec, as for 'dgq quantize'")
+    parser.add_argument("--label", default=None, help="model name written into the results (default: --model)")
+    parser.add_argument("--device", default="cpu", help="where to calibrate and evaluate (cpu or cuda)")
+    parser.add_argument("--data-dir", default=None, help="data folder (default: $DGQ_DATA or ../shared/data)")
     parser.add_argument("--nsamples", type=int, default=nsamples, help="calibration sequences")
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--group-size", type=int, default=64, help="64: SmolLM2's width 576 is not divisible by 128")
@@ -238,10 +247,6 @@ def results(args: argparse.Namespace, run_fn) -> dict:  # noqa: ANN001 - run(arg
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="model spec, as for 'dgq quantize'")
-    parser.add_argument("--label", default=None, help="model name written into the results (default: --model)")
-    parser.add_argument("--device", default="cpu", help="where to calibrate and evaluate (cpu or cuda)")
-    parser.add_argument("--data-dir", default=None, help="data folder (default: $DGQ_DATA or ../shared/data)")
     parser.add_argument("--dataset", default="wikitext2", choices=DATASETS, help="perplexity test set")
     parser.add_argument("--json", default=None,
                         help="results file to create or extend (default: results/smollm2_<dataset>.json)")

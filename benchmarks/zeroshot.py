@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
-from accuracy import LABELS, ROOT, _write_atomic, add_common_args, results, update_results_md
+from accuracy import LABELS, ROOT, _write_atomic, add_common_args, record_command, results, update_results_md
 from dgq.api import quantize
 from dgq.config import preset
 from dgq.data import calibration_samples
@@ -49,9 +48,7 @@ def _load(path: Path, settings: dict) -> dict:
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.json)
     data = _load(out, _settings(args))
-    command = "python benchmarks/zeroshot.py " + " ".join(sys.argv[1:])
-    if command not in data["commands"]:
-        data["commands"].append(command)
+    record_command(data, "zeroshot.py")
     base, tokenizer, _ = load_model(args.model)
     samples = None
     for method in args.methods:
@@ -119,10 +116,6 @@ def _lm_eval_version() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="model spec, as for 'dgq quantize'")
-    parser.add_argument("--label", default=None, help="model name written into the results (default: --model)")
-    parser.add_argument("--device", default="cpu", help="where to calibrate and evaluate (cpu or cuda)")
-    parser.add_argument("--data-dir", default=None, help="data folder (default: $DGQ_DATA or ../shared/data)")
     parser.add_argument("--json", default=str(ROOT / "results" / "smollm2_zeroshot.json"),
                         help="results file to create or extend")
     parser.add_argument("--no-results-md", action="store_true", help="leave RESULTS.md alone")
