@@ -25,7 +25,7 @@ import math
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -100,6 +100,16 @@ def operand_sets(k: int, n: int) -> list[Operands]:
     """Enough random operand sets of one shape that a graph over them touches >= TOUCH_BYTES of packed weight."""
     return [Operands(make_weight(n, k, GROUP)) for _ in range(min(24, max(2, math.ceil(
         TOUCH_BYTES / (n * k * (0.5 + 2 / GROUP))))))]
+
+
+def shapes_within_budget(shapes: list[tuple[int, int]], t0: float, budget_s: float
+                         ) -> Iterator[tuple[int, int, list[Operands]]]:
+    """``(K, N, operand sets)`` per shape, skipping (and saying so) the shapes reached after ``budget_s``."""
+    for k, n in shapes:
+        if time.time() - t0 > budget_s:
+            print(f"budget spent: skipping {k}x{n}", flush=True)
+            continue
+        yield k, n, operand_sets(k, n)
 
 
 def kernel_call(name: str, o: Operands) -> Callable[[], torch.Tensor]:
@@ -219,11 +229,7 @@ def main() -> None:
     failures: list[str] = []
     check_quant_linear(failures)
     rows: list[dict] = []
-    for k, n in shapes:
-        if time.time() - t0 > args.budget_s:
-            print(f"budget spent: skipping {k}x{n}", flush=True)
-            continue
-        sets = operand_sets(k, n)
+    for k, n, sets in shapes_within_budget(shapes, t0, args.budget_s):
         n_sets = len(sets)
         check(sets, failures, f"K={k} N={n}")
         print(f"checked K={k} N={n} ({time.time() - t0:.0f} s); failures so far: {len(failures)}", flush=True)

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gemm import SHAPES, TOUCH_BYTES, Operands, operand_sets, time_graph  # noqa: E402
+from gemm import SHAPES, TOUCH_BYTES, Operands, shapes_within_budget, time_graph  # noqa: E402
 
 from dgq.kernels import act_quant, gemm, gemv, int8_gemm  # noqa: E402
 from dgq.kernels.act_quant import quantize_activations_triton  # noqa: E402
@@ -109,11 +109,7 @@ def main() -> None:
     t0 = time.time()
     failures: list[str] = []
     rows: list[dict] = []
-    for k, n in shapes:
-        if time.time() - t0 > args.budget_s:
-            print(f"budget spent: skipping {k}x{n}", flush=True)
-            continue
-        sets = operand_sets(k, n)
+    for k, n, sets in shapes_within_budget(shapes, t0, args.budget_s):
         n_sets = len(sets)
         check(sets[0], failures, f"K={k} N={n}")
         print(f"checked K={k} N={n} ({time.time() - t0:.0f} s); failures so far: {len(failures)}", flush=True)

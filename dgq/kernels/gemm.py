@@ -283,6 +283,18 @@ def launch_options(device: torch.device) -> dict:
     return {"launch_pdl": True} if PDL and device.type == "cuda" else {}
 
 
+def launch(tuned: triton.runtime.Autotuner, kernel, grid, args: tuple, meta: dict,  # noqa: ANN001
+           config: triton.Config | None) -> triton.Config:
+    """Run ``kernel`` through its autotuner ``tuned``, or with the pinned ``config``; returns the config that ran (the
+    split-K kernels remember its SPLIT_K per key, so later calls allocate a reduction buffer only when it splits)."""
+    if config is None:
+        tuned[grid](*args, **meta)
+        return tuned.best_config
+    kernel[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
+                                num_stages=config.num_stages)
+    return config
+
+
 def a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = torch.float16,
                 config: triton.Config | None = None) -> torch.Tensor:
@@ -316,12 +328,7 @@ def a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None =
     def grid(c: dict) -> tuple[int, int]:
         return triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"]
 
-    if config is None:
-        _tuned[grid](*args, **meta)
-        _chosen_split[key] = _tuned.best_config.kwargs["SPLIT_K"]
-    else:
-        _kernel[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
-                                     num_stages=config.num_stages)
+    _chosen_split[key] = launch(_tuned, _kernel, grid, args, meta, config).kwargs["SPLIT_K"]
     return out
 
 

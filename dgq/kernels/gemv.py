@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dgq.kernels.gemm import KernelWeight, _use_asm, launch_options, widen_ptx
+from dgq.kernels.gemm import KernelWeight, _use_asm, launch, launch_options, widen_ptx
 
 # pack=1: s2 / c * 0x01010101 of the low nibbles are $3 / $4, of the high $5 / $6 (see dgq.kernels.gemm.widen_ptx).
 _WIDEN_WORD_PTX = tl.constexpr(widen_ptx("$3", "$4", "$5", "$6"))
@@ -171,10 +171,5 @@ def a8w4_gemv(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor, bias: tor
     def grid(c: dict) -> tuple[int, int, int]:
         return triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"], m
 
-    if config is None:
-        _tuned[grid](*args, **meta)
-        _chosen_split[key] = _tuned.best_config.kwargs["SPLIT_K"]
-    else:
-        _gemv_kernel[grid(config.kwargs)](*args, **meta, **config.kwargs, num_warps=config.num_warps,
-                                          num_stages=config.num_stages)
+    _chosen_split[key] = launch(_tuned, _gemv_kernel, grid, args, meta, config).kwargs["SPLIT_K"]
     return out

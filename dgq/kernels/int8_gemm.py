@@ -1,9 +1,9 @@
 """The prefill int8 GEMM: ``out = (s_x * s1) * (X_s8 @ W_s8ᵀ)`` with both tiles brought by the TMA copy engine.
 
 At M >= 1024 the A8W4 weight is widened to int8 once per call (:func:`dgq.kernels.gemm.widen_weight`, one pass at
-copy bandwidth: 5-30% of this kernel's time at M = 4096-1024) and this kernel multiplies.  Both operands are K-contiguous (``X_s8 [M, K]``, ``W_s8 [N, K]``),
-which is what the int8 tensor-core instruction (wgmma) needs from shared memory; tensor descriptors let the copy
-engine fill the software pipeline's shared-memory stages without address arithmetic in the warps, and a persistent
+copy bandwidth: 5-30% of this kernel's time at M = 4096-1024) and this kernel multiplies.  Both operands are
+K-contiguous (``X_s8 [M, K]``, ``W_s8 [N, K]``), which is what the int8 tensor-core instruction (wgmma) needs from
+shared memory; tensor descriptors let the copy engine fill the software pipeline's shared-memory stages without address arithmetic in the warps, and a persistent
 grid of one program per SM walks the output tiles in GROUP_M-row bands so the weight tiles a band shares stay in L2.
 """
 
@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from dgq.kernels.gemm import launch_options
+from dgq.kernels.gemm import _use_asm, launch_options
 
 
 @triton.jit
@@ -35,9 +35,9 @@ def _epilogue(acc, pid_m, pid_n, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride
 
 @triton.jit
 def _int8_gemm_kernel(a_desc, b_desc, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_o, stride_sx, M_BUCKET,
-                      K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, USE_GDC: tl.constexpr):
-    if USE_GDC:
+                      K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr, USE_ASM: tl.constexpr):
+    if USE_ASM:
         tl.extra.cuda.gdc_wait()  # launched early (programmatic dependent launch): wait for the producers of x, w
     num_m = (M + BLOCK_M - 1) // BLOCK_M
     num_n = (N + BLOCK_N - 1) // BLOCK_N
@@ -104,7 +104,7 @@ def int8_matmul(x_s8: torch.Tensor, w_s8: torch.Tensor, s_x: torch.Tensor, s1: t
     progs = _num_programs(x_s8.device)
     args = (a_desc, b_desc, sx, s1, bias if bias is not None else s1, out, m, n, out.stride(0),
             int(sx.numel() > 1))
-    meta = dict(K=k, HAS_BIAS=bias is not None, NUM_PROGRAMS=progs, USE_GDC=x_s8.device.type == "cuda",
+    meta = dict(K=k, HAS_BIAS=bias is not None, NUM_PROGRAMS=progs, USE_ASM=_use_asm(x_s8.device),
                 **launch_options(x_s8.device))
     tiles = lambda c: triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])  # noqa: E731
     if config is None:
