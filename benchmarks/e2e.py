@@ -1,9 +1,12 @@
 """End-to-end speed and memory of FP16, W8A8, W4A16 and DGQ A8W4 on random-weight Llama models (GPU only).
 
 Builds each model from its configuration with random weights on the GPU (no download), converts every decoder
-linear with dgq's own code, and measures in one process, median of repeats after warm-up:
-prefill latency (batch 1 at several lengths, batch 8 x 1024), decode throughput (batch 1/8/32, 1024-token context,
-static KV cache, the decode step captured in a CUDA graph for every format alike), peak memory and weight bytes.
+linear with dgq's own code (DGQ's q/k/v and gate/up fused, as ``dgq.load(..., fuse=True)`` does), and measures in
+one process per (model, format), median of repeats after warm-up: prefill latency (batch 1 at several lengths,
+batch 8 x 1024), decode throughput (batch 1/8/32, 1024-token context, static KV cache), peak memory and weight
+bytes.  Every format runs the same way (:mod:`dgq.bench`): the whole model compiled with ``torch.compile``, the
+decode step captured in a CUDA graph; ``--decode-modes`` / ``--prefill-modes`` add the other modes for comparison,
+and ``--profile`` adds a ``torch.profiler`` breakdown of one decode step and one 2048-token prefill.
 
     python benchmarks/e2e.py --out results/e2e_h100.json
 """
@@ -22,10 +25,11 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dgq.bench import decode, prefill
+from dgq import bench
+from dgq.bench import DecodeStep, breakdown, compiled, decode, prefill
 from dgq.formats import INT4_MAX, INT8_MAX, group_minmax, to_dual_grained
-from dgq.kernels.act_quant import quantize_activations_triton
-from dgq.kernels.int8_gemm import int8_matmul
+from dgq.fuse import fuse_projections
+from dgq.kernels.ops import int8_linear
 from dgq.nn import QuantLinear
 from dgq.search import naive_channel_scale, rtn_group_scales
 
@@ -53,9 +57,8 @@ class W8A8Linear(nn.Module):
         self.out_features = linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        x_s8, s_x = quantize_activations_triton(x2)
-        return int8_matmul(x_s8, self.w_s8, s_x, self.s1, None, x.dtype).reshape(*x.shape[:-1], self.out_features)
+        out = int8_linear(x.reshape(-1, x.shape[-1]), self.w_s8, self.s1, None, x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
 
 class W4A16Linear(nn.Module):
@@ -95,8 +98,8 @@ def dgq_linear(linear: nn.Linear, act: str) -> QuantLinear:
     return QuantLinear.from_weight(dg, None, act, scale)
 
 
-def convert(model: nn.Module, fmt: str) -> nn.Module:
-    """Replace every decoder linear of ``model`` in place by the ``fmt`` layer."""
+def convert(model: nn.Module, fmt: str, fuse: bool = True) -> nn.Module:
+    """Replace every decoder linear of ``model`` in place by the ``fmt`` layer (DGQ's projections fused)."""
     if fmt == "fp16":
         return model
     make: Callable[[nn.Linear], nn.Module] = {
@@ -107,7 +110,7 @@ def convert(model: nn.Module, fmt: str) -> nn.Module:
         for name in LINEARS:
             block.set_submodule(name, make(block.get_submodule(name)))
             torch.cuda.empty_cache()
-    return model
+    return fuse_projections(model) if fmt.startswith("dgq") and fuse else model
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -127,24 +130,53 @@ def build(name: str) -> nn.Module:
 def measure(name: str, fmt: str, args: argparse.Namespace) -> list[dict]:
     """Every measurement of one model in one format, in this process."""
     torch.backends.cuda.matmul.allow_tf32 = False
+    torch._dynamo.config.recompile_limit = 512  # per block (its layer index) and decode batch and prefill shape
+    torch._dynamo.config.accumulated_recompile_limit = 8192
+    bench.SCOPE = args.compile_scope
     vocab = MODELS[name]["vocab_size"]
     rows: list[dict] = []
+
+    def record(row: dict) -> None:  # written at once, so a later failure loses nothing measured
+        rows.append(row)
+        Path(args.out).write_text(json.dumps(rows))
+
     start = time.perf_counter()
-    model = convert(build(name), fmt)
+    model = convert(build(name), fmt, fuse=not args.no_fuse)
     gc.collect()
     wb, resident = weight_bytes(model), torch.cuda.memory_allocated()
-    base = dict(model=name, format=fmt, weight_bytes=wb, resident_bytes=resident)
+    base = dict(model=name, format=fmt, weight_bytes=wb, resident_bytes=resident, fused=not args.no_fuse,
+                compile_scope=args.compile_scope)
     print(f"{name} {fmt}: built in {time.perf_counter() - start:.0f} s, weights {wb / 2**30:.2f} GiB, "
           f"allocated {resident / 2**30:.2f} GiB", flush=True)
-    for batch, seqlen in [(1, int(s)) for s in args.seqlens.split(",")] + [(8, 1024)]:
-        ms, peak = prefill(model, batch, seqlen, vocab, args.repeats)
-        rows.append({**base, "phase": "prefill", "batch": batch, "seqlen": seqlen, "ms": ms, "peak_mem_bytes": peak})
-        print(f"  prefill b{batch} s{seqlen}: {ms:.2f} ms, peak {peak / 2**30:.2f} GiB", flush=True)
-    for batch in [int(b) for b in args.decode_batches.split(",")]:
-        tps, peak, mode = decode(model, batch, 1024, args.decode_steps, vocab)
-        rows.append({**base, "phase": "decode", "batch": batch, "seqlen": 1024, "tokens_per_s": tps,
-                     "peak_mem_bytes": peak, "mode": mode})
-        print(f"  decode b{batch}: {tps:.1f} tok/s ({mode}), peak {peak / 2**30:.2f} GiB", flush=True)
+    for mode in args.prefill_modes.split(","):
+        for batch, seqlen in [(1, int(s)) for s in args.seqlens.split(",")] + [(8, 1024)] * args.batched_prefill:
+            start = time.perf_counter()
+            ms, peak = prefill(model, batch, seqlen, vocab, args.repeats, mode)
+            record({**base, "phase": "prefill", "mode": mode, "batch": batch, "seqlen": seqlen, "ms": ms,
+                         "peak_mem_bytes": peak})
+            print(f"  prefill {mode} b{batch} s{seqlen}: {ms:.2f} ms, peak {peak / 2**30:.2f} GiB "
+                  f"({time.perf_counter() - start:.0f} s incl. compile/capture)", flush=True)
+    for mode in args.decode_modes.split(","):
+        for batch in [int(b) for b in args.decode_batches.split(",")]:
+            start = time.perf_counter()
+            tps, peak = decode(model, batch, 1024, args.decode_steps, vocab, mode)
+            record({**base, "phase": "decode", "mode": mode, "batch": batch, "seqlen": 1024,
+                         "tokens_per_s": tps, "peak_mem_bytes": peak})
+            print(f"  decode {mode} b{batch}: {tps:.1f} tok/s, peak {peak / 2**30:.2f} GiB "
+                  f"({time.perf_counter() - start:.0f} s incl. compile/capture)", flush=True)
+    if args.profile:
+        step = DecodeStep(model, 1, 1024, vocab, args.decode_modes.split(",")[0], capture=False, steps=16)
+        forward = compiled(model, dynamic=True)
+        ids, mask = torch.randint(0, vocab, (1, 2048), device="cuda"), bench.causal_mask(1, 2048)
+        for phase, fn in (("decode b1", step.step),
+                          ("prefill 2048", lambda: forward(ids, attention_mask=mask, use_cache=False,
+                                                           logits_to_keep=1))):
+            parts = breakdown(fn)
+            record({**base, "phase": "profile", "what": phase, "us": parts})
+            print(f"  profile {phase}: " + ", ".join(f"{k} {v:.0f}" for k, v in parts.items() if k != "top"),
+                  flush=True)
+            for kernel, us in parts["top"].items():
+                print(f"      {us:8.1f} us  {kernel}", flush=True)
     return rows
 
 
@@ -156,14 +188,19 @@ def main() -> None:
     parser.add_argument("--decode-batches", default="1,8,32")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--decode-steps", type=int, default=50)
+    parser.add_argument("--decode-modes", default="compiled", help="comma list of dgq.bench.DECODE_MODES")
+    parser.add_argument("--prefill-modes", default="compiled", help="comma list of dgq.bench.PREFILL_MODES")
+    parser.add_argument("--batched-prefill", type=int, default=1, help="also prefill 8 x 1024 (1) or not (0)")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler breakdown of decode and prefill")
+    parser.add_argument("--no-fuse", action="store_true", help="DGQ without fused projections")
+    parser.add_argument("--compile-scope", default="blocks", choices=bench.SCOPES, help="see dgq.bench.compiled")
     parser.add_argument("--out", default="results/e2e_h100.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: benchmarks/e2e.py needs a CUDA GPU")
-    if args.child:  # one (model, format) pair; rows go to --out
-        rows = measure(args.models, args.formats, args)
-        Path(args.out).write_text(json.dumps(rows))
+    if args.child:  # one (model, format) pair; rows go to --out as they are measured
+        measure(args.models, args.formats, args)
         return
     rows: list[dict] = []
     out = Path(args.out)
@@ -175,19 +212,27 @@ def main() -> None:
             part = out.with_suffix(f".{name}.{fmt}.part")
             cmd = [sys.executable, __file__, "--child", "--models", name, "--formats", fmt, "--out", str(part),
                    "--seqlens", args.seqlens, "--decode-batches", args.decode_batches,
-                   "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps)]
-            subprocess.run(cmd, check=True)
-            rows += json.loads(part.read_text())
-            part.unlink()
+                   "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
+                   "--decode-modes", args.decode_modes, "--prefill-modes", args.prefill_modes,
+                   "--batched-prefill", str(args.batched_prefill)] + ["--profile"] * args.profile \
+                + ["--no-fuse"] * args.no_fuse + ["--compile-scope", args.compile_scope]
+            code = subprocess.run(cmd).returncode
+            if part.exists():
+                rows += json.loads(part.read_text())
+                part.unlink()
+            if code:  # what it measured is kept; the failure is a row of its own, and the next pair still runs
+                rows.append({"model": name, "format": fmt, "phase": "failed", "returncode": code})
+                print(f"{name} {fmt}: FAILED (exit code {code}); rows before the failure kept", flush=True)
             out.write_text(json.dumps(rows, indent=1) + "\n")
-    print_table(rows)
+    print_table(rows, args.prefill_modes.split(",")[0], args.decode_modes.split(",")[0])
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], prefill_mode: str = "compiled", decode_mode: str = "compiled") -> None:
     """Ratios vs FP16 of the same model: prefill speed-up, decode speed-up, weight and peak memory."""
     def get(model: str, fmt: str, phase: str, batch: int, seqlen: int) -> dict | None:
-        return next((r for r in rows if (r["model"], r["format"], r["phase"], r["batch"], r["seqlen"])
-                     == (model, fmt, phase, batch, seqlen)), None)
+        mode = prefill_mode if phase == "prefill" else decode_mode
+        return next((r for r in rows if (r["model"], r["format"], r["phase"], r.get("batch"), r.get("seqlen"),
+                                         r.get("mode")) == (model, fmt, phase, batch, seqlen, mode)), None)
 
     print("\nmodel      format       prefill@2048 ms (x fp16)  decode b1 tok/s (x fp16)  weights GiB (x fp16)  "
           "peak@2048 GiB")

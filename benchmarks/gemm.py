@@ -36,7 +36,6 @@ from dgq.kernels.gemm import KernelWeight, a8w4_matmul, widen_weight
 from dgq.kernels.gemv import a8w4_gemv
 from dgq.kernels.int8_gemm import int8_matmul
 from dgq.nn import QuantLinear
-from dgq.packing import pack_u4
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672), (28672, 8192)]  # (K, N)
 MS = [1, 16, 64, 256, 1024, 4096, 8192]
@@ -61,7 +60,7 @@ class Operands:
 
     def __init__(self, dg: DualGrainedWeight) -> None:
         self.dg = dg
-        self.kw = KernelWeight.from_format(pack_u4(dg.u4), dg.s2, dg.zp, dg.s1, dg.group_size)
+        self.kw = KernelWeight.from_dual_grained(dg)
         self.w8 = dg.int8_weight()
         self.w16 = (dg.s1[:, None] * self.w8.float()).half()
         self.w_fp8 = self.w8.to(torch.float8_e4m3fn)

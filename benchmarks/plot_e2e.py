@@ -1,7 +1,11 @@
-"""Figures of results/e2e_h100.json (written by benchmarks/e2e.py): prefill runtime and peak memory against
-sequence length per format (like the DGQ paper's Figure 4), and decode throughput per batch size.
+"""Figures and the table of benchmarks/e2e.py's results: prefill runtime and peak memory against sequence length
+per format (like the DGQ paper's Figure 4), and decode throughput per batch size.
 
-    python benchmarks/plot_e2e.py results/e2e_h100.json --out docs
+Takes one or more result files or folders of them (each written by one ``e2e.py`` run) and the modes to show
+(rows of another mode, and rows of older runs that record none, are left out unless ``--prefill-mode`` /
+``--decode-mode`` name them; ``none`` selects rows without a mode).  A measurement no run made shows as "-".
+
+    python benchmarks/plot_e2e.py results/e2e_h100_compiled --out docs
 """
 
 from __future__ import annotations
@@ -18,10 +22,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="?", default="results/e2e_h100.json")
+    parser.add_argument("results", nargs="*", default=["results/e2e_h100_compiled"])
     parser.add_argument("--out", default="docs")
+    parser.add_argument("--prefill-mode", default="graph")
+    parser.add_argument("--decode-mode", default="compiled")
     args = parser.parse_args()
-    rows = json.loads(Path(args.results).read_text())
+    files = [f for p in map(Path, args.results) for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
+    wanted = {"prefill": args.prefill_mode, "decode": args.decode_mode}
+    rows = [r for f in files for r in json.loads(f.read_text())
+            if r["phase"] in wanted and r.get("mode", "none") == wanted[r["phase"]]]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models = list(dict.fromkeys(r["model"] for r in rows))
@@ -46,8 +55,8 @@ def main() -> None:
         batches = sorted({r["batch"] for r in rows if r["model"] == model and r["phase"] == "decode"})
         width = 0.8 / len(formats)
         for i, fmt in enumerate(formats):
-            tps = [next(r["tokens_per_s"] for r in rows if r["model"] == model and r["format"] == fmt
-                        and r["phase"] == "decode" and r["batch"] == b) for b in batches]
+            tps = [next((r["tokens_per_s"] for r in rows if r["model"] == model and r["format"] == fmt
+                         and r["phase"] == "decode" and r["batch"] == b), 0.0) for b in batches]
             ax.bar([j + i * width for j in range(len(batches))], tps, width, label=fmt)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], labels=[f"batch {b}" for b in batches])
         ax.set(title=f"{model}: decode, 1024-token context", ylabel="tokens / s")
@@ -59,20 +68,24 @@ def main() -> None:
 
 def markdown_table(rows: list[dict]) -> str:
     """Every row of the run as the Markdown table BENCHMARKS.md shows."""
-    def get(r_model: str, fmt: str, phase: str, batch: int, seqlen: int) -> dict:
-        return next(r for r in rows if (r["model"], r["format"], r["phase"], r["batch"], r["seqlen"])
-                    == (r_model, fmt, phase, batch, seqlen))
+    def get(r_model: str, fmt: str, phase: str, batch: int, seqlen: int, key: str) -> float | None:
+        return next((r[key] for r in rows if (r["model"], r["format"], r["phase"], r["batch"], r["seqlen"])
+                     == (r_model, fmt, phase, batch, seqlen)), None)
+
+    def cell(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
 
     lines = ["| model | format | 256 | 512 | 1024 | 2048 | 4096 | 8x1024 | decode b1 | b8 | b32 | weights GiB | "
              "peak@2048 GiB |", "|" + "---|" * 13]
     for model in dict.fromkeys(r["model"] for r in rows):
         for fmt in dict.fromkeys(r["format"] for r in rows if r["model"] == model):
-            pre = [get(model, fmt, "prefill", 1, s)["ms"] for s in (256, 512, 1024, 2048, 4096)]
-            pre.append(get(model, fmt, "prefill", 8, 1024)["ms"])
-            dec = [get(model, fmt, "decode", b, 1024)["tokens_per_s"] for b in (1, 8, 32)]
-            at = get(model, fmt, "prefill", 1, 2048)
-            cells = [f"{v:.1f}" for v in pre] + [f"{v:.0f}" for v in dec]
-            cells += [f"{at['weight_bytes'] / 2**30:.2f}", f"{at['peak_mem_bytes'] / 2**30:.2f}"]
+            pre = [get(model, fmt, "prefill", 1, s, "ms") for s in (256, 512, 1024, 2048, 4096)]
+            pre.append(get(model, fmt, "prefill", 8, 1024, "ms"))
+            dec = [get(model, fmt, "decode", b, 1024, "tokens_per_s") for b in (1, 8, 32)]
+            weights = next(r["weight_bytes"] for r in rows if (r["model"], r["format"]) == (model, fmt))
+            peak = get(model, fmt, "prefill", 1, 2048, "peak_mem_bytes")
+            cells = [cell(v, ".1f") for v in pre] + [cell(v, ".0f") for v in dec]
+            cells += [f"{weights / 2**30:.2f}", cell(None if peak is None else peak / 2**30, ".2f")]
             lines.append(f"| {model} | {fmt} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

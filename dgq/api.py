@@ -357,25 +357,38 @@ def export(path: str | Path, out: str | Path, format: str, overwrite: bool = Fal
 
 
 def bench(path: str | Path, seqlens: list[int], decode_batches: list[int], context: int = 1024,
-          decode_steps: int = 50, repeats: int = 10) -> list[dict[str, Any]]:
+          decode_steps: int = 50, repeats: int = 10, prefill_mode: str = "compiled",
+          decode_mode: str = "compiled") -> list[dict[str, Any]]:
     """Prefill latency (batch 1, each of ``seqlens``) and decode tokens/s (each of ``decode_batches``) of the
-    checkpoint at ``path`` on the local GPU, one dict per measurement."""
-    from dgq.bench import decode, prefill
+    checkpoint at ``path`` on the local GPU, one dict per measurement; the modes are :mod:`dgq.bench`'s.  The
+    projections are fused where the model allows it (the same outputs, fewer launches; each row says)."""
+    from dgq.bench import DECODE_MODES, PREFILL_MODES, decode, prefill
     from dgq.errors import DGQError
     from dgq.validate import at_least
 
     for flag, value in (("--context", context), ("--decode-steps", decode_steps), ("--repeats", repeats)):
         at_least(flag, value, 1)
+    if prefill_mode not in PREFILL_MODES or decode_mode not in DECODE_MODES:
+        raise ConfigError(f"modes: prefill one of {', '.join(PREFILL_MODES)}, decode one of "
+                          f"{', '.join(DECODE_MODES)}; got {prefill_mode!r}, {decode_mode!r}")
     if not torch.cuda.is_available():
         raise DGQError("dgq bench measures GPU speed and needs CUDA; none is available on this machine")
+    from dgq.fuse import FusionError, fuse_projections
+
     model = load(path, device="cuda", dtype=torch.float16)
+    fused: dict[str, Any] = {"fused": True}
+    try:
+        fuse_projections(model)
+    except FusionError as exc:  # measured unfused, and every row says why
+        fused = {"fused": False, "not_fused": str(exc)}
     vocab = model.config.vocab_size
     rows: list[dict[str, Any]] = []
     for seqlen in seqlens:
-        ms, peak = prefill(model, 1, seqlen, vocab, repeats)
-        rows.append({"phase": "prefill", "batch": 1, "seqlen": seqlen, "ms": ms, "peak_bytes": peak})
+        ms, peak = prefill(model, 1, seqlen, vocab, repeats, prefill_mode)
+        rows.append({"phase": "prefill", "batch": 1, "seqlen": seqlen, "ms": ms, "peak_bytes": peak,
+                     "mode": prefill_mode, **fused})
     for batch in decode_batches:
-        tps, peak, mode = decode(model, batch, context, decode_steps, vocab)
+        tps, peak = decode(model, batch, context, decode_steps, vocab, decode_mode)
         rows.append({"phase": "decode", "batch": batch, "seqlen": context, "tokens_per_s": tps,
-                     "peak_bytes": peak, "mode": mode})
+                     "peak_bytes": peak, "mode": decode_mode, **fused})
     return rows

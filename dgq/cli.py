@@ -13,6 +13,7 @@ import traceback
 from typing import Callable
 
 from dgq import api
+from dgq.bench import DECODE_MODES, PREFILL_MODES
 from dgq.config import PRESETS, ConfigError, QuantConfig
 from dgq.errors import DGQError
 from dgq.eval.zeroshot import TASKS
@@ -82,7 +83,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from dgq.generate import GenerationSettings
 
-    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # fail fast
+    settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                                  False if args.no_compile else None)  # fail fast
     print(args.prompt, end="", flush=True)
     api.generate(args.model, args.prompt, settings, device=args.device, out=sys.stdout)
     print()
@@ -96,9 +98,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     rows = [["phase", "batch", "seqlen", "result", "peak memory"]]
     seqlens, batches = int_list("--seqlens", args.seqlens), int_list("--decode-batches", args.decode_batches)
-    for r in api.bench(args.model, seqlens, batches, args.context, args.decode_steps, args.repeats):
+    for r in api.bench(args.model, seqlens, batches, args.context, args.decode_steps, args.repeats,
+                       args.prefill_mode, args.decode_mode):
         result = f"{r['ms']:.2f} ms" if r["phase"] == "prefill" else f"{r['tokens_per_s']:.1f} tok/s"
-        phase = r["phase"] if r["phase"] == "prefill" else f"decode ({r['mode'].split(' ')[0]})"
+        phase = f"{r['phase']} ({r['mode']}{'' if r['fused'] else ', unfused'})"
         rows.append([phase, str(r["batch"]), str(r["seqlen"]), result, f"{r['peak_bytes'] / 2**30:.2f} GiB"])
     print(_table(rows))
 
@@ -171,14 +174,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="prefill latency and decode throughput of a saved model on the local GPU",
                        description="A short version of benchmarks/e2e.py for a directory written by 'dgq quantize' "
-                                   "(CUDA only): prefill at batch 1, and decode steps captured in a CUDA graph with "
-                                   "a static KV cache.")
+                                   "(CUDA only): prefill at batch 1, and decode steps with a static KV cache. By "
+                                   "default the model is compiled (torch.compile; the first run of each shape "
+                                   "compiles, tens of seconds) and the decode step replays as a CUDA graph.")
     b.add_argument("model", help="a directory written by 'dgq quantize'")
     b.add_argument("--seqlens", default="256,1024,2048", help="prefill lengths at batch 1")
     b.add_argument("--decode-batches", default="1,8", help="decode batch sizes")
     b.add_argument("--context", type=int, default=1024, help="tokens in the KV cache before decoding")
     b.add_argument("--decode-steps", type=int, default=50, help="timed decode steps")
     b.add_argument("--repeats", type=int, default=10, help="timed prefill repeats (median is reported)")
+    b.add_argument("--prefill-mode", choices=PREFILL_MODES, default="compiled",
+                   help="compiled: torch.compile with dynamic shapes (default); graph: that, captured per length; "
+                        "eager: no compiler")
+    b.add_argument("--decode-mode", choices=DECODE_MODES, default="compiled",
+                   help="compiled: the compiled step replayed as a CUDA graph (default); graph: the eager step "
+                        "replayed as a CUDA graph")
     b.set_defaults(func=cmd_bench)
 
     g = sub.add_parser("generate", help="generate text from a saved quantized model, streamed as it is produced",
@@ -189,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1)")
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--no-compile", action="store_true",
+                   help="on CUDA, decode eagerly with a dynamic KV cache instead of the compiled static-cache step "
+                        "(skips the first call's compilation)")
     g.add_argument("--device", default=None, help="compute device, e.g. cpu or cuda (default: cuda if available)")
     g.set_defaults(func=cmd_generate)
 

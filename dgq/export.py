@@ -16,7 +16,6 @@ See docs/format.md for the tensor names.  Output directories are written atomica
 
 from __future__ import annotations
 
-from dgq.errors import DGQError
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,7 +23,9 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from torch import nn
 
+from dgq.errors import DGQError
 from dgq.checkpoint import DEFAULT_SHARD_BYTES, atomic_dir, load, write_json
+from dgq.formats import DualGrainedWeight
 from dgq.hf import quant_config, tied_keys
 from dgq.nn import FakeQuantLinear, QuantLinear
 
@@ -51,9 +52,9 @@ def pack_int4(values: torch.Tensor, dim: int) -> torch.Tensor:
     return words if dim == 1 else words.t().contiguous()
 
 
-def _folded_scale(module: QuantLinear, dtype: torch.dtype) -> torch.Tensor:
+def _folded_scale(dg: DualGrainedWeight, dtype: torch.dtype) -> torch.Tensor:
     """``s1 * s2`` per (row, group) in ``dtype``, refused where ``dtype`` cannot hold it to its full precision."""
-    scale = module.s1[:, None] * module.s2.float()
+    scale = dg.s1[:, None] * dg.s2.float()
     info = torch.finfo(dtype)
     if scale.min() < info.smallest_normal or scale.max() > info.max:
         raise ExportError(f"group scales s1 * s2 span [{scale.min():.3g}, {scale.max():.3g}], outside the normal "
@@ -65,7 +66,7 @@ def _compressed_tensors_module(module: QuantLinear, dtype: torch.dtype) -> dict[
     dg = module.dual_grained()
     tensors = {
         "weight_packed": pack_int4(dg.u4.to(torch.int32) - INT4_OFFSET, dim=1),
-        "weight_scale": _folded_scale(module, dtype),
+        "weight_scale": _folded_scale(dg, dtype),
         "weight_zero_point": pack_int4(dg.zp.to(torch.int32) - INT4_OFFSET, dim=0),
         "weight_shape": torch.tensor(dg.shape, dtype=torch.int64),
     }

@@ -47,6 +47,11 @@ class DualGrainedWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.u4.shape)  # type: ignore[return-value]
 
+    def to(self, device: torch.device | str) -> "DualGrainedWeight":
+        """The same weight with its tensors on ``device``."""
+        return DualGrainedWeight(self.u4.to(device), self.zp.to(device), self.s2.to(device), self.s1.to(device),
+                                 self.group_size)
+
     def int8_weight(self) -> torch.Tensor:
         """``W_s8 = s2 * (u4 - zp)`` as int8 ``[out, in]`` (exact: guaranteed in range by :meth:`validate`)."""
         g = self.group_size

@@ -21,12 +21,15 @@ class GenerationSettings:
     """How to decode: greedy when ``temperature`` is 0, else sampling with ``temperature`` and nucleus ``top_p``.
 
     ``seed`` makes sampling reproducible (it seeds torch's global generators just before generating).
+    ``compile``: a static KV cache and the compiled decode step (default: on CUDA; the first call compiles, which
+    takes tens of seconds, and later calls of the same shapes replay).
     """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    compile: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -36,11 +39,13 @@ class GenerationSettings:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
 
-    def generate_kwargs(self) -> dict[str, Any]:
+    def generate_kwargs(self, device: torch.device) -> dict[str, Any]:
+        static = self.compile if self.compile is not None else device.type == "cuda"
+        cache = {"cache_implementation": "static"} if static else {}
         if self.temperature == 0:
-            return {"max_new_tokens": self.max_new_tokens, "do_sample": False}
+            return {"max_new_tokens": self.max_new_tokens, "do_sample": False, **cache}
         return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
-                "top_p": self.top_p, "top_k": 0}
+                "top_p": self.top_p, "top_k": 0, **cache}
 
 
 def _inputs(model: nn.Module, tokenizer: Any, prompt: str) -> dict[str, torch.Tensor]:
@@ -62,7 +67,7 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompt: str,
     if settings.seed is not None:
         torch.manual_seed(settings.seed)
     with torch.no_grad():
-        out = model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=_pad_id(tokenizer))
+        out = model.generate(**inputs, **settings.generate_kwargs(model.device), pad_token_id=_pad_id(tokenizer))
     return out[0, inputs["input_ids"].shape[1]:]
 
 
@@ -82,7 +87,7 @@ def stream(model: nn.Module, tokenizer: Any, prompt: str,
     def work() -> None:
         try:
             with torch.no_grad():
-                model.generate(**inputs, **settings.generate_kwargs(), pad_token_id=_pad_id(tokenizer),
+                model.generate(**inputs, **settings.generate_kwargs(model.device), pad_token_id=_pad_id(tokenizer),
                                streamer=streamer)
         except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
             failure.append(exc)

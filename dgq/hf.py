@@ -7,10 +7,13 @@ config's ``modules``, checks every stored tensor's name, shape and dtype against
 transformers load the tensors, and validates the dual-grained invariants; ``model.save_pretrained(dir)`` writes
 them back.  Sharding, tied weights and the config file are transformers' and safetensors' work.
 
-On disk the packed 4-bit codes of a ``QuantLinear`` at ``P`` are stored as ``P.weight`` (uint8 ``[in / 2, out]``),
-not under the module's attribute name ``qweight``: a transformers that does not know dgq (dgq not imported) then
-skips the unknown quantization method, builds a float ``nn.Linear`` at ``P`` and refuses the checkpoint with a
-size-mismatch error for ``P.weight`` instead of running randomly initialised weights.
+On disk a ``QuantLinear`` at ``P`` stores the format's own layout (:meth:`~dgq.nn.QuantLinear.stored_tensors`), not
+the kernels' layout it holds in memory: the packed 4-bit codes as ``P.weight`` (uint8 ``[in / 2, out]``), ``P.s2`` and
+``P.zp`` as ``[out, in / g]``.  The skeleton has the stored tensors, transformers loads into them, and
+:meth:`~dgq.nn.QuantLinear.load_stored` converts them (a permutation: saving writes the same bytes back).  The name
+``P.weight`` matters: a transformers that does not know dgq (dgq not imported) skips the unknown quantization
+method, builds a float ``nn.Linear`` at ``P`` and refuses the checkpoint with a size-mismatch error for ``P.weight``
+instead of running randomly initialised weights.
 """
 
 from __future__ import annotations
@@ -33,8 +36,6 @@ from dgq.nn import FakeQuantLinear, QuantLinear
 
 QUANT_METHOD = "dgq"
 FORMAT_VERSION = 2
-CODES = "qweight"  # QuantLinear's attribute holding the packed codes ...
-STORED_CODES = "weight"  # ... and their name in the checkpoint (see the module docstring)
 MODULE_TYPES = {"dgq": QuantLinear, "fake": FakeQuantLinear}
 
 
@@ -91,38 +92,49 @@ class DGQConfig(QuantizationConfigMixin):
 
 
 def _skeleton(linear: nn.Module, entry: dict[str, str], group_size: int) -> nn.Module:
-    """An empty (meta) quantized module of the ``modules`` entry, shaped like the ``linear`` it replaces, its
-    packed codes under their stored name until :func:`_restore_codes`."""
+    """An empty (meta) quantized module of the ``modules`` entry, shaped like the ``linear`` it replaces, holding
+    the checkpoint's tensors (stored names and layout) until :func:`_restore_layout`."""
     meta = torch.device("meta")
     bias = getattr(linear, "bias", None)
     if entry["type"] == "dgq":
         module = QuantLinear(linear.in_features, linear.out_features, group_size, entry["act"], bias is not None,
                              device=meta, out_dtype=linear.weight.dtype)
-        module._buffers[STORED_CODES] = module._buffers.pop(CODES)
+        for name in QuantLinear.STORED:
+            del module._buffers[name]
+        del module._buffers["gemv_scratch"]  # made on the loaded tensors' device by load_stored
+        groups = linear.in_features // group_size
+        module.register_buffer("weight", torch.empty(linear.in_features // 2, linear.out_features,
+                                                     dtype=torch.uint8, device=meta))
+        module.register_buffer("s2", torch.empty(linear.out_features, groups, dtype=torch.int8, device=meta))
+        module.register_buffer("zp", torch.empty(linear.out_features, groups, dtype=torch.uint8, device=meta))
         return module
     weight = torch.empty_like(linear.weight, device=meta)
     return FakeQuantLinear(weight, None if bias is None else torch.empty_like(bias, device=meta), entry["act"],
                            torch.empty((), device=meta))
 
 
-def _restore_codes(model: nn.Module) -> None:
+def _restore_layout(model: nn.Module) -> None:
     for module in model.modules():
-        if isinstance(module, QuantLinear) and STORED_CODES in module._buffers:
-            module._buffers[CODES] = module._buffers.pop(STORED_CODES)
+        if isinstance(module, QuantLinear) and "weight" in module._buffers:
+            module.load_stored(*(module._buffers.pop(stored) for stored in QuantLinear.STORED.values()))
 
 
 def stored_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` under the checkpoint's names (each ``QuantLinear``'s codes as ``P.weight``).
+    """The model's tensors as the checkpoint stores them (each ``QuantLinear``'s in the format's layout).
 
     A model with fused projections is refused: its layout is no checkpoint's, and fusion is redone at load time."""
     if is_fused(model):
         raise CheckpointError("this model has fused projections (dgq.load(..., fuse=True)), a load-time layout "
                               "that is never saved; save the model loaded without fuse")
-    layers = {name for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     state = {}
     for key, tensor in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
-        state[f"{owner}.{STORED_CODES}" if owner in layers and leaf == CODES else key] = tensor
+        if owner in layers and leaf in QuantLinear.STORED:
+            continue
+        state[key] = tensor
+    for name, layer in layers.items():
+        state.update({f"{name}.{k}": t for k, t in layer.stored_tensors().items()})
     return state
 
 
@@ -272,7 +284,7 @@ class DGQHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
-        _restore_codes(model)
+        _restore_layout(model)
         validate(model)
         return model
 
@@ -280,6 +292,11 @@ class DGQHfQuantizer(HfQuantizer):
         return stored_state(model), {}
 
     def is_serializable(self, **kwargs: Any) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        """dgq's kernels are PyTorch operators (:mod:`dgq.kernels.ops`): ``generate`` may compile the decode step."""
         return True
 
     @property

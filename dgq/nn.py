@@ -15,13 +15,24 @@ import torch
 from torch import nn
 
 from dgq.formats import DualGrainedWeight, int_matmul, quantize_activations
-from dgq.packing import pack_u4, unpack_u4
+from dgq.packing import layout_tile, pack_tiled, pack_u4, unpack_tiled, unpack_u4
 
 ActMode = Literal["none", "dynamic", "static"]
 
 
 class QuantLinear(nn.Module):
-    """A8W4 dual-grained Linear: packed int4 codes, int8 group scales and zero points, float channel scales."""
+    """A8W4 dual-grained Linear: packed int4 codes, int8 group scales and zero points, float channel scales.
+
+    Its buffers are in the layout the CUDA kernels read (:mod:`dgq.packing`, :class:`dgq.kernels.gemm.KernelWeight`),
+    so a model holds each packed weight once: ``codes`` uint8 ``[out, in / 2]`` (tiled), ``s2t`` int8 and ``zpt``
+    uint8 ``[in / g, out]``, ``s1`` float32 ``[out]``, and the one-token GEMV's self-cleaning int32 slots
+    ``gemv_scratch`` ``[2 out]`` (not saved).  The checkpoint stores the format's own layout (``weight``, ``s2``,
+    ``zp``, :meth:`stored_tensors`); :meth:`load_stored` converts it back, both exactly.
+    The only derived tensor is the CPU reference's widened int8 weight, cached under one rule: dropped whenever the
+    module is moved or cast (``_apply``), rebuilt when a buffer is replaced or written in place (the cache key).
+    """
+
+    STORED = {"codes": "weight", "s2t": "s2", "zpt": "zp"}  # buffer -> its checkpoint name (other buffers: same)
 
     def __init__(self, in_features: int, out_features: int, group_size: int, act_mode: ActMode = "dynamic",
                  bias: bool = False, device: torch.device | str | None = None,
@@ -33,18 +44,17 @@ class QuantLinear(nn.Module):
             raise ValueError(f"group size {group_size} does not divide in_features {in_features}")
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.act_mode = group_size, act_mode
+        self.tile = layout_tile(in_features, group_size)
         groups = in_features // group_size
-        self.register_buffer("qweight", torch.zeros(in_features // 2, out_features, dtype=torch.uint8, device=device))
-        self.register_buffer("s2", torch.ones(out_features, groups, dtype=torch.int8, device=device))
-        self.register_buffer("zp", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
+        self.register_buffer("codes", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("s2t", torch.ones(groups, out_features, dtype=torch.int8, device=device))
+        self.register_buffer("zpt", torch.zeros(groups, out_features, dtype=torch.uint8, device=device))
         self.register_buffer("s1", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=out_dtype, device=device) if bias else None)
-        # Derived views of the buffers, never saved.  One rule for both: built on first use, dropped whenever the
-        # module is moved or cast (``_apply``), rebuilt when a buffer is replaced or written in place (the key).
-        # "int8": the reference path's int8 weight W_s8 [out, in] (widened once, not per forward);
-        # "kernel": the CUDA kernel's layout (:class:`dgq.kernels.gemm.KernelWeight`).
-        self._derived: dict[str, tuple[tuple, object]] = {}
+        self.register_buffer("gemv_scratch", torch.zeros(2 * out_features, dtype=torch.int32, device=device),
+                             persistent=False)
+        self._int8: tuple[tuple, torch.Tensor] | None = None
 
     @classmethod
     def from_weight(cls, dg: DualGrainedWeight, bias: torch.Tensor | None, act_mode: ActMode,
@@ -54,9 +64,9 @@ class QuantLinear(nn.Module):
         out, inp = dg.shape
         dtype = bias.dtype if bias is not None else torch.float32
         layer = cls(inp, out, dg.group_size, act_mode, bias is not None, dg.u4.device, dtype)
-        layer.qweight.copy_(pack_u4(dg.u4))
-        layer.s2.copy_(dg.s2)
-        layer.zp.copy_(dg.zp)
+        layer.codes.copy_(pack_tiled(dg.u4, layer.tile))
+        layer.s2t.copy_(dg.s2.t())
+        layer.zpt.copy_(dg.zp.t())
         layer.s1.copy_(dg.s1)
         if act_mode == "static":
             if act_scale is None:
@@ -68,29 +78,48 @@ class QuantLinear(nn.Module):
 
     def dual_grained(self) -> DualGrainedWeight:
         """The unpacked format tensors this layer holds."""
-        return DualGrainedWeight(u4=unpack_u4(self.qweight), zp=self.zp, s2=self.s2, s1=self.s1,
-                                 group_size=self.group_size)
+        return DualGrainedWeight(u4=unpack_tiled(self.codes, self.tile), zp=self.zpt.t().contiguous(),
+                                 s2=self.s2t.t().contiguous(), s1=self.s1, group_size=self.group_size)
+
+    def stored_tensors(self) -> dict[str, torch.Tensor]:
+        """The layout-bearing buffers in the checkpoint's layout, under their stored names (:data:`STORED`)."""
+        return {"weight": pack_u4(unpack_tiled(self.codes, self.tile)), "s2": self.s2t.t().contiguous(),
+                "zp": self.zpt.t().contiguous()}
+
+    def load_stored(self, weight: torch.Tensor, s2: torch.Tensor, zp: torch.Tensor) -> None:
+        """Take the checkpoint's tensors (:meth:`stored_tensors`' layout) as this layer's buffers, on their device."""
+        device = weight.device
+        self.codes = pack_tiled(unpack_u4(weight), self.tile)
+        self.s2t, self.zpt = s2.t().contiguous(), zp.t().contiguous()
+        self.s1, self.act_scale = self.s1.to(device, torch.float32), self.act_scale.to(device, torch.float32)
+        self.gemv_scratch = torch.zeros(2 * self.out_features, dtype=torch.int32, device=device)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
-        self._derived = {}  # a move or cast leaves no derived copy behind on the old device
-        return super()._apply(fn, recurse)
-
-    def _cached(self, name: str, build):  # noqa: ANN001, ANN202
-        key = tuple((t.data_ptr(), t._version) for t in (self.qweight, self.s2, self.zp, self.s1))
-        hit = self._derived.get(name)
-        if hit is None or hit[0] != key:
-            hit = self._derived[name] = (key, build())
-        return hit[1]
+        """Moves and casts keep the channel and activation scales float32: they are the format's, not the model's
+        dtype (``model.half()`` must not round them)."""
+        self._int8 = None  # a move or cast leaves no derived copy behind on the old device
+        kept = {name: self._buffers[name] for name in ("s1", "act_scale")}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
 
     def kernel_layout(self):  # noqa: ANN201 - KernelWeight; its module imports triton, which the CPU path never needs
-        """The CUDA kernel's view of this layer's tensors (:class:`dgq.kernels.gemm.KernelWeight`), cached."""
-        def build():  # noqa: ANN202
-            from dgq.kernels.gemm import KernelWeight
-            return KernelWeight.from_format(self.qweight, self.s2, self.zp, self.s1, self.group_size)
-        return self._cached("kernel", build)
+        """The CUDA kernels' view of this layer's buffers (:class:`dgq.kernels.gemm.KernelWeight`): no copy."""
+        from dgq.kernels.gemm import KernelWeight, tile_k_for
+
+        return KernelWeight(self.codes, self.s2t, self.zpt, self.s1, self.group_size,
+                            tile_k_for(self.in_features, self.group_size), self.gemv_scratch)
 
     def _int8_weight(self) -> torch.Tensor:
-        return self._cached("int8", lambda: self.dual_grained().int8_weight())
+        if torch.compiler.is_compiling():  # a compiled graph widens in the graph: no Python-side cache there
+            return self.dual_grained().int8_weight()
+        key = tuple((t.data_ptr(), t._version) for t in (self.codes, self.s2t, self.zpt))
+        if self._int8 is None or self._int8[0] != key:
+            self._int8 = (key, self.dual_grained().int8_weight())
+        return self._int8[1]
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Pure-PyTorch forward with the exact int32 accumulator (:func:`~dgq.formats.int_matmul`, an int8 GEMM on
@@ -103,17 +132,24 @@ class QuantLinear(nn.Module):
             out += self.bias
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
+    def forward_kernels(self, x: torch.Tensor) -> torch.Tensor:
+        """The Triton kernels through dgq's PyTorch operators (:mod:`dgq.kernels.ops`), which ``torch.compile``
+        captures without a graph break; equal to :meth:`forward_reference` bit for bit."""
+        from dgq.kernels import TRITON_AVAILABLE
+        if not TRITON_AVAILABLE:
+            raise RuntimeError("QuantLinear on CUDA needs triton for its kernels; install triton, or call "
+                               "forward_reference explicitly for the slow exact path")
+        from dgq.kernels.ops import quantized_linear
+
+        static = self.act_scale if self.act_mode == "static" else None
+        out = quantized_linear(x.reshape(-1, self.in_features), self.codes, self.s2t, self.zpt, self.s1,
+                          self.gemv_scratch, self.group_size, static, self.bias, x.dtype)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Triton kernels for CUDA inputs (they equal :meth:`forward_reference`); the reference elsewhere."""
         if x.is_cuda:
-            from dgq.kernels import TRITON_AVAILABLE
-            if not TRITON_AVAILABLE:
-                raise RuntimeError("QuantLinear on CUDA needs triton for its kernels; install triton, or call "
-                                   "forward_reference explicitly for the slow exact path")
-            from dgq.kernels.linear import a8w4_linear
-            static = self.act_scale if self.act_mode == "static" else None
-            out = a8w4_linear(x.reshape(-1, self.in_features), self.kernel_layout(), static, self.bias, x.dtype)
-            return out.reshape(*x.shape[:-1], self.out_features)
+            return self.forward_kernels(x)
         return self.forward_reference(x)
 
     def extra_repr(self) -> str:

@@ -61,8 +61,7 @@ def random_acts(m: int, k: int, gen: torch.Generator, kind: str = "random") -> t
 
 
 def kernel_weight(dg: DualGrainedWeight) -> KernelWeight:
-    return KernelWeight.from_format(pack_u4(dg.u4).to(DEVICE), dg.s2.to(DEVICE), dg.zp.to(DEVICE), dg.s1.to(DEVICE),
-                                    dg.group_size)
+    return KernelWeight.from_dual_grained(dg.to(DEVICE))
 
 
 # (M, N, K, group, config): split-K (even, and with an empty last split), M and N tails, several M tiles, K tiles of
@@ -310,14 +309,33 @@ def test_pack_round_trip() -> None:
     assert packed[0, 0] == u4[0, 0] | (u4[0, 1] << 4)
 
 
-def test_kernel_layout_follows_the_layer() -> None:
-    """The cached layout is dropped on a move or cast and rebuilt after an in-place write of a buffer."""
+def test_kernel_layout_is_the_layer_buffers() -> None:
+    """The kernels read the layer's own buffers (no second copy of the packed weight), in the layout that
+    :meth:`KernelWeight.from_dual_grained` builds."""
     gen = torch.Generator().manual_seed(4)
-    layer = QuantLinear.from_weight(random_weight(64, 128, 64, gen), None, "dynamic")
-    first = layer.kernel_layout()
-    assert layer.kernel_layout() is first
-    layer.s2[0, 0] = 1
-    second = layer.kernel_layout()
-    assert second is not first and int(second.s2t[0, 0]) == 1
-    layer.to(torch.float32)  # any _apply drops every derived tensor
-    assert layer._derived == {}
+    dg = random_weight(64, 256, 64, gen)
+    layer = QuantLinear.from_weight(dg, None, "dynamic")
+    kw, ref = layer.kernel_layout(), KernelWeight.from_dual_grained(dg)
+    assert kw.codes is layer.codes and kw.s2t is layer.s2t and kw.zpt is layer.zpt and kw.s1 is layer.s1
+    assert all(torch.equal(getattr(kw, f), getattr(ref, f)) for f in ("codes", "s2t", "zpt", "s1"))
+
+
+def test_stored_layout_round_trips_and_reference_follows_writes() -> None:
+    """The checkpoint's layout converts exactly both ways; the CPU reference's cached int8 weight is rebuilt
+    after an in-place write of a buffer; casts keep the format's scales float32."""
+    gen = torch.Generator().manual_seed(5)
+    dg = random_weight(32, 192, 64, gen)  # K = 192: tiles of 64
+    layer = QuantLinear.from_weight(dg, None, "dynamic")
+    stored = layer.stored_tensors()
+    assert torch.equal(stored["weight"], pack_u4(dg.u4)) and torch.equal(stored["s2"], dg.s2)
+    fresh = QuantLinear(192, 32, 64)
+    fresh.load_stored(stored["weight"], stored["s2"], stored["zp"])
+    fresh.s1.copy_(dg.s1)
+    x = torch.randn(3, 192, generator=gen)
+    assert torch.equal(fresh(x), layer(x)) and torch.equal(fresh.dual_grained().u4, dg.u4)
+    layer.s2t[0, 0] = 1
+    changed = layer.dual_grained()
+    q, s = quantize_activations(x)
+    assert torch.equal(layer(x), fp32_epilogue(int_matmul(q, changed.int8_weight()), s, dg.s1))
+    layer.half()
+    assert layer.s1.dtype == layer.act_scale.dtype == torch.float32 and torch.equal(layer.s1, dg.s1)

@@ -16,7 +16,8 @@ That is :data:`_WIDEN_PTX` (nibble mask/shift, one ``mad``, one ``xor`` per four
 run PTX, so ``USE_ASM=False`` computes the same bytes with plain integer arithmetic (the tests' path);
 ``tests/test_kernels.py`` proves the byte-lane identity exhaustively for every ``(s2, zp, u4)`` the format allows.
 
-**Layout** (:class:`KernelWeight`, built at load time from the checkpoint tensors): codes ``[N, K/2]`` row-major;
+**Layout** (:class:`KernelWeight`, the buffers :class:`dgq.nn.QuantLinear` holds; :mod:`dgq.packing`): codes
+``[N, K/2]`` row-major;
 within each ``TILE_K``-wide K tile, byte ``j`` holds ``k = j`` (low nibble) and ``k = TILE_K/2 + j`` (high nibble),
 so a tile is two dots of depth ``TILE_K/2`` with no interleave.  ``s2``/``zp`` are ``[K/g, N]`` so a tile's scales
 are one coalesced row; ``c`` is formed once per tile row from them (``2 + 2`` ops per row, not per weight), which
@@ -44,6 +45,8 @@ import triton
 import triton.language as tl
 
 from dgq.errors import DGQError
+from dgq.formats import DualGrainedWeight
+from dgq.packing import layout_tile, pack_tiled
 
 
 class KernelShapeError(DGQError, ValueError):
@@ -51,11 +54,12 @@ class KernelShapeError(DGQError, ValueError):
 
 
 def tile_k_for(k: int, group: int) -> int:
-    """The K tile of the kernel layout: 128 where K and the group allow it, else 64 (e.g. K = 576)."""
+    """The K tile of the kernel layout (:func:`dgq.packing.layout_tile`): 128 where K and the group allow it, else 64
+    (e.g. K = 576); a layer laid out in whole rows is refused."""
     if k % 64:
         raise KernelShapeError(f"the A8W4 CUDA kernel needs in_features to be a multiple of 64, got {k}")
-    tile = 128 if k % 128 == 0 and group % 64 == 0 else 64
-    if group % (tile // 2):
+    tile = layout_tile(k, group)
+    if tile not in (64, 128):
         raise KernelShapeError(f"the A8W4 CUDA kernel needs the group size to be a multiple of 32 (64 when "
                                f"in_features is a multiple of 128), got {group}")
     return tile
@@ -63,7 +67,7 @@ def tile_k_for(k: int, group: int) -> int:
 
 @dataclass(frozen=True)
 class KernelWeight:
-    """The A8W4 weight as the kernel reads it, derived from a layer's format tensors and never saved.
+    """The A8W4 weight as the kernels read it: a view of a layer's buffers (the checkpoint stores another layout).
 
     ``codes`` uint8 ``[N, K/2]`` (module docstring: per ``tile_k`` tile, byte j = codes of k j and tile_k/2 + j);
     ``s2t`` int8 and ``zpt`` uint8 ``[K/g, N]``; ``s1`` fp32 ``[N]``; ``gemv_scratch`` int32 ``[2 N]`` zeros, the
@@ -79,17 +83,13 @@ class KernelWeight:
     gemv_scratch: torch.Tensor
 
     @classmethod
-    def from_format(cls, qweight: torch.Tensor, s2: torch.Tensor, zp: torch.Tensor, s1: torch.Tensor,
-                    group_size: int) -> "KernelWeight":
-        """From a layer's buffers: ``qweight`` uint8 ``[K/2, N]`` in the checkpoint's packing (:mod:`dgq.packing`)."""
-        k, n = qweight.shape[0] * 2, qweight.shape[1]
-        tile = tile_k_for(k, group_size)
-        lo, hi = qweight & 0xF, qweight >> 4  # codes of even / odd k, [K/2, N] each
-        u4 = torch.stack((lo, hi), dim=1).reshape(k, n).t()  # [N, K]
-        u = u4.reshape(n, k // tile, 2, tile // 2)
-        codes = (u[:, :, 0] | (u[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-        return cls(codes, s2.t().contiguous(), zp.t().contiguous(), s1.float().contiguous(), group_size, tile,
-                   torch.zeros(2 * n, dtype=torch.int32, device=qweight.device))
+    def from_dual_grained(cls, dg: DualGrainedWeight) -> "KernelWeight":
+        """A standalone kernel weight (benchmarks, tests); a :class:`dgq.nn.QuantLinear` already holds this layout
+        and lends it (:meth:`~dgq.nn.QuantLinear.kernel_layout`) without a copy."""
+        n, k = dg.shape
+        tile = tile_k_for(k, dg.group_size)
+        return cls(pack_tiled(dg.u4, tile), dg.s2.t().contiguous(), dg.zp.t().contiguous(), dg.s1.float().contiguous(),
+                   dg.group_size, tile, torch.zeros(2 * n, dtype=torch.int32, device=dg.u4.device))
 
     @property
     def in_features(self) -> int:
@@ -286,7 +286,14 @@ def launch_options(device: torch.device) -> dict:
 def launch(tuned: triton.runtime.Autotuner, kernel, grid, args: tuple, meta: dict,  # noqa: ANN001
            config: triton.Config | None) -> triton.Config:
     """Run ``kernel`` through its autotuner ``tuned``, or with the pinned ``config``; returns the config that ran (the
-    split-K kernels remember its SPLIT_K per key, so later calls allocate a reduction buffer only when it splits)."""
+    split-K kernels remember its SPLIT_K per key, so later calls allocate a reduction buffer only when it splits).
+
+    Triton's CPU interpreter cannot time anything: there the first config left after pruning runs (the kernel tests
+    pin each config in turn; this serves the operator and compile tests)."""
+    if config is None and args[0].device.type != "cuda":
+        nargs = dict(zip(tuned.arg_names, args))
+        config = (tuned.early_config_prune(tuned.configs, nargs, **meta) if tuned.early_config_prune
+                  else tuned.configs)[0]
     if config is None:
         tuned[grid](*args, **meta)
         return tuned.best_config

@@ -107,6 +107,8 @@ def int8_matmul(x_s8: torch.Tensor, w_s8: torch.Tensor, s_x: torch.Tensor, s1: t
     meta = dict(K=k, HAS_BIAS=bias is not None, NUM_PROGRAMS=progs, USE_ASM=_use_asm(x_s8.device),
                 **launch_options(x_s8.device))
     tiles = lambda c: triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"])  # noqa: E731
+    if config is None and x_s8.device.type != "cuda":  # the CPU interpreter cannot time configs (gemm.launch)
+        config = CONFIGS[0]
     if config is None:
         _tuned[lambda c: (min(progs, tiles(c)),)](*args, triton.next_power_of_2(m), **meta)
     else:

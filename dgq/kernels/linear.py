@@ -29,13 +29,19 @@ GEMV_MAX_M = 1  # measured: the GEMV wins at M = 1 only
 WIDEN_MIN_M = 1024  # measured: in-register widening wins at M = 256 (0.76x vs 0.73x), widen-once at 1024
 
 
-def a8w4_linear(x: torch.Tensor, kw: KernelWeight, static_scale: torch.Tensor | None = None,
-                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for a 2-D float ``x`` on CUDA, dynamic per-row or static scale."""
-    x_s8, s_x = quantize_activations_triton(x, static_scale)
-    m = x.shape[0]
+def a8w4_mm(x_s8: torch.Tensor, s_x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None,
+            out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for int8 codes ``x_s8 [M, K]`` on CUDA: the path for M."""
+    m = x_s8.shape[0]
     if m <= GEMV_MAX_M:
         return a8w4_gemv(x_s8, kw, s_x, bias, out_dtype)
     if m >= WIDEN_MIN_M:
         return int8_matmul(x_s8, widen_weight(kw), s_x, kw.s1, bias, out_dtype)
     return a8w4_matmul(x_s8, kw, s_x, bias, out_dtype)
+
+
+def a8w4_linear(x: torch.Tensor, kw: KernelWeight, static_scale: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for a 2-D float ``x`` on CUDA, dynamic per-row or static scale."""
+    x_s8, s_x = quantize_activations_triton(x, static_scale)
+    return a8w4_mm(x_s8, s_x, kw, bias, out_dtype)

@@ -1,0 +1,114 @@
+"""dgq's kernels as PyTorch operators, so that ``torch.compile`` and CUDA graphs capture a whole model step.
+
+Four operators (``torch.library.custom_op``, each with a fake implementation that gives the output's shape and
+dtype without running anything): ``dgq::quantize_activations`` (dynamic, per token), ``dgq::quantize_activations_
+static``, ``dgq::a8w4_mm`` (the GEMM paths of :mod:`dgq.kernels.linear`) and ``dgq::int8_mm`` (the int8 GEMM on
+an int8 weight: W8A8 layers, the benchmarks' peer).  To the compiler each is one opaque
+call with no Python inside the captured graph; a CUDA graph replays their kernels.
+
+:func:`quantized_linear` is what :meth:`dgq.nn.QuantLinear.forward_kernels` calls:
+
+* eagerly it calls the kernels' Python functions directly: the operator dispatch would only add host time to a
+  launch-bound path, and the kernels are the same;
+* under ``torch.compile`` it goes through the operators, and the activation quantization is written, with
+  :data:`ACT_QUANT_IN_GRAPH`, in plain torch operations (:func:`dgq.formats.quantize_activations`, the reference
+  itself), which the compiler fuses into the kernel that produces the activation (the RMSNorm, the SiLU-and-product,
+  the attention output's copy): one launch less per layer.  Inductor divides with IEEE ``div_rn`` and rounds half to
+  even as eager PyTorch does, so the codes are the reference's (the tests compare the compiled model with eager).
+
+The GEMV's split-K slots (``gemv_scratch``) are written and left zeroed by every call, so ``dgq::a8w4_mm``
+declares no mutation: no caller can observe one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dgq.formats import quantize_activations
+from dgq.kernels.act_quant import quantize_activations_triton
+from dgq.kernels.gemm import KernelWeight, tile_k_for
+from dgq.kernels.int8_gemm import int8_matmul
+from dgq.kernels.linear import a8w4_linear, a8w4_mm
+
+ACT_QUANT_IN_GRAPH = True  # compiled: quantize with torch ops the compiler fuses into the producer (else the kernel)
+
+
+@torch.library.custom_op("dgq::quantize_activations", mutates_args=())
+def _quantize_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_activations_triton(x)
+
+
+@_quantize_dynamic.register_fake
+def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("dgq::quantize_activations_static", mutates_args=())
+def _quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return quantize_activations_triton(x, scale)[0]
+
+
+@_quantize_static.register_fake
+def _(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
+def _weight(codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor, s1: torch.Tensor, gemv_scratch: torch.Tensor,
+            group_size: int) -> KernelWeight:
+    return KernelWeight(codes, s2t, zpt, s1, group_size, tile_k_for(2 * codes.shape[1], group_size), gemv_scratch)
+
+
+@torch.library.custom_op("dgq::a8w4_mm", mutates_args=())
+def _a8w4_mm(x_s8: torch.Tensor, s_x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor,
+             s1: torch.Tensor, gemv_scratch: torch.Tensor, group_size: int, bias: torch.Tensor | None,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    return a8w4_mm(x_s8, s_x, _weight(codes, s2t, zpt, s1, gemv_scratch, group_size), bias, out_dtype)
+
+
+@_a8w4_mm.register_fake
+def _(x_s8: torch.Tensor, s_x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor,
+      s1: torch.Tensor, gemv_scratch: torch.Tensor, group_size: int, bias: torch.Tensor | None,
+      out_dtype: torch.dtype) -> torch.Tensor:
+    return x_s8.new_empty((x_s8.shape[0], codes.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("dgq::int8_mm", mutates_args=())
+def _int8_mm(x_s8: torch.Tensor, s_x: torch.Tensor, w_s8: torch.Tensor, s1: torch.Tensor, bias: torch.Tensor | None,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    return int8_matmul(x_s8, w_s8, s_x, s1, bias, out_dtype)
+
+
+@_int8_mm.register_fake
+def _(x_s8: torch.Tensor, s_x: torch.Tensor, w_s8: torch.Tensor, s1: torch.Tensor, bias: torch.Tensor | None,
+      out_dtype: torch.dtype) -> torch.Tensor:
+    return x_s8.new_empty((x_s8.shape[0], w_s8.shape[0]), dtype=out_dtype)
+
+
+def _quantize(x: torch.Tensor, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int8 codes and scales of ``x`` for a compiled graph (module docstring: in the graph or dgq's operator)."""
+    if ACT_QUANT_IN_GRAPH:
+        return quantize_activations(x, static_scale)
+    if static_scale is None:
+        return torch.ops.dgq.quantize_activations(x)
+    return torch.ops.dgq.quantize_activations_static(x, static_scale), static_scale
+
+
+def int8_linear(x: torch.Tensor, w_s8: torch.Tensor, s1: torch.Tensor, bias: torch.Tensor | None = None,
+                out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """W8A8: per-token int8 ``x`` (2-D) times a per-channel int8 weight ``w_s8 [N, K]`` with scales ``s1``."""
+    if not torch.compiler.is_compiling():
+        x_s8, s_x = quantize_activations_triton(x)
+        return int8_matmul(x_s8, w_s8, s_x, s1, bias, out_dtype)
+    x_s8, s_x = _quantize(x, None)
+    return torch.ops.dgq.int8_mm(x_s8, s_x, w_s8, s1, bias, out_dtype)
+
+
+def quantized_linear(x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor, s1: torch.Tensor,
+                     gemv_scratch: torch.Tensor, group_size: int, static_scale: torch.Tensor | None,
+                     bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for a 2-D ``x`` from a layer's buffers (module docstring)."""
+    if not torch.compiler.is_compiling():
+        kw = _weight(codes, s2t, zpt, s1, gemv_scratch, group_size)
+        return a8w4_linear(x, kw, static_scale, bias, out_dtype)
+    x_s8, s_x = _quantize(x, static_scale)
+    return torch.ops.dgq.a8w4_mm(x_s8, s_x, codes, s2t, zpt, s1, gemv_scratch, group_size, bias, out_dtype)

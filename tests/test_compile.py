@@ -1,0 +1,83 @@
+"""dgq's kernels as PyTorch operators (:mod:`dgq.kernels.ops`) and quantized models under ``torch.compile``.
+
+On the CPU the operators run their Triton kernels in the interpreter; the compiled graphs use inductor's CPU
+backend.  ``tests/test_kernels_cuda.py`` compiles a model with CUDA graphs on a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton import; a GPU run may set it to 0
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be tested")
+
+from dgq.api import quantize  # noqa: E402
+from dgq.config import preset  # noqa: E402
+from dgq.formats import int_matmul, quantize_activations  # noqa: E402
+from dgq.fuse import fuse_projections  # noqa: E402
+from dgq.kernels import ops  # noqa: E402
+from dgq.nn import QuantLinear  # noqa: E402
+from helpers import make_model  # noqa: E402
+from test_kernels import fp32_epilogue, random_weight  # noqa: E402
+
+
+def _layer(n: int, k: int, g: int, act: str = "dynamic", bias: bool = False, seed: int = 0) -> QuantLinear:
+    gen = torch.Generator().manual_seed(seed)
+    b = torch.randn(n, generator=gen) if bias else None
+    return QuantLinear.from_weight(random_weight(n, k, g, gen), b, act, torch.tensor(0.02) if act == "static" else None)
+
+
+@pytest.mark.parametrize("m", [1, 3])  # the GEMV and the tensor-core kernel
+def test_gemm_operator_passes_opcheck(m: int) -> None:
+    """Schema, fake implementation and autograd registration agree with what the operator does."""
+    layer = _layer(128, 256, 64, bias=True)
+    x_s8, s_x = quantize_activations(torch.randn(m, 256))
+    args = (x_s8, s_x, layer.codes, layer.s2t, layer.zpt, layer.s1, layer.gemv_scratch, 64, layer.bias,
+            torch.float32)
+    torch.library.opcheck(torch.ops.dgq.a8w4_mm, args, test_utils=("test_schema", "test_faketensor"))
+    out = torch.ops.dgq.a8w4_mm(*args)
+    assert torch.equal(out, fp32_epilogue(int_matmul(x_s8, layer.dual_grained().int8_weight()), s_x, layer.s1,
+                                          layer.bias))
+    assert not layer.gemv_scratch.any()
+
+
+def test_quantize_operators_pass_opcheck() -> None:
+    x = torch.randn(5, 192)
+    torch.library.opcheck(torch.ops.dgq.quantize_activations, (x,), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.dgq.quantize_activations_static, (x, torch.tensor(0.02)),
+                          test_utils=("test_schema", "test_faketensor"))
+    q, s = torch.ops.dgq.quantize_activations(x)
+    want_q, want_s = quantize_activations(x)
+    assert torch.equal(q, want_q) and torch.equal(s, want_s)
+
+
+@pytest.mark.parametrize("act,in_graph", [("dynamic", True), ("dynamic", False), ("static", True),
+                                          ("static", False)])
+def test_kernel_path_compiles_without_graph_break(act: str, in_graph: bool, monkeypatch) -> None:
+    """The layer's kernel path traced whole (``fullgraph=True``), with the activation quantization in the graph or
+    as dgq's operator, equals the exact reference."""
+    monkeypatch.setattr(ops, "ACT_QUANT_IN_GRAPH", in_graph)
+    torch._dynamo.reset()
+    layer = _layer(128, 256, 64, act=act, bias=True, seed=1)
+    x = torch.randn(3, 256)
+    compiled = torch.compile(layer.forward_kernels, fullgraph=True)
+    assert torch.equal(compiled(x), layer.forward_reference(x))
+
+
+def test_quantized_model_compiles_whole() -> None:
+    """A quantized model with fused projections compiles with ``fullgraph=True`` (no graph break anywhere: not in
+    the fused parents' hooks, not in the reference's int8 cache) and gives the eager logits."""
+    torch._dynamo.reset()
+    model = make_model("llama")
+    ids = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(0))
+    quantize(model, ids, preset("dgq", group_size=64), device="cpu", progress=False)
+    fuse_projections(model)
+    with torch.no_grad():
+        eager = model(ids).logits
+        compiled = torch.compile(model, fullgraph=True)(ids).logits
+    # inductor reorders float reductions (norms, softmax), which may move an activation code by one step
+    assert torch.allclose(compiled, eager, rtol=1e-3, atol=1e-3)
