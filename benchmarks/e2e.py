@@ -4,8 +4,9 @@ Builds each model from its configuration with random weights on the GPU (no down
 linear with dgq's own code (DGQ's q/k/v and gate/up fused, as ``dgq.load(..., fuse=True)`` does), and measures in
 one process per (model, format), median of repeats after warm-up: prefill latency (batch 1 at several lengths,
 batch 8 x 1024), decode throughput (batch 1/8/32, 1024-token context, static KV cache), peak memory and weight
-bytes.  Every format runs the same way (:mod:`dgq.bench`): the whole model compiled with ``torch.compile``, the
-decode step captured in a CUDA graph; ``--decode-modes`` / ``--prefill-modes`` add the other modes for comparison,
+bytes.  Every format runs the same way (:mod:`dgq.bench`): compiled with ``torch.compile`` (each decoder block;
+``--compile-scope whole`` for the model as one graph), the prefill captured in a CUDA graph per length and the
+decode step in one; ``--decode-modes`` / ``--prefill-modes`` add the other modes for comparison,
 and ``--profile`` adds a ``torch.profiler`` breakdown of one decode step and one 2048-token prefill.
 
     python benchmarks/e2e.py --out results/e2e_h100.json
@@ -189,7 +190,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--decode-steps", type=int, default=50)
     parser.add_argument("--decode-modes", default="compiled", help="comma list of dgq.bench.DECODE_MODES")
-    parser.add_argument("--prefill-modes", default="compiled", help="comma list of dgq.bench.PREFILL_MODES")
+    parser.add_argument("--prefill-modes", default="graph", help="comma list of dgq.bench.PREFILL_MODES")
     parser.add_argument("--batched-prefill", type=int, default=1, help="also prefill 8 x 1024 (1) or not (0)")
     parser.add_argument("--profile", action="store_true", help="torch.profiler breakdown of decode and prefill")
     parser.add_argument("--no-fuse", action="store_true", help="DGQ without fused projections")
@@ -227,7 +228,7 @@ def main() -> None:
     print_table(rows, args.prefill_modes.split(",")[0], args.decode_modes.split(",")[0])
 
 
-def print_table(rows: list[dict], prefill_mode: str = "compiled", decode_mode: str = "compiled") -> None:
+def print_table(rows: list[dict], prefill_mode: str = "graph", decode_mode: str = "compiled") -> None:
     """Ratios vs FP16 of the same model: prefill speed-up, decode speed-up, weight and peak memory."""
     def get(model: str, fmt: str, phase: str, batch: int, seqlen: int) -> dict | None:
         mode = prefill_mode if phase == "prefill" else decode_mode

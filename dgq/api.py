@@ -357,7 +357,7 @@ def export(path: str | Path, out: str | Path, format: str, overwrite: bool = Fal
 
 
 def bench(path: str | Path, seqlens: list[int], decode_batches: list[int], context: int = 1024,
-          decode_steps: int = 50, repeats: int = 10, prefill_mode: str = "compiled",
+          decode_steps: int = 50, repeats: int = 10, prefill_mode: str = "graph",
           decode_mode: str = "compiled") -> list[dict[str, Any]]:
     """Prefill latency (batch 1, each of ``seqlens``) and decode tokens/s (each of ``decode_batches``) of the
     checkpoint at ``path`` on the local GPU, one dict per measurement; the modes are :mod:`dgq.bench`'s.  The

@@ -183,9 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--context", type=int, default=1024, help="tokens in the KV cache before decoding")
     b.add_argument("--decode-steps", type=int, default=50, help="timed decode steps")
     b.add_argument("--repeats", type=int, default=10, help="timed prefill repeats (median is reported)")
-    b.add_argument("--prefill-mode", choices=PREFILL_MODES, default="compiled",
-                   help="compiled: torch.compile with dynamic shapes (default); graph: that, captured per length; "
-                        "eager: no compiler")
+    b.add_argument("--prefill-mode", choices=PREFILL_MODES, default="graph",
+                   help="graph: the compiled model captured in a CUDA graph per length (default); compiled: without "
+                        "the graph; eager: no compiler")
     b.add_argument("--decode-mode", choices=DECODE_MODES, default="compiled",
                    help="compiled: the compiled step replayed as a CUDA graph (default); graph: the eager step "
                         "replayed as a CUDA graph")

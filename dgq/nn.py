@@ -89,10 +89,12 @@ class QuantLinear(nn.Module):
     def load_stored(self, weight: torch.Tensor, s2: torch.Tensor, zp: torch.Tensor) -> None:
         """Take the checkpoint's tensors (:meth:`stored_tensors`' layout) as this layer's buffers, on their device."""
         device = weight.device
-        self.codes = pack_tiled(unpack_u4(weight), self.tile)
-        self.s2t, self.zpt = s2.t().contiguous(), zp.t().contiguous()
+        self.register_buffer("codes", pack_tiled(unpack_u4(weight), self.tile))
+        self.register_buffer("s2t", s2.t().contiguous())
+        self.register_buffer("zpt", zp.t().contiguous())
+        self.register_buffer("gemv_scratch", torch.zeros(2 * self.out_features, dtype=torch.int32, device=device),
+                             persistent=False)
         self.s1, self.act_scale = self.s1.to(device, torch.float32), self.act_scale.to(device, torch.float32)
-        self.gemv_scratch = torch.zeros(2 * self.out_features, dtype=torch.int32, device=device)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
         """Moves and casts keep the channel and activation scales float32: they are the format's, not the model's

@@ -65,6 +65,9 @@ def test_round_trip_is_exact_and_resave_byte_identical(family, method, root, tmp
     assert kinds and set(kinds.values()) == {QuantLinear if quant_config(model).weight == "dual" else FakeQuantLinear}
     tied = model.config.tie_word_embeddings
     assert (loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight) == tied
+    # the loaded layers hold the same buffers as freshly quantized ones, so moves and casts reach every tensor
+    assert {n: sorted(m._buffers) for n, m in loaded.named_modules() if isinstance(m, QuantLinear)} == \
+        {n: sorted(m._buffers) for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     save(loaded, tmp_path / "again", tokenizer=make_tokenizer(), card={"perplexity": {"wikitext2": 12.5}})
     for name in (SINGLE_FILE, "config.json", "README.md"):
         assert (tmp_path / "again" / name).read_bytes() == (path / name).read_bytes(), name

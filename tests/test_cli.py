@@ -101,6 +101,15 @@ def test_bench_says_it_needs_cuda(tmp_path):
     _assert_one_line_error(run_cli("bench", str(tmp_path)), "needs CUDA")
 
 
+def test_bench_refuses_an_unknown_mode_before_anything_else(tmp_path):
+    from dgq import api
+    from dgq.config import ConfigError
+
+    with pytest.raises(ConfigError, match="modes: prefill one of graph, compiled, eager"):
+        api.bench(tmp_path, [256], [1], prefill_mode="fast")
+    assert "invalid choice" in run_cli("bench", str(tmp_path), "--decode-mode", "fast").stderr
+
+
 def test_user_errors_are_one_line_and_bugs_show_their_traceback(monkeypatch, capsys, tmp_path):
     from dgq import api
     from dgq.cli import BUG_LINE, main

@@ -48,6 +48,17 @@ def test_seeded_sampling_is_reproducible(tokenizer):
     assert generate(model, tokenizer, "hi", sampling) == generate(model, tokenizer, "hi", sampling)
 
 
+def test_static_cache_decode_gives_the_dynamic_cache_tokens(tokenizer):
+    """``compile=True`` (the CUDA default) decodes with transformers' static KV cache; on the CPU transformers does
+    not compile it, so this checks the cache path alone: the same greedy tokens as the dynamic cache."""
+    model = quantized("llama", "w4a8_rtn_dg")
+    static = GenerationSettings(max_new_tokens=6, compile=True)
+    assert static.generate_kwargs(torch.device("cpu"))["cache_implementation"] == "static"
+    assert "cache_implementation" not in GREEDY.generate_kwargs(torch.device("cpu"))
+    assert torch.equal(generate_ids(model, tokenizer, "the group scale", static),
+                       generate_ids(model, tokenizer, "the group scale", GREEDY))
+
+
 @pytest.mark.parametrize("bad,message", [(dict(max_new_tokens=0), "max_new_tokens"),
                                          (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p")])
 def test_bad_settings_are_refused(bad, message):
