@@ -7,6 +7,7 @@ backend.  ``tests/test_kernels_cuda.py`` compiles a model with CUDA graphs on a 
 from __future__ import annotations
 
 import os
+import shutil
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton import; a GPU run may set it to 0
 
@@ -23,6 +24,10 @@ from dgq.kernels import ops  # noqa: E402
 from dgq.nn import QuantLinear  # noqa: E402
 from helpers import make_model  # noqa: E402
 from test_kernels import fp32_epilogue, random_weight  # noqa: E402
+
+# inductor's CPU backend compiles C++; without a compiler these tests cannot run (the GPU suite compiles with Triton)
+needs_cxx = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None and shutil.which("g++") is None,
+                               reason="torch.compile's CPU backend needs a C++ compiler")
 
 
 def _layer(n: int, k: int, g: int, act: str = "dynamic", bias: bool = False, seed: int = 0) -> QuantLinear:
@@ -55,6 +60,7 @@ def test_quantize_operators_pass_opcheck() -> None:
     assert torch.equal(q, want_q) and torch.equal(s, want_s)
 
 
+@needs_cxx
 @pytest.mark.parametrize("act,in_graph", [("dynamic", True), ("dynamic", False), ("static", True),
                                           ("static", False)])
 def test_kernel_path_compiles_without_graph_break(act: str, in_graph: bool, monkeypatch) -> None:
@@ -68,6 +74,7 @@ def test_kernel_path_compiles_without_graph_break(act: str, in_graph: bool, monk
     assert torch.equal(compiled(x), layer.forward_reference(x))
 
 
+@needs_cxx
 def test_quantized_model_compiles_whole() -> None:
     """A quantized model with fused projections compiles with ``fullgraph=True`` (no graph break anywhere: not in
     the fused parents' hooks, not in the reference's int8 cache) and gives the eager logits."""
