@@ -23,8 +23,8 @@ import torch
 from huggingface_hub import save_torch_state_dict
 from torch import nn
 
-from dgq.errors import DGQError
 from dgq.checkpoint import DEFAULT_SHARD_BYTES, atomic_dir, load, write_json
+from dgq.errors import DGQError
 from dgq.formats import DualGrainedWeight
 from dgq.hf import quant_config, tied_keys
 from dgq.nn import FakeQuantLinear, QuantLinear

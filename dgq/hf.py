@@ -99,14 +99,11 @@ def _skeleton(linear: nn.Module, entry: dict[str, str], group_size: int) -> nn.M
     if entry["type"] == "dgq":
         module = QuantLinear(linear.in_features, linear.out_features, group_size, entry["act"], bias is not None,
                              device=meta, out_dtype=linear.weight.dtype)
-        for name in QuantLinear.STORED:
+        stored = module.stored_tensors()  # meta tensors: the stored shapes and dtypes, nothing computed
+        for name in (*QuantLinear.STORED, "gemv_scratch"):  # the scratch is made on the right device by load_stored
             del module._buffers[name]
-        del module._buffers["gemv_scratch"]  # made on the loaded tensors' device by load_stored
-        groups = linear.in_features // group_size
-        module.register_buffer("weight", torch.empty(linear.in_features // 2, linear.out_features,
-                                                     dtype=torch.uint8, device=meta))
-        module.register_buffer("s2", torch.empty(linear.out_features, groups, dtype=torch.int8, device=meta))
-        module.register_buffer("zp", torch.empty(linear.out_features, groups, dtype=torch.uint8, device=meta))
+        for name, tensor in stored.items():
+            module.register_buffer(name, tensor)
         return module
     weight = torch.empty_like(linear.weight, device=meta)
     return FakeQuantLinear(weight, None if bias is None else torch.empty_like(bias, device=meta), entry["act"],

@@ -110,10 +110,9 @@ class QuantLinear(nn.Module):
 
     def kernel_layout(self):  # noqa: ANN201 - KernelWeight; its module imports triton, which the CPU path never needs
         """The CUDA kernels' view of this layer's buffers (:class:`dgq.kernels.gemm.KernelWeight`): no copy."""
-        from dgq.kernels.gemm import KernelWeight, tile_k_for
+        from dgq.kernels.gemm import KernelWeight
 
-        return KernelWeight(self.codes, self.s2t, self.zpt, self.s1, self.group_size,
-                            tile_k_for(self.in_features, self.group_size), self.gemv_scratch)
+        return KernelWeight.of(self.codes, self.s2t, self.zpt, self.s1, self.gemv_scratch, self.group_size)
 
     def _int8_weight(self) -> torch.Tensor:
         if torch.compiler.is_compiling():  # a compiled graph widens in the graph: no Python-side cache there

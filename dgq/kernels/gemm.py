@@ -83,13 +83,19 @@ class KernelWeight:
     gemv_scratch: torch.Tensor
 
     @classmethod
+    def of(cls, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor, s1: torch.Tensor,
+           gemv_scratch: torch.Tensor, group_size: int) -> "KernelWeight":
+        """A view of tensors already in this layout (a :class:`dgq.nn.QuantLinear`'s buffers: no copy); the K tile
+        follows from the shape, and a shape the kernels cannot run is refused here (:func:`tile_k_for`)."""
+        return cls(codes, s2t, zpt, s1, group_size, tile_k_for(2 * codes.shape[1], group_size), gemv_scratch)
+
+    @classmethod
     def from_dual_grained(cls, dg: DualGrainedWeight) -> "KernelWeight":
-        """A standalone kernel weight (benchmarks, tests); a :class:`dgq.nn.QuantLinear` already holds this layout
-        and lends it (:meth:`~dgq.nn.QuantLinear.kernel_layout`) without a copy."""
+        """A standalone kernel weight (benchmarks, tests), packed from the unpacked format tensors."""
         n, k = dg.shape
-        tile = tile_k_for(k, dg.group_size)
-        return cls(pack_tiled(dg.u4, tile), dg.s2.t().contiguous(), dg.zp.t().contiguous(), dg.s1.float().contiguous(),
-                   dg.group_size, tile, torch.zeros(2 * n, dtype=torch.int32, device=dg.u4.device))
+        return cls.of(pack_tiled(dg.u4, tile_k_for(k, dg.group_size)), dg.s2.t().contiguous(),
+                      dg.zp.t().contiguous(), dg.s1.float().contiguous(),
+                      torch.zeros(2 * n, dtype=torch.int32, device=dg.u4.device), dg.group_size)
 
     @property
     def in_features(self) -> int:

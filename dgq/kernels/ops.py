@@ -26,7 +26,7 @@ import torch
 
 from dgq.formats import quantize_activations
 from dgq.kernels.act_quant import quantize_activations_triton
-from dgq.kernels.gemm import KernelWeight, tile_k_for
+from dgq.kernels.gemm import KernelWeight
 from dgq.kernels.int8_gemm import int8_matmul
 from dgq.kernels.linear import a8w4_linear, a8w4_mm
 
@@ -53,16 +53,11 @@ def _(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape, dtype=torch.int8)
 
 
-def _weight(codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor, s1: torch.Tensor, gemv_scratch: torch.Tensor,
-            group_size: int) -> KernelWeight:
-    return KernelWeight(codes, s2t, zpt, s1, group_size, tile_k_for(2 * codes.shape[1], group_size), gemv_scratch)
-
-
 @torch.library.custom_op("dgq::a8w4_mm", mutates_args=())
 def _a8w4_mm(x_s8: torch.Tensor, s_x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor,
              s1: torch.Tensor, gemv_scratch: torch.Tensor, group_size: int, bias: torch.Tensor | None,
              out_dtype: torch.dtype) -> torch.Tensor:
-    return a8w4_mm(x_s8, s_x, _weight(codes, s2t, zpt, s1, gemv_scratch, group_size), bias, out_dtype)
+    return a8w4_mm(x_s8, s_x, KernelWeight.of(codes, s2t, zpt, s1, gemv_scratch, group_size), bias, out_dtype)
 
 
 @_a8w4_mm.register_fake
@@ -108,7 +103,7 @@ def quantized_linear(x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zp
                      bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for a 2-D ``x`` from a layer's buffers (module docstring)."""
     if not torch.compiler.is_compiling():
-        kw = _weight(codes, s2t, zpt, s1, gemv_scratch, group_size)
+        kw = KernelWeight.of(codes, s2t, zpt, s1, gemv_scratch, group_size)
         return a8w4_linear(x, kw, static_scale, bias, out_dtype)
     x_s8, s_x = _quantize(x, static_scale)
     return torch.ops.dgq.a8w4_mm(x_s8, s_x, codes, s2t, zpt, s1, gemv_scratch, group_size, bias, out_dtype)
