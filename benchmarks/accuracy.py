@@ -1,14 +1,15 @@
 """Perplexity of every method of the paper's Tables 1 and 5 on one model and one dataset, in one process.
 
-Regenerates ``results/smollm2_<dataset>.json`` (``--dataset wikitext2|ptb|c4``) and the table between the accuracy
-markers of RESULTS.md: one row per method, one column per dataset, read from the WikiText-2 JSON named by
-``--json`` and the PTB and C4 JSONs beside it (a column stays "not run" until its file exists; files made with
-other quantization settings are refused).
-Methods already in the JSON with the same settings are kept, so a long run can be split over several invocations
+Regenerates ``results/smollm2_<dataset>.json`` for each of ``--datasets`` (wikitext2, ptb, c4) and the table between
+the accuracy markers of RESULTS.md: one row per method, one column per dataset, read from the WikiText-2 JSON named
+by ``--json`` and the PTB and C4 JSONs beside it (a column stays "not run" until its file exists; files made with
+other quantization settings are refused).  Each method is quantized once and that model scored on every dataset
+asked for, so the columns of a row describe one quantized model.
+Methods already in the JSONs with the same settings are kept, so a long run can be split over several invocations
 (``--methods``); a table never mixes windows, calibration sizes or group sizes (the script refuses).
 
     python benchmarks/accuracy.py --windows 40 --nsamples 8
-    python benchmarks/accuracy.py --dataset ptb --windows all --nsamples 128 --device cuda
+    python benchmarks/accuracy.py --datasets wikitext2,ptb,c4 --windows all --nsamples 128 --device cuda
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ LABELS = {"fp": "FP (unquantized, fp32 compute)", "w4a16_rtn": "W4A16 RTN (group
           "dgq_rot_nosmooth": "**DGQ** dynamic on the Hadamard-rotated model, no smoothing"}
 
 
-def _settings(args: argparse.Namespace) -> dict:
-    return {"model": args.label or args.model, "dataset": args.dataset, "seqlen": args.seqlen,
+def _settings(args: argparse.Namespace, dataset: str) -> dict:
+    return {"model": args.label or args.model, "dataset": dataset, "seqlen": args.seqlen,
             "windows_requested": "all" if args.windows is None else args.windows, "group_size": args.group_size,
             "nsamples": args.nsamples, "device": args.device}
 
@@ -80,29 +81,39 @@ def record_command(data: dict, script: str) -> None:
         data["commands"].append(command)
 
 
+def dataset_json(wikitext2_json: Path, dataset: str) -> Path:
+    """Where ``dataset``'s results live: beside the WikiText-2 file, named after the dataset."""
+    return wikitext2_json.with_name(wikitext2_json.name.replace("wikitext2", dataset))
+
+
 def run(args: argparse.Namespace) -> dict:
-    out = Path(args.json)
-    data = _load(out, _settings(args))
-    record_command(data, "accuracy.py")
+    """Quantize each method once and score it on every dataset that lacks it; returns the results per dataset."""
+    paths = {d: dataset_json(Path(args.json), d) for d in args.datasets}
+    data = {d: _load(path, _settings(args, d)) for d, path in paths.items()}
+    for d in data.values():
+        record_command(d, "accuracy.py")
     base, tokenizer, _ = load_model(args.model)
     samples = calibration_samples(tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
                                   root=args.data_dir)
     for method in args.methods:
-        if method in data["ppl"] and not args.redo:
-            print(f"{method}: kept {data['ppl'][method]:.3f} from {out.name}")
+        todo = [d for d in args.datasets if method not in data[d]["ppl"] or args.redo]
+        if not todo:
+            print(f"{method}: kept " + ", ".join(f"{d} {data[d]['ppl'][method]:.3f}" for d in args.datasets))
             continue
         model = copy.deepcopy(base)
         seconds = 0.0
         if method != "fp":
             config = preset(method, group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen)
             seconds = quantize(model, samples, config, device=args.device).seconds
-        result = perplexity(model.to(args.device), tokenizer, args.dataset, seqlen=args.seqlen,
-                            windows=args.windows, root=args.data_dir)
-        ppl = result.ppl
-        data["ppl"][method], data["quantize_seconds"][method] = ppl, round(seconds, 1)
-        data["windows"] = result.windows
-        print(f"{method}: ppl {ppl:.3f}, quantized in {seconds:.0f} s", flush=True)
-        _write_atomic(out, json.dumps(data, indent=2) + "\n")
+        model.to(args.device)
+        for dataset in todo:
+            result = perplexity(model, tokenizer, dataset, seqlen=args.seqlen, windows=args.windows,
+                                root=args.data_dir)
+            d = data[dataset]
+            d["ppl"][method], d["quantize_seconds"][method], d["windows"] = result.ppl, round(seconds, 1), result.windows
+            print(f"{method}: {dataset} ppl {result.ppl:.3f} ({result.windows} windows), quantized in {seconds:.0f} s",
+                  flush=True)
+            _write_atomic(paths[dataset], json.dumps(d, indent=2) + "\n")
         del model
     return data
 
@@ -123,7 +134,7 @@ def sibling_columns(wikitext2_json: Path, data: dict) -> dict[str, dict | None]:
     columns: dict[str, dict | None] = {"wikitext2": data}
     same = ("model", "seqlen", "group_size", "nsamples", "device")
     for dataset in DATASETS[1:]:
-        path = wikitext2_json.with_name(wikitext2_json.name.replace("wikitext2", dataset))
+        path = dataset_json(wikitext2_json, dataset)
         other = json.loads(path.read_text()) if path.exists() and path != wikitext2_json else None
         if other is not None and any(other.get(k) != data.get(k) for k in same):
             raise SystemExit(f"error: {path} was made with other settings than {wikitext2_json}")
@@ -191,13 +202,18 @@ def table(columns: dict[str, dict | None]) -> str:
     names = " | ".join(f"{DATASET_NAMES[d]} ppl" for d in columns)
     head = (f"| method | preset | bits | {names} | quantize time (s, {data['device']}) |\n"
             f"|---|---|---|{'---|' * len(columns)}---|")
-    main = "\n".join(_row(m, LABELS[m], columns) for m in MAIN)
+    ran = {m for c in columns.values() if c is not None for m in c["ppl"]}
+    main = "\n".join(_row(m, LABELS[m], columns) for m in MAIN if m in ran)
     abl = "\n".join(_row(m, label, columns) for m, label in ABLATION.items())
     scopes = "; ".join(f"{DATASET_NAMES[d]} {'not run yet' if c is None else _scope(c)}" for d, c in columns.items())
-    commands = [cmd for c in columns.values() if c is not None for cmd in c["commands"]]
+    # one command usually wrote several datasets' files: name it once
+    commands = list(dict.fromkeys(cmd for c in columns.values() if c is not None for cmd in c["commands"]))
     lines = [f"Model `{data['model']}`, test sets at seqlen {data['seqlen']} ({scopes}), "
              f"group size {data['group_size']}, calibration {data['nsamples']} x {data['seqlen']} tokens of the C4 "
              f"calibration half (seed 0), computed on {data['device']}.", "", head, main, ""]
+    missing = [m for m in MAIN if m not in ran]
+    if missing:
+        lines += [f"Presets not run for this table: {', '.join(f'`{m}`' for m in missing)}.", ""]
     if any(m in data["ppl"] for m in ABLATION if m not in MAIN):
         lines += ["Table 5 ablation (same settings):", "", head, abl, ""]
     gains = comparisons(data)
@@ -247,22 +263,29 @@ def results(args: argparse.Namespace, run_fn) -> dict:  # noqa: ANN001 - run(arg
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="wikitext2", choices=DATASETS, help="perplexity test set")
-    parser.add_argument("--json", default=None,
-                        help="results file to create or extend (default: results/smollm2_<dataset>.json)")
+    parser.add_argument("--datasets", default="wikitext2",
+                        help=f"comma list of perplexity test sets among {', '.join(DATASETS)}")
+    parser.add_argument("--json", default=str(ROOT / "results" / "smollm2_wikitext2.json"),
+                        help="the WikiText-2 results file to create or extend; the other datasets' files sit beside "
+                             "it, named after them")
     parser.add_argument("--marker", default="accuracy", help="which table of RESULTS.md to rewrite")
     parser.add_argument("--no-results-md", action="store_true", help="leave RESULTS.md alone")
     parser.add_argument("--methods", default=",".join(MAIN + [m for m in ABLATION if m not in MAIN]),
                         help="comma list of presets to run (default: all of Tables 1 and 5)")
     parser.add_argument("--windows", type=lambda v: None if v == "all" else int(v), default=40,
-                        help="first N WikiText-2 windows, or 'all' (all methods alike)")
+                        help="first N windows of each test set, or 'all' (all methods alike)")
     add_common_args(parser, nsamples=8)
     args = parser.parse_args()
     args.methods = [m for m in args.methods.split(",") if m]
-    args.json = args.json or str(ROOT / "results" / f"smollm2_{args.dataset}.json")
-    results(args, run)  # writes the JSON; the table reads it and its siblings back
-    path = Path(args.json)
-    wikitext2_json = path.with_name(path.name.replace(args.dataset, "wikitext2"))
+    args.datasets = [d for d in args.datasets.split(",") if d]
+    unknown = [d for d in args.datasets if d not in DATASETS]
+    if unknown or not args.datasets:
+        parser.error(f"--datasets: choose among {', '.join(DATASETS)} (got {args.datasets})")
+    if "wikitext2" not in Path(args.json).name:
+        parser.error("--json names the WikiText-2 file, and its name must contain 'wikitext2' (the other datasets' "
+                     "files are named by replacing it)")
+    results(args, run)  # writes the JSONs; the table reads them back
+    wikitext2_json = Path(args.json)
     if not wikitext2_json.exists():
         raise SystemExit(f"error: the table's rows come from {wikitext2_json}, which does not exist yet")
     text = table(sibling_columns(wikitext2_json, json.loads(wikitext2_json.read_text())))

@@ -10,6 +10,7 @@ of each choice, ``acc``, ``acc_norm``, LAMBADA's perplexity) is lm-eval's own, r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -120,7 +121,12 @@ class ZeroShotTask:
             if not folder.is_dir():
                 raise DataError(f"zero-shot data for {name} not found at {folder} (point --data-dir or $DGQ_DATA "
                                 f"at the data folder)")
-            return {self.split: datasets.Dataset.from_list(self.load(folder))}
+            docs = self.load(folder)
+            # The fingerprint is given, not left to `datasets` to derive: deriving it pickles the Arrow table with
+            # dill, which fails on Python 3.12 with pyarrow 26 (MonthDayNano "not found as builtins").
+            fingerprint = hashlib.sha256(json.dumps(docs, sort_keys=True).encode()).hexdigest()[:16]
+            table = datasets.table.InMemoryTable.from_pylist(docs)
+            return {self.split: datasets.Dataset(table, fingerprint=fingerprint)}
 
         split_key = {"test": "test_split", "validation": "validation_split"}[self.split]
         return {"task": name, "custom_dataset": documents, split_key: self.split, "num_fewshot": 0,
