@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from dgq import bench
+from dgq.attention import use_decode_attention
 from dgq.bench import DecodeStep, breakdown, compiled, decode, prefill
 from dgq.formats import INT4_MAX, INT8_MAX, group_minmax, to_dual_grained
 from dgq.fuse import fuse_projections
@@ -143,10 +144,12 @@ def measure(name: str, fmt: str, args: argparse.Namespace) -> list[dict]:
 
     start = time.perf_counter()
     model = convert(build(name), fmt, fuse=not args.no_fuse)
+    if args.attention == "dgq":
+        use_decode_attention(model)
     gc.collect()
     wb, resident = weight_bytes(model), torch.cuda.memory_allocated()
     base = dict(model=name, format=fmt, weight_bytes=wb, resident_bytes=resident, fused=not args.no_fuse,
-                compile_scope=args.compile_scope)
+                compile_scope=args.compile_scope, attention=args.attention)
     print(f"{name} {fmt}: built in {time.perf_counter() - start:.0f} s, weights {wb / 2**30:.2f} GiB, "
           f"allocated {resident / 2**30:.2f} GiB", flush=True)
     for mode in args.prefill_modes.split(","):
@@ -195,6 +198,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="torch.profiler breakdown of decode and prefill")
     parser.add_argument("--no-fuse", action="store_true", help="DGQ without fused projections")
     parser.add_argument("--compile-scope", default="blocks", choices=bench.SCOPES, help="see dgq.bench.compiled")
+    parser.add_argument("--attention", default="sdpa", choices=("sdpa", "dgq"),
+                        help="decode steps' attention: transformers' SDPA, or dgq's split-KV kernel (dgq.attention)")
     parser.add_argument("--out", default="results/e2e_h100.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -216,7 +221,7 @@ def main() -> None:
                    "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
                    "--decode-modes", args.decode_modes, "--prefill-modes", args.prefill_modes,
                    "--batched-prefill", str(args.batched_prefill)] + ["--profile"] * args.profile \
-                + ["--no-fuse"] * args.no_fuse + ["--compile-scope", args.compile_scope]
+                + ["--no-fuse"] * args.no_fuse + ["--compile-scope", args.compile_scope, "--attention", args.attention]
             code = subprocess.run(cmd).returncode
             if part.exists():
                 rows += json.loads(part.read_text())

@@ -176,3 +176,25 @@ def test_generate_compiles_the_static_cache_step() -> None:
     fast = generate_ids(model, tok, "a cat sat on the mat", GenerationSettings(max_new_tokens=8))
     slow = generate_ids(model, tok, "a cat sat on the mat", GenerationSettings(max_new_tokens=8, compile=False))
     assert fast.shape == slow.shape == (8,) and (fast == slow).float().mean() >= 0.75
+
+
+@pytest.mark.parametrize("batch, q_heads, kv_heads", [(1, 32, 32), (8, 32, 8)])  # Llama-2-7B, Llama-3-8B heads
+def test_decode_attention_on_a_real_cache_and_in_a_graph(batch, q_heads, kv_heads):
+    """The split-KV decode attention at model shapes, with a static cache's mask, eagerly and replayed from a CUDA
+    graph (its chunk count follows the SM count here, unlike in the interpreter)."""
+    from dgq.kernels.decode_attention import decode_attention
+    from test_decode_attention import reference
+
+    kv_len, dim = 1100, 128
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q = torch.randn(batch, q_heads, 1, dim, device="cuda", generator=gen).half()
+    k, v = (torch.randn(batch, kv_heads, kv_len, dim, device="cuda", generator=gen).half() for _ in range(2))
+    mask = (torch.arange(kv_len, device="cuda") < 1030)[None, None, None, :].expand(batch, 1, 1, kv_len)
+    want = reference(q, k, v, mask, dim ** -0.5)
+    torch.testing.assert_close(decode_attention(q, k, v, mask, dim ** -0.5).float(), want, atol=2e-3, rtol=2e-3)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode_attention(q, k, v, mask, dim ** -0.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.float(), want, atol=2e-3, rtol=2e-3)

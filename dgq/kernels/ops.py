@@ -1,10 +1,10 @@
 """dgq's kernels as PyTorch operators, so that ``torch.compile`` and CUDA graphs capture a whole model step.
 
-Four operators (``torch.library.custom_op``, each with a fake implementation that gives the output's shape and
+Five operators (``torch.library.custom_op``, each with a fake implementation that gives the output's shape and
 dtype without running anything): ``dgq::quantize_activations`` (dynamic, per token), ``dgq::quantize_activations_
-static``, ``dgq::a8w4_mm`` (the GEMM paths of :mod:`dgq.kernels.linear`) and ``dgq::int8_mm`` (the int8 GEMM on
-an int8 weight: W8A8 layers, the benchmarks' peer).  To the compiler each is one opaque
-call with no Python inside the captured graph; a CUDA graph replays their kernels.
+static``, ``dgq::a8w4_mm`` (the GEMM paths of :mod:`dgq.kernels.linear`), ``dgq::int8_mm`` (the int8 GEMM on an
+int8 weight: W8A8 layers, the benchmarks' peer) and ``dgq::decode_attention`` (:mod:`dgq.attention`).  To the
+compiler each is one opaque call with no Python inside the captured graph; a CUDA graph replays their kernels.
 
 :func:`quantized_linear` is what :meth:`dgq.nn.QuantLinear.forward_kernels` calls:
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from dgq.formats import quantize_activations
+from dgq.kernels import decode_attention as _decode_attention
 from dgq.kernels.act_quant import quantize_activations_triton
 from dgq.kernels.gemm import KernelWeight
 from dgq.kernels.int8_gemm import int8_matmul
@@ -77,6 +78,25 @@ def _int8_mm(x_s8: torch.Tensor, s_x: torch.Tensor, w_s8: torch.Tensor, s1: torc
 def _(x_s8: torch.Tensor, s_x: torch.Tensor, w_s8: torch.Tensor, s1: torch.Tensor, bias: torch.Tensor | None,
       out_dtype: torch.dtype) -> torch.Tensor:
     return x_s8.new_empty((x_s8.shape[0], w_s8.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("dgq::decode_attention", mutates_args=())
+def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float) -> torch.Tensor:
+    return _decode_attention.decode_attention(q, k, v, mask, scale)
+
+
+@_decode_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]), dtype=v.dtype)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """:func:`dgq.kernels.decode_attention.decode_attention`: called directly eagerly, as an operator compiled."""
+    if not torch.compiler.is_compiling():
+        return _decode_attention.decode_attention(q, k, v, mask, scale)
+    return torch.ops.dgq.decode_attention(q, k, v, mask, scale)
 
 
 def _quantize(x: torch.Tensor, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

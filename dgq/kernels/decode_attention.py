@@ -1,0 +1,143 @@
+"""Attention of one new token over a static KV cache, split along the cache (flash-decoding), for decode steps.
+
+Why: at batch 1 a decode step's attention has one query row per head, so a kernel that gives each (batch, head) one
+program (what SDPA runs with the static cache's explicit mask) keeps 32 programs busy on a 132-SM H100 and reads the
+KV cache at about a third of its bandwidth (BENCHMARKS.md: 513 us of a 3.37 ms Llama-2-7B step).  Here the cache
+of each (batch, KV head) is cut into ``splits`` chunks, one program each; a second, small kernel merges the chunks'
+partial results by their log-sum-exp.  Each program serves all query heads of its KV head (grouped-query attention
+reads K and V once), as the rows of one ``tl.dot`` padded to 16.
+
+Masking follows transformers' boolean SDPA mask (``True`` = attend, one row per batch element for the single
+query), or attends to the whole cache when there is no mask.  Scores, softmax and the accumulator are fp32; the
+probabilities meet V in V's dtype, as flash attention does, so results equal the reference to fp16/bf16 rounding,
+not bit for bit.  Like :mod:`dgq.kernels.act_quant`, the kernels reduce with ``tl.reduce`` and build tensors with
+``tl.full`` rather than the ``@triton.jit`` helpers (``tl.max``, ``tl.sum``, ``tl.zeros``) that the CPU interpreter
+cannot call when triton was imported before it was switched on (the test suite's case).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64  # cache positions per inner step
+BLOCK_G = 16  # query heads per KV head, padded to the smallest tensor-core tile
+
+
+@triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _decode_attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, kv_len, chunk, scale,
+                  stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                  stride_mb, kv_heads, splits,
+                  GROUPS: tl.constexpr, D: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_G: tl.constexpr):
+    """Partial attention of the ``GROUPS`` query heads of one KV head over one chunk of the cache."""
+    pid_bh, split = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // kv_heads, pid_bh % kv_heads
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b * stride_qb + (h * GROUPS + g)[:, None] * stride_qh + d[None, :],
+                mask=(g < GROUPS)[:, None], other=0.0)
+    start = split * chunk
+    end = tl.minimum(start + chunk, kv_len)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_G], 0.0, tl.float32)
+    acc = tl.full([BLOCK_G, D], 0.0, tl.float32)
+    n = start
+    while n < end:  # (a while loop: Triton's CPU interpreter cannot run a range with run-time bounds)
+        offs = n + tl.arange(0, BLOCK_N)
+        inside = offs < end
+        k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs[:, None] * stride_kn + d[None, :],
+                    mask=inside[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+        keep = inside
+        if HAS_MASK:
+            keep = keep & (tl.load(mask_ptr + b * stride_mb + offs, mask=inside, other=0) != 0)
+        s = tl.where(keep[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing to attend to yet
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs[:, None] * stride_vn + d[None, :],
+                    mask=inside[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        l_i = l_i * alpha + tl.reduce(p, 1, _add)
+        m_i = m_new
+        n += BLOCK_N
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    empty = l_i == 0.0
+    lse = tl.where(empty, float("-inf"), tl.where(empty, 0.0, m_i) + tl.log(tl.where(empty, 1.0, l_i)))
+    rows = (b * kv_heads * GROUPS + h * GROUPS + g) * splits + split
+    tl.store(o_ptr + rows[:, None] * D + d[None, :], out, mask=(g < GROUPS)[:, None])
+    tl.store(lse_ptr + rows, lse, mask=g < GROUPS)
+
+
+@triton.jit
+def _decode_attention_merge(o_ptr, lse_ptr, out_ptr, splits, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One query head's output from its chunks' partial outputs, weighted by their log-sum-exp."""
+    row = tl.program_id(0)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, D)
+    lse = tl.load(lse_ptr + row * splits + s, mask=s < splits, other=float("-inf"))
+    m = tl.reduce(lse, 0, _maximum)
+    w = tl.exp(lse - m)  # a chunk with nothing to attend to has lse = -inf and weight 0
+    parts = tl.load(o_ptr + (row * splits + s)[:, None] * D + d[None, :], mask=(s < splits)[:, None], other=0.0)
+    out = tl.reduce(parts * w[:, None], 0, _add) / tl.reduce(w, 0, _add)
+    tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+def num_splits(programs: int, kv_len: int, device: torch.device) -> int:
+    """Chunks per (batch, KV head): enough programs for two waves of the GPU's SMs, each chunk at least one
+    ``BLOCK_N`` step (on the CPU interpreter as if there were 8 SMs, so that the tests' caches split)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(kv_len, BLOCK_N)))
+
+
+def supports(q_heads: int, kv_heads: int, dim: int) -> bool:
+    """Whether the kernel serves these heads: whole groups of at most ``BLOCK_G`` query heads per KV head, and a
+    power-of-two head dim of 16 to 256 (a ``tl.arange`` extent and a tensor-core depth)."""
+    return q_heads % kv_heads == 0 and q_heads // kv_heads <= BLOCK_G and 16 <= dim <= 256 and dim & (dim - 1) == 0
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """``softmax(q kᵀ · scale, masked) v`` for one query token: ``q [B, Hq, 1, D]``, ``k``/``v [B, Hkv, L, D]``
+    (``Hq`` a multiple of ``Hkv``), ``mask`` bool ``[B, 1, 1, L]`` or ``None``; returns ``[B, 1, Hq, D]`` (the layout
+    transformers' attention functions return)."""
+    batch, q_heads, q_len, dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    if q_len != 1 or not supports(q_heads, kv_heads, dim):
+        raise ValueError(f"decode attention takes one query token, a power-of-two head dim of 16 to 256 and at most "
+                         f"{BLOCK_G} query heads per KV head; got q {list(q.shape)}, k {list(k.shape)}")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("decode attention needs K and V contiguous in the head dimension")
+    q = q.reshape(batch, q_heads, dim).contiguous()
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape[-1] != kv_len:
+            raise ValueError(f"decode attention takes a boolean mask over the {kv_len} cache positions, got "
+                             f"{mask.dtype}{list(mask.shape)}")
+        mask = mask.reshape(mask.shape[0], -1, kv_len)[:, -1].expand(batch, kv_len).view(torch.uint8)
+    splits = num_splits(batch * kv_heads, kv_len, q.device)
+    chunk = triton.cdiv(triton.cdiv(kv_len, splits), BLOCK_N) * BLOCK_N
+    splits = triton.cdiv(kv_len, chunk)
+    partial = torch.empty(batch * q_heads * splits, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch * q_heads * splits, dtype=torch.float32, device=q.device)
+    _decode_attention_split[(batch * kv_heads, splits)](
+        q, k, v, mask if mask is not None else lse, partial, lse, kv_len, chunk, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        mask.stride(0) if mask is not None else 0, kv_heads, splits,
+        GROUPS=q_heads // kv_heads, D=dim, HAS_MASK=mask is not None, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G)
+    out = torch.empty(batch, 1, q_heads, dim, dtype=v.dtype, device=q.device)
+    _decode_attention_merge[(batch * q_heads,)](partial, lse, out, splits, D=dim,
+                                                BLOCK_S=triton.next_power_of_2(splits))
+    return out

@@ -1,0 +1,124 @@
+"""The split-KV decode attention (:mod:`dgq.kernels.decode_attention`) against plain softmax attention, in Triton's
+CPU interpreter (a GPU run sets ``TRITON_INTERPRET=0``): grouped and plain heads, masks with holes and a masked
+tail, caches that are not a multiple of the block or of the chunk, and the transformers attention function that
+routes one-token steps to it."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton import
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be tested")
+
+from dgq.kernels.decode_attention import BLOCK_N, decode_attention, num_splits  # noqa: E402
+
+DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] == "0" else "cpu"
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+              ) -> torch.Tensor:
+    """fp32 softmax attention with repeated KV heads; ``[B, 1, Hq, D]``."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.float().repeat_interleave(groups, 1), v.float().repeat_interleave(groups, 1)
+    s = (q.float() @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("batch, q_heads, kv_heads, kv_len, dim", [
+    (1, 4, 4, 200, 64),     # plain heads, cache not a multiple of the block
+    (2, 8, 2, 130, 64),     # grouped query heads, batch 2
+    (1, 16, 1, 64, 128),    # 16 query heads on one KV head, one block
+])
+@pytest.mark.parametrize("masked", [False, True])
+def test_matches_softmax_attention(batch, q_heads, kv_heads, kv_len, dim, masked):
+    gen = torch.Generator().manual_seed(batch * 1000 + kv_len)
+    q = torch.randn(batch, q_heads, 1, dim, generator=gen).half().to(DEVICE)
+    k = torch.randn(batch, kv_heads, kv_len, dim, generator=gen).half().to(DEVICE)
+    v = torch.randn(batch, kv_heads, kv_len, dim, generator=gen).half().to(DEVICE)
+    mask = None
+    if masked:  # a static cache filled up to a different length per row, with a hole in the middle
+        filled = torch.tensor([kv_len - 37, kv_len // 3][:batch])
+        mask = (torch.arange(kv_len)[None, :] < filled[:, None])
+        mask[:, 5:9] = False
+        mask = mask[:, None, None, :].to(DEVICE)
+    got = decode_attention(q, k, v, mask, dim ** -0.5)
+    assert got.shape == (batch, 1, q_heads, dim) and got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), reference(q, k, v, mask, dim ** -0.5), atol=2e-3, rtol=2e-3)
+
+
+def test_a_chunk_with_nothing_to_attend_to_weighs_nothing():
+    """The mask ends before the last chunks begin: their log-sum-exp is -inf and the merge must ignore them."""
+    kv_len = 8 * BLOCK_N
+    assert num_splits(1, kv_len, torch.device(DEVICE)) >= 2
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, n, 64, generator=gen).half().to(DEVICE) for n in (1, kv_len, kv_len))
+    mask = (torch.arange(kv_len) < 10)[None, None, None, :].to(DEVICE)
+    got = decode_attention(q, k, v, mask, 0.125)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), reference(q, k, v, mask, 0.125), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("shape, why", [((1, 4, 2, 64), "one query token"), ((1, 3, 1, 64), "multiple")])
+def test_unsupported_shapes_are_refused(shape, why):
+    q = torch.zeros(shape, dtype=torch.float16)
+    k = torch.zeros(1, 2, 16, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="decode attention takes"):
+        decode_attention(q, k, k, None, 0.125)
+
+
+def tiny_llama(heads: int = 4, kv_heads: int = 2, hidden: int = 128):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=hidden, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                         attn_implementation="sdpa")
+    return LlamaForCausalLM(config).to(DEVICE, torch.float16).eval()
+
+
+def test_a_static_cache_generation_gives_sdpa_s_tokens_and_logits(monkeypatch):
+    """A tiny Llama generating with a static cache: the same tokens, and logits to fp16 rounding, with dgq's decode
+    attention as with SDPA (prefill is SDPA in both); the kernel runs once per layer and decode step."""
+    import dgq.kernels.decode_attention as kernel
+    from dgq.attention import use_decode_attention
+
+    model = tiny_llama()
+    calls = []
+    run = kernel.decode_attention
+    monkeypatch.setattr(kernel, "decode_attention", lambda *a: calls.append(1) or run(*a))
+    prompt = torch.randint(0, 97, (2, 9), device=DEVICE)
+    kwargs = dict(max_new_tokens=4, do_sample=False, cache_implementation="static", return_dict_in_generate=True,
+                  output_logits=True, pad_token_id=0, disable_compile=True)
+    want = model.generate(prompt, **kwargs)
+    got = use_decode_attention(model).generate(prompt, **kwargs)
+    assert model.config._attn_implementation == "dgq_decode"
+    assert torch.equal(got.sequences, want.sequences)
+    for g, w in zip(got.logits[1:], want.logits[1:]):  # the first logits come from the (SDPA) prefill
+        torch.testing.assert_close(g.float(), w.float(), atol=2e-2, rtol=2e-2)
+    assert len(calls) == 3 * 2  # decode steps after the prefill x layers
+
+
+def test_a_model_the_kernel_cannot_serve_is_refused_when_switched():
+    from dgq.attention import use_decode_attention
+    from dgq.config import ConfigError
+
+    with pytest.raises(ConfigError, match="does not serve 4 query heads on 4 KV heads of dimension 24"):
+        use_decode_attention(tiny_llama(heads=4, kv_heads=4, hidden=96))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_operator_passes_opcheck(masked):
+    """Schema and fake implementation of ``dgq::decode_attention`` agree with what it does."""
+    import dgq.kernels.ops  # noqa: F401  (registers the operators)
+
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 4, n, 64, generator=gen).half().to(DEVICE) for n in (1, 100, 100))
+    mask = (torch.arange(100) < 70)[None, None, None, :].to(DEVICE) if masked else None
+    torch.library.opcheck(torch.ops.dgq.decode_attention, (q, k, v, mask, 0.125),
+                          test_utils=("test_schema", "test_faketensor"))
