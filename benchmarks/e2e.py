@@ -132,7 +132,7 @@ def build(name: str) -> nn.Module:
 def measure(name: str, fmt: str, args: argparse.Namespace) -> list[dict]:
     """Every measurement of one model in one format, in this process."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    torch._dynamo.config.recompile_limit = 512  # per block (its layer index) and decode batch and prefill shape
+    torch._dynamo.config.recompile_limit = 512  # a graph per prefill shape and decode batch, each mode and scope
     torch._dynamo.config.accumulated_recompile_limit = 8192
     bench.SCOPE = args.compile_scope
     vocab = MODELS[name]["vocab_size"]

@@ -16,6 +16,7 @@ A capture or compile failure is raised, never replaced by a slower mode: a figur
 
 from __future__ import annotations
 
+import functools
 import statistics
 from collections import defaultdict
 from typing import Callable
@@ -64,19 +65,70 @@ SCOPES = ("blocks", "whole")
 SCOPE = "blocks"  # what :func:`compiled` compiles (benchmarks/e2e.py --compile-scope measures both)
 
 
+class LayerCache:
+    """One layer of a transformers KV cache, standing for the whole cache inside that layer's block.
+
+    A block's attention calls ``past_key_values.update(k, v, self.layer_idx)`` and the cache indexes its Python
+    list of layers with that int, so dynamo specializes the traced block on the index: the guard
+    ``self._modules['self_attn'].layer_idx == 0`` fails on the next block, and every block compiles its own graph
+    (also with ``allow_unspec_int_on_nn_module``: indexing a list with the int specializes it again).  This view
+    is chosen outside the compiled code, by the block's position, and ignores the index it is given, so the traced
+    code reads the same attributes of whichever layer it is handed."""
+
+    def __init__(self, cache: object, index: int) -> None:
+        layers = getattr(cache, "layers", ())
+        if index >= len(layers):  # a cache that appends its layers lazily (DynamicCache) holds none to hand out yet
+            raise ValueError(f"a compiled block needs a KV cache whose layers already exist (StaticCache); "
+                             f"{type(cache).__name__} has {len(layers)}, block {index} needs its own")
+        self.layer = layers[index]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object,
+               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer.update(key_states, value_states, *args, **kwargs)
+
+
+def _run_block(block: nn.Module, *args: object, **kwargs: object) -> object:
+    """The one function every block runs in (:func:`compiled`): the block is an input, so its weights are too."""
+    return type(block).forward(block, *args, **kwargs)
+
+
+@functools.cache
+def _block_code() -> Callable:
+    """:func:`_run_block` compiled (at its first call, once per input kind); made on first use, as creating it
+    imports the compiler, seconds that ``dgq``'s command line, which imports this module, should not pay."""
+    return torch.compile(_run_block, fullgraph=True)
+
+
+class SharedBlockForward:
+    """A block's ``forward`` replaced by the shared compiled :func:`_run_block`, with its own :class:`LayerCache`."""
+
+    def __init__(self, block: nn.Module, index: int) -> None:
+        self.block, self.index = block, index
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        if kwargs.get("past_key_values") is not None:
+            kwargs["past_key_values"] = LayerCache(kwargs["past_key_values"], self.index)
+        return _block_code()(self.block, *args, **kwargs)
+
+
 def compiled(model: nn.Module, dynamic: bool) -> Callable:
     """``model`` with the compiler's fusions, ``fullgraph=True`` (a graph break is an error, not a slow path).
 
-    :data:`SCOPE` ``"blocks"``: each decoder block compiled in place (regional compilation: the blocks share one
-    compiled code, so a 32-block model compiles about as fast as one block); the embedding, mask and head stay
-    eager, which a CUDA graph replays at kernel cost.  ``"whole"``: the model compiled as one graph (``dynamic``
-    shapes for prefill), as gpt-fast does; several minutes for a 7B model."""
+    :data:`SCOPE` ``"blocks"``: regional compilation; the embedding, mask and head stay eager, which a CUDA graph
+    replays at kernel cost.  Every block's ``forward`` becomes one shared compiled function taking the block as an
+    input (:class:`SharedBlockForward`), so the blocks share one compiled code per input kind (prefill, decode
+    step, batch), whatever the number of layers, and ``dynamic`` is left to dynamo's automatic dynamic shapes.
+    Compiling each block in place (``block.compile()``) did not share: with a KV cache, dynamo specialized each
+    block on its layer index (:class:`LayerCache` says where), so a 32-block model compiled 32 decode graphs
+    (about as slow as the whole model) and, past ``torch._dynamo.config.recompile_limit`` (8), failed with
+    ``FailOnRecompileLimitHit``.  ``"whole"``: the model compiled as one graph (``dynamic`` shapes for prefill),
+    as gpt-fast does; several minutes for a 7B model."""
     if SCOPE == "blocks":
         from dgq.models import adapter_for
 
-        for block in adapter_for(model).blocks(model):
-            if not getattr(block, "_compiled_call_impl", None):
-                block.compile(fullgraph=True)
+        for index, block in enumerate(adapter_for(model).blocks(model)):
+            if not isinstance(block.__dict__.get("forward"), SharedBlockForward):
+                block.forward = SharedBlockForward(block, index)
         return model
     key = (id(model), dynamic)
     if key not in _COMPILED:

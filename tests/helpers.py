@@ -17,15 +17,19 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hid
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
 
 
-def make_model(family: str, seed: int = 0) -> torch.nn.Module:
-    """A 2-block random model of ``family`` with layer widths divisible by 64 and 128 (GQA where it exists)."""
+def make_model(family: str, seed: int = 0, layers: int = 2) -> torch.nn.Module:
+    """A random model of ``family`` with layer widths divisible by 64 and 128 (GQA where it exists), of 2 blocks
+    (or ``layers`` for llama, mistral and qwen2)."""
     torch.manual_seed(seed)
+    common = {**_COMMON, "num_hidden_layers": layers}
+    if layers != 2 and family not in ("llama", "mistral", "qwen2"):
+        raise ValueError(f"{family} is built with 2 blocks only")
     if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**_COMMON))
+        model = LlamaForCausalLM(LlamaConfig(**common))
     elif family == "mistral":
-        model = MistralForCausalLM(MistralConfig(**_COMMON, sliding_window=None))
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
     elif family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**_COMMON))  # q/k/v carry biases
+        model = Qwen2ForCausalLM(Qwen2Config(**common))  # q/k/v carry biases
     elif family == "gemma3":
         model = Gemma3ForCausalLM(Gemma3TextConfig(**_COMMON, head_dim=32, sliding_window=16,
                                                    layer_types=["sliding_attention", "full_attention"]))

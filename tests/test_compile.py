@@ -88,3 +88,60 @@ def test_quantized_model_compiles_whole() -> None:
         compiled = torch.compile(model, fullgraph=True)(ids).logits
     # inductor reorders float reductions (norms, softmax), which may move an activation code by one step
     assert torch.allclose(compiled, eager, rtol=1e-3, atol=1e-3)
+
+
+def _graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@needs_cxx
+def test_block_scope_compiles_one_graph_for_all_blocks() -> None:
+    """``bench.compiled`` with the ``"blocks"`` scope compiles each kind of call (prefill, a prefill into the static
+    KV cache, a one-token decode step) once for the first block and reuses it for the others: a count that does not
+    grow with the layers (``block.compile()`` specialized every block on its cache layer index).  Each block writes
+    its own cache layer, and the logits and the cache equal eager's to float rounding (inductor reorders the norms'
+    and softmax's reductions, which may move an activation code by one step)."""
+    from transformers import StaticCache
+
+    from dgq import bench
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = make_model("llama", layers=3)
+    gen = torch.Generator().manual_seed(0)
+    quantize(model, torch.randint(0, 96, (2, 32), generator=gen), preset("dgq", group_size=64), device="cpu",
+             progress=False)
+    fuse_projections(model)
+    ids, tok = torch.randint(0, 96, (1, 8), generator=gen), torch.randint(0, 96, (1, 1), generator=gen)
+    mask = torch.ones(8, 8, dtype=torch.bool).tril_()[None, None]
+
+    def run(forward: torch.nn.Module) -> tuple[list[torch.Tensor], StaticCache, list[int]]:
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        graphs, logits = [], []
+        for call in (lambda: forward(ids, attention_mask=mask, use_cache=False),
+                     lambda: forward(ids, past_key_values=cache, cache_position=torch.arange(8)),
+                     lambda: forward(tok, past_key_values=cache, cache_position=torch.tensor([8]))):
+            before = _graphs()
+            logits.append(call().logits)
+            graphs.append(_graphs() - before)
+        return logits, cache, graphs
+
+    with torch.inference_mode():
+        eager, eager_cache, _ = run(model)
+        logits, cache, graphs = run(bench.compiled(model, dynamic=False))
+    assert graphs == [1, 1, 1]
+    for got, want in zip(logits, eager):
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-3)
+    for got, want in zip(cache.layers, eager_cache.layers):
+        assert torch.allclose(got.keys, want.keys, rtol=1e-3, atol=1e-3)
+        assert torch.allclose(got.values, want.values, rtol=1e-3, atol=1e-3)
+
+
+def test_layer_cache_needs_the_layer() -> None:
+    """A cache that creates its layers lazily has none to hand a compiled block: a clear error, not an IndexError."""
+    from transformers import DynamicCache
+
+    from dgq.bench import LayerCache
+
+    with pytest.raises(ValueError, match="block 0 needs its own"):
+        LayerCache(DynamicCache(), 0)
