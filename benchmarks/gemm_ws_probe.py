@@ -221,7 +221,8 @@ def compile_only(group: int = 128) -> None:
     lay = repr(_shared_layout())
     for configs in CONFIGS.values():
         for cfg in configs:
-            sig = {"w_desc": f"tensordesc<u8[{cfg.bn}, {HALF.value}],{lay}>", "x_desc": f"tensordesc<i8[{cfg.bm}, {HALF.value}],{lay}>",
+            sig = {"w_desc": f"tensordesc<u8[{cfg.bn}, {HALF.value}],{lay}>",
+                   "x_desc": f"tensordesc<i8[{cfg.bm}, {HALF.value}],{lay}>",
                    "s2_ptr": "*i8", "zp_ptr": "*u8", "out_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
                    **{name: "constexpr" for name in cfg.consts(group)}}
             start = time.perf_counter()

@@ -122,3 +122,24 @@ def test_operator_passes_opcheck(masked):
     mask = (torch.arange(100) < 70)[None, None, None, :].to(DEVICE) if masked else None
     torch.library.opcheck(torch.ops.dgq.decode_attention, (q, k, v, mask, 0.125),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif(__import__("shutil").which("g++") is None and __import__("shutil").which("c++") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_a_decode_step_compiles_whole_through_the_operator():
+    """A static-cache decode step with dgq's attention compiled with ``fullgraph=True`` (the operator, no graph
+    break) gives the eager step's logits."""
+    from transformers import StaticCache
+
+    from dgq.attention import use_decode_attention
+
+    model = use_decode_attention(tiny_llama())
+    prompt = torch.randint(0, 97, (1, 9), device=DEVICE)
+    logits = []
+    for forward in (model, torch.compile(model, fullgraph=True)):
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        with torch.no_grad():
+            model(prompt, past_key_values=cache, cache_position=torch.arange(9, device=DEVICE))
+            out = forward(prompt[:, -1:], past_key_values=cache, cache_position=torch.tensor([9], device=DEVICE))
+        logits.append(out.logits.float())
+    torch.testing.assert_close(logits[1], logits[0], atol=2e-2, rtol=2e-2)
