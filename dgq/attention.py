@@ -27,7 +27,7 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     returns ``([B, Lq, Hq, D], None)``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.shape[2] != 1 or dropout:
+    if query.shape[2] != 1 or dropout or kwargs.get("softcap") is not None:  # SDPA refuses a softcap as it should
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     from dgq.kernels.ops import decode_attention
