@@ -17,6 +17,8 @@ cannot call when triton was imported before it was switched on (the test suite's
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -96,11 +98,17 @@ def _decode_attention_merge(o_ptr, lse_ptr, out_ptr, splits, D: tl.constexpr, BL
     tl.store(out_ptr + row * D + d, out.to(out_ptr.dtype.element_ty))
 
 
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    """The GPU's SMs (asked once per device: eager decode calls this per layer and step); 8 on the CPU
+    interpreter, so that the tests' caches split."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
 def num_splits(programs: int, kv_len: int, device: torch.device) -> int:
     """Chunks per (batch, KV head): enough programs for two waves of the GPU's SMs, each chunk at least one
-    ``BLOCK_N`` step (on the CPU interpreter as if there were 8 SMs, so that the tests' caches split)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(kv_len, BLOCK_N)))
+    ``BLOCK_N`` step."""
+    return max(1, min(triton.cdiv(2 * _sm_count(device), programs), triton.cdiv(kv_len, BLOCK_N)))
 
 
 def supports(q_heads: int, kv_heads: int, dim: int) -> bool:
