@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be tested")
 
 from dgq.kernels.decode_attention import BLOCK_N, decode_attention, num_splits  # noqa: E402
+from test_compile import needs_cxx  # noqa: E402
 
 DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] == "0" else "cpu"
 
@@ -124,8 +125,7 @@ def test_operator_passes_opcheck(masked):
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.skipif(__import__("shutil").which("g++") is None and __import__("shutil").which("c++") is None,
-                    reason="torch.compile's CPU backend needs a C++ compiler")
+@needs_cxx
 def test_a_decode_step_compiles_whole_through_the_operator():
     """A static-cache decode step with dgq's attention compiled with ``fullgraph=True`` (the operator, no graph
     break) gives the eager step's logits."""

@@ -39,10 +39,10 @@ def _add(a, b):
 
 @triton.jit
 def _decode_attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, kv_len, chunk, scale,
-                  stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                  stride_mb, kv_heads, splits,
-                  GROUPS: tl.constexpr, D: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_G: tl.constexpr):
+                            stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                            stride_mb, kv_heads, splits,
+                            GROUPS: tl.constexpr, D: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_G: tl.constexpr):
     """Partial attention of the ``GROUPS`` query heads of one KV head over one chunk of the cache."""
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // kv_heads, pid_bh % kv_heads
@@ -76,9 +76,10 @@ def _decode_attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, kv_le
         l_i = l_i * alpha + tl.reduce(p, 1, _add)
         m_i = m_new
         n += BLOCK_N
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    empty = l_i == 0.0
-    lse = tl.where(empty, float("-inf"), tl.where(empty, 0.0, m_i) + tl.log(tl.where(empty, 1.0, l_i)))
+    # A chunk with nothing to attend to has l_i = 0 and m_i = -inf: its output is 0 and its lse -inf.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = m_i + tl.log(l_safe)
     rows = (b * kv_heads * GROUPS + h * GROUPS + g) * splits + split
     tl.store(o_ptr + rows[:, None] * D + d[None, :], out, mask=(g < GROUPS)[:, None])
     tl.store(lse_ptr + rows, lse, mask=g < GROUPS)
@@ -141,7 +142,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     partial = torch.empty(batch * q_heads * splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch * q_heads * splits, dtype=torch.float32, device=q.device)
     _decode_attention_split[(batch * kv_heads, splits)](
-        q, k, v, mask if mask is not None else lse, partial, lse, kv_len, chunk, scale,
+        q, k, v, mask if mask is not None else lse, partial, lse, kv_len, chunk, scale,  # (lse: unread stand-in)
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         mask.stride(0) if mask is not None else 0, kv_heads, splits,
         GROUPS=q_heads // kv_heads, D=dim, HAS_MASK=mask is not None, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G)
