@@ -110,7 +110,8 @@ def run(args: argparse.Namespace) -> dict:
             result = perplexity(model, tokenizer, dataset, seqlen=args.seqlen, windows=args.windows,
                                 root=args.data_dir)
             d = data[dataset]
-            d["ppl"][method], d["quantize_seconds"][method], d["windows"] = result.ppl, round(seconds, 1), result.windows
+            d["ppl"][method], d["quantize_seconds"][method] = result.ppl, round(seconds, 1)
+            d["windows"] = result.windows
             print(f"{method}: {dataset} ppl {result.ppl:.3f} ({result.windows} windows), quantized in {seconds:.0f} s",
                   flush=True)
             _write_atomic(paths[dataset], json.dumps(d, indent=2) + "\n")
