@@ -127,13 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
                                  "a local Hugging Face directory, or a hub id (needs network)")
     q.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     q.add_argument("--method", default="dgq", choices=sorted(PRESETS),
-                   help="dgq (= dgq_dynamic) or a baseline of the paper's tables (default: dgq)")
+                   help="dgq (= dgq_gptq: DGQ with GPTQ codes), dgq_dynamic (the paper's DGQ) or a baseline of the paper's tables (default: dgq)")
     q.add_argument("--group-size", type=int, default=None,
                    help="input channels per fine-grained group (default: 128, or 64 if 128 does not divide the "
                         "layer widths, as for SmolLM2's 576)")
     q.add_argument("--gptq", action="store_true",
                    help="after the scale search, choose the 4-bit codes with GPTQ's error feedback (activation order) "
-                        "instead of nearest rounding; the same as the dgq_gptq method for --method dgq")
+                        "instead of nearest rounding (--method dgq already does: it is dgq_gptq)")
     q.add_argument("--act", choices=["dynamic", "static"], default=None,
                    help="int8 activations per token (dynamic) or per tensor with a calibrated scale (static)")
     q.add_argument("--percentile", type=float, default=None,

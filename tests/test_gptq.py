@@ -93,7 +93,7 @@ def test_gptq_keeps_the_searched_scales():
     linear = nn.Linear(w.shape[1], w.shape[0], bias=False)
     linear.weight.data.copy_(w)
     stats = LinearStats(h, torch.ones(w.shape[1]), 1024)
-    plain = quantize_linear("l", linear, stats, preset("dgq", group_size=G))[0].dual_grained()
+    plain = quantize_linear("l", linear, stats, preset("dgq_dynamic", group_size=G))[0].dual_grained()
     gptq = quantize_linear("l", linear, stats, preset("dgq_gptq", group_size=G))[0].dual_grained()
     for field in ("s1", "s2", "zp"):
         assert torch.equal(getattr(plain, field), getattr(gptq, field))
