@@ -1,10 +1,10 @@
 """Where a quantized model loses its perplexity: the same quantized layers switched on by layer type or block range.
 
 Why: on SmolLM2-135M GPTQ lowers the summed per-layer output error by about 30% on held-out tokens
-(``benchmarks/gptq_layers.py``) but the WikiText-2 perplexity gap to FP by only about 8% (RESULTS.md, issue 11), so
-per-layer error is a poor guide to which layers carry the loss.  This script quantizes the model once with a preset
-(layer-wise, as ``dgq quantize`` does), keeps each linear's smoothed float twin beside its quantized module, and then
-scores variants that quantize only some linears and leave the others float:
+(``benchmarks/gptq_layers.py``) but the WikiText-2 perplexity's excess over FP by only about 15% (RESULTS.md, issue
+11), so per-layer error is a poor guide to which layers carry the loss.  This script quantizes the model once with a
+preset (layer-wise, as ``dgq quantize`` does), keeps each linear's smoothed float twin beside its quantized module,
+and then scores variants that quantize only some linears and leave the others float:
 
 * ``all`` / ``none``: every linear quantized / none (the smoothed float model, equal to FP up to float rounding);
 * ``only:T`` / ``except:T``: only the linears of type ``T`` (q, k, v, o, gate, up, down) quantized / all but them;

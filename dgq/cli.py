@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "a local Hugging Face directory, or a hub id (needs network)")
     q.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     q.add_argument("--method", default="dgq", choices=sorted(PRESETS),
-                   help="dgq (= dgq_gptq: DGQ with GPTQ codes), dgq_dynamic (the paper's DGQ) or a baseline of the paper's tables (default: dgq)")
+                   help="dgq (= dgq_gptq: DGQ with GPTQ codes), dgq_dynamic (the paper's DGQ) or a baseline of the "
+                        "paper's tables (default: dgq)")
     q.add_argument("--group-size", type=int, default=None,
                    help="input channels per fine-grained group (default: 128, or 64 if 128 does not divide the "
                         "layer widths, as for SmolLM2's 576)")
