@@ -12,8 +12,9 @@ autotuner picked for ``dgq``) and prints a table of ms and speed-up vs FP16.
 Peers: cuBLAS FP16, ``torch._int_mm``, FP8 row-wise ``_scaled_mm``, our TMA int8 kernel on a ready int8 weight
 (``w8a8_triton``: A8W4 with free widening), tinygemm W4A16, and GemLite W4A16 when the ``gemlite`` package imports.
 dgq's own rows: ``dgq`` (what ``QuantLinear`` runs, act-quant included, path by M: ``dgq.kernels.linear``) and each
-path alone from int8 activations: ``dgq_gemv`` (M <= 16 only: it re-reads the weight per token),
-``dgq_gemm_only`` (in-register widening), ``dgq_widen_once`` (widen + TMA int8 kernel).
+path alone from int8 activations: ``dgq_gemv`` (M <= 16 only: it re-reads the weight per token), ``dgq_ws`` (the
+warp-specialized Hopper kernel, M <= 1023), ``dgq_gemm_only`` (in-register widening), ``dgq_widen_once`` (widen + TMA
+int8 kernel).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from typing import Callable, Iterator
 import torch
 
 from dgq.formats import DualGrainedWeight, int_matmul, quantize_activations
-from dgq.kernels import gemm, gemv, int8_gemm, linear
+from dgq.kernels import gemm, gemm_ws, gemv, int8_gemm, linear
 from dgq.kernels.act_quant import quantize_activations_triton
 from dgq.kernels.gemm import KernelWeight, a8w4_matmul, widen_weight
 from dgq.kernels.gemv import a8w4_gemv
@@ -43,7 +44,7 @@ GROUP = 128
 TOUCH_BYTES = 256e6  # bytes each timed graph touches at least (~5x the H100's 50 MB L2)
 PEAK_INT8_TOPS, PEAK_FP16_TFLOPS = 1979.0, 989.0  # H100 SXM dense datasheet
 KERNELS = ["fp16", "int_mm", "w8a8_triton", "w4a16_tinygemm", "w4a16_gemlite", "fp8_rowwise", "dgq", "dgq_gemv",
-           "dgq_gemm_only", "dgq_widen_once"]  # dgq = act-quant + one of the last three, by M (dgq.kernels.linear)
+           "dgq_ws", "dgq_gemm_only", "dgq_widen_once"]  # dgq = act-quant + one of the last four (dgq.kernels.linear)
 
 
 def make_weight(n: int, k: int, g: int) -> DualGrainedWeight:
@@ -123,17 +124,20 @@ def kernel_call(name: str, o: Operands) -> Callable[[], torch.Tensor]:
                                                 out_dtype=torch.bfloat16),
         "dgq": lambda: linear.a8w4_linear(o.x16, o.kw),
         "dgq_gemv": lambda: a8w4_gemv(o.x_s8, o.kw, o.s_x),
+        "dgq_ws": lambda: gemm_ws.ws_a8w4_matmul(o.x_s8, o.kw, o.s_x),
         "dgq_gemm_only": lambda: a8w4_matmul(o.x_s8, o.kw, o.s_x),  # in-register widening at every M
         "dgq_widen_once": lambda: int8_matmul(o.x_s8, widen_weight(o.kw), o.s_x, o.dg.s1),
     }
     return calls[name]
 
 
-def chosen_config(name: str, m: int) -> object:
-    """The config the autotuner of the kernel that ``name`` ran at ``m`` chose for its last call."""
+def chosen_config(name: str, m: int, n: int) -> object:
+    """The config the kernel that ``name`` ran at ``m`` used for its last call (its autotuner's pick, or the rule's)."""
     if name == "dgq":
         name = ("dgq_gemv" if m <= linear.GEMV_MAX_M else "dgq_widen_once" if m >= linear.WIDEN_MIN_M
-                else "dgq_gemm_only")
+                else "dgq_ws")  # the benchmark's shapes are all ones the warp-specialized kernel takes
+    if name == "dgq_ws":
+        return gemm_ws.config_for(m, n)
     tuner = {"dgq_gemv": gemv._tuned, "dgq_gemm_only": gemm._tuned, "dgq_widen_once": int8_gemm._tuned}[name]
     return tuner.best_config
 
@@ -141,7 +145,7 @@ def chosen_config(name: str, m: int) -> object:
 def call_bytes(name: str, m: int, k: int, n: int) -> float:
     """Fewest bytes one call must move (weights, activations in, output)."""
     w = {"fp16": 2.0, "int_mm": 1.0, "w8a8_triton": 1.0, "fp8_rowwise": 1.0}.get(name, 0.5 + 2 / GROUP) * n * k
-    x = m * k * (1 if name in ("int_mm", "w8a8_triton", "fp8_rowwise", "dgq_gemv", "dgq_gemm_only",
+    x = m * k * (1 if name in ("int_mm", "w8a8_triton", "fp8_rowwise", "dgq_gemv", "dgq_ws", "dgq_gemm_only",
                                "dgq_widen_once") else 2)
     return w + x + m * n * (4 if name == "int_mm" else 2)
 
@@ -238,6 +242,8 @@ def main() -> None:
             for name in kernels:
                 if name == "dgq_gemv" and m > 16:
                     continue  # one weight pass per token: not a path for M > 1 (dgq.kernels.linear)
+                if name == "dgq_ws" and m > gemm_ws.MAX_M:
+                    continue  # widen-once serves M >= 1024 (dgq.kernels.linear)
                 use = sets[:min(n_sets, max(2, math.ceil(TOUCH_BYTES / call_bytes(name, m, k, n))))]
                 try:
                     ms_ = time_graph([kernel_call(name, o) for o in use])
@@ -247,7 +253,7 @@ def main() -> None:
                 row = {"K": k, "N": n, "M": m, "kernel": name, "ms": ms_}
                 if name.startswith("dgq"):
                     kernel_call(name, o)()  # the config the autotuner picked for this call
-                    row["config"] = str(chosen_config(name, m))
+                    row["config"] = str(chosen_config(name, m, n))
                 rows.append(row)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(rows, indent=0))
@@ -269,7 +275,7 @@ def report(rows: list[dict], kernels: list[str], hbm: float) -> None:
     shapes = sorted({(r["K"], r["N"]) for r in rows}, key=lambda s: s[0] * s[1])
     ms = sorted({r["M"] for r in rows})
     print("\n## ms (speed-up vs fp16)")
-    print("K x N, M | " + " | ".join(kernels) + " | dgq_gemm_only TOPS, GB/s")
+    print("K x N, M | " + " | ".join(kernels) + " | dgq_ws TOPS, GB/s")
     for k, n in shapes:
         for m in ms:
             base = t.get((k, n, m, "fp16"))
@@ -277,10 +283,10 @@ def report(rows: list[dict], kernels: list[str], hbm: float) -> None:
             for name in kernels:
                 v = t.get((k, n, m, name))
                 cells.append("-" if v is None else f"{v:.4f} ({base / v:.2f}x)" if base else f"{v:.4f}")
-            g = t.get((k, n, m, "dgq_gemm_only"))
+            g = t.get((k, n, m, "dgq_ws"))
             eff = "" if g is None else (f"{2 * m * n * k / g / 1e9:.0f} TOPS ({2 * m * n * k / g / 1e9 / PEAK_INT8_TOPS:.0%}),"
-                                       f" {call_bytes('dgq_gemm_only', m, k, n) / g / 1e6:.0f} GB/s "
-                                       f"({call_bytes('dgq_gemm_only', m, k, n) / g / 1e6 / hbm:.0%})")
+                                       f" {call_bytes('dgq_ws', m, k, n) / g / 1e6:.0f} GB/s "
+                                       f"({call_bytes('dgq_ws', m, k, n) / g / 1e6 / hbm:.0%})")
             print(f"{k}x{n}, {m} | " + " | ".join(cells) + f" | {eff}")
     print("\n## median over shapes of speed-up vs fp16")
     print("M | " + " | ".join(kernels) + " | dgq / best W4A16 peer")

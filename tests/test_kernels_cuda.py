@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.cuda,
 
 if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     from dgq.formats import int_matmul, quantize_activations
-    from dgq.kernels import gemv, int8_gemm
+    from dgq.kernels import gemm_ws, gemv, int8_gemm
     from dgq.kernels.gemm import _CONFIGS, KernelWeight, a8w4_matmul, regime, widen_weight
     from dgq.kernels.linear import a8w4_linear
     from dgq.nn import QuantLinear
@@ -87,6 +87,35 @@ def test_production_path_matches_the_exact_reference(k: int, n: int, g: int, dty
         assert not bad.any(), f"M={m}: {int(bad.sum())} outputs off by more than the output's rounding"
 
 
+WS_SHAPES = [(4096, 320, 128), (1024, 256, 64), (2048, 8448, 128)]  # (K, N, group) the warp-specialized kernel takes
+WS_CONFIGS = sorted({gemm_ws.config_for(m, n) for m in (16, 64, 1023) for n in (4096, 11008)}, key=str) + [
+    gemm_ws.WsConfig(64, 16, 6, 2, 80, 80), gemm_ws.WsConfig(128, 64, 4, 2)] \
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else []  # + split-K, not in the rule
+
+
+@pytest.mark.parametrize("k,n,g", WS_SHAPES)
+@pytest.mark.parametrize("kind", ["random", "extreme"])
+def test_warp_specialized_kernel_is_bit_exact(k: int, n: int, g: int, kind: str) -> None:
+    """Every config the rule can pick, at every M of the suite up to the kernel's range, on random and adversarial
+    inputs: int32 accumulators equal to ``int_matmul``, and the fp32 epilogue's exact result with per-token and
+    static scales."""
+    gen = torch.Generator().manual_seed(k + n + 1)
+    dg = random_weight(n, k, g, gen, kind)
+    kw = layout(dg)
+    assert gemm_ws.supported(kw, torch.device("cuda"))
+    for m in [m for m in MS if m <= gemm_ws.MAX_M]:
+        x = random_acts(m, k, gen, kind)
+        if kind == "random" and m > 2:
+            x[m // 3] = 0  # a zero row
+        ref = int_matmul(x, dg.int8_weight())
+        for cfg in [None, *WS_CONFIGS]:
+            got = gemm_ws.ws_a8w4_matmul(x.cuda(), kw, out_dtype=None, config=cfg).cpu()
+            assert torch.equal(got, ref), f"M={m} {cfg or 'rule'}"
+        for s_x in (torch.rand(m, 1, generator=gen) * 0.05 + 1e-3, torch.tensor(0.02)):
+            got = gemm_ws.ws_a8w4_matmul(x.cuda(), kw, s_x.cuda(), out_dtype=torch.float32).cpu()
+            assert torch.equal(got, fp32_epilogue(ref, s_x.reshape(-1, 1), dg.s1)), f"M={m} epilogue"
+
+
 def test_split_k_is_deterministic_under_concurrency() -> None:
     gen = torch.Generator().manual_seed(9)
     dg = random_weight(4096, 4096, 128, gen)
@@ -95,6 +124,9 @@ def test_split_k_is_deterministic_under_concurrency() -> None:
     ref = int_matmul(x.cpu(), dg.int8_weight())
     for cfg in [c for c in _CONFIGS[16] if c.kwargs["SPLIT_K"] > 1]:
         outs = [a8w4_matmul(x, kw, out_dtype=None, config=cfg) for _ in range(30)]
+        assert all(torch.equal(o.cpu(), ref) for o in outs), str(cfg)
+    for cfg in [c for c in WS_CONFIGS if c.split > 1]:
+        outs = [gemm_ws.ws_a8w4_matmul(x, kw, out_dtype=None, config=cfg) for _ in range(30)]
         assert all(torch.equal(o.cpu(), ref) for o in outs), str(cfg)
 
 

@@ -1,5 +1,7 @@
-"""The A8W4 GEMM for 2..1023 tokens (and the layout and widening every A8W4 path shares): one transposed Triton
-kernel, the int4 weight widened to int8 in registers.  :mod:`dgq.kernels.linear` says which path serves which M.
+"""The A8W4 GEMM for 2..1023 tokens where the warp-specialized Hopper kernel (:mod:`dgq.kernels.gemm_ws`) does not
+run (another GPU, a layer with 64-wide K tiles), and the layout and widening every A8W4 path shares: one transposed
+Triton kernel, the int4 weight widened to int8 in registers.  :mod:`dgq.kernels.linear` says which path serves which
+M.  It is also the A8W4 tensor-core kernel that Triton's CPU interpreter runs in the tests.
 
 ``out[m, n] = (s_x[m] * s1[n]) * sum_k x_s8[m, k] * W_s8[n, k]`` (+ bias), int32 accumulation, so the accumulator
 equals :func:`dgq.formats.int_matmul` bit for bit.  The kernel computes ``out^T = W_s8 @ x_s8^T``: the weight tile
@@ -308,6 +310,17 @@ def launch(tuned: triton.runtime.Autotuner, kernel, grid, args: tuple, meta: dic
     return config
 
 
+def prepare_call(x_s8: torch.Tensor, kw: KernelWeight, out_dtype: torch.dtype | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensor-core GEMMs' common entry: ``x_s8`` checked (int8 ``[M, K]``) and made row-contiguous, and the output
+    allocated (``out_dtype=None``: the int32 accumulator)."""
+    if x_s8.dtype != torch.int8 or x_s8.dim() != 2 or x_s8.shape[-1] != kw.in_features:
+        raise ValueError(f"x_s8 must be int8 [M, {kw.in_features}], got {x_s8.dtype}{list(x_s8.shape)}")
+    x = x_s8 if x_s8.stride(-1) == 1 else x_s8.contiguous()
+    out = torch.empty((x.shape[0], kw.out_features), dtype=out_dtype or torch.int32, device=x.device)
+    return x, out
+
+
 def a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = torch.float16,
                 config: triton.Config | None = None) -> torch.Tensor:
@@ -316,13 +329,10 @@ def a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None =
     ``out_dtype=None`` returns the raw int32 accumulator (``s_x`` and ``bias`` are then ignored).  ``config`` pins
     one kernel configuration instead of autotuning (tests use it to reach every code path).
     """
-    if x_s8.dtype != torch.int8 or x_s8.dim() != 2 or x_s8.shape[-1] != kw.in_features:
-        raise ValueError(f"x_s8 must be int8 [M, {kw.in_features}], got {x_s8.dtype}{list(x_s8.shape)}")
-    x = x_s8 if x_s8.stride(-1) == 1 else x_s8.contiguous()
+    x, out = prepare_call(x_s8, kw, out_dtype)
     m, k = x.shape
     n = kw.out_features
     epilogue = out_dtype is not None
-    out = torch.empty((m, n), dtype=out_dtype if epilogue else torch.int32, device=x.device)
     if m == 0:
         return out
     sx = s_x.reshape(-1).float() if epilogue else None

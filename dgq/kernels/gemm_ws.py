@@ -1,0 +1,320 @@
+"""The A8W4 GEMM for 2..1023 tokens on Hopper: a warp-specialized kernel (Gluon) whose widening runs beside the MMA.
+
+Why a second tensor-core kernel: the in-register kernel of :mod:`dgq.kernels.gemm` widens int4 to int8 in the same
+warps that issue the tensor-core MMA, so the two serialize, and at M = 16..256 it ran at 0.7-1.1x cuBLAS FP16 where
+the weight bytes allow about 3x (``benchmarks/notes_gemm.md``).  Triton's automatic warp specialization is
+Blackwell-only; Gluon (``triton.experimental.gluon``) specializes warps by hand on Hopper.  One CTA has three
+partitions around shared-memory rings guarded by mbarriers:
+
+* **load** (1 warp): bulk tensor copies (TMA) of the packed weight tile ``[BN, 64]`` bytes, the tile's group scales
+  and zero points (``s2t``/``zpt`` rows, so no widening step waits on global memory), and the two activation halves
+  ``[BM, 64]`` (k and k + 64 of each 128-wide K tile: the layout of :mod:`dgq.packing`).  It copies the weight of the
+  first ring slots *before* waiting for the activation producer (``griddepcontrol.wait``; the kernel launches
+  programmatically dependent on the act-quant), so the weight stream starts while the act-quant still runs.
+* **widen** (4 warps): packed bytes to two int8 tiles with the byte-lane ``mad`` + ``xor`` of
+  :data:`dgq.kernels.gemm._WIDEN_PTX`, stored to shared memory in the MMA's swizzled layout (8 rows x 64 bytes per
+  warp access: no bank conflicts either way).
+* **mma** (the default warpgroup): ``out^T [BN, BM] += W_lo @ x_lo^T + W_hi @ x_hi^T`` with ``wgmma`` (int8, int32
+  accumulation; tokens are the MMA's N, so M <= 16 is one 16-token tile), one tile's MMAs in flight while the next
+  are issued; then the epilogue ``(acc * s_x) * s1 (+ bias)`` in fp32, as the reference orders it.
+
+**Split-K** (``split > 1``) is the protocol of :mod:`dgq.kernels.gemm`: int32 partial sums added into a zeroed
+buffer allocated per call (a captured CUDA graph owns its own), an arrival count per output element, and the split
+that completes an element applies the epilogue; integer sums are exact in any order.  It is correct (the CUDA tests
+pin split configs) but no rule picks it: its per-element acq_rel atomics cost more than the split gains
+(:func:`config_for`); a per-tile arrival count is the planned fix.
+
+**Configs** are a fixed rule per M regime (:func:`config_for`), not an autotuner: the fastest split-free configs of
+one H100 probe run (``benchmarks/gemm_ws_probe.py``, notes), so a model compiles at most three variants per shape.
+
+The kernel needs sm_90 (``wgmma``, TMA), 128-wide K tiles (``in_features % 128 == 0``), a group of 64 or a multiple
+of 128 (one scale row per 64-wide half), and ``out_features % 64 == 0`` (16-byte TMA rows of the scale tiles):
+:func:`supported` says so, and :mod:`dgq.kernels.linear` runs the in-register kernel for any other layer.  The
+CPU interpreter cannot run Gluon: the CPU tests compile it for sm_90a (Triton ships ``ptxas``), and
+``pytest -m cuda`` checks it bit-exact on the GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from dgq.kernels.gemm import _WIDEN_PTX, KernelWeight, launch_options, prepare_call
+
+HALF = gl.constexpr(64)  # half of the layout's 128-wide K tile: one nibble plane, one MMA of depth 64
+A_STAGES = gl.constexpr(2)  # widened tiles in flight between the widen and MMA partitions
+
+
+@gluon.jit
+def _gdc_wait():
+    """Wait for the grid this one was launched programmatically dependent on (the act-quant): its codes, scales."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP: gl.constexpr):
+    tma.async_copy_global_to_shared(w_desc, [n0, kt * HALF], bar, w_bufs.index(s))
+    tma.async_copy_global_to_shared(s2_desc, [kt * 2 * HALF // GROUP, n0], bar, s2_bufs.index(s))
+    tma.async_copy_global_to_shared(zp_desc, [kt * 2 * HALF // GROUP, n0], bar, zp_bufs.index(s))
+
+
+@gluon.jit
+def _load_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready, w_empty,
+               x_empty, n0, m0, kt0, k_tiles, GROUP: gl.constexpr, PDL: gl.constexpr):
+    stages: gl.constexpr = w_bufs.shape[0]
+    nbytes: gl.constexpr = (w_desc.block_type.nbytes + 2 * x_desc.block_type.nbytes + s2_desc.block_type.nbytes
+                            + zp_desc.block_type.nbytes)
+    for i in range(gl.minimum(k_tiles, stages)):  # the ring starts empty: the first slots' weights need no wait
+        mbarrier.expect(load_ready.index(i), nbytes)
+        _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, load_ready.index(i), i, n0, kt0 + i, GROUP)
+    if PDL:
+        _gdc_wait()
+    for i in range(k_tiles):
+        s = i % stages
+        bar = load_ready.index(s)
+        if i >= stages:
+            ph = (i // stages) & 1
+            mbarrier.wait(w_empty.index(s), ph ^ 1)
+            mbarrier.wait(x_empty.index(s), ph ^ 1)
+            mbarrier.expect(bar, nbytes)
+            _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt0 + i, GROUP)
+        kx = (kt0 + i) * 2 * HALF
+        tma.async_copy_global_to_shared(x_desc, [m0, kx], bar, xlo_bufs.index(s))
+        tma.async_copy_global_to_shared(x_desc, [m0, kx + HALF], bar, xhi_bufs.index(s))
+
+
+@gluon.jit
+def _widen_part(w_bufs, s2_bufs, zp_bufs, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, k_tiles,
+                HI_ROW: gl.constexpr):
+    stages: gl.constexpr = w_bufs.shape[0]
+    a_stages: gl.constexpr = alo_bufs.shape[0]
+    srows: gl.constexpr = s2_bufs.shape[1]
+    bn: gl.constexpr = w_bufs.shape[1]
+    layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
+    rows: gl.constexpr = gl.SliceLayout(1, layout)
+    # The scale tiles are unswizzled rows: viewed as one plain 1-D row per (slot, group) for the row loads.
+    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    s2v = s2_bufs._reinterpret(gl.int8, [stages * srows, bn], plain)
+    zpv = zp_bufs._reinterpret(gl.uint8, [stages * srows, bn], plain)
+    for i in range(k_tiles):
+        s = i % stages
+        a = i % a_stages
+        mbarrier.wait(load_ready.index(s), (i // stages) & 1)
+        p = w_bufs.index(s).load(layout)
+        s_lo = s2v.index(s * srows).load(rows).to(gl.int32)
+        z_lo = zpv.index(s * srows).load(rows).to(gl.int32)
+        s_hi = s2v.index(s * srows + HI_ROW).load(rows).to(gl.int32)
+        z_hi = zpv.index(s * srows + HI_ROW).load(rows).to(gl.int32)
+        fence_async_shared()  # these generic-proxy reads, then the slot's next TMA write
+        mbarrier.arrive(w_empty.index(s), count=1)
+        c_lo = ((128 - s_lo * z_lo).to(gl.uint32, bitcast=True) * 0x01010101).to(gl.int32, bitcast=True)
+        c_hi = ((128 - s_hi * z_hi).to(gl.uint32, bitcast=True) * 0x01010101).to(gl.int32, bitcast=True)
+        w_lo, w_hi = gl.inline_asm_elementwise(
+            _WIDEN_PTX, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+            [p, gl.expand_dims(s_lo, 1), gl.expand_dims(c_lo, 1), gl.expand_dims(s_hi, 1), gl.expand_dims(c_hi, 1)],
+            dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+        mbarrier.wait(a_empty.index(a), ((i // a_stages) & 1) ^ 1)
+        alo_bufs.index(a).store(w_lo)
+        ahi_bufs.index(a).store(w_hi)
+        fence_async_shared()  # generic-proxy stores, then the MMA's async-proxy reads
+        mbarrier.arrive(a_ready.index(a), count=1)
+
+
+@gluon.jit
+def _mma_part(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_ready, a_empty, sx_ptr, s1_ptr,
+              bias_ptr, out_ptr, ws_ptr, M, N, stride_sx, n0, m0, k_tiles, BM: gl.constexpr, SPLIT: gl.constexpr,
+              EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr):
+    stages: gl.constexpr = xlo_bufs.shape[0]
+    a_stages: gl.constexpr = alo_bufs.shape[0]
+    bn: gl.constexpr = alo_bufs.shape[1]
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BM, 32])
+    acc = gl.zeros((bn, BM), gl.int32, acc_layout)
+    for i in range(k_tiles):
+        s = i % stages
+        a = i % a_stages
+        mbarrier.wait(load_ready.index(s), (i // stages) & 1)
+        mbarrier.wait(a_ready.index(a), (i // a_stages) & 1)
+        acc = warpgroup_mma(alo_bufs.index(a), xlo_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(ahi_bufs.index(a), xhi_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma_wait(2, deps=[acc])  # the previous tile's two MMAs are done: release its slots
+        if i > 0:
+            mbarrier.arrive(x_empty.index((i - 1) % stages), count=1)
+            mbarrier.arrive(a_empty.index((i - 1) % a_stages), count=1)
+    acc = warpgroup_mma_wait(0, deps=[acc])
+    if PDL:
+        _gdc_wait()  # the epilogue reads the act-quant's scales
+    out_layout: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [4, 1], [0, 1])  # n fastest: coalesced out[m, n]
+    res = gl.convert_layout(acc, out_layout)
+    offs_n = n0 + gl.arange(0, bn, layout=gl.SliceLayout(1, out_layout))
+    offs_m = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, out_layout))
+    m_mask = offs_m < M
+    mask = gl.expand_dims(m_mask, 0) & gl.expand_dims(offs_n < N, 1)
+    offs = gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
+    if SPLIT > 1:
+        # Relaxed add of the partial sum, then an acq_rel count; the split that brings the count to SPLIT reads the
+        # complete sum (acquire) and owns the epilogue.
+        gl.atomic_add(ws_ptr + offs, res, mask=mask, sem="relaxed")
+        arrived = gl.atomic_add(ws_ptr + M * N + offs, gl.full_like(res, 1), mask=mask, sem="acq_rel")
+        mask = mask & (arrived == SPLIT - 1)
+        res = gl.atomic_add(ws_ptr + offs, gl.zeros_like(res), mask=mask, sem="acquire")
+    if EPILOGUE:
+        sx = gl.load(sx_ptr + offs_m * stride_sx, mask=m_mask, other=0.0)
+        s1 = gl.load(s1_ptr + offs_n, mask=offs_n < N, other=0.0)
+        val = res.to(gl.float32) * gl.expand_dims(sx, 0) * gl.expand_dims(s1, 1)
+        if HAS_BIAS:
+            val += gl.expand_dims(gl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(gl.float32), 1)
+        gl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        gl.store(out_ptr + offs, res, mask=mask)
+
+
+@gluon.jit
+def _ws_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, M, N, K, stride_sx,
+                    GROUP: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
+                    SPLIT: gl.constexpr, WIDEN_REGS: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr,
+                    PDL: gl.constexpr):
+    n0 = gl.program_id(0) * BN
+    m0 = gl.program_id(1) * BM
+    tiles = K // (2 * HALF)
+    per = gl.cdiv(tiles, SPLIT)
+    kt0 = gl.program_id(2) * per
+    k_tiles = gl.maximum(gl.minimum(per, tiles - kt0), 0)
+    srows: gl.constexpr = s2_desc.block_type.shape[0]
+    w_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, HALF], w_desc.layout)
+    xlo_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BM, HALF], x_desc.layout)
+    xhi_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BM, HALF], x_desc.layout)
+    s2_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, srows, BN], s2_desc.layout)
+    zp_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, srows, BN], zp_desc.layout)
+    alo_bufs = gl.allocate_shared_memory(gl.int8, [A_STAGES, BN, HALF], w_desc.layout)
+    ahi_bufs = gl.allocate_shared_memory(gl.int8, [A_STAGES, BN, HALF], w_desc.layout)
+    load_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    w_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    x_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    a_ready = gl.allocate_shared_memory(gl.int64, [A_STAGES, 1], mbarrier.MBarrierLayout())
+    a_empty = gl.allocate_shared_memory(gl.int64, [A_STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(load_ready.index(i), count=1)
+        mbarrier.init(w_empty.index(i), count=1)
+        mbarrier.init(x_empty.index(i), count=1)
+    for i in gl.static_range(A_STAGES):
+        mbarrier.init(a_ready.index(i), count=1)
+        mbarrier.init(a_empty.index(i), count=1)
+    gl.warp_specialize([
+        (_mma_part, (alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_ready, a_empty, sx_ptr, s1_ptr,
+                     bias_ptr, out_ptr, ws_ptr, M, N, stride_sx, n0, m0, k_tiles, BM, SPLIT, EPILOGUE, HAS_BIAS,
+                     PDL)),
+        (_load_part, (w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready,
+                      w_empty, x_empty, n0, m0, kt0, k_tiles, GROUP, PDL)),
+        (_widen_part, (w_bufs, s2_bufs, zp_bufs, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, k_tiles,
+                       1 if GROUP == 64 else 0)),
+    ], [1, 4], [24, WIDEN_REGS])
+
+
+@dataclass(frozen=True)
+class WsConfig:
+    """Weight rows and tokens per CTA, ring depth, K splits, the widen warps' registers, the kernel's register cap
+    (80 lets two CTAs share an SM)."""
+
+    bn: int
+    bm: int
+    stages: int
+    split: int
+    widen_regs: int = 96
+    maxnreg: int = 168  # 12 warps (mma, widen, and the load warp's warpgroup) x 32 threads x 168 <= 64K registers
+
+
+MAX_M = 1023  # measured: at M = 1024 widen-once + the int8 GEMM was 1.15-1.32x FP16, this kernel 0.94-1.12x
+
+
+def config_for(m: int, n: int) -> WsConfig:
+    """The measured rule per M regime (H100, median of 15 graph replays, benchmarks/notes_gemm.md "WS" runs):
+
+    * M <= 16: 128-row weight tiles once there are more 64-row tiles than SMs, else 64 rows with a deeper ring;
+    * M <= 64: 128-row tiles once they alone fill 80 of the 132 SMs, else 64 rows;
+    * M <= 1023: 128 x 128 tiles.
+
+    No rule splits K: with the per-element arrival protocol of the epilogue (module docstring) a split cost 2-5x at
+    M = 16 / 64 in the benchmark (4096 x 4096, M = 64: 65.7 us against 14.1 unsplit), though a split with plain int32
+    atomics and no epilogue was 10-30% faster than unsplit on long K.  ``split`` stays a config field for that work.
+    """
+    if m <= 16:
+        return WsConfig(128, 16, 4, 1) if n // 64 > 132 else WsConfig(64, 16, 6, 1)
+    if m <= 64:
+        return WsConfig(128, 64, 4, 1) if n // 128 >= 80 else WsConfig(64, 64, 6, 1)
+    return WsConfig(128, 128, 4, 1, 128)
+
+
+@functools.cache
+def _is_hopper(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] == 9
+
+
+def supported(kw: KernelWeight, device: torch.device) -> bool:
+    """Whether this kernel can run ``kw`` here (module docstring); else the in-register kernel serves the layer."""
+    group = kw.group_size
+    return (device.type == "cuda" and kw.tile_k == 128 and (group == 64 or group % 128 == 0)
+            and kw.out_features % 64 == 0 and _is_hopper(device))
+
+
+def _scale_rows(group: int, bn: int) -> int:
+    """Rows per TMA box of ``s2t``/``zpt``: the 128-wide K tile's groups (2 at g = 64, else 1), and at least 128
+    bytes, because a bulk tensor copy needs a 128-byte-aligned shared-memory destination and the ring's slots sit back
+    to back (one 64-byte row put odd slots off by 64: 'misaligned address' on the H100).  Extra rows are the next
+    tile's groups, or zeros past the end; the widening reads the first rows only."""
+    return max(2 if group == 64 else 1, 128 // bn)
+
+
+def _nvmma(swizzle: int) -> gl.NVMMASharedLayout:
+    return gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=8, rank=2)
+
+
+def descriptors(x_s8: torch.Tensor, kw: KernelWeight, cfg: WsConfig) -> tuple:
+    """The four TMA descriptors of one call: weight codes, activations (64-byte swizzle, the MMA's operand layout),
+    and the group scales and zero points (plain rows)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    box = [_scale_rows(kw.group_size, cfg.bn), cfg.bn]
+    return (TensorDescriptor.from_tensor(kw.codes, [cfg.bn, HALF.value], _nvmma(64)),
+            TensorDescriptor.from_tensor(x_s8, [cfg.bm, HALF.value], _nvmma(64)),
+            TensorDescriptor.from_tensor(kw.s2t, box, _nvmma(0)),
+            TensorDescriptor.from_tensor(kw.zpt, box, _nvmma(0)))
+
+
+def ws_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = torch.float16,
+                   config: WsConfig | None = None) -> torch.Tensor:
+    """A8W4 GEMM of int8 codes ``x_s8 [M, K]`` with scales ``s_x`` (``[M, 1]`` per token or one static scale), as
+    :func:`dgq.kernels.gemm.a8w4_matmul` (``out_dtype=None``: the raw int32 accumulator); ``config`` pins a variant
+    instead of :func:`config_for` (tests reach every path with it)."""
+    x, out = prepare_call(x_s8, kw, out_dtype)
+    if not x.is_contiguous() or x.data_ptr() % 16:  # TMA: dense rows and a 16-byte-aligned start
+        x = x.clone(memory_format=torch.contiguous_format)
+    m, k = x.shape
+    n = kw.out_features
+    epilogue = out_dtype is not None
+    if m == 0:
+        return out
+    cfg = config or config_for(m, n)
+    ws = torch.zeros(2 * m * n if cfg.split > 1 else 1, dtype=torch.int32, device=x.device)
+    sx = s_x.reshape(-1).float() if epilogue else ws
+    grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm), cfg.split)
+    pdl = bool(launch_options(x.device))
+    _ws_a8w4_kernel[grid](*descriptors(x, kw, cfg), sx, kw.s1, bias if bias is not None else ws, out, ws, m, n, k,
+                          int(epilogue and sx.numel() > 1), GROUP=kw.group_size, BN=cfg.bn, BM=cfg.bm,
+                          STAGES=cfg.stages, SPLIT=cfg.split, WIDEN_REGS=cfg.widen_regs, EPILOGUE=epilogue,
+                          HAS_BIAS=bias is not None, PDL=pdl, num_warps=4, maxnreg=cfg.maxnreg,
+                          **launch_options(x.device))
+    return out

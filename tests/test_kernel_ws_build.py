@@ -1,0 +1,78 @@
+"""The warp-specialized Hopper GEMM (:mod:`dgq.kernels.gemm_ws`) built for sm_90a on this machine.
+
+Gluon kernels do not run in Triton's CPU interpreter, so the CPU suite checks what it can without a GPU: every
+config the dispatch rule can pick compiles (Triton ships ``ptxas``), with the tensor-core instruction it is built
+around and within the H100's shared memory; the rule itself and the shapes it refuses.  Bit-exactness on the GPU:
+``tests/test_kernels_cuda.py`` (``pytest -m cuda``).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton import, as the other kernel tests (shared process)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
+
+import triton  # noqa: E402
+
+from dgq.kernels import gemm_ws  # noqa: E402
+from dgq.kernels.gemm import KernelWeight  # noqa: E402
+
+H100_SHARED = 227 * 1024
+RULE_CONFIGS = sorted({gemm_ws.config_for(m, n) for m in (2, 16, 17, 64, 65, 1023) for n in (4096, 11008, 28672)},
+                      key=str)
+SPLIT_CONFIG = gemm_ws.WsConfig(64, 16, 6, 2, 80, 80)  # the split-K epilogue, which no rule picks today
+
+
+def compile_for_hopper(cfg: gemm_ws.WsConfig, group: int, out: str):  # noqa: ANN201 - a triton CompiledKernel
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    swz, plain = repr(gemm_ws._nvmma(64)), repr(gemm_ws._nvmma(0))
+    box = f"[{gemm_ws._scale_rows(group, cfg.bn)}, {cfg.bn}]"
+    consts = {"GROUP": group, "BN": cfg.bn, "BM": cfg.bm, "STAGES": cfg.stages, "SPLIT": cfg.split,
+              "WIDEN_REGS": cfg.widen_regs, "EPILOGUE": out != "i32", "HAS_BIAS": True, "PDL": True}
+    sig = {"w_desc": f"tensordesc<u8[{cfg.bn}, 64],{swz}>", "x_desc": f"tensordesc<i8[{cfg.bm}, 64],{swz}>",
+           "s2_desc": f"tensordesc<i8{box},{plain}>", "zp_desc": f"tensordesc<u8{box},{plain}>",
+           "sx_ptr": "*fp32", "s1_ptr": "*fp32", "bias_ptr": f"*{out}", "out_ptr": f"*{out}", "ws_ptr": "*i32",
+           "M": "i32", "N": "i32", "K": "i32", "stride_sx": "i32", **{name: "constexpr" for name in consts}}
+    return triton.compile(GluonASTSource(gemm_ws._ws_a8w4_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, "maxnreg": cfg.maxnreg})
+
+
+@pytest.mark.parametrize("cfg", [*RULE_CONFIGS, SPLIT_CONFIG], ids=str)
+@pytest.mark.parametrize("group,out", [(128, "fp16"), (64, "bf16"), (128, "i32")])
+def test_every_rule_config_builds_for_hopper(cfg: gemm_ws.WsConfig, group: int, out: str) -> None:
+    kernel = compile_for_hopper(cfg, group, out)
+    assert f"wgmma.mma_async.sync.aligned.m64n{cfg.bm}k32.s32.s8.s8" in kernel.asm["ptx"]
+    assert "griddepcontrol.wait" in kernel.asm["ptx"] and "cp.async.bulk.tensor" in kernel.asm["ptx"]
+    assert kernel.metadata.shared <= H100_SHARED
+
+
+def test_rule_widens_tiles_for_wide_layers_and_never_splits() -> None:
+    assert gemm_ws.config_for(16, 4096) == gemm_ws.WsConfig(64, 16, 6, 1)
+    assert gemm_ws.config_for(1, 11008).bn == 128 and gemm_ws.config_for(64, 8192).bn == 64
+    assert gemm_ws.config_for(64, 28672).bn == 128
+    assert gemm_ws.config_for(1023, 4096) == gemm_ws.WsConfig(128, 128, 4, 1, 128)
+    assert all(cfg.split == 1 for cfg in RULE_CONFIGS)
+
+
+@pytest.mark.parametrize("k,n,g,ok", [(4096, 4096, 128, True), (4096, 4096, 64, True), (4096, 4096, 256, True),
+                                      (576, 192, 64, False), (4096, 4000, 128, False), (4096, 4096, 192, False)])
+def test_supported_layers(k: int, n: int, g: int, ok: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gemm_ws, "_is_hopper", lambda device: True)
+    codes = torch.zeros(n, k // 2, dtype=torch.uint8)
+    kw = KernelWeight.of(codes, torch.zeros(k // g, n, dtype=torch.int8), torch.zeros(k // g, n, dtype=torch.uint8),
+                         torch.ones(n), torch.zeros(2 * n, dtype=torch.int32), g)
+    assert gemm_ws.supported(kw, torch.device("cuda")) is ok
+    assert not gemm_ws.supported(kw, torch.device("cpu"))
+
+
+def test_the_paths_meet_where_the_kernel_stops() -> None:
+    from dgq.kernels import linear
+
+    assert linear.gemm_ws is gemm_ws and linear.WIDEN_MIN_M == gemm_ws.MAX_M + 1
