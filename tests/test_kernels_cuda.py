@@ -151,6 +151,27 @@ def test_captured_graph_survives_a_larger_call() -> None:
     assert torch.equal(big_out, a8w4_linear(big, kw))
 
 
+def test_warp_specialized_layer_compiles_and_replays() -> None:
+    """A layer on the warp-specialized path (K tiles of 128, N a multiple of 64) under ``torch.compile(fullgraph)``
+    (the act-quant written in torch ops, the GEMM as ``dgq::a8w4_mm``) and replayed from a CUDA graph gives the eager
+    kernels' output at 40 tokens."""
+    from dgq.bench import captured
+
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(13)
+    layer = QuantLinear.from_weight(random_weight(256, 1024, 128, gen), None, "dynamic").cuda()
+    x = torch.randn(40, 1024, generator=gen).half().cuda()
+    assert gemm_ws.supported(layer.kernel_layout(), x.device)
+    with torch.inference_mode():
+        want = layer(x)
+        compiled = torch.compile(layer, fullgraph=True)
+        out = torch.empty_like(want)
+        replay = captured(lambda: out.copy_(compiled(x)))
+        replay()
+        torch.cuda.synchronize()
+    assert torch.equal(out, want)
+
+
 def test_layer_layout_follows_the_device() -> None:
     gen = torch.Generator().manual_seed(12)
     layer = QuantLinear.from_weight(random_weight(256, 512, 64, gen), None, "dynamic").cuda()
