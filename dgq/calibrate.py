@@ -15,7 +15,6 @@ Only the current block lives on the compute device; the model stays where it was
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -159,39 +158,61 @@ def _consumer_inputs(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: to
 
 @dataclass
 class FloatReference:
-    """The float model's side of asymmetric calibration: a float block (smoothed like the one being quantized)
-    and the float model's inputs to it, one tensor per calibration chunk as in ``hidden``.
+    """The float model's side of asymmetric calibration: the float block and the float model's inputs to it, one
+    tensor per calibration chunk as in ``hidden``.
 
-    When ``outputs`` is a list, :func:`collect_stats` appends to it the float block's output of every chunk (the
-    next block's float inputs), which saves a separate pass of the float block.
+    When ``outputs`` is a list, the pass of the float block also appends to it the block's output of every chunk
+    (the next block's float inputs), which saves a separate pass.  When ``cache`` is a list, it keeps every chunk's
+    float activations by consumer name: the float block's activations do not depend on what is quantized, so the
+    true-sequential passes read them from there (divided by the smoothing scales, :func:`smooth_block`) instead
+    of running the float block again.
     """
 
     block: nn.Module
     hidden: list[torch.Tensor]
     outputs: list[torch.Tensor] | None = None
+    cache: list[dict[str, torch.Tensor]] | None = None
+
+    def activations(self, chunk: int, pairs: tuple[SmoothPair, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """The float activation ``X_fp`` of each pair on one chunk, from the cache when it holds the chunk."""
+        if self.cache is not None and chunk < len(self.cache):
+            return [self.cache[chunk][p.consumers[0]] for p in pairs]
+        xs, out = _consumer_inputs(self.block, pairs, self.hidden[chunk], kwargs, whole=self.outputs is not None)
+        if self.outputs is not None:
+            self.outputs.append(out)  # type: ignore[arg-type]
+        if self.cache is not None:
+            self.cache.append({p.consumers[0]: x for p, x in zip(pairs, xs)})
+        return xs
+
+    def smooth(self, name: str, k_in: torch.Tensor) -> None:
+        """Divide the cached activations of consumer ``name`` by its smoothing scales (``x -> x / k``)."""
+        for chunk in self.cache or []:
+            chunk[name] = chunk[name] / k_in
 
 
 @torch.no_grad()
 def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[torch.Tensor],
                   kwargs: list[dict[str, Any]], sample: bool = False,
-                  reference: FloatReference | None = None) -> list[LinearStats]:
+                  reference: FloatReference | None = None, gram: tuple[bool, ...] | None = None,
+                  ) -> list[LinearStats]:
     """One pass of ``block``, accumulating ``H = XᵀX`` and channel maxima of each pair's activation (and with
     ``sample`` a :class:`TokenSample` of it, for the static activation scale search).
 
     With a ``reference``, each chunk also runs through the float block on the float model's inputs, and the drift
     term ``D = Xᵀ(X_fp - X)`` is accumulated (``X_fp`` the float model's activation on the same tokens), so that
     each linear can be fitted to the float model's outputs (:func:`dgq.gptq.float_output_target`).
+
+    ``gram`` says per pair whether its ``H`` (and drift) is needed; the others get their maxima only (``H`` left
+    zero): true-sequential collects them again, and the ``k x k`` products are a third of a pass's work.
     """
     stats: list[LinearStats | None] = [None] * len(pairs)
     total = sum(h[..., 0].numel() for h in hidden)
-    refs = reference.hidden if reference is not None else [None] * len(hidden)
-    for h, kw, ref in zip(hidden, kwargs, refs):
+    gram = gram or (True,) * len(pairs)
+    for chunk, (h, kw) in enumerate(zip(hidden, kwargs)):
         xs, _ = _consumer_inputs(block, pairs, h, kw)
         x_fps: list[torch.Tensor | None] = [None] * len(xs)
         if reference is not None:
-            x_fps, out = _consumer_inputs(reference.block, pairs, ref, kw, whole=reference.outputs is not None)
-            if reference.outputs is not None:
-                reference.outputs.append(out)
+            x_fps = reference.activations(chunk, pairs, kw)  # type: ignore[assignment]
         for index, (x, x_fp) in enumerate(zip(xs, x_fps)):
             st = stats[index]
             if st is None:
@@ -199,8 +220,9 @@ def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[
                 st = stats[index] = LinearStats(
                     torch.zeros(k, k, device=x.device), torch.zeros(k, device=x.device), 0,
                     TokenSample(total) if sample else None,
-                    None if x_fp is None else torch.zeros(k, k, device=x.device))
-            add_gram_upper(st.h, x)
+                    None if x_fp is None or not gram[index] else torch.zeros(k, k, device=x.device))
+            if gram[index]:
+                add_gram_upper(st.h, x)
             if st.drift is not None:  # X_fp - X per token first: H and XᵀX_fp would cancel in float32
                 st.drift.addmm_(x.t(), x_fp - x)
             if st.sample is not None:
@@ -226,12 +248,12 @@ def smoothing_scales(pair: SmoothPair, stats: LinearStats, consumers: list[nn.Li
 
 @torch.no_grad()
 def smooth_block(block: nn.Module, pairs: tuple[SmoothPair, ...], stats: list[LinearStats],
-                 config: QuantConfig) -> list[LinearStats]:
+                 config: QuantConfig, reference: FloatReference | None = None) -> list[LinearStats]:
     """Fold every pair's smoothing scales into the block; return the statistics of the smoothed activations.
 
     ``x -> x / k`` maps ``H`` to ``H / (k kᵀ)`` and the maxima to ``max / k`` exactly, so no second pass is needed.
     All pairs are folded before anything is quantized, since a value projection is both a consumer of one pair
-    and the producer of another.
+    and the producer of another.  A ``reference``'s cached float activations are scaled alike.
     """
     smoothed: list[LinearStats] = []
     for pair, st in zip(pairs, stats):
@@ -242,6 +264,8 @@ def smooth_block(block: nn.Module, pairs: tuple[SmoothPair, ...], stats: list[Li
             continue
         fold_scales(_module(block, pair.producer), consumers, k, pair)
         k_in = expand_for_heads(k, pair.heads).to(st.h.device)
+        if reference is not None:
+            reference.smooth(pair.consumers[0], k_in)
         outer = torch.outer(k_in, k_in)
         smoothed.append(LinearStats(st.h / outer, st.absmax / k_in, st.tokens,
                                     None if st.sample is None else st.sample.scaled(k_in),
@@ -290,13 +314,13 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         last = i + 1 == len(blocks)  # the last block's outputs would feed nothing
         sample = config.act == "static" and config.act_clip_grid > 1
         # the block is still float here; its float outputs are the next block's float inputs
-        reference = None if hidden_fp is None else FloatReference(block, hidden_fp, None if last else [])
-        stats = collect_stats(block, adapter.pairs, hidden, kwargs, sample, reference)
+        reference = None if hidden_fp is None else FloatReference(
+            block, hidden_fp, None if last else [], [] if config.true_sequential else None)
+        gram = tuple(j == 0 or not config.true_sequential for j in range(len(adapter.pairs)))
+        stats = collect_stats(block, adapter.pairs, hidden, kwargs, sample, reference, gram)
         if reference is not None and reference.outputs is not None:
             hidden_fp = reference.outputs
-        stats = smooth_block(block, adapter.pairs, stats, config)
-        if reference is not None and config.true_sequential:  # later passes need the smoothed float block
-            reference = FloatReference(copy.deepcopy(block), reference.hidden)
+        stats = smooth_block(block, adapter.pairs, stats, config, reference)
         for j, pair in enumerate(adapter.pairs):
             if config.true_sequential and j > 0:  # statistics of the (smoothed) block with pairs < j quantized
                 stats[j] = collect_stats(block, (pair,), hidden, kwargs, sample, reference)[0]

@@ -51,8 +51,8 @@ def test_first_block_sees_identical_inputs_so_its_drift_is_zero(monkeypatch):
     seen = []
     real = calibrate.collect_stats
 
-    def spy(block, pairs, hidden, kwargs, sample=False, reference=None):
-        stats = real(block, pairs, hidden, kwargs, sample, reference)
+    def spy(block, pairs, hidden, kwargs, sample=False, reference=None, gram=None):
+        stats = real(block, pairs, hidden, kwargs, sample, reference, gram)
         seen.append(stats)
         return stats
 
@@ -61,10 +61,10 @@ def test_first_block_sees_identical_inputs_so_its_drift_is_zero(monkeypatch):
     ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
     quantize(model, ids, preset("dgq_gptaq", group_size=64, calib_batch=2), progress=False)
     assert len(seen) == 3 * 4  # per block: the full pass, then one pass per later activation (true-sequential)
-    for st in seen[0]:
-        assert torch.count_nonzero(st.drift) == 0
+    assert torch.count_nonzero(seen[0][0].drift) == 0
+    assert all(st.drift is None for st in seen[0][1:])  # true-sequential collects these again: no H, no drift
     assert all(torch.count_nonzero(later[0].drift) > 0 for later in seen[1:4])  # after q/k/v are quantized
-    assert any(st.drift.abs().max() > 1e-3 * st.h.abs().max() for st in seen[8])
+    assert seen[8][0].drift.abs().max() > 1e-3 * seen[8][0].h.abs().max()
 
 
 def test_float_target_brings_the_quantized_model_closer_to_float():
@@ -91,3 +91,24 @@ def test_float_target_needs_a_weight_format():
         preset("dgq_gptaq", float_target_damp=0)
     with pytest.raises(ConfigError):  # each linear must see what the fitted linears before it produce
         preset("dgq_gptaq", true_sequential=False)
+
+
+def test_cached_float_activations_equal_a_pass_of_the_smoothed_float_block():
+    """The true-sequential passes read the float activations from the first pass's cache, divided by the smoothing
+    scales: that must be what the smoothed float block computes."""
+    from dgq.calibrate import FloatReference, _consumer_inputs, capture_block_inputs, collect_stats, smooth_block
+    from dgq.models.adapters import adapter_for
+
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(model, adapter, ids, 2, torch.device("cpu"))
+    block, kwargs = adapter.blocks(model)[0], inputs.kwargs[0]
+    reference = FloatReference(block, inputs.hidden, cache=[])
+    with torch.no_grad():
+        stats = collect_stats(block, adapter.pairs, inputs.hidden, kwargs, reference=reference)
+        smooth_block(block, adapter.pairs, stats, preset("dgq_gptaq", group_size=64), reference)
+        for chunk, (h, kw) in enumerate(zip(inputs.hidden, kwargs)):
+            fresh, _ = _consumer_inputs(block, adapter.pairs, h, kw)
+            for pair, x in zip(adapter.pairs, fresh):
+                torch.testing.assert_close(reference.cache[chunk][pair.consumers[0]], x, rtol=1e-4, atol=1e-5)
