@@ -32,10 +32,10 @@ from dgq.loading import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = ["fp", "w4a16_rtn", "w4a8_rtn", "w4a8_rtn_dg", "w4a8_smoothquant", "w8a8_smoothquant", "w4a8_group",
-        "w4a8_group_gptq", "dgq_dynamic", "dgq_gptq", "dgq_gptq_seq", "dgq_static", "dgq_static_clip",
-        "dgq_static_gptq", "dgq_rot", "dgq_rot_nosmooth"]
+        "w4a8_group_gptq", "dgq_dynamic", "dgq_gptq", "dgq_gptq_seq", "dgq_gptaq", "dgq_static",
+        "dgq_static_clip", "dgq_static_gptq", "dgq_rot", "dgq_rot_nosmooth"]
 # Quantized methods that are ours (DGQ and its extensions); every other quantized row is a baseline.
-DGQ_DYNAMIC = ("dgq_dynamic", "dgq_gptq", "dgq_gptq_seq", "dgq_rot", "dgq_rot_nosmooth")
+DGQ_DYNAMIC = ("dgq_dynamic", "dgq_gptq", "dgq_gptq_seq", "dgq_gptaq", "dgq_rot", "dgq_rot_nosmooth")
 DGQ_STATIC = ("dgq_static", "dgq_static_clip", "dgq_static_gptq")
 DATASET_NAMES = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 ABLATION = {"ablation_s_cw": "S+CW", "ablation_s_gw": "S+GW", "ablation_d_cw": "D+CW", "dgq_static": "S+DG"}
@@ -46,6 +46,7 @@ LABELS = {"fp": "FP (unquantized, fp32 compute)", "w4a16_rtn": "W4A16 RTN (group
           "dgq_static": "**DGQ static** (A8 per-tensor)",
           "w4a8_group_gptq": "W4A8 group-wise + search + smoothing + GPTQ", "dgq_gptq": "**DGQ + GPTQ** dynamic",
           "dgq_gptq_seq": "**DGQ + GPTQ** dynamic, true-sequential statistics",
+          "dgq_gptaq": "**DGQ + GPTQ** dynamic, true-sequential, fitted to the float model's outputs",
           "dgq_static_clip": "**DGQ static**, searched activation scale",
           "dgq_static_gptq": "**DGQ + GPTQ static**, searched activation scale",
           "dgq_rot": "**DGQ** dynamic on the Hadamard-rotated model",
@@ -179,6 +180,8 @@ def checks(data: dict) -> list[str]:
 COMPARISONS = [("dgq_gptq", "GPTQ codes on the DGQ grid", "dgq_dynamic"),
                ("w4a8_group_gptq", "GPTQ codes on the float group grid", "w4a8_group"),
                ("dgq_gptq_seq", "true-sequential statistics", "dgq_gptq"),
+               ("dgq_gptaq", "fitting each linear to the float model's outputs", "dgq_gptq_seq"),
+               ("dgq_gptaq", "true-sequential fit to the float model's outputs", "dgq_gptq"),
                ("dgq_static_clip", "searched static activation scale", "dgq_static"),
                ("dgq_static_gptq", "GPTQ on top of the searched static scale", "dgq_static_clip"),
                ("dgq_rot", "Hadamard rotation (with smoothing)", "dgq_dynamic"),

@@ -6,6 +6,9 @@
    per-channel max; smoothing scales are folded into the block; every consumer linear is quantized from the
    statistics (``H`` and the maxima transform exactly under the scales, so no second pass is needed); then the
    QUANTIZED block produces the next block's inputs, so later blocks calibrate on what they will really see.
+3. With ``float_target`` (asymmetric calibration) the float model's block inputs travel beside the quantized ones,
+   and each statistics pass also collects ``Xᵀ(X_fp - X)``, so that every linear is fitted to the float model's
+   outputs rather than to its own float outputs on drifted inputs (:func:`dgq.gptq.float_output_target`).
 
 Only the current block lives on the compute device; the model stays where it was.
 """
@@ -121,51 +124,111 @@ def _block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-@torch.no_grad()
-def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[torch.Tensor],
-                  kwargs: list[dict[str, Any]], sample: bool = False) -> list[LinearStats]:
-    """One pass of the float block, accumulating ``H`` and channel maxima of each pair's activation (and with
-    ``sample`` a :class:`TokenSample` of it, for the static activation scale search).
+def _consumer_inputs(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: torch.Tensor,
+                     kwargs: dict[str, Any], whole: bool = False) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Each pair's input activation ``[tokens, k]`` (float) on one chunk of ``block``'s inputs, and with ``whole``
+    the block's output.
 
-    Each chunk's pass stops as soon as every pair has seen its input: the rest of the block (the last linear and
-    the residual add, about a tenth of the pass) would produce outputs nobody reads.
+    Without ``whole`` the pass stops as soon as every pair has seen its input: the rest of the block (the last
+    linear and the residual add, about a tenth of the pass) would produce outputs nobody reads.
     """
-    stats: list[LinearStats | None] = [None] * len(pairs)
-    seen: set[int] = set()
-    total = sum(h[..., 0].numel() for h in hidden)
+    inputs: list[torch.Tensor | None] = [None] * len(pairs)
 
     def hook(index: int) -> Callable:
-        def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            st = stats[index]
-            if st is None:
-                k = x.shape[1]
-                st = stats[index] = LinearStats(torch.zeros(k, k, device=x.device), torch.zeros(k, device=x.device), 0,
-                                                TokenSample(total) if sample else None)
-            add_gram_upper(st.h, x)
-            if st.sample is not None:
-                st.sample.add(x)
-            torch.maximum(st.absmax, amax_abs(x, 0), out=st.absmax)
-            st.tokens += x.shape[0]
-            seen.add(index)
-            if len(seen) == len(pairs):
+        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            inputs[index] = args[0].reshape(-1, args[0].shape[-1]).float()
+            if not whole and all(x is not None for x in inputs):
                 raise _StopForward
         return record
 
     handles = [_module(block, p.consumers[0]).register_forward_pre_hook(hook(i)) for i, p in enumerate(pairs)]
+    output = None
     try:
-        for h, kw in zip(hidden, kwargs):
-            seen.clear()
-            try:
-                block(h, **kw)
-            except _StopForward:
-                pass
+        output = _block_output(block(hidden, **kwargs))
+    except _StopForward:
+        pass
     finally:
         for handle in handles:
             handle.remove()
-    missing = [p.consumers[0] for p, s in zip(pairs, stats) if s is None]
+    missing = [p.consumers[0] for p, x in zip(pairs, inputs) if x is None]
     if missing:
         raise RuntimeError(f"calibration saw no input for {', '.join(missing)}")
+    return inputs, output  # type: ignore[return-value]
+
+
+@dataclass
+class FloatReference:
+    """The float model's side of asymmetric calibration: the float block and the float model's inputs to it, one
+    tensor per calibration chunk as in ``hidden``.
+
+    When ``outputs`` is a list, the pass of the float block also appends to it the block's output of every chunk
+    (the next block's float inputs), which saves a separate pass.  When ``cache`` is a list, it keeps every chunk's
+    float activations by consumer name: the float block's activations do not depend on what is quantized, so the
+    true-sequential passes read them from there (divided by the smoothing scales, :func:`smooth_block`) instead
+    of running the float block again.
+    """
+
+    block: nn.Module
+    hidden: list[torch.Tensor]
+    outputs: list[torch.Tensor] | None = None
+    cache: list[dict[str, torch.Tensor]] | None = None
+
+    def activations(self, chunk: int, pairs: tuple[SmoothPair, ...], kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        """The float activation ``X_fp`` of each pair on one chunk, from the cache when it holds the chunk."""
+        if self.cache is not None and chunk < len(self.cache):
+            return [self.cache[chunk][p.consumers[0]] for p in pairs]
+        xs, out = _consumer_inputs(self.block, pairs, self.hidden[chunk], kwargs, whole=self.outputs is not None)
+        if self.outputs is not None:
+            self.outputs.append(out)  # type: ignore[arg-type]
+        if self.cache is not None:
+            self.cache.append({p.consumers[0]: x for p, x in zip(pairs, xs)})
+        return xs
+
+    def smooth(self, name: str, k_in: torch.Tensor) -> None:
+        """Divide the cached activations of consumer ``name`` by its smoothing scales (``x -> x / k``)."""
+        for chunk in self.cache or []:
+            chunk[name] = chunk[name] / k_in
+
+
+@torch.no_grad()
+def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[torch.Tensor],
+                  kwargs: list[dict[str, Any]], sample: bool = False,
+                  reference: FloatReference | None = None, gram: tuple[bool, ...] | None = None,
+                  ) -> list[LinearStats]:
+    """One pass of ``block``, accumulating ``H = XᵀX`` and channel maxima of each pair's activation (and with
+    ``sample`` a :class:`TokenSample` of it, for the static activation scale search).
+
+    With a ``reference``, each chunk also runs through the float block on the float model's inputs, and the drift
+    term ``D = Xᵀ(X_fp - X)`` is accumulated (``X_fp`` the float model's activation on the same tokens), so that
+    each linear can be fitted to the float model's outputs (:func:`dgq.gptq.float_output_target`).
+
+    ``gram`` says per pair whether its ``H`` (and drift) is needed; the others get their maxima only (``H`` left
+    zero): true-sequential collects them again, and the ``k x k`` products are a third of a pass's work.
+    """
+    stats: list[LinearStats | None] = [None] * len(pairs)
+    total = sum(h[..., 0].numel() for h in hidden)
+    gram = gram or (True,) * len(pairs)
+    for chunk, (h, kw) in enumerate(zip(hidden, kwargs)):
+        xs, _ = _consumer_inputs(block, pairs, h, kw)
+        x_fps: list[torch.Tensor | None] = [None] * len(xs)
+        if reference is not None:
+            x_fps = reference.activations(chunk, pairs, kw)  # type: ignore[assignment]
+        for index, (x, x_fp) in enumerate(zip(xs, x_fps)):
+            st = stats[index]
+            if st is None:
+                k = x.shape[1]
+                st = stats[index] = LinearStats(
+                    torch.zeros(k, k, device=x.device), torch.zeros(k, device=x.device), 0,
+                    TokenSample(total) if sample else None,
+                    None if x_fp is None or not gram[index] else torch.zeros(k, k, device=x.device))
+            if gram[index]:
+                add_gram_upper(st.h, x)
+            if st.drift is not None:  # X_fp - X per token first: H and XᵀX_fp would cancel in float32
+                st.drift.addmm_(x.t(), x_fp - x)
+            if st.sample is not None:
+                st.sample.add(x)
+            torch.maximum(st.absmax, amax_abs(x, 0), out=st.absmax)
+            st.tokens += x.shape[0]
     for st in stats:
         st.h = mirror_upper(st.h)
     return stats  # type: ignore[return-value]
@@ -185,12 +248,12 @@ def smoothing_scales(pair: SmoothPair, stats: LinearStats, consumers: list[nn.Li
 
 @torch.no_grad()
 def smooth_block(block: nn.Module, pairs: tuple[SmoothPair, ...], stats: list[LinearStats],
-                 config: QuantConfig) -> list[LinearStats]:
+                 config: QuantConfig, reference: FloatReference | None = None) -> list[LinearStats]:
     """Fold every pair's smoothing scales into the block; return the statistics of the smoothed activations.
 
     ``x -> x / k`` maps ``H`` to ``H / (k kᵀ)`` and the maxima to ``max / k`` exactly, so no second pass is needed.
     All pairs are folded before anything is quantized, since a value projection is both a consumer of one pair
-    and the producer of another.
+    and the producer of another.  A ``reference``'s cached float activations are scaled alike.
     """
     smoothed: list[LinearStats] = []
     for pair, st in zip(pairs, stats):
@@ -201,8 +264,12 @@ def smooth_block(block: nn.Module, pairs: tuple[SmoothPair, ...], stats: list[Li
             continue
         fold_scales(_module(block, pair.producer), consumers, k, pair)
         k_in = expand_for_heads(k, pair.heads).to(st.h.device)
-        smoothed.append(LinearStats(st.h / torch.outer(k_in, k_in), st.absmax / k_in, st.tokens,
-                                    None if st.sample is None else st.sample.scaled(k_in)))
+        if reference is not None:
+            reference.smooth(pair.consumers[0], k_in)
+        outer = torch.outer(k_in, k_in)
+        smoothed.append(LinearStats(st.h / outer, st.absmax / k_in, st.tokens,
+                                    None if st.sample is None else st.sample.scaled(k_in),
+                                    None if st.drift is None else st.drift / outer))
     return smoothed
 
 
@@ -218,31 +285,49 @@ def quantize_block(block: nn.Module, prefix: str, pairs: tuple[SmoothPair, ...],
     return reports
 
 
+def _outputs(block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict[str, Any]]) -> list[torch.Tensor]:
+    """``block``'s output hidden states, chunk by chunk."""
+    return [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
+
+
 @torch.no_grad()
 def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, config: QuantConfig,
                     device: torch.device, progress: bool = True) -> CalibrationReport:
-    """Calibrate and quantize every decoder block of ``model`` in place, one block on ``device`` at a time."""
+    """Calibrate and quantize every decoder block of ``model`` in place, one block on ``device`` at a time.
+
+    With ``config.float_target`` the float model's block inputs are propagated beside the quantized model's, and
+    every statistics pass also runs the float block on them and collects the drift term (one more float pass per
+    statistics pass; the first one also yields the next block's float inputs).
+    """
     inputs = capture_block_inputs(model, adapter, samples, config.calib_batch, device)
     blocks = adapter.blocks(model)
     names = {id(m): n for n, m in model.named_modules()}
     report = CalibrationReport()
     hidden = inputs.hidden
+    hidden_fp = inputs.hidden if config.float_target else None
     bar = tqdm(range(len(blocks)), desc=f"quantize [{config.method}]", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i]
         home = next(block.parameters()).device
         block.to(device)
         kwargs = inputs.kwargs[i]
+        last = i + 1 == len(blocks)  # the last block's outputs would feed nothing
         sample = config.act == "static" and config.act_clip_grid > 1
-        stats = collect_stats(block, adapter.pairs, hidden, kwargs, sample)
-        stats = smooth_block(block, adapter.pairs, stats, config)
+        # the block is still float here; its float outputs are the next block's float inputs
+        reference = None if hidden_fp is None else FloatReference(
+            block, hidden_fp, None if last else [], [] if config.true_sequential else None)
+        gram = tuple(j == 0 or not config.true_sequential for j in range(len(adapter.pairs)))
+        stats = collect_stats(block, adapter.pairs, hidden, kwargs, sample, reference, gram)
+        if reference is not None and reference.outputs is not None:
+            hidden_fp = reference.outputs
+        stats = smooth_block(block, adapter.pairs, stats, config, reference)
         for j, pair in enumerate(adapter.pairs):
             if config.true_sequential and j > 0:  # statistics of the (smoothed) block with pairs < j quantized
-                stats[j] = collect_stats(block, (pair,), hidden, kwargs, sample)[0]
+                stats[j] = collect_stats(block, (pair,), hidden, kwargs, sample, reference)[0]
             report.layers += quantize_block(block, names[id(block)], (pair,), [stats[j]], config)
-        del stats  # this block's H matrices (on ``device``) must not live on while the next block is calibrated
-        if i + 1 < len(blocks):  # the last block's outputs would feed nothing
-            hidden = [_block_output(block(h, **kw)) for h, kw in zip(hidden, kwargs)]
+        del stats, reference  # this block's H matrices (on ``device``) must not live on while the next is calibrated
+        if not last:
+            hidden = _outputs(block, hidden, kwargs)
         block.to(home)
         worst = max(r.rel_error for r in report.layers[-len(adapter.linear_names()):])
         bar.set_postfix(max_rel_err=f"{worst:.2e}")

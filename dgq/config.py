@@ -34,6 +34,11 @@ class QuantConfig:
     gptq:      once the scales are fixed, choose the 4-bit codes with GPTQ's inverse-Hessian error feedback
                (:mod:`dgq.gptq`) instead of nearest rounding; ``gptq_damp`` (fraction of mean diag H added to H),
                ``gptq_block`` (columns per lazy update) and ``act_order`` (columns by decreasing H_jj) tune it.
+    float_target: asymmetric calibration: fit every linear to the float model's outputs ``X_fp Wᵀ`` on the quantized
+               model's inputs ``X`` instead of to ``X Wᵀ`` (:func:`dgq.gptq.float_output_target`), so each layer
+               also compensates the error of the quantized layers before it; the float model's activations are
+               propagated beside the quantized ones during calibration.  ``float_target_damp`` is the ridge
+               (fraction of mean diag H) of that fit.  Needs ``true_sequential``.
     true_sequential: collect H and maxima of each activation of a block after the linears before it are
                quantized (GPTQ's option), instead of all from the float block.
     rotate:    before calibration, rotate the residual stream by a randomised Hadamard matrix folded into the
@@ -63,6 +68,8 @@ class QuantConfig:
     gptq_damp: float = 0.01
     gptq_block: int = 128
     act_order: bool = False
+    float_target: bool = False
+    float_target_damp: float = 1.0
     true_sequential: bool = False
     rotate: bool = False
     act_clip_grid: int = 1
@@ -96,6 +103,15 @@ class QuantConfig:
             raise ConfigError(f"gptq chooses 4-bit codes on a dual, group or channel grid, not weight {self.weight!r}")
         if not 0 < self.gptq_damp < 1:
             raise ConfigError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
+        if not 0 < self.float_target_damp:
+            raise ConfigError(f"float_target_damp must be > 0, got {self.float_target_damp}")
+        if self.float_target and not self.quantizes_weights:
+            raise ConfigError("float_target fits the quantized weights to the float outputs; it needs a weight format")
+        if self.float_target and not self.true_sequential:
+            # Without it each linear's input comes from the float block: o_proj and down_proj would compensate the
+            # drift that v_proj, gate_proj and up_proj already compensate, twice over (SmolLM2: perplexity 1720).
+            raise ConfigError("float_target needs true_sequential: each linear must see the inputs that the already "
+                              "fitted linears before it in the block produce")
         if self.act_clip_grid < 1 or not 0 < self.act_clip_min <= 1:
             raise ConfigError("act_clip_grid must be >= 1 and act_clip_min in (0, 1]")
         if self.act_clip_grid > 1 and self.act != "static":
@@ -160,6 +176,7 @@ PRESETS |= {
     "w4a8_group_gptq": PRESETS["w4a8_group"] | dict(gptq=True, act_order=True),
     "dgq_static_clip": PRESETS["dgq_static"] | dict(act_clip_grid=16),
     "dgq_static_gptq": PRESETS["dgq_static"] | dict(gptq=True, act_order=True, act_clip_grid=16),
+    "dgq_gptaq": PRESETS["dgq_dynamic"] | dict(gptq=True, act_order=True, float_target=True, true_sequential=True),
     "dgq_rot": PRESETS["dgq_dynamic"] | dict(rotate=True),
     "dgq_rot_nosmooth": PRESETS["dgq_dynamic"] | dict(rotate=True, smoothing="none"),
 }

@@ -88,6 +88,29 @@ def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
 
 
+def float_output_target(w: torch.Tensor, h: torch.Tensor, drift: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weight ``w + δ`` whose outputs on the quantized model's inputs ``X`` best match the float model's
+    ``X_fp wᵀ`` (asymmetric calibration, as in GPTAQ), with ``H = XᵀX`` and ``drift = Xᵀ(X_fp - X)``.
+
+    Minimising ``||X_fp w_n - X q_n||²`` over a row ``q_n`` equals minimising ``(w*_n - q_n)ᵀ H (w*_n - q_n)`` plus a
+    constant, with ``H w*_n = XᵀX_fp w_n = (H + drift) w_n``: every search and GPTQ step that scores
+    ``(w - ŵ)ᵀ H (w - ŵ)`` then compensates, besides its own rounding, the error that the quantized earlier layers
+    left in ``X``.  ``w*`` is fitted as a ridge correction of ``w``, ``(H + λI) δ_n = drift · w_n`` with
+    ``λ = damp · mean(diag H)``: it is exactly ``w`` when ``X = X_fp``, and the ridge keeps the correction small
+    along directions that the calibration tokens barely span (``w*`` itself would be shrunk towards 0 by a ridge
+    on it).  ``drift`` is accumulated from ``X_fp - X`` token by token because ``XᵀX_fp - XᵀX`` cancels in float32.
+    """
+    w, h = w.float(), h.float()
+    reg = h.clone()
+    reg.diagonal().add_(damp * h.diagonal().mean())
+    chol, info = torch.linalg.cholesky_ex(reg)
+    if int(info):
+        raise GPTQError(f"H is not positive definite even after dampening by {damp} x mean(diag H); "
+                        f"raise float_target_damp or calibrate on more tokens")
+    delta = torch.cholesky_solve(drift.float() @ w.t(), chol)
+    return w + delta.t()
+
+
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """Run the body with one intra-op CPU thread, restoring the previous count after."""

@@ -16,7 +16,7 @@ from torch import nn
 from dgq.config import QuantConfig
 from dgq.errors import DGQError
 from dgq.formats import INT8_MAX, DualGrainedWeight, to_dual_grained
-from dgq.gptq import CodeGrid, gptq_codes
+from dgq.gptq import CodeGrid, float_output_target, gptq_codes
 from dgq.nn import FakeQuantLinear, QuantLinear
 from dgq.search import (
     int8_channel_fake_quant, naive_channel_scale, output_error, rtn_group_scales, search_act_scale,
@@ -73,13 +73,15 @@ class TokenSample:
 
 @dataclass
 class LinearStats:
-    """Calibration statistics of one activation: ``H = XᵀX`` and ``max|x_j|`` over all tokens, and for the static
-    scale search a :class:`TokenSample`."""
+    """Calibration statistics of one activation: ``H = XᵀX`` and ``max|x_j|`` over all tokens, for the static
+    scale search a :class:`TokenSample`, and for asymmetric calibration ``drift = Xᵀ(X_fp - X)``, ``X_fp`` the
+    float model's activation on the same tokens."""
 
     h: torch.Tensor
     absmax: torch.Tensor
     tokens: int
     sample: TokenSample | None = None
+    drift: torch.Tensor | None = None
 
 
 @dataclass
@@ -143,6 +145,8 @@ def quantize_linear(name: str, linear: nn.Linear, stats: LinearStats, config: Qu
     check_layer(name, linear, config)
     w = linear.weight.detach().float()
     h = stats.h.to(w.device, torch.float32)
+    if stats.drift is not None:  # asymmetric calibration: quantize the weight that best reproduces the float outputs
+        w = float_output_target(w, h, stats.drift.to(w.device, torch.float32), config.float_target_damp)
     bias = None if linear.bias is None else linear.bias.detach().clone()
     dg: DualGrainedWeight | None = None
     if config.weight == "dual":

@@ -35,10 +35,10 @@ def test_true_sequential_collects_each_activation_after_the_linears_before_it_ar
     calls = []
     real = calibrate.collect_stats
 
-    def spy(block, pairs, hidden, kwargs, sample=False):
+    def spy(block, pairs, hidden, kwargs, sample=False, reference=None, gram=None):
         quantized = sorted(n for n, m in block.named_modules() if isinstance(m, QuantLinear))
         calls.append(([p.consumers[0] for p in pairs], quantized))
-        return real(block, pairs, hidden, kwargs, sample)
+        return real(block, pairs, hidden, kwargs, sample, reference, gram)
 
     monkeypatch.setattr(calibrate, "collect_stats", spy)
     model = make_model("llama")

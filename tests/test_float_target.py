@@ -1,0 +1,114 @@
+"""Asymmetric calibration (``float_target``): each linear is fitted to the float model's outputs on the quantized
+model's inputs, with the float activations propagated beside the quantized ones."""
+
+import pytest
+import torch
+
+import dgq.calibrate as calibrate
+from dgq.api import quantize
+from dgq.config import ConfigError, preset
+from dgq.gptq import float_output_target
+from dgq.search import output_error
+from helpers import make_model
+
+
+def _inputs(seed: int, tokens: int = 4096, k: int = 64, noise: float = 0.1):
+    """Float activations with uneven channels and a quantized-model twin carrying upstream error: a systematic
+    distortion (which a linear layer can undo) plus unpredictable noise (which it cannot)."""
+    g = torch.Generator().manual_seed(seed)
+    x_fp = torch.randn(tokens, k, generator=g) * (torch.rand(k, generator=g) * 3 + 0.2)
+    distortion = torch.eye(k) + noise * torch.randn(k, k, generator=g) / k ** 0.5
+    x = x_fp @ distortion + 0.2 * noise * torch.randn(tokens, k, generator=g) * x_fp.std(0)
+    w = torch.randn(32, k, generator=g) * 0.05
+    return w, x, x_fp
+
+
+def test_target_is_the_weight_itself_when_inputs_agree():
+    w, x, _ = _inputs(0)
+    h = x.t() @ x
+    torch.testing.assert_close(float_output_target(w, h, torch.zeros_like(h), damp=0.01), w)
+
+
+def test_target_reproduces_float_outputs_better_than_the_weight():
+    w, x, x_fp = _inputs(1)
+    h, drift = x.t() @ x, x.t() @ (x_fp - x)
+    target = float_output_target(w, h, drift, damp=1e-4)
+    ref = x_fp @ w.t()
+    err_w = (x @ w.t() - ref).pow(2).sum()
+    err_target = (x @ target.t() - ref).pow(2).sum()
+    assert err_target < 0.5 * err_w, float(err_target / err_w)
+    # the score every search and GPTQ step uses, (w* - q)ᵀ H (w* - q), differs from the float-output error by a
+    # constant: two candidate weights rank the same under both
+    q1, q2 = w + 0.01 * torch.randn_like(w), w - 0.02 * torch.randn_like(w)
+    exact = [(x @ q.t() - ref).pow(2).sum() for q in (q1, q2)]
+    proxy = [output_error(target, q, h).sum() for q in (q1, q2)]
+    torch.testing.assert_close(exact[0] - exact[1], proxy[0] - proxy[1], rtol=1e-3, atol=1e-3)
+
+
+def test_first_block_sees_identical_inputs_so_its_drift_is_zero(monkeypatch):
+    """Block 0 gets the same inputs in both models: the drift of its first pass must be 0; once its q/k/v are
+    quantized the later activations drift, and in block 2 even the first pass does (upstream error)."""
+    seen = []
+    real = calibrate.collect_stats
+
+    def spy(block, pairs, hidden, kwargs, sample=False, reference=None, gram=None):
+        stats = real(block, pairs, hidden, kwargs, sample, reference, gram)
+        seen.append(stats)
+        return stats
+
+    monkeypatch.setattr(calibrate, "collect_stats", spy)
+    model = make_model("llama", layers=3)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    quantize(model, ids, preset("dgq_gptaq", group_size=64, calib_batch=2), progress=False)
+    assert len(seen) == 3 * 4  # per block: the full pass, then one pass per later activation (true-sequential)
+    assert torch.count_nonzero(seen[0][0].drift) == 0
+    assert all(st.drift is None for st in seen[0][1:])  # true-sequential collects these again: no H, no drift
+    assert all(torch.count_nonzero(later[0].drift) > 0 for later in seen[1:4])  # after q/k/v are quantized
+    assert seen[8][0].drift.abs().max() > 1e-3 * seen[8][0].h.abs().max()
+
+
+def test_float_target_brings_the_quantized_model_closer_to_float():
+    """On held-out tokens, with enough calibration tokens (4096 for widths 128/256) and the preset's ridge."""
+    model = make_model("llama", layers=4)
+    ids = torch.randint(0, model.config.vocab_size, (64, 64), generator=torch.Generator().manual_seed(0))
+    test = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(test).logits
+    errors = {}
+    for float_target in (False, True):
+        m = make_model("llama", layers=4)
+        config = preset("dgq_gptaq", group_size=64, calib_batch=16, float_target=float_target)
+        quantize(m, ids, config, progress=False)
+        with torch.no_grad():
+            errors[float_target] = float((m(test).logits - ref).pow(2).mean())
+    assert errors[True] < errors[False], errors
+
+
+def test_float_target_needs_a_weight_format():
+    with pytest.raises(ConfigError):
+        preset("fp", float_target=True)
+    with pytest.raises(ConfigError):
+        preset("dgq_gptaq", float_target_damp=0)
+    with pytest.raises(ConfigError):  # each linear must see what the fitted linears before it produce
+        preset("dgq_gptaq", true_sequential=False)
+
+
+def test_cached_float_activations_equal_a_pass_of_the_smoothed_float_block():
+    """The true-sequential passes read the float activations from the first pass's cache, divided by the smoothing
+    scales: that must be what the smoothed float block computes."""
+    from dgq.calibrate import FloatReference, _consumer_inputs, capture_block_inputs, collect_stats, smooth_block
+    from dgq.models.adapters import adapter_for
+
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(model, adapter, ids, 2, torch.device("cpu"))
+    block, kwargs = adapter.blocks(model)[0], inputs.kwargs[0]
+    reference = FloatReference(block, inputs.hidden, cache=[])
+    with torch.no_grad():
+        stats = collect_stats(block, adapter.pairs, inputs.hidden, kwargs, reference=reference)
+        smooth_block(block, adapter.pairs, stats, preset("dgq_gptaq", group_size=64), reference)
+        for chunk, (h, kw) in enumerate(zip(inputs.hidden, kwargs)):
+            fresh, _ = _consumer_inputs(block, adapter.pairs, h, kw)
+            for pair, x in zip(adapter.pairs, fresh):
+                torch.testing.assert_close(reference.cache[chunk][pair.consumers[0]], x, rtol=1e-4, atol=1e-5)
