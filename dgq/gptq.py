@@ -73,18 +73,25 @@ class CodeGrid:
         return (codes - zp) * step
 
 
+def _damped_cholesky(h: torch.Tensor, damp: float, knob: str) -> torch.Tensor:
+    """Lower Cholesky factor of ``H + λI`` with ``λ = damp · mean(diag H)``; ``knob`` names the setting to raise when
+    even the dampened ``H`` is not positive definite."""
+    h = h.clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    chol, info = torch.linalg.cholesky_ex(h)
+    if int(info):
+        raise GPTQError(f"H is not positive definite even after dampening by {damp} x mean(diag H); "
+                        f"raise {knob} or calibrate on more tokens")
+    return chol
+
+
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``.
 
     Row ``i`` of ``U`` holds, scaled by ``U[i, i]``, how the remaining columns must move to compensate an error
     in column ``i`` once columns before ``i`` are fixed (the sequential elimination GPTQ performs).
     """
-    h = h.clone()
-    h.diagonal().add_(damp * h.diagonal().mean())
-    chol, info = torch.linalg.cholesky_ex(h)
-    if int(info):
-        raise GPTQError(f"H is not positive definite even after dampening by {damp} x mean(diag H); "
-                        f"raise the dampening (gptq_damp) or calibrate on more tokens")
+    chol = _damped_cholesky(h, damp, "the dampening (gptq_damp)")
     return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
 
 
@@ -100,13 +107,8 @@ def float_output_target(w: torch.Tensor, h: torch.Tensor, drift: torch.Tensor, d
     along directions that the calibration tokens barely span (``w*`` itself would be shrunk towards 0 by a ridge
     on it).  ``drift`` is accumulated from ``X_fp - X`` token by token because ``XᵀX_fp - XᵀX`` cancels in float32.
     """
-    w, h = w.float(), h.float()
-    reg = h.clone()
-    reg.diagonal().add_(damp * h.diagonal().mean())
-    chol, info = torch.linalg.cholesky_ex(reg)
-    if int(info):
-        raise GPTQError(f"H is not positive definite even after dampening by {damp} x mean(diag H); "
-                        f"raise float_target_damp or calibrate on more tokens")
+    w = w.float()
+    chol = _damped_cholesky(h.float(), damp, "float_target_damp")
     delta = torch.cholesky_solve(drift.float() @ w.t(), chol)
     return w + delta.t()
 
