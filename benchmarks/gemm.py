@@ -131,14 +131,16 @@ def kernel_call(name: str, o: Operands) -> Callable[[], torch.Tensor]:
     return calls[name]
 
 
-def chosen_config(name: str, m: int, n: int) -> object:
+def chosen_config(name: str, m: int, k: int, n: int) -> object:
     """The config the kernel that ``name`` ran at ``m`` used for its last call (its autotuner's pick, or the rule's)."""
     if name == "dgq":
         name = ("dgq_gemv" if m <= linear.GEMV_MAX_M else "dgq_widen_once" if m >= linear.WIDEN_MIN_M
                 else "dgq_ws")  # the benchmark's shapes are all ones the warp-specialized kernel takes
     if name == "dgq_ws":
         return gemm_ws.config_for(m, n)
-    tuner = {"dgq_gemv": gemv._tuned, "dgq_gemm_only": gemm._tuned, "dgq_widen_once": int8_gemm._tuned}[name]
+    if name == "dgq_gemv":
+        return gemv.config_for(n, k, gemm.tile_k_for(k, GROUP))
+    tuner = {"dgq_gemm_only": gemm._tuned, "dgq_widen_once": int8_gemm._tuned}[name]
     return tuner.best_config
 
 
@@ -253,7 +255,7 @@ def main() -> None:
                 row = {"K": k, "N": n, "M": m, "kernel": name, "ms": ms_}
                 if name.startswith("dgq"):
                     kernel_call(name, o)()  # the config the autotuner picked for this call
-                    row["config"] = str(chosen_config(name, m, n))
+                    row["config"] = str(chosen_config(name, m, k, n))
                 rows.append(row)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(rows, indent=0))

@@ -17,12 +17,20 @@ import torch
 
 from dgq.kernels.gemm import a8w4_matmul
 from dgq.kernels.gemm_ws import WsConfig, config_for, ws_a8w4_matmul
+from dgq.kernels.linear import a8w4_mm
 
-# (bn, bm, stages, split, widen_regs, maxnreg) around the rule: ring depth, K splits, 64/128-row tiles, 1-2 CTAs/SM.
-CANDIDATES = {16: [WsConfig(64, 16, 6, s, 80, 80) for s in (1, 2, 3)] + [WsConfig(128, 16, 4, s, 80, 80)
-                                                                        for s in (1, 2)] + [WsConfig(128, 16, 6, 2)],
-              64: [WsConfig(64, 64, 6, s) for s in (1, 2)] + [WsConfig(128, 64, 4, s) for s in (1, 2)],
-              1023: [WsConfig(128, 128, 4, s, 128) for s in (1, 2)] + [WsConfig(64, 128, 4, 2)]}
+# (bn, bm, stages, split, widen_regs, maxnreg) around the rule: ring depth (bytes in flight), K splits (per-tile
+# arrival), 64/128-row tiles, 1-2 CTAs per SM (maxnreg 80: two fit).
+W = WsConfig
+CANDIDATES = {16: [W(64, 16, st, s, 80, 80) for st in (6, 10) for s in (1, 2, 4)]
+              + [W(128, 16, st, s, 80, 80) for st in (4, 6) for s in (1, 2)]
+              + [W(128, 16, 6, s) for s in (1, 2, 3)] + [W(64, 16, 10, s) for s in (1, 2)],
+              64: [W(64, 64, st, s, 80, 80) for st in (6, 8) for s in (1, 2, 4)]
+              + [W(128, 64, st, s) for st in (4, 6) for s in (1, 2)] + [W(128, 64, 4, s, 80, 80) for s in (1, 2)],
+              1023: [W(64, 128, st, 1) for st in (4, 6, 8)] + [W(128, 128, st, 1, 128) for st in (4, 6)]
+              + [W(128, 64, st, 1) for st in (4, 6)],
+              # beyond MAX_M: against widen-once + the int8 GEMM (the "dgq_path" column there)
+              8192: [W(64, 128, 6, 1), W(128, 128, 6, 1, 128)]}
 
 
 def measure(json_path: str | None, ms: list[int]) -> None:
@@ -45,17 +53,22 @@ def measure(json_path: str | None, ms: list[int]) -> None:
             rule = config_for(m, n)
             cands = dict.fromkeys([rule, *CANDIDATES[next(r for r in sorted(CANDIDATES) if m <= r)]])
             times = {"fp16": time_graph([lambda o=o: o.x16 @ o.w16.t() for o in sets]),
-                     "in_register": time_graph([lambda o=o: a8w4_matmul(o.x_s8, o.kw, o.s_x) for o in sets])}
+                     "in_register": time_graph([lambda o=o: a8w4_matmul(o.x_s8, o.kw, o.s_x) for o in sets]),
+                     "dgq_path": time_graph([lambda o=o: a8w4_mm(o.x_s8, o.s_x, o.kw) for o in sets])}
             for cfg in cands:
                 if not torch.equal(ws_a8w4_matmul(o.x_s8, o.kw, out_dtype=None, config=cfg), want):
                     failures.append(f"K={k} N={n} M={m} {cfg}")
                     continue
                 times[str(cfg)] = time_graph([lambda o=o, c=cfg: ws_a8w4_matmul(o.x_s8, o.kw, o.s_x, config=c)
                                               for o in sets])
+                # again after the graph's replays: split-K's per-tile counts must have been left at zero each time
+                if not torch.equal(ws_a8w4_matmul(o.x_s8, o.kw, out_dtype=None, config=cfg), want):
+                    failures.append(f"K={k} N={n} M={m} {cfg} after replays")
             rows += [{"K": k, "N": n, "M": m, "kernel": name, "ms": t, "rule": name == str(rule)}
                      for name, t in times.items()]
             best = min((t, name) for name, t in times.items() if name.startswith("WsConfig"))
-            print(f"K={k} N={n} M={m}: fp16 {times['fp16']:.4f}, in-register {times['in_register']:.4f}, rule "
+            print(f"K={k} N={n} M={m}: fp16 {times['fp16']:.4f}, in-register {times['in_register']:.4f}, dispatch "
+                  f"{times['dgq_path']:.4f}, rule "
                   f"{times[str(rule)]:.4f} ({times['fp16'] / times[str(rule)]:.2f}x), best {best[0]:.4f} {best[1]}",
                   flush=True)
             if json_path:
@@ -67,7 +80,7 @@ def measure(json_path: str | None, ms: list[int]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None, help="write the rows here as they come")
-    parser.add_argument("--ms", default="16,64,256", help="token counts, comma-separated (each <= 1023)")
+    parser.add_argument("--ms", default="16,64,256", help="token counts, comma-separated (each <= 8192)")
     args = parser.parse_args()
     measure(args.json, [int(m) for m in args.ms.split(",")])
 

@@ -100,7 +100,7 @@ def _skeleton(linear: nn.Module, entry: dict[str, str], group_size: int) -> nn.M
         module = QuantLinear(linear.in_features, linear.out_features, group_size, entry["act"], bias is not None,
                              device=meta, out_dtype=linear.weight.dtype)
         stored = module.stored_tensors()  # meta tensors: the stored shapes and dtypes, nothing computed
-        for name in (*QuantLinear.STORED, "gemv_scratch"):  # the scratch is made on the right device by load_stored
+        for name in (*QuantLinear.STORED, "split_scratch"):  # the scratch is made on the right device by load_stored
             del module._buffers[name]
         for name, tensor in stored.items():
             module.register_buffer(name, tensor)

@@ -26,7 +26,7 @@ class QuantLinear(nn.Module):
     Its buffers are in the layout the CUDA kernels read (:mod:`dgq.packing`, :class:`dgq.kernels.gemm.KernelWeight`),
     so a model holds each packed weight once: ``codes`` uint8 ``[out, in / 2]`` (tiled), ``s2t`` int8 and ``zpt``
     uint8 ``[in / g, out]``, ``s1`` float32 ``[out]``, and the one-token GEMV's self-cleaning int32 slots
-    ``gemv_scratch`` ``[2 out]`` (not saved).  The checkpoint stores the format's own layout (``weight``, ``s2``,
+    ``split_scratch`` ``[2 out]`` (not saved).  The checkpoint stores the format's own layout (``weight``, ``s2``,
     ``zp``, :meth:`stored_tensors`); :meth:`load_stored` converts it back, both exactly.
     The only derived tensor is the CPU reference's widened int8 weight, cached under one rule: dropped whenever the
     module is moved or cast (``_apply``), rebuilt when a buffer is replaced or written in place (the cache key).
@@ -52,7 +52,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("s1", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=out_dtype, device=device) if bias else None)
-        self.register_buffer("gemv_scratch", torch.zeros(2 * out_features, dtype=torch.int32, device=device),
+        self.register_buffer("split_scratch", torch.zeros(2 * out_features, dtype=torch.int32, device=device),
                              persistent=False)
         self._int8: tuple[tuple, torch.Tensor] | None = None
 
@@ -92,7 +92,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("codes", pack_tiled(unpack_u4(weight), self.tile))
         self.register_buffer("s2t", s2.t().contiguous())
         self.register_buffer("zpt", zp.t().contiguous())
-        self.register_buffer("gemv_scratch", torch.zeros(2 * self.out_features, dtype=torch.int32, device=device),
+        self.register_buffer("split_scratch", torch.zeros(2 * self.out_features, dtype=torch.int32, device=device),
                              persistent=False)
         self.s1, self.act_scale = self.s1.to(device, torch.float32), self.act_scale.to(device, torch.float32)
 
@@ -112,7 +112,7 @@ class QuantLinear(nn.Module):
         """The CUDA kernels' view of this layer's buffers (:class:`dgq.kernels.gemm.KernelWeight`): no copy."""
         from dgq.kernels.gemm import KernelWeight
 
-        return KernelWeight.of(self.codes, self.s2t, self.zpt, self.s1, self.gemv_scratch, self.group_size)
+        return KernelWeight.of(self.codes, self.s2t, self.zpt, self.s1, self.split_scratch, self.group_size)
 
     def _int8_weight(self) -> torch.Tensor:
         if torch.compiler.is_compiling():  # a compiled graph widens in the graph: no Python-side cache there
@@ -144,7 +144,7 @@ class QuantLinear(nn.Module):
 
         static = self.act_scale if self.act_mode == "static" else None
         out = quantized_linear(x.reshape(-1, self.in_features), self.codes, self.s2t, self.zpt, self.s1,
-                          self.gemv_scratch, self.group_size, static, self.bias, x.dtype)
+                          self.split_scratch, self.group_size, static, self.bias, x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

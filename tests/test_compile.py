@@ -41,13 +41,13 @@ def test_gemm_operator_passes_opcheck(m: int) -> None:
     """Schema, fake implementation and autograd registration agree with what the operator does."""
     layer = _layer(128, 256, 64, bias=True)
     x_s8, s_x = quantize_activations(torch.randn(m, 256))
-    args = (x_s8, s_x, layer.codes, layer.s2t, layer.zpt, layer.s1, layer.gemv_scratch, 64, layer.bias,
+    args = (x_s8, s_x, layer.codes, layer.s2t, layer.zpt, layer.s1, layer.split_scratch, 64, layer.bias,
             torch.float32)
     torch.library.opcheck(torch.ops.dgq.a8w4_mm, args, test_utils=("test_schema", "test_faketensor"))
     out = torch.ops.dgq.a8w4_mm(*args)
     assert torch.equal(out, fp32_epilogue(int_matmul(x_s8, layer.dual_grained().int8_weight()), s_x, layer.s1,
                                           layer.bias))
-    assert not layer.gemv_scratch.any()
+    assert not layer.split_scratch.any()
 
 
 def test_quantize_operators_pass_opcheck() -> None:
@@ -66,7 +66,7 @@ def test_quantize_operators_pass_opcheck() -> None:
 def test_kernel_path_compiles_without_graph_break(act: str, in_graph: bool, monkeypatch) -> None:
     """The layer's kernel path traced whole (``fullgraph=True``), with the activation quantization in the graph or
     as dgq's operator, equals the exact reference."""
-    monkeypatch.setattr(ops, "ACT_QUANT_IN_GRAPH", in_graph)
+    monkeypatch.setitem(ops.ACT_QUANT_IN_GRAPH, "cpu", in_graph)
     torch._dynamo.reset()
     layer = _layer(128, 256, 64, act=act, bias=True, seed=1)
     x = torch.randn(3, 256)

@@ -25,7 +25,7 @@ from dgq.kernels.gemm import KernelWeight  # noqa: E402
 H100_SHARED = 227 * 1024
 RULE_CONFIGS = sorted({gemm_ws.config_for(m, n) for m in (2, 16, 17, 64, 65, 1023) for n in (4096, 11008, 28672)},
                       key=str)
-SPLIT_CONFIG = gemm_ws.WsConfig(64, 16, 6, 2, 80, 80)  # the split-K epilogue, which no rule picks today
+SPLIT_CONFIG = gemm_ws.WsConfig(128, 64, 4, 3)  # a split of three, with one CTA per SM
 
 
 def compile_for_hopper(cfg: gemm_ws.WsConfig, group: int, out: str):  # noqa: ANN201 - a triton CompiledKernel
@@ -39,6 +39,7 @@ def compile_for_hopper(cfg: gemm_ws.WsConfig, group: int, out: str):  # noqa: AN
     sig = {"w_desc": f"tensordesc<u8[{cfg.bn}, 64],{swz}>", "x_desc": f"tensordesc<i8[{cfg.bm}, 64],{swz}>",
            "s2_desc": f"tensordesc<i8{box},{plain}>", "zp_desc": f"tensordesc<u8{box},{plain}>",
            "sx_ptr": "*fp32", "s1_ptr": "*fp32", "bias_ptr": f"*{out}", "out_ptr": f"*{out}", "ws_ptr": "*i32",
+           "cnt_ptr": "*i32",
            "M": "i32", "N": "i32", "K": "i32", "stride_sx": "i32", **{name: "constexpr" for name in consts}}
     return triton.compile(GluonASTSource(gemm_ws._ws_a8w4_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4, "maxnreg": cfg.maxnreg})
@@ -53,12 +54,21 @@ def test_every_rule_config_builds_for_hopper(cfg: gemm_ws.WsConfig, group: int, 
     assert kernel.metadata.shared <= H100_SHARED
 
 
-def test_rule_widens_tiles_for_wide_layers_and_never_splits() -> None:
-    assert gemm_ws.config_for(16, 4096) == gemm_ws.WsConfig(64, 16, 6, 1)
-    assert gemm_ws.config_for(1, 11008).bn == 128 and gemm_ws.config_for(64, 8192).bn == 64
-    assert gemm_ws.config_for(64, 28672).bn == 128
-    assert gemm_ws.config_for(1023, 4096) == gemm_ws.WsConfig(128, 128, 4, 1, 128)
-    assert all(cfg.split == 1 for cfg in RULE_CONFIGS)
+def test_rule_fills_the_gpu_with_ctas() -> None:
+    # M <= 16: two CTAs per SM, 64-row tiles unless they alone outnumber the SMs, K split while one wave holds them
+    assert gemm_ws.config_for(16, 4096) == gemm_ws.WsConfig(64, 16, 6, 4, 80, 80)  # 64 tiles x 4 = 256 <= 264
+    assert gemm_ws.config_for(1, 8192) == gemm_ws.WsConfig(64, 16, 6, 2, 80, 80)
+    assert gemm_ws.config_for(16, 11008) == gemm_ws.WsConfig(128, 16, 4, 2, 80, 80)
+    assert gemm_ws.config_for(16, 28672) == gemm_ws.WsConfig(128, 16, 4, 1, 80, 80)
+    # M <= 64: 128-row tiles, split in two while one CTA per SM still fits one wave
+    assert gemm_ws.config_for(64, 8192) == gemm_ws.WsConfig(128, 64, 4, 2)
+    assert gemm_ws.config_for(17, 11008) == gemm_ws.WsConfig(128, 64, 4, 1, 80, 80)
+    # larger M: never split; 64-row tiles where 128-row ones leave SMs idle
+    assert gemm_ws.config_for(256, 4096) == gemm_ws.WsConfig(64, 128, 6, 1)
+    assert gemm_ws.config_for(256, 8192) == gemm_ws.WsConfig(128, 128, 6, 1, 128)
+    assert gemm_ws.config_for(1023, 4096) == gemm_ws.WsConfig(128, 128, 6, 1, 128)
+    # a GPU with fewer SMs splits less
+    assert gemm_ws.config_for(16, 4096, sms=78).split == 2
 
 
 @pytest.mark.parametrize("k,n,g,ok", [(4096, 4096, 128, True), (4096, 4096, 64, True), (4096, 4096, 256, True),

@@ -126,7 +126,40 @@ def test_gemv_is_exact(m: int, n: int, k: int, g: int, config: triton.Config) ->
     for _ in range(2):  # at M = 1 the split-K slots are the layer's own: each call must leave them zeroed
         out = gemv.a8w4_gemv(x.to(DEVICE), kw, s_x.to(DEVICE), b.to(DEVICE), torch.float32, config)
         assert torch.equal(out.cpu(), fp32_epilogue(int_matmul(x, dg.int8_weight()), s_x, dg.s1, b))
-        assert not kw.gemv_scratch.any()
+        assert not kw.split_scratch.any()
+
+
+@pytest.mark.parametrize("m,n,k,g", GEMV_CASES)
+@pytest.mark.parametrize("config", [gemv.CONFIGS[0], gemv.CONFIGS[2]], ids=str)
+@pytest.mark.parametrize("static", [False, True])
+def test_gemv_quantizing_inside_is_exact(m: int, n: int, k: int, g: int, config: triton.Config, static: bool) -> None:
+    """The one-launch GEMV from float activations equals the exact reference on the CPU definition's codes: rounding
+    ties (exact .5 multiples of the scale), clamping, a zero row, rows scaled over three decades."""
+    gen = torch.Generator().manual_seed(n + k + static)
+    dg = random_weight(n, k, g, gen, "extreme")
+    x = torch.randn(m, k, generator=gen) * torch.logspace(-2, 1, m)[:, None]
+    x[0, :8] = torch.tensor([0.5, -1.5, 2.5, 126.5, -126.5, 127.0, -127.0, 0.0]) * 0.02 if static else x[0, :8]
+    x[-1] = 0 if m > 1 else x[-1]
+    scale = torch.tensor(0.02) if static else None
+    b = torch.randn(n, generator=gen)
+    kw = kernel_weight(dg)
+    out = gemv.a8w4_gemv_float(x.to(DEVICE), kw, None if scale is None else scale.to(DEVICE), b.to(DEVICE),
+                               torch.float32, config)
+    x_q, s_x = quantize_activations(x, scale)
+    assert torch.equal(out.cpu(), fp32_epilogue(int_matmul(x_q, dg.int8_weight()), s_x, dg.s1, b))
+    assert not kw.split_scratch.any()
+
+
+def test_gemv_rule_aims_at_four_programs_per_sm() -> None:
+    def picked(n: int, k: int) -> tuple[int, int, int]:
+        c = gemv.config_for(n, k, 128)
+        return c.kwargs["BLOCK_N"], c.kwargs["TPI"], c.kwargs["SPLIT_K"]
+
+    assert picked(4096, 4096) == (128, 1, 16)  # 32 row blocks x 16 splits = 512 programs
+    assert picked(11008, 4096) == (128, 1, 4)  # 86 x 4 = 344 (x 8 would pass 512)
+    assert picked(8192, 28672) == (64, 2, 4)  # long K: 64 rows, two tiles per chunk
+    assert picked(28672, 8192) == (64, 4, 1)  # wide: 448 row blocks already
+    assert picked(192, 576)[2] == 4 and picked(192, 384)[2] == 2  # no more splits than K tiles
 
 
 def test_gemv_takes_a_static_scale() -> None:
@@ -139,11 +172,12 @@ def test_gemv_takes_a_static_scale() -> None:
 
 @pytest.mark.parametrize("m", [1, 3, 6])
 def test_linear_takes_the_path_for_its_m(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """M = 1: the GEMV; then the in-register kernel; from WIDEN_MIN_M (lowered here to 5): widen + int8 GEMM.
+    """M = 1: the GEMV (quantizing inside on a narrow layer); then the in-register kernel; from WIDEN_MIN_M (lowered
+    here to 5): widen + int8 GEMM.
     Each path gives the exact reference (the kernels are pinned to small configs: no autotuning here)."""
     monkeypatch.setattr(linear, "WIDEN_MIN_M", 5)
     called = []
-    for name, config in (("a8w4_gemv", gemv.CONFIGS[1]), ("a8w4_matmul", _cfg(16, 64, 1, 4, 1)),
+    for name, config in (("a8w4_gemv_float", gemv.CONFIGS[1]), ("a8w4_matmul", _cfg(16, 64, 1, 4, 1)),
                          ("int8_matmul", triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2},
                                                        num_warps=4, num_stages=1))):
         fn = getattr(linear, name)
@@ -154,8 +188,22 @@ def test_linear_takes_the_path_for_its_m(m: int, monkeypatch: pytest.MonkeyPatch
     x = torch.randn(m, 256, generator=gen)
     out = linear.a8w4_linear(x.to(DEVICE), kernel_weight(dg), out_dtype=torch.float32)
     q, s = quantize_activations(x)
-    assert called == [{1: "a8w4_gemv", 3: "a8w4_matmul", 6: "int8_matmul"}[m]]
+    assert called == [{1: "a8w4_gemv_float", 3: "a8w4_matmul", 6: "int8_matmul"}[m]]
     assert torch.equal(out.cpu(), fp32_epilogue(int_matmul(q, dg.int8_weight()), s, dg.s1))
+
+
+def test_wide_layer_quantizes_before_its_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One token on a layer of more row blocks than the fused GEMV pays off for: act-quant, then the GEMV."""
+    monkeypatch.setattr(gemv, "FUSE_MAX_ROW_BLOCKS", 0)
+    called = []
+    fn = linear.a8w4_gemv
+    monkeypatch.setattr(linear, "a8w4_gemv", lambda *a, **kw: called.append(1) or fn(*a, **kw, config=gemv.CONFIGS[1]))
+    gen = torch.Generator().manual_seed(5)
+    dg = random_weight(64, 256, 64, gen)
+    x = torch.randn(1, 256, generator=gen)
+    out = linear.a8w4_linear(x.to(DEVICE), kernel_weight(dg), out_dtype=torch.float32)
+    q, s = quantize_activations(x)
+    assert called == [1] and torch.equal(out.cpu(), fp32_epilogue(int_matmul(q, dg.int8_weight()), s, dg.s1))
 
 
 def test_kernel_layout_pairs_k_and_k_plus_half_tile() -> None:
@@ -332,7 +380,7 @@ def test_stored_layout_round_trips_and_reference_follows_writes() -> None:
     for name in QuantLinear.STORED:  # as the checkpoint loader's skeleton holds them: not yet buffers
         del fresh._buffers[name]
     fresh.load_stored(stored["weight"], stored["s2"], stored["zp"])
-    assert {"codes", "s2t", "zpt", "gemv_scratch"} <= set(fresh._buffers), "moves and casts must reach them"
+    assert {"codes", "s2t", "zpt", "split_scratch"} <= set(fresh._buffers), "moves and casts must reach them"
     fresh.s1.copy_(dg.s1)
     x = torch.randn(3, 192, generator=gen)
     assert torch.equal(fresh(x), layer(x)) and torch.equal(fresh.dual_grained().u4, dg.u4)

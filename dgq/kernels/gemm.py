@@ -72,7 +72,7 @@ class KernelWeight:
     """The A8W4 weight as the kernels read it: a view of a layer's buffers (the checkpoint stores another layout).
 
     ``codes`` uint8 ``[N, K/2]`` (module docstring: per ``tile_k`` tile, byte j = codes of k j and tile_k/2 + j);
-    ``s2t`` int8 and ``zpt`` uint8 ``[K/g, N]``; ``s1`` fp32 ``[N]``; ``gemv_scratch`` int32 ``[2 N]`` zeros, the
+    ``s2t`` int8 and ``zpt`` uint8 ``[K/g, N]``; ``s1`` fp32 ``[N]``; ``split_scratch`` int32 ``[2 N]`` zeros, the
     one-token GEMV's split-K slots (:mod:`dgq.kernels.gemv`), which every call leaves zeroed.
     """
 
@@ -82,14 +82,14 @@ class KernelWeight:
     s1: torch.Tensor
     group_size: int
     tile_k: int
-    gemv_scratch: torch.Tensor
+    split_scratch: torch.Tensor
 
     @classmethod
     def of(cls, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor, s1: torch.Tensor,
-           gemv_scratch: torch.Tensor, group_size: int) -> "KernelWeight":
+           split_scratch: torch.Tensor, group_size: int) -> "KernelWeight":
         """A view of tensors already in this layout (a :class:`dgq.nn.QuantLinear`'s buffers: no copy); the K tile
         follows from the shape, and a shape the kernels cannot run is refused here (:func:`tile_k_for`)."""
-        return cls(codes, s2t, zpt, s1, group_size, tile_k_for(2 * codes.shape[1], group_size), gemv_scratch)
+        return cls(codes, s2t, zpt, s1, group_size, tile_k_for(2 * codes.shape[1], group_size), split_scratch)
 
     @classmethod
     def from_dual_grained(cls, dg: DualGrainedWeight) -> "KernelWeight":

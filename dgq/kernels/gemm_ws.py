@@ -18,14 +18,15 @@ partitions around shared-memory rings guarded by mbarriers:
   accumulation; tokens are the MMA's N, so M <= 16 is one 16-token tile), one tile's MMAs in flight while the next
   are issued; then the epilogue ``(acc * s_x) * s1 (+ bias)`` in fp32, as the reference orders it.
 
-**Split-K** (``split > 1``) is the protocol of :mod:`dgq.kernels.gemm`: int32 partial sums added into a zeroed
-buffer allocated per call (a captured CUDA graph owns its own), an arrival count per output element, and the split
-that completes an element applies the epilogue; integer sums are exact in any order.  It is correct (the CUDA tests
-pin split configs) but no rule picks it: its per-element acq_rel atomics cost more than the split gains
-(:func:`config_for`); a per-tile arrival count is the planned fix.
+**Split-K** (``split > 1``): each split stores its int32 partial tile to a buffer allocated per call (a captured
+CUDA graph owns its own), then, after the MMA warpgroup's barrier, counts one arrival on its tile's counter (acq_rel,
+one atomic per CTA); the split that arrives last adds the others' partials (integer sums: exact in any order) and
+applies the epilogue.  The counters are the layer's scratch (:attr:`dgq.kernels.gemm.KernelWeight.split_scratch`),
+which the last split rearms, so nothing is zeroed before a call.  An arrival count per output element, the first
+version, cost 2-5x (an acq_rel atomic per element); per tile, splits gave 1.3-1.8x at M = 16 (notes).
 
-**Configs** are a fixed rule per M regime (:func:`config_for`), not an autotuner: the fastest split-free configs of
-one H100 probe run (``benchmarks/gemm_ws_probe.py``, notes), so a model compiles at most three variants per shape.
+**Configs** are a fixed rule per M regime (:func:`config_for`), not an autotuner: the fastest configs of two H100
+probe runs (``benchmarks/gemm_ws_probe.py``, notes), so a model compiles at most three variants per shape.
 
 The kernel needs sm_90 (``wgmma``, TMA), 128-wide K tiles (``in_features % 128 == 0``), a group of 64 or a multiple
 of 128 (one scale row per 64-wide half), and ``out_features % 64 == 0`` (16-byte TMA rows of the scale tiles):
@@ -134,8 +135,8 @@ def _widen_part(w_bufs, s2_bufs, zp_bufs, alo_bufs, ahi_bufs, load_ready, w_empt
 
 @gluon.jit
 def _mma_part(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_ready, a_empty, sx_ptr, s1_ptr,
-              bias_ptr, out_ptr, ws_ptr, M, N, stride_sx, n0, m0, k_tiles, BM: gl.constexpr, SPLIT: gl.constexpr,
-              EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr):
+              bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n0, m0, k_tiles, BM: gl.constexpr,
+              SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr):
     stages: gl.constexpr = xlo_bufs.shape[0]
     a_stages: gl.constexpr = alo_bufs.shape[0]
     bn: gl.constexpr = alo_bufs.shape[1]
@@ -164,12 +165,18 @@ def _mma_part(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_rea
     mask = gl.expand_dims(m_mask, 0) & gl.expand_dims(offs_n < N, 1)
     offs = gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
     if SPLIT > 1:
-        # Relaxed add of the partial sum, then an acq_rel count; the split that brings the count to SPLIT reads the
-        # complete sum (acquire) and owns the epilogue.
-        gl.atomic_add(ws_ptr + offs, res, mask=mask, sem="relaxed")
-        arrived = gl.atomic_add(ws_ptr + M * N + offs, gl.full_like(res, 1), mask=mask, sem="acq_rel")
-        mask = mask & (arrived == SPLIT - 1)
-        res = gl.atomic_add(ws_ptr + offs, gl.zeros_like(res), mask=mask, sem="acquire")
+        # Each split stores its int32 partial tile, then counts one arrival per tile (after the warpgroup's barrier,
+        # with release); the split that arrives last (acquire) adds the others' partials and owns the epilogue, then
+        # rearms the count for the layer's next call.
+        sid = gl.program_id(2)
+        gl.store(ws_ptr + sid * M * N + offs, res, mask=mask)
+        gl.thread_barrier()
+        tile = gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
+        last = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT - 1
+        mask = mask & last
+        for j in gl.static_range(SPLIT):
+            res += gl.load(ws_ptr + j * M * N + offs, mask=mask & (sid != j), other=0, cache_modifier=".cg")
+        gl.atomic_xchg(cnt_ptr + tile, 0, mask=last, sem="relaxed")
     if EPILOGUE:
         sx = gl.load(sx_ptr + offs_m * stride_sx, mask=m_mask, other=0.0)
         s1 = gl.load(s1_ptr + offs_n, mask=offs_n < N, other=0.0)
@@ -182,8 +189,8 @@ def _mma_part(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_rea
 
 
 @gluon.jit
-def _ws_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, M, N, K, stride_sx,
-                    GROUP: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
+def _ws_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
+                    stride_sx, GROUP: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
                     SPLIT: gl.constexpr, WIDEN_REGS: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr,
                     PDL: gl.constexpr):
     n0 = gl.program_id(0) * BN
@@ -214,8 +221,8 @@ def _ws_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, 
         mbarrier.init(a_empty.index(i), count=1)
     gl.warp_specialize([
         (_mma_part, (alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_ready, a_empty, sx_ptr, s1_ptr,
-                     bias_ptr, out_ptr, ws_ptr, M, N, stride_sx, n0, m0, k_tiles, BM, SPLIT, EPILOGUE, HAS_BIAS,
-                     PDL)),
+                     bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n0, m0, k_tiles, BM, SPLIT, EPILOGUE,
+                     HAS_BIAS, PDL)),
         (_load_part, (w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready,
                       w_empty, x_empty, n0, m0, kt0, k_tiles, GROUP, PDL)),
         (_widen_part, (w_bufs, s2_bufs, zp_bufs, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, k_tiles,
@@ -225,36 +232,46 @@ def _ws_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, 
 
 @dataclass(frozen=True)
 class WsConfig:
-    """Weight rows and tokens per CTA, ring depth, K splits, the widen warps' registers, the kernel's register cap
-    (80 lets two CTAs share an SM)."""
+    """Weight rows and tokens per CTA, ring depth, K splits, the widen warps' registers, the kernel's register cap."""
 
     bn: int
     bm: int
     stages: int
     split: int
     widen_regs: int = 96
-    maxnreg: int = 168  # 12 warps (mma, widen, and the load warp's warpgroup) x 32 threads x 168 <= 64K registers
+    # 12 warps (mma, widen, and the load warp's warpgroup) x 32 threads x 168 <= 64K registers; 80 fits two CTAs
+    maxnreg: int = 168
 
 
-MAX_M = 1023  # measured: at M = 1024 widen-once + the int8 GEMM was 1.15-1.32x FP16, this kernel 0.94-1.12x
+MAX_M = 1023  # measured: at M = 1024 widen-once + the int8 GEMM beat this kernel on all five shapes (linear.py)
 
 
-def config_for(m: int, n: int) -> WsConfig:
-    """The measured rule per M regime (H100, median of 15 graph replays, benchmarks/notes_gemm.md "WS" runs):
+def config_for(m: int, n: int, sms: int = 132) -> WsConfig:
+    """The measured rule per M regime for a GPU of ``sms`` SMs (H100: 132; ``benchmarks/gemm_ws_probe.py``, median of
+    15 cold-L2 graph replays, benchmarks/notes_gemm.md "WS" runs).  The small-M kernel is latency-bound: each CTA
+    keeps its ring's bytes in flight, so the rule fills the GPU with CTAs:
 
-    * M <= 16: 128-row weight tiles once there are more 64-row tiles than SMs, else 64 rows with a deeper ring;
-    * M <= 64: 128-row tiles once they alone fill 80 of the 132 SMs, else 64 rows;
-    * M <= 1023: 128 x 128 tiles.
+    * M <= 16: 80 registers, so two CTAs share an SM; 64-row weight tiles (6 stages) unless they alone outnumber the
+      SMs (then 128 rows, 4 stages); K split in 2 or 4 while the CTAs still fit in one wave of two per SM;
+    * M <= 64: 128-row tiles; K split in 2 where that keeps one wave of one CTA per SM, else two CTAs per SM unsplit;
+    * M <= 1023: 6-stage rings; 64-row tiles where 128-row ones would leave a quarter of the SMs idle.
 
-    No rule splits K: with the per-element arrival protocol of the epilogue (module docstring) a split cost 2-5x at
-    M = 16 / 64 in the benchmark (4096 x 4096, M = 64: 65.7 us against 14.1 unsplit), though a split with plain int32
-    atomics and no epilogue was 10-30% faster than unsplit on long K.  ``split`` stays a config field for that work.
+    K splits reduce through per-tile arrival counts (module docstring); at M = 256 a split lost 2-3x (the partial
+    sums' traffic rivals the weight's), so none is used there.
     """
     if m <= 16:
-        return WsConfig(128, 16, 4, 1) if n // 64 > 132 else WsConfig(64, 16, 6, 1)
+        bn = 128 if n // 64 > sms else 64
+        tiles = n // bn
+        split = max(s for s in (1, 2, 4) if s == 1 or tiles * s <= 2 * sms)
+        return WsConfig(bn, 16, 4 if bn == 128 else 6, split, 80, 80)
     if m <= 64:
-        return WsConfig(128, 64, 4, 1) if n // 128 >= 80 else WsConfig(64, 64, 6, 1)
-    return WsConfig(128, 128, 4, 1, 128)
+        return WsConfig(128, 64, 4, 2) if 2 * (n // 128) <= sms else WsConfig(128, 64, 4, 1, 80, 80)
+    return WsConfig(64, 128, 6, 1) if n // 128 * triton.cdiv(m, 128) < 100 else WsConfig(128, 128, 6, 1, 128)
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.cache
@@ -307,13 +324,18 @@ def ws_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | Non
     epilogue = out_dtype is not None
     if m == 0:
         return out
-    cfg = config or config_for(m, n)
-    ws = torch.zeros(2 * m * n if cfg.split > 1 else 1, dtype=torch.int32, device=x.device)
-    sx = s_x.reshape(-1).float() if epilogue else ws
+    cfg = config or config_for(m, n, _sm_count(x.device))
+    # Split-K partials: per call, so a captured CUDA graph owns its own; the per-tile counts are the layer's scratch,
+    # which every call leaves zeroed.  Unsplit, the scratch stands in for the pointers the kernel does not read.
+    dummy = kw.split_scratch
+    ws = torch.empty((cfg.split, m, n), dtype=torch.int32, device=x.device) if cfg.split > 1 else dummy
+    sx = s_x.reshape(-1).float() if epilogue else dummy
     grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm), cfg.split)
+    if cfg.split > 1 and grid[0] * grid[1] > dummy.numel():
+        raise AssertionError(f"{grid[0] * grid[1]} split-K tiles exceed the layer's {dummy.numel()} count slots")
     pdl = bool(launch_options(x.device))
-    _ws_a8w4_kernel[grid](*descriptors(x, kw, cfg), sx, kw.s1, bias if bias is not None else ws, out, ws, m, n, k,
-                          int(epilogue and sx.numel() > 1), GROUP=kw.group_size, BN=cfg.bn, BM=cfg.bm,
+    _ws_a8w4_kernel[grid](*descriptors(x, kw, cfg), sx, kw.s1, bias if bias is not None else dummy, out, ws, dummy,
+                          m, n, k, int(epilogue and sx.numel() > 1), GROUP=kw.group_size, BN=cfg.bn, BM=cfg.bm,
                           STAGES=cfg.stages, SPLIT=cfg.split, WIDEN_REGS=cfg.widen_regs, EPILOGUE=epilogue,
                           HAS_BIAS=bias is not None, PDL=pdl, num_warps=4, maxnreg=cfg.maxnreg,
                           **launch_options(x.device))

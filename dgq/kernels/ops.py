@@ -10,13 +10,16 @@ compiler each is one opaque call with no Python inside the captured graph; a CUD
 
 * eagerly it calls the kernels' Python functions directly: the operator dispatch would only add host time to a
   launch-bound path, and the kernels are the same;
-* under ``torch.compile`` it goes through the operators, and the activation quantization is written, with
-  :data:`ACT_QUANT_IN_GRAPH`, in plain torch operations (:func:`dgq.formats.quantize_activations`, the reference
-  itself), which the compiler fuses into the kernel that produces the activation (the RMSNorm, the SiLU-and-product,
-  the attention output's copy): one launch less per layer.  Inductor divides with IEEE ``div_rn`` and rounds half to
-  even as eager PyTorch does, so the codes are the reference's (the tests compare the compiled model with eager).
+* under ``torch.compile`` it goes through the operators.  Where :data:`ACT_QUANT_IN_GRAPH` allows it (the CPU), the
+  activation quantization is written in plain torch operations (:func:`dgq.formats.quantize_activations`, the
+  reference itself), which the compiler fuses into the kernel that produces the activation (the RMSNorm, the
+  SiLU-and-product, the attention output's copy): one launch less per layer, and inductor's C++ divides exactly.
+  On CUDA the graph calls ``dgq::quantize_activations`` instead: inductor's Triton code divides approximately
+  (``div.full``; torch's ``eager_numerics.division_rounding`` is off by default), and on the H100 the fused form
+  gave 4 of 40 row scales and one code different from the reference (``pytest -m cuda``,
+  ``test_warp_specialized_layer_compiles_and_replays``), so its outputs were no longer the eager kernels'.
 
-The GEMV's split-K slots (``gemv_scratch``) are written and left zeroed by every call, so ``dgq::a8w4_mm``
+The GEMV's split-K slots (``split_scratch``) are written and left zeroed by every call, so ``dgq::a8w4_mm``
 declares no mutation: no caller can observe one.
 """
 
@@ -31,7 +34,8 @@ from dgq.kernels.gemm import KernelWeight
 from dgq.kernels.int8_gemm import int8_matmul
 from dgq.kernels.linear import a8w4_linear, a8w4_mm
 
-ACT_QUANT_IN_GRAPH = True  # compiled: quantize with torch ops the compiler fuses into the producer (else the kernel)
+# per device type, compiled: quantize with torch ops the compiler fuses into the producer (else dgq's exact kernel)
+ACT_QUANT_IN_GRAPH = {"cpu": True, "cuda": False}
 
 
 @torch.library.custom_op("dgq::quantize_activations", mutates_args=())
@@ -56,14 +60,14 @@ def _(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("dgq::a8w4_mm", mutates_args=())
 def _a8w4_mm(x_s8: torch.Tensor, s_x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor,
-             s1: torch.Tensor, gemv_scratch: torch.Tensor, group_size: int, bias: torch.Tensor | None,
+             s1: torch.Tensor, split_scratch: torch.Tensor, group_size: int, bias: torch.Tensor | None,
              out_dtype: torch.dtype) -> torch.Tensor:
-    return a8w4_mm(x_s8, s_x, KernelWeight.of(codes, s2t, zpt, s1, gemv_scratch, group_size), bias, out_dtype)
+    return a8w4_mm(x_s8, s_x, KernelWeight.of(codes, s2t, zpt, s1, split_scratch, group_size), bias, out_dtype)
 
 
 @_a8w4_mm.register_fake
 def _(x_s8: torch.Tensor, s_x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor,
-      s1: torch.Tensor, gemv_scratch: torch.Tensor, group_size: int, bias: torch.Tensor | None,
+      s1: torch.Tensor, split_scratch: torch.Tensor, group_size: int, bias: torch.Tensor | None,
       out_dtype: torch.dtype) -> torch.Tensor:
     return x_s8.new_empty((x_s8.shape[0], codes.shape[0]), dtype=out_dtype)
 
@@ -101,7 +105,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 def _quantize(x: torch.Tensor, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Int8 codes and scales of ``x`` for a compiled graph (module docstring: in the graph or dgq's operator)."""
-    if ACT_QUANT_IN_GRAPH:
+    if ACT_QUANT_IN_GRAPH.get(x.device.type, False):
         return quantize_activations(x, static_scale)
     if static_scale is None:
         return torch.ops.dgq.quantize_activations(x)
@@ -119,11 +123,11 @@ def int8_linear(x: torch.Tensor, w_s8: torch.Tensor, s1: torch.Tensor, bias: tor
 
 
 def quantized_linear(x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor, s1: torch.Tensor,
-                     gemv_scratch: torch.Tensor, group_size: int, static_scale: torch.Tensor | None,
+                     split_scratch: torch.Tensor, group_size: int, static_scale: torch.Tensor | None,
                      bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for a 2-D ``x`` from a layer's buffers (module docstring)."""
     if not torch.compiler.is_compiling():
-        kw = KernelWeight.of(codes, s2t, zpt, s1, gemv_scratch, group_size)
+        kw = KernelWeight.of(codes, s2t, zpt, s1, split_scratch, group_size)
         return a8w4_linear(x, kw, static_scale, bias, out_dtype)
     x_s8, s_x = _quantize(x, static_scale)
-    return torch.ops.dgq.a8w4_mm(x_s8, s_x, codes, s2t, zpt, s1, gemv_scratch, group_size, bias, out_dtype)
+    return torch.ops.dgq.a8w4_mm(x_s8, s_x, codes, s2t, zpt, s1, split_scratch, group_size, bias, out_dtype)

@@ -1,0 +1,108 @@
+"""Config search for the one-token A8W4 GEMV (:mod:`dgq.kernels.gemv`), and the act-quant's cost at one token.
+
+Two parts, on the shapes and with the cold-L2 CUDA-graph timing of ``benchmarks/gemm.py``:
+
+* ``--sweep``: variants (rows per program, K tiles per chunk, K splits, warps) side by side with the rule
+  (:func:`dgq.kernels.gemv.config_for`) and cuBLAS FP16; every variant is checked against the exact fp32 epilogue of
+  ``torch._int_mm`` first, and again after the graph's replays (the split-K counts must be left at zero);
+* ``--fused``: the GEMV that quantizes inside (:func:`dgq.kernels.gemv.a8w4_gemv_float`) against the act-quant
+  kernel + the GEMV, and the GEMV alone, which is where :func:`dgq.kernels.gemv.quantizes_inside` comes from.
+
+How the rules were chosen (benchmarks/notes_gemm.md); run it again when the kernel changes:
+
+    PYTHONPATH=. python benchmarks/gemv_probe.py --sweep --fused --json $OUT/gemv.json     # the H100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import triton
+
+from dgq.kernels import gemv
+from dgq.kernels.act_quant import quantize_activations_triton
+
+
+def _cfg(bn: int, tpi: int, split: int, warps: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": bn, "TPI": tpi, "SPLIT_K": split}, num_warps=warps, num_stages=1)
+
+
+VARIANTS = ([_cfg(64, 4, s, 4) for s in (1, 2, 4, 8, 16)] + [_cfg(64, 2, s, 4) for s in (2, 4, 8, 16)]
+            + [_cfg(32, 4, s, 2) for s in (4, 8, 16)] + [_cfg(128, 1, s, 4) for s in (4, 8, 16)]
+            + [_cfg(128, 2, s, 4) for s in (4, 8)] + [_cfg(64, 1, 16, 2), _cfg(64, 8, 4, 4), _cfg(64, 8, 8, 4),
+                                                     _cfg(32, 2, 16, 2), _cfg(64, 4, 4, 8), _cfg(128, 4, 4, 8)])
+
+
+def _name(c: triton.Config) -> str:
+    return f"bn{c.kwargs['BLOCK_N']}_tpi{c.kwargs['TPI']}_split{c.kwargs['SPLIT_K']}_w{c.num_warps}"
+
+
+def measure(json_path: str | None, sweep: bool, fused: bool) -> None:
+    from gemm import (  # benchmarks/gemm.py: same operands and timing method
+        SHAPES,
+        operand_sets,
+        time_graph,
+    )
+
+    rows, failures, ratios = [], [], {"fused": [], "two_launches": [], "gemv_alone": []}
+    for k, n in SHAPES:
+        sets = operand_sets(k, n)
+        for o in sets:
+            o.set_acts(1)
+        o = sets[0]
+        pad = torch.zeros(32, k, dtype=torch.int8, device="cuda")
+        pad[:1] = o.x_s8
+        want = (torch._int_mm(pad, o.w8.t())[:1].float() * o.s_x.float() * o.kw.s1).half()
+        times = {"fp16": time_graph([lambda o=o: o.x16 @ o.w16.t() for o in sets]),
+                 "gemv_alone": time_graph([lambda o=o: gemv.a8w4_gemv(o.x_s8, o.kw, o.s_x) for o in sets])}
+        rule = gemv.config_for(n, k, o.kw.tile_k)
+        if fused:
+            q, s = quantize_activations_triton(o.x16)
+            if not torch.equal(gemv.a8w4_gemv_float(o.x16, o.kw), gemv.a8w4_gemv(q, o.kw, s)):
+                failures.append(f"K={k} N={n} fused != two launches")
+
+            def two(o=o) -> torch.Tensor:
+                q, s = quantize_activations_triton(o.x16)
+                return gemv.a8w4_gemv(q, o.kw, s)
+
+            times["fused"] = time_graph([lambda o=o: gemv.a8w4_gemv_float(o.x16, o.kw) for o in sets])
+            times["two_launches"] = time_graph([lambda o=o: two(o) for o in sets])
+        for c in VARIANTS if sweep else ():
+            name = _name(c)
+            if not torch.equal(gemv.a8w4_gemv(o.x_s8, o.kw, o.s_x, config=c), want) or o.kw.split_scratch.any():
+                failures.append(f"K={k} N={n} {name}")
+                continue
+            times[name] = time_graph([lambda o=o, c=c: gemv.a8w4_gemv(o.x_s8, o.kw, o.s_x, config=c) for o in sets])
+            if not torch.equal(gemv.a8w4_gemv(o.x_s8, o.kw, o.s_x, config=c), want):
+                failures.append(f"K={k} N={n} {name} after replays")
+        rows += [{"K": k, "N": n, "M": 1, "kernel": name, "ms": t, "rule": name == _name(rule)}
+                 for name, t in times.items()]
+        for key, got in ratios.items():
+            if key in times:
+                got.append(times["fp16"] / times[key])
+        shown = " ".join(f"{name} {times['fp16'] / t:.2f}x" for name, t in times.items()
+                         if not name.startswith("bn") or name == _name(rule))
+        best = min((t, name) for name, t in times.items())
+        print(f"K={k} N={n}: fp16 {times['fp16'] * 1e3:.1f} us; {shown} (rule {_name(rule)}); fastest {best[1]}",
+              flush=True)
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump({"rows": rows, "failures": failures}, f, indent=1)
+    print("medians vs fp16:", {key: round(statistics.median(v), 2) for key, v in ratios.items() if v})
+    print(f"{len(failures)} failures", *failures, sep="\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=None, help="write the rows here as they come")
+    parser.add_argument("--sweep", action="store_true", help="time the config variants")
+    parser.add_argument("--fused", action="store_true", help="time quantizing inside against two launches")
+    args = parser.parse_args()
+    measure(args.json, args.sweep, args.fused)
+
+
+if __name__ == "__main__":
+    main()
