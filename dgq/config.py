@@ -177,6 +177,9 @@ PRESETS |= {
     "dgq_static_clip": PRESETS["dgq_static"] | dict(act_clip_grid=16),
     "dgq_static_gptq": PRESETS["dgq_static"] | dict(gptq=True, act_order=True, act_clip_grid=16),
     "dgq_gptaq": PRESETS["dgq_dynamic"] | dict(gptq=True, act_order=True, float_target=True, true_sequential=True),
+    # dgq_static_gptq fitted to the float model's outputs; the static scale search then scores against them too.
+    "dgq_static_gptaq": PRESETS["dgq_static"] | dict(gptq=True, act_order=True, act_clip_grid=16, float_target=True,
+                                                     true_sequential=True),
     "dgq_rot": PRESETS["dgq_dynamic"] | dict(rotate=True),
     "dgq_rot_nosmooth": PRESETS["dgq_dynamic"] | dict(rotate=True, smoothing="none"),
 }
