@@ -167,6 +167,20 @@ def _static_scale(stats: LinearStats, w: torch.Tensor, w_hat: torch.Tensor, conf
                             config.act_clip_min, target=target)
 
 
+def float_target_ridge(stats: LinearStats, config: QuantConfig) -> float:
+    """The ridge of the float-output fit, as a fraction of mean diag H: ``float_target_damp``, times
+    ``float_target_tokens / tokens`` when ``float_target_tokens`` is set.
+
+    The fit's correction ``δ = (H + λI)⁻¹ drift · w`` is estimated from ``N`` tokens and its noise grows as ``N``
+    shrinks, while a ridge given as a fraction of ``H`` (which grows as ``N``) shrinks with it; a ridge of fixed
+    absolute size (``λ = damp · N0 · mean x²``) keeps the prior's weight fixed instead, so that with fewer tokens
+    the fit trusts the data less.  At ``N = N0`` the two agree exactly.
+    """
+    if not config.float_target_tokens:
+        return config.float_target_damp
+    return config.float_target_damp * (config.float_target_tokens / max(stats.tokens, 1))
+
+
 @torch.no_grad()
 def quantize_linear(name: str, linear: nn.Linear, stats: LinearStats, config: QuantConfig,
                     ) -> tuple[nn.Module, LayerReport]:
@@ -175,7 +189,7 @@ def quantize_linear(name: str, linear: nn.Linear, stats: LinearStats, config: Qu
     w = w_float = linear.weight.detach().float()
     h = stats.h.to(w.device, torch.float32)
     if stats.drift is not None:  # asymmetric calibration: quantize the weight that best reproduces the float outputs
-        w = float_output_target(w, h, stats.drift.to(w.device, torch.float32), config.float_target_damp)
+        w = float_output_target(w, h, stats.drift.to(w.device, torch.float32), float_target_ridge(stats, config))
     bias = None if linear.bias is None else linear.bias.detach().clone()
     dg: DualGrainedWeight | None = None
     if config.weight == "dual":

@@ -180,3 +180,19 @@ def test_static_float_target_brings_the_quantized_model_closer_to_float():
         with torch.no_grad():
             errors[method] = float((m(test).logits - ref).pow(2).mean())
     assert errors["dgq_static_gptaq"] < errors["dgq_static_gptq"], errors
+
+
+def test_token_scaled_ridge_grows_as_tokens_shrink_and_is_the_plain_ridge_at_its_anchor():
+    from dgq.quantizer import LinearStats, float_target_ridge
+
+    def stats(tokens):
+        return LinearStats(torch.eye(4), torch.ones(4), tokens)
+
+    plain = preset("dgq_gptaq", float_target_damp=2.0)
+    scaled = preset("dgq_gptaq", float_target_damp=2.0, float_target_tokens=1000)
+    assert float_target_ridge(stats(100), plain) == float_target_ridge(stats(1000), plain) == 2.0
+    assert float_target_ridge(stats(1000), scaled) == 2.0  # exactly the plain ridge at the anchor
+    assert float_target_ridge(stats(100), scaled) == 20.0
+    assert float_target_ridge(stats(4000), scaled) == 0.5
+    with pytest.raises(ConfigError):
+        preset("dgq_gptaq", float_target_tokens=-1)
