@@ -5,7 +5,8 @@ Each variant is a preset with optional overrides, written ``method`` or ``method
 C4 calibration half (seed 0, as ``dgq quantize`` draws them) and scored on the first ``--windows`` windows of each of
 ``--datasets``.  C4 (the evaluation half, disjoint from the calibration half) serves as the validation set for
 choosing a setting; WikiText-2 is the test set the README's main job prints.  Results are merged into ``--json``
-by variant name (a variant already there is kept unless ``--redo``); ``--threads`` caps the intra-op CPU threads,
+by variant name, re-read before each variant and before each write, so two runs can share it (a variant already
+there is kept unless ``--redo``); ``--threads`` caps the intra-op CPU threads,
 so the script can share the machine with a longer run.
 """
 
@@ -71,6 +72,8 @@ def main() -> None:
     samples = calibration_samples(tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=0, root=args.data_dir)
     datasets = [d for d in args.datasets.split(",") if d]
     for spec in filter(None, args.variants.split(";")):
+        if path.exists():  # another run of this script may have added variants meanwhile
+            data["results"] = {**json.loads(path.read_text())["results"], **data["results"]}
         if spec in data["results"] and not args.redo:
             print(f"{spec}: kept {data['results'][spec]}")
             continue
@@ -85,6 +88,10 @@ def main() -> None:
             seconds = time.perf_counter() - start
         ppl = {d: perplexity(model, tokenizer, d, seqlen=args.seqlen, windows=args.windows,
                              root=args.data_dir).ppl for d in datasets}
+        if path.exists():  # merge on write: two runs of this script may share the file (one variant each at a time)
+            stored = json.loads(path.read_text())
+            data["results"] = {**stored["results"], **data["results"]}
+            data["commands"] = list(dict.fromkeys(stored["commands"] + data["commands"]))
         data["results"][spec] = {"ppl": ppl, "quantize_seconds": round(seconds, 1), "threads": torch.get_num_threads()}
         print(f"{spec}: " + ", ".join(f"{d} {p:.3f}" for d, p in ppl.items()) + f" ({seconds:.0f} s)", flush=True)
         _write_atomic(path, json.dumps(data, indent=2) + "\n")
