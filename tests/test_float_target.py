@@ -119,7 +119,8 @@ def test_static_gptaq_is_static_gptq_fitted_to_the_float_outputs():
     assert fitted.act == "static" and fitted.act_clip_grid == static.act_clip_grid > 1
     assert fitted.float_target and fitted.true_sequential and not static.float_target
     changed = {k for k, v in fitted.to_dict().items() if static.to_dict()[k] != v}
-    assert changed == {"method", "float_target", "true_sequential"}
+    assert changed == {"method", "float_target", "true_sequential", "float_target_tokens"}
+    assert fitted.float_target_tokens == preset("dgq_gptaq").float_target_tokens == 128 * 2048
 
 
 def test_token_sample_keeps_each_tokens_float_twin_row_for_row():
@@ -188,7 +189,7 @@ def test_token_scaled_ridge_grows_as_tokens_shrink_and_is_the_plain_ridge_at_its
     def stats(tokens):
         return LinearStats(torch.eye(4), torch.ones(4), tokens)
 
-    plain = preset("dgq_gptaq", float_target_damp=2.0)
+    plain = preset("dgq_gptaq", float_target_damp=2.0, float_target_tokens=0)
     scaled = preset("dgq_gptaq", float_target_damp=2.0, float_target_tokens=1000)
     assert float_target_ridge(stats(100), plain) == float_target_ridge(stats(1000), plain) == 2.0
     assert float_target_ridge(stats(1000), scaled) == 2.0  # exactly the plain ridge at the anchor
