@@ -79,7 +79,7 @@ def main() -> None:
             continue
         method, overrides = parse_variant(spec)
         model = copy.deepcopy(base)
-        seconds = 0.0
+        seconds, config = 0.0, None
         if method != "fp":
             config = preset(method, group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen,
                             **overrides)
@@ -92,7 +92,8 @@ def main() -> None:
             stored = json.loads(path.read_text())
             data["results"] = {**stored["results"], **data["results"]}
             data["commands"] = list(dict.fromkeys(stored["commands"] + data["commands"]))
-        data["results"][spec] = {"ppl": ppl, "quantize_seconds": round(seconds, 1), "threads": torch.get_num_threads()}
+        data["results"][spec] = {"ppl": ppl, "quantize_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
+                                 "config": None if config is None else config.to_dict()}  # presets change
         print(f"{spec}: " + ", ".join(f"{d} {p:.3f}" for d, p in ppl.items()) + f" ({seconds:.0f} s)", flush=True)
         _write_atomic(path, json.dumps(data, indent=2) + "\n")
         del model
