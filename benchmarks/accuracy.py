@@ -33,10 +33,10 @@ from dgq.loading import load_model
 ROOT = Path(__file__).resolve().parent.parent
 MAIN = ["fp", "w4a16_rtn", "w4a8_rtn", "w4a8_rtn_dg", "w4a8_smoothquant", "w8a8_smoothquant", "w4a8_group",
         "w4a8_group_gptq", "dgq_dynamic", "dgq_gptq", "dgq_gptq_seq", "dgq_gptaq", "dgq_static",
-        "dgq_static_clip", "dgq_static_gptq", "dgq_rot", "dgq_rot_nosmooth"]
+        "dgq_static_clip", "dgq_static_gptq", "dgq_static_gptaq", "dgq_rot", "dgq_rot_nosmooth"]
 # Quantized methods that are ours (DGQ and its extensions); every other quantized row is a baseline.
 DGQ_DYNAMIC = ("dgq_dynamic", "dgq_gptq", "dgq_gptq_seq", "dgq_gptaq", "dgq_rot", "dgq_rot_nosmooth")
-DGQ_STATIC = ("dgq_static", "dgq_static_clip", "dgq_static_gptq")
+DGQ_STATIC = ("dgq_static", "dgq_static_clip", "dgq_static_gptq", "dgq_static_gptaq")
 DATASET_NAMES = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 ABLATION = {"ablation_s_cw": "S+CW", "ablation_s_gw": "S+GW", "ablation_d_cw": "D+CW", "dgq_static": "S+DG"}
 LABELS = {"fp": "FP (unquantized, fp32 compute)", "w4a16_rtn": "W4A16 RTN (group)", "w4a8_rtn": "W4A8 RTN (group)",
@@ -49,6 +49,7 @@ LABELS = {"fp": "FP (unquantized, fp32 compute)", "w4a16_rtn": "W4A16 RTN (group
           "dgq_gptaq": "**DGQ + GPTQ** dynamic, true-sequential, fitted to the float model's outputs",
           "dgq_static_clip": "**DGQ static**, searched activation scale",
           "dgq_static_gptq": "**DGQ + GPTQ static**, searched activation scale",
+          "dgq_static_gptaq": "**DGQ + GPTQ static**, searched scale, true-sequential, fitted to the float outputs",
           "dgq_rot": "**DGQ** dynamic on the Hadamard-rotated model",
           "dgq_rot_nosmooth": "**DGQ** dynamic on the Hadamard-rotated model, no smoothing"}
 
@@ -149,12 +150,23 @@ def _best(p: dict, names: tuple[str, ...]) -> str | None:
     return min(run, key=p.get) if run else None
 
 
+def _static_check(p: dict) -> list[str]:
+    """Issue 11's static target: the best static DGQ preset within 5% of the best dynamic one (both run here)."""
+    best, static = _best(p, DGQ_DYNAMIC), _best(p, DGQ_STATIC)
+    if best is None or static is None:
+        return []
+    gap = (p[static] - p[best]) / p[best]
+    return [f"best static `{static}` {p[static]:.3f} vs best dynamic `{best}` {p[best]:.3f}: {gap:+.1%} "
+            f"(target within 5%): {'met' if gap <= 0.05 else 'MISSED'}"]
+
+
 def checks(data: dict) -> list[str]:
-    """The accuracy targets of the core issue and of issue 11, evaluated on the recorded numbers."""
+    """The accuracy targets of the core issue and of issue 11, evaluated on the recorded numbers (the static one
+    needs only DGQ rows, so it is evaluated even where the baselines did not run)."""
     p = data["ppl"]
     need = {"fp", "w4a8_rtn", "w4a8_group", "w4a8_smoothquant", "dgq_dynamic"}
     if not need <= set(p):
-        return [f"targets not evaluated: missing {', '.join(sorted(need - set(p)))}"]
+        return [f"targets not evaluated: missing {', '.join(sorted(need - set(p)))}"] + _static_check(p)
     ok = lambda b: "met" if b else "MISSED"  # noqa: E731
     best = _best(p, DGQ_DYNAMIC)
     within = (p["dgq_dynamic"] - p["w4a8_group"]) / p["w4a8_group"]
@@ -168,12 +180,7 @@ def checks(data: dict) -> list[str]:
     lines.append(f"best dynamic DGQ `{best}` {p[best]:.3f} below every 4-bit-weight baseline run "
                  f"({', '.join(baselines)}): "
                  f"{ok(beaten)}")
-    static = _best(p, DGQ_STATIC)
-    if static is not None:
-        gap = (p[static] - p[best]) / p[best]
-        lines.append(f"best static `{static}` {p[static]:.3f} vs best dynamic: {gap:+.1%} (target within 5%): "
-                     f"{ok(gap <= 0.05)}")
-    return lines
+    return lines + _static_check(p)
 
 
 # (method, what it adds, the method it is compared with): the gain of each option of issue 11, where both ran.
@@ -184,6 +191,7 @@ COMPARISONS = [("dgq_gptq", "GPTQ codes on the DGQ grid", "dgq_dynamic"),
                ("dgq_gptaq", "true-sequential fit to the float model's outputs", "dgq_gptq"),
                ("dgq_static_clip", "searched static activation scale", "dgq_static"),
                ("dgq_static_gptq", "GPTQ on top of the searched static scale", "dgq_static_clip"),
+               ("dgq_static_gptaq", "static: true-sequential fit to the float model's outputs", "dgq_static_gptq"),
                ("dgq_rot", "Hadamard rotation (with smoothing)", "dgq_dynamic"),
                ("dgq_rot_nosmooth", "Hadamard rotation without smoothing", "dgq_dynamic")]
 

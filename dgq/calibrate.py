@@ -226,7 +226,7 @@ def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[
             if st.drift is not None:  # X_fp - X per token first: H and XᵀX_fp would cancel in float32
                 st.drift.addmm_(x.t(), x_fp - x)
             if st.sample is not None:
-                st.sample.add(x)
+                st.sample.add(x, x_fp)
             torch.maximum(st.absmax, amax_abs(x, 0), out=st.absmax)
             st.tokens += x.shape[0]
     for st in stats:

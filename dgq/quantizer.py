@@ -34,7 +34,9 @@ class TokenSample:
 
     Stratified so that the few tokens with huge activations, which decide whether clipping pays, are never missed:
     the ``top`` tokens of largest ``max|x|`` are kept exactly (weight 1), and every ``stride``-th token stands for
-    ``stride`` tokens of the rest.
+    ``stride`` tokens of the rest.  Under asymmetric calibration each sampled token also keeps its twin in the
+    float model (``x_fp``, the same token's activation there), so that a search can score against the float
+    model's outputs.
     """
 
     def __init__(self, total_tokens: int, size: int = 1024, top: int = 64) -> None:
@@ -43,15 +45,23 @@ class TokenSample:
         self.seen = 0
         self.uniform: list[torch.Tensor] = []
         self.peaks: torch.Tensor | None = None
+        self.uniform_fp: list[torch.Tensor] = []
+        self.peaks_fp: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor) -> None:
-        """Take the sample's share of ``x`` ``[tokens, k]``."""
+    def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
+        """Take the sample's share of ``x`` ``[tokens, k]`` (and of its float twin ``x_fp``, same tokens)."""
+        if self.seen and (x_fp is None) != (self.peaks_fp is None):
+            raise ValueError("a token sample holds float twins for all of its tokens or for none")
         first = (-self.seen) % self.stride
         self.uniform.append(x[first::self.stride].clone())
         self.seen += x.shape[0]
         pool = x if self.peaks is None else torch.cat([self.peaks, x])
-        keep = pool.abs().amax(1).topk(min(self.top, pool.shape[0])).indices
+        keep = pool.abs().amax(1).topk(min(self.top, pool.shape[0])).indices  # peaks of x: those it will clip
         self.peaks = pool[keep].clone()
+        if x_fp is not None:
+            self.uniform_fp.append(x_fp[first::self.stride].clone())
+            pool_fp = x_fp if self.peaks_fp is None else torch.cat([self.peaks_fp, x_fp])
+            self.peaks_fp = pool_fp[keep].clone()
 
     def tokens_and_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample tokens ``[n, k]`` and how many calibration tokens each stands for ``[n]``."""
@@ -62,12 +72,20 @@ class TokenSample:
         weights = torch.cat([torch.ones(self.peaks.shape[0]), torch.full((uniform.shape[0],), rest)])
         return torch.cat([self.peaks, uniform]), weights.to(uniform.device)
 
+    def float_tokens(self) -> torch.Tensor | None:
+        """The float twins ``[n, k]`` of :meth:`tokens_and_weights`'s tokens, row for row, or None if not kept."""
+        if self.peaks_fp is None:
+            return None
+        return torch.cat([self.peaks_fp, *self.uniform_fp])
+
     def scaled(self, k: torch.Tensor) -> "TokenSample":
         """The sample of ``x / k`` (what smoothing by ``k`` makes of the activation; the peak tokens stay those
         that peaked before smoothing, which only ever lowers the largest channels)."""
         out = copy.copy(self)
         out.uniform = [u / k for u in self.uniform]
         out.peaks = None if self.peaks is None else self.peaks / k
+        out.uniform_fp = [u / k for u in self.uniform_fp]
+        out.peaks_fp = None if self.peaks_fp is None else self.peaks_fp / k
         return out
 
 
@@ -125,17 +143,42 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, grid: CodeGrid, nearest: torch.Tenso
     return torch.where(better[:, None], codes, nearest)
 
 
-def _static_scale(stats: LinearStats, w: torch.Tensor, w_hat: torch.Tensor, config: QuantConfig) -> torch.Tensor:
+def _static_scale(stats: LinearStats, w: torch.Tensor, w_hat: torch.Tensor, config: QuantConfig,
+                  w_float: torch.Tensor | None = None) -> torch.Tensor:
     """The per-tensor activation scale: the calibration max / 127, or with ``act_clip_grid > 1`` the clipped max
-    that minimises the layer's output error on the token sample."""
+    that minimises the layer's output error on the token sample.
+
+    The error is measured against ``x Wᵀ`` with ``w`` the weight that was quantized; under asymmetric calibration
+    (the sample holds float twins and ``w_float`` is the layer's float weight) against the float model's own
+    outputs ``x_fp W_floatᵀ`` on the same tokens instead: that is what the fitted ``w`` approximates and what the
+    layer should reproduce, and unlike the fit it carries no ridge.
+    """
     absmax = stats.absmax.max().float()
     if config.act_clip_grid == 1:
         return absmax.reshape(()) / INT8_MAX
     if stats.sample is None:
         raise ValueError("the static scale search needs a token sample; calibration did not collect one")
     x, weights = stats.sample.tokens_and_weights()
+    x_fp = stats.sample.float_tokens()
+    target = None
+    if x_fp is not None and w_float is not None:
+        target = x_fp.to(w.device).float() @ w_float.float().t()
     return search_act_scale(x.to(w.device), weights.to(w.device), w, w_hat, absmax, config.act_clip_grid,
-                            config.act_clip_min)
+                            config.act_clip_min, target=target)
+
+
+def float_target_ridge(stats: LinearStats, config: QuantConfig) -> float:
+    """The ridge of the float-output fit, as a fraction of mean diag H: ``float_target_damp``, times
+    ``float_target_tokens / tokens`` when ``float_target_tokens`` is set.
+
+    The fit's correction ``δ = (H + λI)⁻¹ drift · w`` is estimated from ``N`` tokens and its noise grows as ``N``
+    shrinks, while a ridge given as a fraction of ``H`` (which grows as ``N``) shrinks with it; a ridge of fixed
+    absolute size (``λ = damp · N0 · mean x²``) keeps the prior's weight fixed instead, so that with fewer tokens
+    the fit trusts the data less.  At ``N = N0`` the two agree exactly.
+    """
+    if not config.float_target_tokens:
+        return config.float_target_damp
+    return config.float_target_damp * (config.float_target_tokens / max(stats.tokens, 1))
 
 
 @torch.no_grad()
@@ -143,10 +186,10 @@ def quantize_linear(name: str, linear: nn.Linear, stats: LinearStats, config: Qu
                     ) -> tuple[nn.Module, LayerReport]:
     """The quantized replacement of ``linear`` and a report of its calibration output error."""
     check_layer(name, linear, config)
-    w = linear.weight.detach().float()
+    w = w_float = linear.weight.detach().float()
     h = stats.h.to(w.device, torch.float32)
     if stats.drift is not None:  # asymmetric calibration: quantize the weight that best reproduces the float outputs
-        w = float_output_target(w, h, stats.drift.to(w.device, torch.float32), config.float_target_damp)
+        w = float_output_target(w, h, stats.drift.to(w.device, torch.float32), float_target_ridge(stats, config))
     bias = None if linear.bias is None else linear.bias.detach().clone()
     dg: DualGrainedWeight | None = None
     if config.weight == "dual":
@@ -172,7 +215,7 @@ def quantize_linear(name: str, linear: nn.Linear, stats: LinearStats, config: Qu
         if config.gptq:
             codes = _gptq(w, h, grid, codes, config)
         w_hat = grid.dequantize(codes)
-    act_scale = _static_scale(stats, w, w_hat, config) if config.act == "static" else None
+    act_scale = _static_scale(stats, w, w_hat, config, w_float) if config.act == "static" else None
     if dg is not None:
         module: nn.Module = QuantLinear.from_weight(dg, bias, config.act, act_scale)
     else:

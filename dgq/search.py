@@ -122,16 +122,18 @@ def int8_channel_fake_quant(w: torch.Tensor) -> torch.Tensor:
 
 
 def search_act_scale(x: torch.Tensor, weights: torch.Tensor, w: torch.Tensor, w_hat: torch.Tensor,
-                     absmax: torch.Tensor, grid: int, clip_min: float) -> torch.Tensor:
+                     absmax: torch.Tensor, grid: int, clip_min: float,
+                     target: torch.Tensor | None = None) -> torch.Tensor:
     """The static per-tensor int8 activation scale ``r · absmax / 127``, ``r`` in ``[clip_min, 1]``, minimising the
     layer's output error ``Σ_t weights_t ||q(x_t) Ŵᵀ - x_t Wᵀ||²`` over sample tokens ``x`` ``[n, k]``.
 
     Clipping trades the error of the few tokens above the clip for finer steps on all others; only the layer's
     output (with its already quantized weight ``ŵ``) can say which wins.  ``r = 1`` (the max) is a candidate, so
-    on the sample the result is never worse than the max.
+    on the sample the result is never worse than the max.  ``target`` ``[n, rows]``, when given, replaces ``x Wᵀ``
+    as the outputs to reproduce (the float model's outputs on the same tokens, under asymmetric calibration).
     """
     x, w, w_hat = x.float(), w.float(), w_hat.float()
-    ref = x @ w.t()
+    ref = x @ w.t() if target is None else target.float()
     best, best_err = None, float("inf")
     for r in torch.linspace(1.0, clip_min, grid).tolist():
         s = (absmax * r / INT8_MAX).clamp(min=1e-8)

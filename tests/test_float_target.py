@@ -112,3 +112,88 @@ def test_cached_float_activations_equal_a_pass_of_the_smoothed_float_block():
             fresh, _ = _consumer_inputs(block, adapter.pairs, h, kw)
             for pair, x in zip(adapter.pairs, fresh):
                 torch.testing.assert_close(reference.cache[chunk][pair.consumers[0]], x, rtol=1e-4, atol=1e-5)
+
+
+def test_static_gptaq_is_static_gptq_fitted_to_the_float_outputs():
+    static, fitted = preset("dgq_static_gptq"), preset("dgq_static_gptaq")
+    assert fitted.act == "static" and fitted.act_clip_grid == static.act_clip_grid > 1
+    assert fitted.float_target and fitted.true_sequential and not static.float_target
+    changed = {k for k, v in fitted.to_dict().items() if static.to_dict()[k] != v}
+    assert changed == {"method", "float_target", "true_sequential", "float_target_tokens"}
+    assert fitted.float_target_tokens == preset("dgq_gptaq").float_target_tokens == 128 * 2048
+
+
+def test_token_sample_keeps_each_tokens_float_twin_row_for_row():
+    from dgq.quantizer import TokenSample
+
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(300, 8, generator=g) for _ in range(3)]
+    chunks[1][7] *= 40
+    twins = [c * 3 + 1 for c in chunks]  # any function of the token, to check the pairing
+    sample = TokenSample(total_tokens=900, size=50, top=4)
+    for c, t in zip(chunks, twins):
+        sample.add(c, t)
+    x, _ = sample.tokens_and_weights()
+    torch.testing.assert_close(sample.float_tokens(), x * 3 + 1)
+    smoothed = sample.scaled(torch.full((8,), 2.0))
+    torch.testing.assert_close(smoothed.float_tokens(), (x * 3 + 1) / 2)
+    with pytest.raises(ValueError):
+        sample.add(chunks[0])  # twins for some tokens only would misalign the rows
+    assert TokenSample(10).float_tokens() is None
+
+
+def test_static_scale_search_scores_against_the_float_models_outputs(monkeypatch):
+    """Under dgq_static_gptaq every layer's scale search is given the float model's outputs ``x_fp W_fpᵀ`` on its
+    sample tokens; in block 0's q/k/v (identical inputs in both models) those are the layer's own ``x Wᵀ``."""
+    import dgq.quantizer as quantizer
+
+    seen = []
+    real = quantizer.search_act_scale
+
+    def spy(x, weights, w, w_hat, absmax, grid, clip_min, target=None):
+        seen.append((x, w, target))
+        return real(x, weights, w, w_hat, absmax, grid, clip_min, target=target)
+
+    monkeypatch.setattr(quantizer, "search_act_scale", spy)
+    model = make_model("llama", layers=2)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    quantize(model, ids, preset("dgq_static_gptaq", group_size=64, calib_batch=2), progress=False)
+    assert len(seen) == 2 * 7 and all(t is not None for _, _, t in seen)
+    for x, w, target in seen[:3]:  # q, k, v of block 0: X = X_fp, so the fitted weight is the float weight
+        torch.testing.assert_close(target, x @ w.t(), rtol=1e-4, atol=1e-4)
+    seen.clear()
+    quantize(make_model("llama", layers=2), ids, preset("dgq_static_gptq", group_size=64, calib_batch=2),
+             progress=False)
+    assert len(seen) == 2 * 7 and all(t is None for _, _, t in seen)
+
+
+def test_static_float_target_brings_the_quantized_model_closer_to_float():
+    """As for the dynamic preset: dgq_static_gptaq against dgq_static_gptq on held-out tokens."""
+    model = make_model("llama", layers=4)
+    ids = torch.randint(0, model.config.vocab_size, (64, 64), generator=torch.Generator().manual_seed(0))
+    test = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(test).logits
+    errors = {}
+    for method in ("dgq_static_gptq", "dgq_static_gptaq"):
+        m = make_model("llama", layers=4)
+        quantize(m, ids, preset(method, group_size=64, calib_batch=16), progress=False)
+        with torch.no_grad():
+            errors[method] = float((m(test).logits - ref).pow(2).mean())
+    assert errors["dgq_static_gptaq"] < errors["dgq_static_gptq"], errors
+
+
+def test_token_scaled_ridge_grows_as_tokens_shrink_and_is_the_plain_ridge_at_its_anchor():
+    from dgq.quantizer import LinearStats, float_target_ridge
+
+    def stats(tokens):
+        return LinearStats(torch.eye(4), torch.ones(4), tokens)
+
+    plain = preset("dgq_gptaq", float_target_damp=2.0, float_target_tokens=0)
+    scaled = preset("dgq_gptaq", float_target_damp=2.0, float_target_tokens=1000)
+    assert float_target_ridge(stats(100), plain) == float_target_ridge(stats(1000), plain) == 2.0
+    assert float_target_ridge(stats(1000), scaled) == 2.0  # exactly the plain ridge at the anchor
+    assert float_target_ridge(stats(100), scaled) == 20.0
+    assert float_target_ridge(stats(4000), scaled) == 0.5
+    with pytest.raises(ConfigError):
+        preset("dgq_gptaq", float_target_tokens=-1)
