@@ -67,20 +67,27 @@ def test_first_block_sees_identical_inputs_so_its_drift_is_zero(monkeypatch):
     assert seen[8][0].drift.abs().max() > 1e-3 * seen[8][0].h.abs().max()
 
 
-def test_float_target_brings_the_quantized_model_closer_to_float():
-    """On held-out tokens, with enough calibration tokens (4096 for widths 128/256) and the preset's ridge."""
-    model = make_model("llama", layers=4)
+def _held_out_errors(configs: dict) -> dict:
+    """Mean squared logit error against the float model on held-out tokens, per config, each quantizing a fresh copy
+    of one 4-block model on 4096 calibration tokens (enough for widths 128/256 at the presets' ridge)."""
+    model = make_model("llama", layers=4)  # seeded: every make_model below is a copy of it
     ids = torch.randint(0, model.config.vocab_size, (64, 64), generator=torch.Generator().manual_seed(0))
     test = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(test).logits
     errors = {}
-    for float_target in (False, True):
+    for key, config in configs.items():
         m = make_model("llama", layers=4)
-        config = preset("dgq_gptaq", group_size=64, calib_batch=16, float_target=float_target)
         quantize(m, ids, config, progress=False)
         with torch.no_grad():
-            errors[float_target] = float((m(test).logits - ref).pow(2).mean())
+            errors[key] = float((m(test).logits - ref).pow(2).mean())
+    return errors
+
+
+def test_float_target_brings_the_quantized_model_closer_to_float():
+    """On held-out tokens, with enough calibration tokens and the preset's ridge."""
+    errors = _held_out_errors({ft: preset("dgq_gptaq", group_size=64, calib_batch=16, float_target=ft)
+                               for ft in (False, True)})
     assert errors[True] < errors[False], errors
 
 
@@ -169,17 +176,8 @@ def test_static_scale_search_scores_against_the_float_models_outputs(monkeypatch
 
 def test_static_float_target_brings_the_quantized_model_closer_to_float():
     """As for the dynamic preset: dgq_static_gptaq against dgq_static_gptq on held-out tokens."""
-    model = make_model("llama", layers=4)
-    ids = torch.randint(0, model.config.vocab_size, (64, 64), generator=torch.Generator().manual_seed(0))
-    test = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = model(test).logits
-    errors = {}
-    for method in ("dgq_static_gptq", "dgq_static_gptaq"):
-        m = make_model("llama", layers=4)
-        quantize(m, ids, preset(method, group_size=64, calib_batch=16), progress=False)
-        with torch.no_grad():
-            errors[method] = float((m(test).logits - ref).pow(2).mean())
+    errors = _held_out_errors({m: preset(m, group_size=64, calib_batch=16)
+                               for m in ("dgq_static_gptq", "dgq_static_gptaq")})
     assert errors["dgq_static_gptaq"] < errors["dgq_static_gptq"], errors
 
 
