@@ -23,6 +23,8 @@ stream, as a model's forward is.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -148,6 +150,7 @@ def _cfg(bn: int, tpi: int, split_k: int, warps: int, stages: int = 1) -> triton
     return triton.Config({"BLOCK_N": bn, "TPI": tpi, "SPLIT_K": split_k}, num_warps=warps, num_stages=stages)
 
 
+@functools.cache  # asked twice per one-token call (quantizes_inside, then the launch): host time on decode
 def config_for(n: int, k: int, tile_k: int) -> triton.Config:
     """The measured rule (H100, cold-L2 graph replays over the five benchmark shapes, benchmarks/notes_gemm.md): about
     512 programs (four per SM) of 128 weight rows and one K tile per chunk; 64 rows for wide layers (N > 16384, 4
