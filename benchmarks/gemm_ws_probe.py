@@ -15,22 +15,32 @@ import json
 
 import torch
 
-from dgq.kernels.gemm import a8w4_matmul
+from dgq.kernels.act_quant import quantize_activations_triton
+from dgq.kernels.gemm import a8w4_matmul, widen_weight
 from dgq.kernels.gemm_ws import WsConfig, config_for, ws_a8w4_matmul
-from dgq.kernels.linear import a8w4_mm
+from dgq.kernels.int8_gemm import int8_matmul
+from dgq.kernels.linear import a8w4_linear, a8w4_mm
 
 # (bn, bm, stages, split, widen_regs, maxnreg) around the rule: ring depth (bytes in flight), K splits (per-tile
 # arrival), 64/128-row tiles, 1-2 CTAs per SM (maxnreg 80: two fit).
 W = WsConfig
+# 256-token tiles (one widened weight tile serves twice the tokens) and two MMA warpgroups per CTA
+BIG = [W(64, 256, 4, 1), W(128, 256, 4, 1, 96, 128, 8), W(128, 128, 6, 1, 96, 128, 8)]
+# the act-quant + GEMM pair per M: the rule's configs and their neighbours in registers (1 or 2 CTAs per SM)
+PAIR_CONFIGS = {16: [W(64, 16, 6, s, 80, 80) for s in (1, 2, 4)] + [W(128, 16, 4, s, 80, 80) for s in (1, 2)],
+                64: [W(128, 64, 4, 1), W(128, 64, 4, 1, 80, 80), W(128, 64, 4, 2), W(128, 64, 4, 2, 80, 80),
+                     W(64, 64, 6, 1, 80, 80), W(64, 64, 6, 2, 80, 80)],
+                256: [W(64, 128, 6, 1), W(128, 128, 6, 1, 128), W(64, 256, 4, 1), W(128, 256, 4, 1, 96, 128, 8)],
+                8192: [W(128, 256, 4, 1, 96, 128, 8), W(128, 256, 3, 1, 96, 128, 8)]}
 CANDIDATES = {16: [W(64, 16, st, s, 80, 80) for st in (6, 10) for s in (1, 2, 4)]
               + [W(128, 16, st, s, 80, 80) for st in (4, 6) for s in (1, 2)]
               + [W(128, 16, 6, s) for s in (1, 2, 3)] + [W(64, 16, 10, s) for s in (1, 2)],
               64: [W(64, 64, st, s, 80, 80) for st in (6, 8) for s in (1, 2, 4)]
               + [W(128, 64, st, s) for st in (4, 6) for s in (1, 2)] + [W(128, 64, 4, s, 80, 80) for s in (1, 2)],
               1023: [W(64, 128, st, 1) for st in (4, 6, 8)] + [W(128, 128, st, 1, 128) for st in (4, 6)]
-              + [W(128, 64, st, 1) for st in (4, 6)],
+              + [W(128, 64, st, 1) for st in (4, 6)] + BIG,
               # beyond MAX_M: against widen-once + the int8 GEMM (the "dgq_path" column there)
-              8192: [W(64, 128, 6, 1), W(128, 128, 6, 1, 128)]}
+              8192: [W(64, 128, 6, 1), W(128, 128, 6, 1, 128)] + BIG}
 
 
 def measure(json_path: str | None, ms: list[int]) -> None:
@@ -77,12 +87,61 @@ def measure(json_path: str | None, ms: list[int]) -> None:
     print(f"{len(failures)} failures", *failures, sep="\n")
 
 
+def pairs(json_path: str | None, ms: list[int]) -> None:
+    """The act-quant + GEMM pair as ``QuantLinear`` runs it (float activations in), per config of
+    :data:`PAIR_CONFIGS`, with programmatic dependent launch on and off, beside the act-quant and the GEMM alone:
+    where the pair loses more than the act-quant's own time, the two kernels slow each other down."""
+    from gemm import SHAPES, operand_sets, time_graph
+
+    from dgq.kernels import gemm
+
+    rows = []
+    for k, n in SHAPES:
+        sets = operand_sets(k, n)
+        for m in ms:
+            for o in sets:
+                o.set_acts(m)
+            times = {"fp16": time_graph([lambda o=o: o.x16 @ o.w16.t() for o in sets]),
+                     "act_quant": time_graph([lambda o=o: quantize_activations_triton(o.x16) for o in sets])}
+            if m > 256:  # the widen-once path's parts, and the whole QuantLinear forward with PDL on and off
+                w8 = [widen_weight(o.kw) for o in sets]
+                times["widen"] = time_graph([lambda o=o: widen_weight(o.kw) for o in sets])
+                times["int8_ready"] = time_graph([lambda o=o, w=w: int8_matmul(o.x_s8, w, o.s_x, o.kw.s1)
+                                                  for o, w in zip(sets, w8)])
+                times["dispatch_codes_in"] = time_graph([lambda o=o: a8w4_mm(o.x_s8, o.s_x, o.kw) for o in sets])
+                del w8
+                for pdl in (True, False):
+                    gemm.PDL = pdl
+                    times[f"linear pdl={int(pdl)}"] = time_graph([lambda o=o: a8w4_linear(o.x16, o.kw) for o in sets])
+                gemm.PDL = True
+            for cfg in dict.fromkeys([config_for(m, n), *PAIR_CONFIGS[next(r for r in sorted(PAIR_CONFIGS) if m <= r)]]):
+                times[f"gemm {cfg}"] = time_graph([lambda o=o, c=cfg: ws_a8w4_matmul(o.x_s8, o.kw, o.s_x, config=c)
+                                                   for o in sets])
+                for pdl in (True, False):
+                    gemm.PDL = pdl
+                    times[f"pair pdl={int(pdl)} {cfg}"] = time_graph([lambda o=o, c=cfg: _pair(o, c) for o in sets])
+                gemm.PDL = True
+            rows += [{"K": k, "N": n, "M": m, "kernel": name, "ms": t} for name, t in times.items()]
+            print(f"K={k} N={n} M={m}: " + ", ".join(f"{name} {t * 1e3:.1f}" for name, t in times.items()) + " (us)",
+                  flush=True)
+            if json_path:
+                with open(json_path, "w") as f:
+                    json.dump({"rows": rows}, f, indent=1)
+
+
+def _pair(o, cfg: WsConfig) -> torch.Tensor:
+    x_s8, s_x = quantize_activations_triton(o.x16)
+    return ws_a8w4_matmul(x_s8, o.kw, s_x, config=cfg)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None, help="write the rows here as they come")
     parser.add_argument("--ms", default="16,64,256", help="token counts, comma-separated (each <= 8192)")
+    parser.add_argument("--pairs", action="store_true",
+                        help="time the act-quant + GEMM pair per config instead (and above M = 256 the widen-once parts)")
     args = parser.parse_args()
-    measure(args.json, [int(m) for m in args.ms.split(",")])
+    (pairs if args.pairs else measure)(args.json, [int(m) for m in args.ms.split(",")])
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from dgq.kernels import gemm_ws  # noqa: E402
 from dgq.kernels.gemm import KernelWeight  # noqa: E402
 
 H100_SHARED = 227 * 1024
-RULE_CONFIGS = sorted({gemm_ws.config_for(m, n) for m in (2, 16, 17, 64, 65, 1023) for n in (4096, 11008, 28672)},
+RULE_CONFIGS = sorted({gemm_ws.config_for(m, n) for m in (2, 16, 17, 64, 65, 256, 1023, 2047) for n in (4096, 11008, 28672)},
                       key=str)
 SPLIT_CONFIG = gemm_ws.WsConfig(128, 64, 4, 3)  # a split of three, with one CTA per SM
 
@@ -42,14 +42,14 @@ def compile_for_hopper(cfg: gemm_ws.WsConfig, group: int, out: str):  # noqa: AN
            "cnt_ptr": "*i32",
            "M": "i32", "N": "i32", "K": "i32", "stride_sx": "i32", **{name: "constexpr" for name in consts}}
     return triton.compile(GluonASTSource(gemm_ws._ws_a8w4_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4, "maxnreg": cfg.maxnreg})
+                          options={"num_warps": cfg.mma_warps, "maxnreg": cfg.maxnreg})
 
 
 @pytest.mark.parametrize("cfg", [*RULE_CONFIGS, SPLIT_CONFIG], ids=str)
 @pytest.mark.parametrize("group,out", [(128, "fp16"), (64, "bf16"), (128, "i32")])
 def test_every_rule_config_builds_for_hopper(cfg: gemm_ws.WsConfig, group: int, out: str) -> None:
     kernel = compile_for_hopper(cfg, group, out)
-    assert f"wgmma.mma_async.sync.aligned.m64n{cfg.bm}k32.s32.s8.s8" in kernel.asm["ptx"]
+    assert f"wgmma.mma_async.sync.aligned.m64n{min(cfg.bm, 128)}k32.s32.s8.s8" in kernel.asm["ptx"]
     assert "griddepcontrol.wait" in kernel.asm["ptx"] and "cp.async.bulk.tensor" in kernel.asm["ptx"]
     assert kernel.metadata.shared <= H100_SHARED
 
@@ -60,13 +60,18 @@ def test_rule_fills_the_gpu_with_ctas() -> None:
     assert gemm_ws.config_for(1, 8192) == gemm_ws.WsConfig(64, 16, 6, 2, 80, 80)
     assert gemm_ws.config_for(16, 11008) == gemm_ws.WsConfig(128, 16, 4, 2, 80, 80)
     assert gemm_ws.config_for(16, 28672) == gemm_ws.WsConfig(128, 16, 4, 1, 80, 80)
-    # M <= 64: 128-row tiles, split in two while one CTA per SM still fits one wave
+    # M <= 64: 128-row tiles, split in two while one CTA per SM still fits one wave; unsplit one CTA per SM while
+    # the tiles fit one wave; two per SM only beyond
     assert gemm_ws.config_for(64, 8192) == gemm_ws.WsConfig(128, 64, 4, 2)
-    assert gemm_ws.config_for(17, 11008) == gemm_ws.WsConfig(128, 64, 4, 1, 80, 80)
-    # larger M: never split; 64-row tiles where 128-row ones leave SMs idle
+    assert gemm_ws.config_for(17, 11008) == gemm_ws.WsConfig(128, 64, 4, 1)
+    assert gemm_ws.config_for(64, 28672) == gemm_ws.WsConfig(128, 64, 4, 1, 80, 80)
+    # larger M: never split; 256-token tiles with two MMA warpgroups where they make >= 80 CTAs; else 64-row tiles
+    # where 128-row ones leave SMs idle
+    big = gemm_ws.WsConfig(128, 256, 4, 1, 96, 128, 8)
+    assert gemm_ws.config_for(256, 11008) == gemm_ws.config_for(1023, 4096) == gemm_ws.config_for(2047, 4096) == big
     assert gemm_ws.config_for(256, 4096) == gemm_ws.WsConfig(64, 128, 6, 1)
     assert gemm_ws.config_for(256, 8192) == gemm_ws.WsConfig(128, 128, 6, 1, 128)
-    assert gemm_ws.config_for(1023, 4096) == gemm_ws.WsConfig(128, 128, 6, 1, 128)
+    assert gemm_ws.config_for(512, 4096) == gemm_ws.WsConfig(128, 128, 6, 1, 128)
     # a GPU with fewer SMs splits less
     assert gemm_ws.config_for(16, 4096, sms=78).split == 2
 

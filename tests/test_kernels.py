@@ -206,6 +206,22 @@ def test_wide_layer_quantizes_before_its_gemv(monkeypatch: pytest.MonkeyPatch) -
     assert called == [1] and torch.equal(out.cpu(), fp32_epilogue(int_matmul(q, dg.int8_weight()), s, dg.s1))
 
 
+def test_one_token_on_a_wide_layer_takes_the_warp_specialized_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past GEMV_MAX_N outputs one token goes to the warp-specialized kernel where it runs (faster there on the H100);
+    a layer it does not take stays on the GEMV.  The kernel is stood in for: Gluon does not run on the CPU."""
+    called = []
+    fake_ws = type("FakeWs", (), {"supported": staticmethod(lambda kw, device: kw.out_features % 64 == 0),
+                                  "ws_a8w4_matmul": staticmethod(lambda *a, **k: called.append("ws"))})
+    monkeypatch.setattr(linear, "gemm_ws", fake_ws)
+    monkeypatch.setattr(linear, "GEMV_MAX_N", 32)
+    monkeypatch.setattr(linear, "a8w4_gemv", lambda *a, **k: called.append("gemv"))
+    gen = torch.Generator().manual_seed(6)
+    for n in (32, 64, 96):  # narrow: the GEMV; wide: the WS kernel; wide but N % 64 != 0: the GEMV
+        x_s8, s_x = quantize_activations(torch.randn(1, 256, generator=gen))
+        linear.a8w4_mm(x_s8.to(DEVICE), s_x.to(DEVICE), kernel_weight(random_weight(n, 256, 64, gen)))
+    assert called == ["gemv", "ws", "gemv"]
+
+
 def test_kernel_layout_pairs_k_and_k_plus_half_tile() -> None:
     """Byte j of each K tile holds the codes of k = j (low nibble) and k = tile/2 + j (high nibble)."""
     gen = torch.Generator().manual_seed(2)

@@ -1,4 +1,4 @@
-"""The A8W4 GEMM for 2..1023 tokens on Hopper: a warp-specialized kernel (Gluon) whose widening runs beside the MMA.
+"""The A8W4 GEMM for 2..2047 tokens (and one token on wide layers) on Hopper: a warp-specialized kernel (Gluon) whose widening runs beside the MMA.
 
 Why a second tensor-core kernel: the in-register kernel of :mod:`dgq.kernels.gemm` widens int4 to int8 in the same
 warps that issue the tensor-core MMA, so the two serialize, and at M = 16..256 it ran at 0.7-1.1x cuBLAS FP16 where
@@ -14,9 +14,12 @@ partitions around shared-memory rings guarded by mbarriers:
 * **widen** (4 warps): packed bytes to two int8 tiles with the byte-lane ``mad`` + ``xor`` of
   :data:`dgq.kernels.gemm._WIDEN_PTX`, stored to shared memory in the MMA's swizzled layout (8 rows x 64 bytes per
   warp access: no bank conflicts either way).
-* **mma** (the default warpgroup): ``out^T [BN, BM] += W_lo @ x_lo^T + W_hi @ x_hi^T`` with ``wgmma`` (int8, int32
-  accumulation; tokens are the MMA's N, so M <= 16 is one 16-token tile), one tile's MMAs in flight while the next
-  are issued; then the epilogue ``(acc * s_x) * s1 (+ bias)`` in fp32, as the reference orders it.
+* **mma** (the default partition: one warpgroup, or two that each take 64 of the tile's weight rows):
+  ``out^T [BN, BM] += W_lo @ x_lo^T + W_hi @ x_hi^T`` with ``wgmma`` (int8, int32 accumulation; tokens are the MMA's
+  N, so M <= 16 is one 16-token tile, and a 256-token tile is two 128-wide instructions), one tile's MMAs in flight
+  while the next are issued; then the epilogue ``(acc * s_x) * s1 (+ bias)`` in fp32, as the reference orders it.
+  The widening costs the same per weight tile whatever the token count, so the 256-token tile with two MMA
+  warpgroups halves it per MMA: 1.2-1.5x faster than 128-token tiles at M = 1024 on long K (notes).
 
 **Split-K** (``split > 1``): each split stores its int32 partial tile to a buffer allocated per call (a captured
 CUDA graph owns its own), then, after the MMA warpgroup's barrier, counts one arrival on its tile's counter (acq_rel,
@@ -140,8 +143,10 @@ def _mma_part(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_rea
     stages: gl.constexpr = xlo_bufs.shape[0]
     a_stages: gl.constexpr = alo_bufs.shape[0]
     bn: gl.constexpr = alo_bufs.shape[1]
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, BM, 32])
+    warps: gl.constexpr = gl.num_warps()  # one warpgroup per 64 weight rows of the tile
+    INSTR_N: gl.constexpr = min(BM, 128)  # wgmma int8: n <= 128 here (Triton refuses n = 256)
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1],
+                                                         instr_shape=[16, INSTR_N, 32])
     acc = gl.zeros((bn, BM), gl.int32, acc_layout)
     for i in range(k_tiles):
         s = i % stages
@@ -157,7 +162,7 @@ def _mma_part(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_rea
     acc = warpgroup_mma_wait(0, deps=[acc])
     if PDL:
         _gdc_wait()  # the epilogue reads the act-quant's scales
-    out_layout: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [4, 1], [0, 1])  # n fastest: coalesced out[m, n]
+    out_layout: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [4, warps // 4], [0, 1])  # n fastest: coalesced out[m, n]
     res = gl.convert_layout(acc, out_layout)
     offs_n = n0 + gl.arange(0, bn, layout=gl.SliceLayout(1, out_layout))
     offs_m = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, out_layout))
@@ -241,9 +246,11 @@ class WsConfig:
     widen_regs: int = 96
     # 12 warps (mma, widen, and the load warp's warpgroup) x 32 threads x 168 <= 64K registers; 80 fits two CTAs
     maxnreg: int = 168
+    mma_warps: int = 4  # 8: two MMA warpgroups, each on 64 of the tile's weight rows
 
 
-MAX_M = 1023  # measured: at M = 1024 widen-once + the int8 GEMM beat this kernel on all five shapes (linear.py)
+BIG_TILE_MIN_CTAS = 80  # measured at M = 256: 86 CTAs won (4096 x 11008), 64 lost (28672 x 8192)
+MAX_M = 2047  # measured: from M = 2048 on, widen-once + the int8 GEMM (dgq.kernels.linear)
 
 
 def config_for(m: int, n: int, sms: int = 132) -> WsConfig:
@@ -253,8 +260,13 @@ def config_for(m: int, n: int, sms: int = 132) -> WsConfig:
 
     * M <= 16: 80 registers, so two CTAs share an SM; 64-row weight tiles (6 stages) unless they alone outnumber the
       SMs (then 128 rows, 4 stages); K split in 2 or 4 while the CTAs still fit in one wave of two per SM;
-    * M <= 64: 128-row tiles; K split in 2 where that keeps one wave of one CTA per SM, else two CTAs per SM unsplit;
-    * M <= 1023: 6-stage rings; 64-row tiles where 128-row ones would leave a quarter of the SMs idle.
+    * M <= 64: 128-row tiles; K split in 2 where that keeps one wave of one CTA per SM; unsplit with one CTA per SM
+      where the tiles still fit one wave, two per SM (80 registers) only where they do not.  Two CTAs per SM beside
+      a running act-quant slowed the pair by half on 4096 x 11008 (31 vs 22 us: the early-launched CTAs' waiting
+      warps take the SMs' issue slots from the act-quant's);
+    * more tokens: 256-token tiles with two MMA warpgroups (one widened weight tile serves twice the tokens) where
+      they make >= 80 CTAs, else 6-stage rings of 128 tokens, 64-row tiles where 128-row ones would leave a quarter
+      of the SMs idle.
 
     K splits reduce through per-tile arrival counts (module docstring); at M = 256 a split lost 2-3x (the partial
     sums' traffic rivals the weight's), so none is used there.
@@ -265,7 +277,12 @@ def config_for(m: int, n: int, sms: int = 132) -> WsConfig:
         split = max(s for s in (1, 2, 4) if s == 1 or tiles * s <= 2 * sms)
         return WsConfig(bn, 16, 4 if bn == 128 else 6, split, 80, 80)
     if m <= 64:
-        return WsConfig(128, 64, 4, 2) if 2 * (n // 128) <= sms else WsConfig(128, 64, 4, 1, 80, 80)
+        tiles = n // 128
+        if 2 * tiles <= sms:
+            return WsConfig(128, 64, 4, 2)
+        return WsConfig(128, 64, 4, 1) if tiles <= sms else WsConfig(128, 64, 4, 1, 80, 80)
+    if triton.cdiv(m, 256) * (n // 128) >= BIG_TILE_MIN_CTAS:
+        return WsConfig(128, 256, 4, 1, 96, 128, 8)
     return WsConfig(64, 128, 6, 1) if n // 128 * triton.cdiv(m, 128) < 100 else WsConfig(128, 128, 6, 1, 128)
 
 
@@ -337,6 +354,6 @@ def ws_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | Non
     _ws_a8w4_kernel[grid](*descriptors(x, kw, cfg), sx, kw.s1, bias if bias is not None else dummy, out, ws, dummy,
                           m, n, k, int(epilogue and sx.numel() > 1), GROUP=kw.group_size, BN=cfg.bn, BM=cfg.bm,
                           STAGES=cfg.stages, SPLIT=cfg.split, WIDEN_REGS=cfg.widen_regs, EPILOGUE=epilogue,
-                          HAS_BIAS=bias is not None, PDL=pdl, num_warps=4, maxnreg=cfg.maxnreg,
+                          HAS_BIAS=bias is not None, PDL=pdl, num_warps=cfg.mma_warps, maxnreg=cfg.maxnreg,
                           **launch_options(x.device))
     return out

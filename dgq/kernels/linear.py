@@ -2,22 +2,23 @@
 GEMM paths chosen by the number of tokens M and what the GPU and layer allow.
 
 Each was measured against the others on an H100 (``benchmarks/gemm.py``, ``benchmarks/gemm_ws_probe.py``,
-``benchmarks/gemv_probe.py``; median over the five benchmark shapes, time ratio vs cuBLAS FP16; BENCHMARKS.md,
-``benchmarks/notes_gemm.md``):
+``benchmarks/gemv_probe.py``; cold-L2 CUDA-graph timing; BENCHMARKS.md, ``benchmarks/notes_gemm.md``):
 
-* M = 1: the CUDA-core GEMV (:mod:`dgq.kernels.gemv`, ``dp4a``): 2.93x alone, against 2.44x for the
-  warp-specialized kernel, which pads one token to a 16-token MMA tile.  On layers of few row blocks it quantizes
-  the activation itself (:func:`dgq.kernels.gemv.quantizes_inside`), one launch instead of two.
+* M = 1 on layers of at most :data:`GEMV_MAX_N` outputs: the CUDA-core GEMV (:mod:`dgq.kernels.gemv`, ``dp4a``),
+  2.4-3.5x cuBLAS FP16 alone, where the warp-specialized kernel pads one token to a 16-token MMA tile.  On layers
+  of few row blocks it quantizes the activation itself (:func:`dgq.kernels.gemv.quantizes_inside`), one launch
+  instead of two.  On wider layers the warp-specialized kernel wins: at 8192 x 28672, act-quant + it took 54.5 us
+  against 65.5 us for act-quant + the GEMV (at N = 11008 the GEMV: 14.2 against 18.2 us).
 * 1 < M <= :data:`dgq.kernels.gemm_ws.MAX_M` on Hopper: the warp-specialized kernel (:mod:`dgq.kernels.gemm_ws`),
-  whose widening runs in its own warps beside the MMA: 2.25x / 1.73x / 1.27x at M = 16 / 64 / 256 from int8
-  activations, against 1.30x / 1.09x / 0.77x for the in-register kernel in the same run.
+  whose widening runs in its own warps beside the MMA.
 * The same M on another GPU, or a layer that kernel does not take (:func:`dgq.kernels.gemm_ws.supported`: K tiles of
   64, odd groups, N not a multiple of 64), or a Triton without Gluon (warned once on Hopper): the in-register
   tensor-core kernel (:mod:`dgq.kernels.gemm`).
 * M >= :data:`WIDEN_MIN_M`: the weight is widened to int8 once per call (one pass over it) and the TMA-fed int8
-  kernel (:mod:`dgq.kernels.int8_gemm`) multiplies: at M = 1024, 0.0390 / 0.1109 / 0.0927 / 0.5074 / 0.4845 ms
-  against 0.0440 / 0.1281 / 0.0990 / 0.5378 / 0.4873 for the warp-specialized kernel's 6-stage 128 x 128 tiles, which
-  widen each weight tile again per 128 tokens.
+  kernel (:mod:`dgq.kernels.int8_gemm`) multiplies.  At M = 2048 (int8 codes in) that took 0.0671 / 0.1935 /
+  0.1612 / 0.9803 / 0.9532 ms on the five benchmark shapes against 0.0783 / 0.2255 / 0.1592 / 0.9756 / 0.8396 for
+  the warp-specialized kernel's 256-token tiles, which widen each weight tile again per 256 tokens; at M = 1024
+  the warp-specialized kernel won on three shapes (by 13-34%) and lost by 2-3% on two.
 
 The GEMMs launch while the act-quant kernel still runs (programmatic dependent launch) and wait for its codes inside.
 """
@@ -40,18 +41,20 @@ else:  # Triton < 3.5: no Gluon, so no warp-specialized kernel
     gemm_ws = None
 
 GEMV_MAX_M = 1  # measured: the GEMV wins at M = 1 only
-WIDEN_MIN_M = 1024  # measured: widen-once wins at M = 1024 (above); gemm_ws.MAX_M is 1023 to match
+GEMV_MAX_N = 16384  # between the measured N = 11008 (the GEMV won) and 28672 (the warp-specialized kernel won)
+WIDEN_MIN_M = 2048  # measured: widen-once wins at M = 2048 on two shapes, ties on two (above); gemm_ws.MAX_M matches
 
 
 def a8w4_mm(x_s8: torch.Tensor, s_x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None,
             out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for int8 codes ``x_s8 [M, K]`` on CUDA: the path for M."""
     m = x_s8.shape[0]
-    if m <= GEMV_MAX_M:
+    ws = gemm_ws is not None and gemm_ws.supported(kw, x_s8.device)
+    if m <= GEMV_MAX_M and not (ws and kw.out_features > GEMV_MAX_N):
         return a8w4_gemv(x_s8, kw, s_x, bias, out_dtype)
     if m >= WIDEN_MIN_M:
         return int8_matmul(x_s8, widen_weight(kw), s_x, kw.s1, bias, out_dtype)
-    if gemm_ws is not None and gemm_ws.supported(kw, x_s8.device):
+    if ws:
         return gemm_ws.ws_a8w4_matmul(x_s8, kw, s_x, bias, out_dtype)
     if gemm_ws is None and torch.cuda.get_device_capability(x_s8.device)[0] == 9:
         warnings.warn("this Triton has no Gluon: A8W4 layers with 2..1023 tokens run the in-register kernel, about "
