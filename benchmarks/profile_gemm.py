@@ -27,7 +27,8 @@ def main() -> None:
     for _ in range(3):
         call()  # compile and autotune outside the profiled range
     torch.cuda.synchronize()
-    print(f"{args.kernel} K={args.k} N={args.n} M={args.m}: config {chosen_config(args.kernel, args.m)}", flush=True)
+    cfg = chosen_config(args.kernel, args.m, args.k, args.n)
+    print(f"{args.kernel} K={args.k} N={args.n} M={args.m}: config {cfg}", flush=True)
     torch.cuda.cudart().cudaProfilerStart()
     call()
     torch.cuda.synchronize()
