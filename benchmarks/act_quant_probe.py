@@ -1,0 +1,70 @@
+"""The activation quantization alone: the rule's block and warps (:func:`dgq.kernels.act_quant.row_block`) against
+other chunk sizes and warp counts, in GB/s of its fewest bytes (fp16 in, int8 codes out, one read).
+
+Why: at M >= 1024 the act-quant is most of what separates ``dgq`` from the GEMM it feeds (BENCHMARKS.md, run 4), and
+ncu showed it far from the copy bandwidth (M = 1024, K = 11008: 27.9 us, DRAM 26%, 0.86 waves of 4-warp programs).
+Every variant is checked bit-exact against the rule's output first.  Timing as ``benchmarks/gemm.py`` (cold-L2 CUDA
+graph over enough row sets to touch >= 256 MB).
+
+    PYTHONPATH=.:benchmarks python benchmarks/act_quant_probe.py --json $OUT/act_quant.json     # the H100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import triton
+
+from dgq.kernels import act_quant
+from dgq.kernels.act_quant import quantize_activations_triton
+
+
+def _run(x: torch.Tensor, block: int, warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    act_quant._act_quant_kernel[(m,)](x, q, s, x.stride(0), q.stride(0), K=k, DYNAMIC=True, BLOCK=block, ON_GPU=True,
+                                      num_warps=warps)
+    return q, s
+
+
+def main() -> None:
+    from gemm import time_graph  # benchmarks/gemm.py: the same timing method
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", default=None)
+    p.add_argument("--ms", default="256,1024,4096")
+    p.add_argument("--ks", default="4096,11008,28672")
+    args = p.parse_args()
+    rows, failures = [], []
+    for k in map(int, args.ks.split(",")):
+        for m in map(int, args.ms.split(",")):
+            sets = [torch.randn(m, k, device="cuda", dtype=torch.float16)
+                    for _ in range(max(2, math.ceil(256e6 / (3 * m * k))))]
+            want = quantize_activations_triton(sets[0])
+            fewest = 3 * m * k  # bytes: fp16 in, int8 out
+            rule = (act_quant.row_block(m, k), act_quant._warps(m, act_quant.row_block(m, k)))
+            variants = dict.fromkeys([rule] + [(b, w) for b in (2048, 4096, 8192, triton.next_power_of_2(k))
+                                               for w in (4, 8, 16) if b <= act_quant.MAX_ROW_BLOCK])
+            line = []
+            for block, warps in variants:
+                got = _run(sets[0], block, warps)
+                if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+                    failures.append(f"M={m} K={k} block={block} warps={warps}")
+                    continue
+                t = time_graph([lambda x=x, b=block, w=warps: _run(x, b, w) for x in sets])
+                rows.append({"M": m, "K": k, "block": block, "warps": warps, "ms": t, "rule": (block, warps) == rule})
+                line.append(f"{block}/{warps}w {t * 1e3:.1f} us ({fewest / t / 1e6:.0f} GB/s)"
+                            + (" rule" if (block, warps) == rule else ""))
+            print(f"M={m} K={k}: " + ", ".join(line), flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"rows": rows, "failures": failures}, f, indent=1)
+    print(f"{len(failures)} failures", *failures, sep="\n")
+
+
+if __name__ == "__main__":
+    main()
