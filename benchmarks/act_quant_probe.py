@@ -46,7 +46,7 @@ def main() -> None:
                     for _ in range(max(2, math.ceil(256e6 / (3 * m * k))))]
             want = quantize_activations_triton(sets[0])
             fewest = 3 * m * k  # bytes: fp16 in, int8 out
-            rule = (act_quant.row_block(m, k), act_quant._warps(m, act_quant.row_block(m, k)))
+            rule = (act_quant.row_block(m, k), act_quant._warps(m, k, act_quant.row_block(m, k)))
             variants = dict.fromkeys([rule] + [(b, w) for b in (2048, 4096, 8192, triton.next_power_of_2(k))
                                                for w in (4, 8, 16) if b <= act_quant.MAX_ROW_BLOCK])
             line = []

@@ -20,21 +20,23 @@ import triton.language as tl
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds an fp32 of magnitude <= 2**22 to even
 _MIN_SCALE = tl.constexpr(1e-8)  # the reference's clamp of the dynamic scale
 MAX_ROW_BLOCK = 32768  # rows up to this length are read once, held in registers (64 fp32 per thread at 16 warps)
-MANY_ROWS = 1024  # from this many rows on, long rows are read in chunks (row_block)
+CHUNK_MIN_ROWS = 256  # from this many rows on, rows longer than CHUNK are read in chunks (row_block)
+CHUNK = 4096
 
 
 def row_block(m: int, k: int) -> int:
     """Elements one program handles per step for ``m`` rows of ``k``.
 
-    A few rows: the whole row in registers (one read; at M = 1 chunking cost 30-40% more time for K = 11008/28672).
-    Many long rows: 4096- or 8192-element chunks, two passes (the second mostly from L2), because 16-warp programs
-    holding 16-32K elements each left the copy bandwidth unused: on the H100 at M = 4096, K = 11008 took 0.124 ms in
-    one 16K block and 0.067 ms in 4K chunks, K = 28672 0.298 ms in one 32K block and 0.163 ms in 8K chunks
-    (benchmarks/notes_gemm.md).
+    A few rows, or rows of at most :data:`CHUNK`: the whole row in registers (one read; at M = 1 chunking cost 30-40%
+    more time for K = 11008/28672).  Many long rows: 4096-element chunks, two passes (the second mostly from L2),
+    with 16 warps (:func:`_warps`): on the H100 (``benchmarks/act_quant_probe.py``) that beat the whole row in
+    registers and the other chunk sizes at M = 256, 1024 and 4096 for K = 11008 and 28672, e.g. M = 1024, K = 11008
+    17.8-18.1 us against 24.3 us for the former 4-warp chunks and 29.3 us for the whole row; M = 256, K = 28672
+    13.9 against 18.3 us for the whole row.
     """
-    if m < MANY_ROWS or k <= 8192:
+    if m < CHUNK_MIN_ROWS or k <= CHUNK:
         return min(triton.next_power_of_2(k), MAX_ROW_BLOCK)
-    return 4096 if k <= 16384 else 8192
+    return CHUNK
 
 
 @triton.jit
@@ -82,10 +84,11 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, 
             tl.store(q_row + c, _round_clamp_s8(tl.math.div_rn(x, scale)), mask=c < K)
 
 
-def _warps(m: int, block: int) -> int:
-    """16 warps for a few rows of >= 4096 elements (decode: one program per row, latency-bound; on the H100 at
-    M = 1, K = 4096 took 2.50 us with 4 warps and 2.02 us with 16), else 32 elements per thread."""
-    if m < MANY_ROWS and block >= 4096:
+def _warps(m: int, k: int, block: int) -> int:
+    """16 warps for chunks (:func:`row_block`) and for fewer than 1024 rows of >= 4096 elements (decode: one program
+    per row, latency-bound; on the H100 at M = 1, K = 4096 took 2.50 us with 4 warps and 2.02 us with 16), else 32
+    elements per thread (at M = 4096, K = 4096: 20.2 us with 4 warps, 22.1 with 8, 23.6 with 16)."""
+    if block < k or (m < 1024 and block >= 4096):
         return 16
     return max(1, min(16, block // 1024))
 
@@ -109,6 +112,6 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
     block = row_block(m, k)
     if m:
         _act_quant_kernel[(m,)](x, q, s, x.stride(0), q.stride(0), K=k, DYNAMIC=static_scale is None, BLOCK=block,
-                                ON_GPU=x.device.type == "cuda", num_warps=_warps(m, block))
+                                ON_GPU=x.device.type == "cuda", num_warps=_warps(m, k, block))
     return q, s
 
