@@ -1,6 +1,6 @@
 """GEMM benchmark on one CUDA GPU: dgq's A8W4 kernels against FP16, int8, FP8 and W4A16 peers.
 
-    PYTHONPATH=. python benchmarks/gemm.py --out results/gemm_h100.json
+    PYTHONPATH=. python benchmarks/gemm.py --out results/gemm_h100_run4.json
 
 First checks correctness on the GPU (act-quant bit-exact, the production path's
 outputs equal the exact reference up to the output's rounding, QuantLinear fast path = reference), then times every
@@ -13,7 +13,7 @@ Peers: cuBLAS FP16, ``torch._int_mm``, FP8 row-wise ``_scaled_mm``, our TMA int8
 (``w8a8_triton``: A8W4 with free widening), tinygemm W4A16, and GemLite W4A16 when the ``gemlite`` package imports.
 dgq's own rows: ``dgq`` (what ``QuantLinear`` runs, act-quant included, path by M: ``dgq.kernels.linear``) and each
 path alone from int8 activations: ``dgq_gemv`` (M <= 16 only: it re-reads the weight per token), ``dgq_ws`` (the
-warp-specialized Hopper kernel, M <= 1023), ``dgq_gemm_only`` (in-register widening), ``dgq_widen_once`` (widen + TMA
+warp-specialized Hopper kernel, M <= 2047), ``dgq_gemm_only`` (in-register widening), ``dgq_widen_once`` (widen + TMA
 int8 kernel).
 """
 
@@ -245,7 +245,7 @@ def main() -> None:
                 if name == "dgq_gemv" and m > 16:
                     continue  # one weight pass per token: not a path for M > 1 (dgq.kernels.linear)
                 if name == "dgq_ws" and m > gemm_ws.MAX_M:
-                    continue  # widen-once serves M >= 1024 (dgq.kernels.linear)
+                    continue  # widen-once serves M >= 2048 (dgq.kernels.linear)
                 use = sets[:min(n_sets, max(2, math.ceil(TOUCH_BYTES / call_bytes(name, m, k, n))))]
                 try:
                     ms_ = time_graph([kernel_call(name, o) for o in use])

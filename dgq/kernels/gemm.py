@@ -1,4 +1,4 @@
-"""The A8W4 GEMM for 2..1023 tokens where the warp-specialized Hopper kernel (:mod:`dgq.kernels.gemm_ws`) does not
+"""The A8W4 GEMM for 2..2047 tokens where the warp-specialized Hopper kernel (:mod:`dgq.kernels.gemm_ws`) does not
 run (another GPU, a layer with 64-wide K tiles), and the layout and widening every A8W4 path shares: one transposed
 Triton kernel, the int4 weight widened to int8 in registers.  :mod:`dgq.kernels.linear` says which path serves which
 M.  It is also the A8W4 tensor-core kernel that Triton's CPU interpreter runs in the tests.

@@ -57,7 +57,7 @@ def a8w4_mm(x_s8: torch.Tensor, s_x: torch.Tensor, kw: KernelWeight, bias: torch
     if ws:
         return gemm_ws.ws_a8w4_matmul(x_s8, kw, s_x, bias, out_dtype)
     if gemm_ws is None and torch.cuda.get_device_capability(x_s8.device)[0] == 9:
-        warnings.warn("this Triton has no Gluon: A8W4 layers with 2..1023 tokens run the in-register kernel, about "
+        warnings.warn("this Triton has no Gluon: A8W4 layers with 2..2047 tokens run the in-register kernel, about "
                       "0.7x the speed of the warp-specialized one on Hopper (install triton>=3.6)", stacklevel=2)
     return a8w4_matmul(x_s8, kw, s_x, bias, out_dtype)
 
