@@ -46,9 +46,9 @@ def main() -> None:
                     for _ in range(max(2, math.ceil(256e6 / (3 * m * k))))]
             want = quantize_activations_triton(sets[0])
             fewest = 3 * m * k  # bytes: fp16 in, int8 out
-            rule = (act_quant.row_block(m, k), act_quant._warps(m, k, act_quant.row_block(m, k)))
+            rule = (act_quant.row_block(k), act_quant._warps(m, k, act_quant.row_block(k)))
             variants = dict.fromkeys([rule] + [(b, w) for b in (2048, 4096, 8192, triton.next_power_of_2(k))
-                                               for w in (4, 8, 16) if b <= act_quant.MAX_ROW_BLOCK])
+                                               for w in (4, 8, 16)])
             line = []
             for block, warps in variants:
                 got = _run(sets[0], block, warps)

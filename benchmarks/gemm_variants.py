@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from gemm import SHAPES, TOUCH_BYTES, Operands, shapes_within_budget, time_graph  # noqa: E402
 
-from dgq.kernels import act_quant, gemm, gemv, int8_gemm  # noqa: E402
+from dgq.kernels import gemm, gemv, int8_gemm  # noqa: E402
 from dgq.kernels.act_quant import quantize_activations_triton  # noqa: E402
 
 
@@ -42,22 +42,11 @@ def variants(o: Operands) -> dict[str, Callable[[], torch.Tensor]]:
         q, s = quantize_activations_triton(o.x16)
         return int8_gemm.int8_matmul(q, gemm.widen_weight(o.kw), s, o.dg.s1)
 
-    def act_quant_block(block: int) -> Callable[[], tuple]:
-        def run() -> tuple:
-            saved, act_quant.MAX_ROW_BLOCK = act_quant.MAX_ROW_BLOCK, block
-            try:
-                return quantize_activations_triton(o.x16)
-            finally:
-                act_quant.MAX_ROW_BLOCK = saved
-        return run
-
     return {
         "fp16": lambda: o.x16 @ o.w16.t(),
         "fp8_rowwise": lambda: torch._scaled_mm(o.x_fp8, o.w_fp8.t(), scale_a=o.s_x, scale_b=o.s1_row,
                                                 out_dtype=torch.bfloat16),
         "act_quant": lambda: quantize_activations_triton(o.x16),
-        "act_quant_b4k": act_quant_block(4096),
-        "act_quant_b8k": act_quant_block(8192),
         "tc_only": lambda: gemm.a8w4_matmul(o.x_s8, o.kw, o.s_x),
         "tc_full": tc_full,
         "gemv_only": lambda: gemv.a8w4_gemv(o.x_s8, o.kw, o.s_x),
@@ -88,13 +77,6 @@ def check(o: Operands, failures: list[str], tag: str) -> None:
             got = int8_gemm.int8_matmul(o.x_s8, o.w8, o.s_x, o.dg.s1, out_dtype=torch.float32, config=cfg)
             if not torch.equal(got, want):
                 failures.append(f"{tag} M={m} int8 {cfg}: {(got != want).sum().item()} outputs differ")
-        want_q, want_s = quantize_activations_triton(o.x16)
-        for block in (4096, 8192):
-            saved, act_quant.MAX_ROW_BLOCK = act_quant.MAX_ROW_BLOCK, block
-            q, s = quantize_activations_triton(o.x16)
-            act_quant.MAX_ROW_BLOCK = saved
-            if not (torch.equal(q, want_q) and torch.equal(s, want_s)):
-                failures.append(f"{tag} M={m} act-quant block {block} differs")
 
 
 def main() -> None:

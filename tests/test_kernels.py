@@ -351,10 +351,11 @@ def test_act_quant_is_bit_exact(shape: tuple[int, int], dtype: torch.dtype, stat
 
 
 def test_act_quant_chunks_many_long_rows_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Many long rows are read in 4096-element chunks (act_quant.row_block); CHUNK_MIN_ROWS is lowered to reach it."""
-    monkeypatch.setattr(act_quant, "CHUNK_MIN_ROWS", 2)
-    assert act_quant.row_block(3, 9000) == 4096 and act_quant._warps(3, 9000, 4096) == 16
-    assert act_quant.row_block(1, 9000) == 16384 and act_quant.row_block(3, 4096) == 4096
+    """Rows longer than WHOLE_ROW_MAX are read in chunks by 16 warps (act_quant.row_block), at any M; the last chunk
+    is partial."""
+    assert act_quant.row_block(9000) == 2048 and act_quant._warps(3, 9000, 2048) == 16
+    assert act_quant.row_block(28672) == 4096 and act_quant.row_block(4096) == 4096
+    assert act_quant.row_block(576) == 1024 and act_quant._warps(3, 576, 1024) == 1
     x = torch.randn(3, 9000, generator=torch.Generator().manual_seed(1)).half()
     q, s = quantize_activations_triton(x.to(DEVICE))
     q_ref, s_ref = quantize_activations(x)

@@ -1,6 +1,7 @@
 """Triton int8 activation quantization, bit-exact with :func:`dgq.formats.quantize_activations`.
 
-One program per row, which holds the whole row in registers when K <= 32768 (one read), else reads it twice.
+One program per row, which holds the whole row in registers when K <= 4096 (one read), else reads it twice in chunks
+(:func:`row_block`).
 Exactness needs the same fp32 operations as the reference: ``absmax / 127`` and ``x / s_x`` with IEEE division (``div_rn``; Triton's plain ``/`` may lower to an approximate division) and round-half-to-even.
 Rounding uses the fp32 magic-number trick ``(v + 1.5 * 2**23) - 1.5 * 2**23``, exact round-half-even for
 ``|v| <= 2**22``; clamping to ±127 first keeps ``v`` in that range and commutes with rounding (the bounds are
@@ -19,24 +20,23 @@ import triton.language as tl
 
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds an fp32 of magnitude <= 2**22 to even
 _MIN_SCALE = tl.constexpr(1e-8)  # the reference's clamp of the dynamic scale
-MAX_ROW_BLOCK = 32768  # rows up to this length are read once, held in registers (64 fp32 per thread at 16 warps)
-CHUNK_MIN_ROWS = 256  # from this many rows on, rows longer than CHUNK are read in chunks (row_block)
-CHUNK = 4096
+WHOLE_ROW_MAX = 4096  # rows up to this length are read once, whole; longer ones in chunks (row_block)
 
 
-def row_block(m: int, k: int) -> int:
-    """Elements one program handles per step for ``m`` rows of ``k``.
+def row_block(k: int) -> int:
+    """Elements one program handles per step for rows of ``k``: the whole row up to :data:`WHOLE_ROW_MAX`
+    (one read), else 2048-element chunks up to K = 16384 and 4096-element ones beyond, in two passes (the second
+    mostly from L2), by 16 warps (:func:`_warps`).
 
-    A few rows, or rows of at most :data:`CHUNK`: the whole row in registers (one read; at M = 1 chunking cost 30-40%
-    more time for K = 11008/28672).  Many long rows: 4096-element chunks, two passes (the second mostly from L2),
-    with 16 warps (:func:`_warps`): on the H100 (``benchmarks/act_quant_probe.py``) that beat the whole row in
-    registers and the other chunk sizes at M = 256, 1024 and 4096 for K = 11008 and 28672, e.g. M = 1024, K = 11008
-    17.8-18.1 us against 24.3 us for the former 4-warp chunks and 29.3 us for the whole row; M = 256, K = 28672
-    13.9 against 18.3 us for the whole row.
+    Measured on the H100 (``benchmarks/act_quant_probe.py``, ``results/act_quant_probe_h100*.json``; every variant
+    bit-exact): at every M from 1 to 4096, chunks by 16 warps beat the whole row in registers for K = 11008 and 28672
+    (M = 1, K = 11008: 3.9 us in 2048-chunks against 5.7 us for the whole row; M = 1024: 18.0 against 29.3 us;
+    M = 1024, K = 28672: 46.2 us in 4096-chunks, 52.1 in 2048-chunks, 66.5 whole) and the 4-warp chunks used before
+    (M = 1024, K = 11008: 24.3 us).
     """
-    if m < CHUNK_MIN_ROWS or k <= CHUNK:
-        return min(triton.next_power_of_2(k), MAX_ROW_BLOCK)
-    return CHUNK
+    if k <= WHOLE_ROW_MAX:
+        return triton.next_power_of_2(k)
+    return 2048 if k <= 16384 else 4096
 
 
 @triton.jit
@@ -109,7 +109,7 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
         s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     else:
         s = static_scale.detach().to(device=x.device, dtype=torch.float32).reshape(1, 1)
-    block = row_block(m, k)
+    block = row_block(k)
     if m:
         _act_quant_kernel[(m,)](x, q, s, x.stride(0), q.stride(0), K=k, DYNAMIC=static_scale is None, BLOCK=block,
                                 ON_GPU=x.device.type == "cuda", num_warps=_warps(m, k, block))
