@@ -114,7 +114,8 @@ def pairs(json_path: str | None, ms: list[int]) -> None:
                     gemm.PDL = pdl
                     times[f"linear pdl={int(pdl)}"] = time_graph([lambda o=o: a8w4_linear(o.x16, o.kw) for o in sets])
                 gemm.PDL = True
-            for cfg in dict.fromkeys([config_for(m, n), *PAIR_CONFIGS[next(r for r in sorted(PAIR_CONFIGS) if m <= r)]]):
+            regime = next(r for r in sorted(PAIR_CONFIGS) if m <= r)
+            for cfg in dict.fromkeys([config_for(m, n), *PAIR_CONFIGS[regime]]):
                 times[f"gemm {cfg}"] = time_graph([lambda o=o, c=cfg: ws_a8w4_matmul(o.x_s8, o.kw, o.s_x, config=c)
                                                    for o in sets])
                 for pdl in (True, False):
@@ -139,7 +140,8 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the rows here as they come")
     parser.add_argument("--ms", default="16,64,256", help="token counts, comma-separated (each <= 8192)")
     parser.add_argument("--pairs", action="store_true",
-                        help="time the act-quant + GEMM pair per config instead (and above M = 256 the widen-once parts)")
+                        help="time the act-quant + GEMM pair per config instead (above M = 256 also the widen-once "
+                             "parts)")
     args = parser.parse_args()
     (pairs if args.pairs else measure)(args.json, [int(m) for m in args.ms.split(",")])
 

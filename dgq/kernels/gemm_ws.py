@@ -1,4 +1,5 @@
-"""The A8W4 GEMM for 2..2047 tokens (and one token on wide layers) on Hopper: a warp-specialized kernel (Gluon) whose widening runs beside the MMA.
+"""The A8W4 GEMM for 2..2047 tokens (and one token on wide layers) on Hopper: a warp-specialized kernel (Gluon)
+whose widening runs beside the MMA.
 
 Why a second tensor-core kernel: the in-register kernel of :mod:`dgq.kernels.gemm` widens int4 to int8 in the same
 warps that issue the tensor-core MMA, so the two serialize, and at M = 16..256 it ran at 0.7-1.1x cuBLAS FP16 where
@@ -162,7 +163,8 @@ def _mma_part(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_rea
     acc = warpgroup_mma_wait(0, deps=[acc])
     if PDL:
         _gdc_wait()  # the epilogue reads the act-quant's scales
-    out_layout: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [4, warps // 4], [0, 1])  # n fastest: coalesced out[m, n]
+    # n fastest: coalesced out[m, n]
+    out_layout: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [4, warps // 4], [0, 1])
     res = gl.convert_layout(acc, out_layout)
     offs_n = n0 + gl.arange(0, bn, layout=gl.SliceLayout(1, out_layout))
     offs_m = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, out_layout))
