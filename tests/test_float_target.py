@@ -195,3 +195,52 @@ def test_token_scaled_ridge_grows_as_tokens_shrink_and_is_the_plain_ridge_at_its
     assert float_target_ridge(stats(4000), scaled) == 0.5
     with pytest.raises(ConfigError):
         preset("dgq_gptaq", float_target_tokens=-1)
+
+
+def test_static_input_fit_is_static_gptaq_fitted_on_quantized_inputs():
+    fitted, qx = preset("dgq_static_gptaq"), preset("dgq_static_gptaq_qx")
+    changed = {k for k, v in qx.to_dict().items() if fitted.to_dict()[k] != v}
+    assert changed == {"method", "static_input_fit"} and qx.static_input_fit
+    with pytest.raises(ConfigError):  # per-token scales are not known before the weights are quantized
+        preset("dgq_gptaq", static_input_fit=True)
+    with pytest.raises(ConfigError):  # the fit needs the float model's outputs
+        preset("dgq_static_gptq", static_input_fit=True)
+
+
+def test_input_scale_makes_h_and_drift_those_of_the_static_quantized_inputs():
+    """With ``input_scale`` a pass accumulates ``Q(X)ᵀQ(X)`` and ``Q(X)ᵀ(X_fp - Q(X))``, ``Q`` the static int8
+    rounding at the scale it returns (asked once, after the pass saw every token), while the maxima and the token
+    sample stay those of ``X``, which the final scale search quantizes itself."""
+    from dgq.calibrate import FloatReference, _consumer_inputs, capture_block_inputs, collect_stats
+    from dgq.formats import quantize_activations
+    from dgq.models.adapters import adapter_for
+
+    model = make_model("llama")
+    adapter = adapter_for(model)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    inputs = capture_block_inputs(model, adapter, ids, 2, torch.device("cpu"))
+    block, kwargs = adapter.blocks(model)[0], inputs.kwargs[0]
+    reference = FloatReference(block, inputs.hidden, cache=[])
+    pair = adapter.pairs[2]  # gate/up's input
+    asked = []
+
+    def scale(index, st):
+        asked.append((index, st.tokens, st.absmax.max() / 127 * 0.5))  # a clipping scale: Q(X) rounds and clips
+        return asked[-1][2]
+
+    with torch.no_grad():
+        collect_stats(block, adapter.pairs, inputs.hidden, kwargs, True, reference)  # fills the float cache
+        block.self_attn.o_proj.weight.mul_(1.5)  # the "quantized" block now differs from the float one: X != X_fp
+        st = collect_stats(block, (pair,), inputs.hidden, kwargs, True, reference, input_scale=scale)[0]
+        x = torch.cat([_consumer_inputs(block, (pair,), h, kw)[0][0] for h, kw in zip(inputs.hidden, kwargs)])
+    x_fp = torch.cat([c[pair.consumers[0]] for c in reference.cache])
+    assert (x - x_fp).abs().max() > 1e-2
+    assert [a[:2] for a in asked] == [(0, x.shape[0])]
+    codes, s_x = quantize_activations(x, asked[0][2])
+    xq = codes.float() * s_x
+    assert (xq - x).abs().max() > asked[0][2]  # some inputs were clipped
+    torch.testing.assert_close(st.h, xq.t() @ xq, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(st.drift, xq.t() @ (x_fp - xq), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(st.absmax, x.abs().amax(0))
+    peaks = st.sample.tokens_and_weights()[0][:4]
+    torch.testing.assert_close(peaks.abs().amax(1), x.abs().amax(1).topk(4).values)  # X's peaks, not Q(X)'s
