@@ -23,9 +23,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dgq.config import QuantConfig
-from dgq.formats import amax_abs, quantize_activations
+from dgq.formats import amax_abs
 from dgq.models.adapters import Adapter, SmoothPair
-from dgq.quantizer import LayerReport, LinearStats, TokenSample, quantize_linear, static_input_scale
+from dgq.quantizer import LayerReport, LinearStats, TokenSample, quantize_linear
 from dgq.smooth import (
     column_absmax, expand_for_heads, fold_scales, percentile_scales, reduce_for_heads, smoothquant_scales,
 )
@@ -190,18 +190,10 @@ class FloatReference:
             chunk[name] = chunk[name] / k_in
 
 
-def _add_products(st: LinearStats, x: torch.Tensor, x_fp: torch.Tensor | None) -> None:
-    """``H += xᵀx`` (upper blocks) and, when ``st`` keeps a drift, ``drift += xᵀ(x_fp - x)``."""
-    add_gram_upper(st.h, x)
-    if st.drift is not None:  # X_fp - X per token first: H and XᵀX_fp would cancel in float32
-        st.drift.addmm_(x.t(), x_fp - x)
-
-
 @torch.no_grad()
 def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[torch.Tensor],
                   kwargs: list[dict[str, Any]], sample: bool = False,
                   reference: FloatReference | None = None, gram: tuple[bool, ...] | None = None,
-                  input_scale: Callable[[int, LinearStats], torch.Tensor] | None = None,
                   ) -> list[LinearStats]:
     """One pass of ``block``, accumulating ``H = XᵀX`` and channel maxima of each pair's activation (and with
     ``sample`` a :class:`TokenSample` of it, for the static activation scale search).
@@ -212,16 +204,10 @@ def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[
 
     ``gram`` says per pair whether its ``H`` (and drift) is needed; the others get their maxima only (``H`` left
     zero): true-sequential collects them again, and the ``k x k`` products are a third of a pass's work.
-
-    With ``input_scale`` (``static_input_fit``) ``H`` and the drift are those of the static-quantized inputs
-    ``Q(X)``: the pass keeps each pair's inputs, and once their maxima and token sample are complete,
-    ``input_scale(index, stats)`` gives the scale to quantize them with.  The maxima and the sample stay those of
-    ``X``, which the final scale search quantizes itself.
     """
     stats: list[LinearStats | None] = [None] * len(pairs)
     total = sum(h[..., 0].numel() for h in hidden)
     gram = gram or (True,) * len(pairs)
-    kept: list[list[torch.Tensor]] = [[] for _ in pairs]  # the inputs whose products wait for ``input_scale``
     for chunk, (h, kw) in enumerate(zip(hidden, kwargs)):
         xs, _ = _consumer_inputs(block, pairs, h, kw)
         x_fps: list[torch.Tensor | None] = [None] * len(xs)
@@ -235,23 +221,14 @@ def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[
                     torch.zeros(k, k, device=x.device), torch.zeros(k, device=x.device), 0,
                     TokenSample(total) if sample else None,
                     None if x_fp is None or not gram[index] else torch.zeros(k, k, device=x.device))
-            if gram[index] and input_scale is not None:
-                kept[index].append(x)
-            elif gram[index]:
-                _add_products(st, x, x_fp)
+            if gram[index]:
+                add_gram_upper(st.h, x)
+            if st.drift is not None:  # X_fp - X per token first: H and XᵀX_fp would cancel in float32
+                st.drift.addmm_(x.t(), x_fp - x)
             if st.sample is not None:
                 st.sample.add(x, x_fp)
             torch.maximum(st.absmax, amax_abs(x, 0), out=st.absmax)
             st.tokens += x.shape[0]
-    for index, xs in enumerate(kept):
-        if not xs:
-            continue
-        scale = input_scale(index, stats[index])  # type: ignore[misc, arg-type]
-        for chunk, x in enumerate(xs):
-            x_fp = None if reference is None else reference.activations(chunk, pairs, kwargs[chunk])[index]
-            x_q, s_x = quantize_activations(x, scale)
-            _add_products(stats[index], x_q.float() * s_x, x_fp)  # type: ignore[arg-type]
-        xs.clear()
     for st in stats:
         st.h = mirror_upper(st.h)
     return stats  # type: ignore[return-value]
@@ -339,20 +316,14 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         # the block is still float here; its float outputs are the next block's float inputs
         reference = None if hidden_fp is None else FloatReference(
             block, hidden_fp, None if last else [], [] if config.true_sequential else None)
-        # with static_input_fit the first activation's H too is collected again, on the smoothed block's Q(X)
-        again = [config.true_sequential and (j > 0 or config.static_input_fit) for j in range(len(adapter.pairs))]
-        stats = collect_stats(block, adapter.pairs, hidden, kwargs, sample, reference,
-                              tuple(not a for a in again))
+        gram = tuple(j == 0 or not config.true_sequential for j in range(len(adapter.pairs)))
+        stats = collect_stats(block, adapter.pairs, hidden, kwargs, sample, reference, gram)
         if reference is not None and reference.outputs is not None:
             hidden_fp = reference.outputs
         stats = smooth_block(block, adapter.pairs, stats, config, reference)
         for j, pair in enumerate(adapter.pairs):
-            if again[j]:  # statistics of the (smoothed) block with pairs < j quantized
-                scale = None
-                if config.static_input_fit:
-                    weights = [_module(block, c).weight for c in pair.consumers]
-                    scale = lambda _, st, weights=weights: static_input_scale(st, weights, config)  # noqa: E731
-                stats[j] = collect_stats(block, (pair,), hidden, kwargs, sample, reference, input_scale=scale)[0]
+            if config.true_sequential and j > 0:  # statistics of the (smoothed) block with pairs < j quantized
+                stats[j] = collect_stats(block, (pair,), hidden, kwargs, sample, reference)[0]
             report.layers += quantize_block(block, names[id(block)], (pair,), [stats[j]], config)
         del stats, reference  # this block's H matrices (on ``device``) must not live on while the next is calibrated
         if not last:

@@ -50,12 +50,6 @@ class QuantConfig:
                weights (:mod:`dgq.rotation`, Llama family only); the float model's function is unchanged.
     act_clip_grid: static activations only: clipping ratios in ``[act_clip_min, 1]`` of the calibration max tried
                per layer, scored on the layer's output error over a token sample; 1 keeps the max.
-    static_input_fit: static activations with ``float_target``: fit the weights on the static-quantized inputs
-               ``Q(X)`` rather than on ``X``.  A static scale is deterministic, so its rounding and clipping of the
-               calibration inputs are known before the weights are quantized: each activation's scale is searched
-               first (float weights), ``H`` and the drift are then accumulated on ``Q(X)`` (the target stays the
-               float model's outputs ``X_fp Wᵀ``), so that the fit and GPTQ also compensate what the activation
-               quantization will do; the final scale is searched again with the quantized weight.
     """
 
     method: str = "dgq"
@@ -86,7 +80,6 @@ class QuantConfig:
     rotate: bool = False
     act_clip_grid: int = 1
     act_clip_min: float = 0.3
-    static_input_fit: bool = False
 
     def __post_init__(self) -> None:
         choices = {"weight": WEIGHT_FORMATS, "act": ACT_MODES, "smoothing": SMOOTHINGS}
@@ -131,10 +124,6 @@ class QuantConfig:
             raise ConfigError("act_clip_grid must be >= 1 and act_clip_min in (0, 1]")
         if self.act_clip_grid > 1 and self.act != "static":
             raise ConfigError("act_clip_grid searches the static activation scale; it needs act 'static'")
-        if self.static_input_fit and (self.act != "static" or not self.float_target):
-            # Only a static scale is known before the weights are quantized; per-token scales follow each token.
-            raise ConfigError("static_input_fit fits the weights on the static-quantized inputs; it needs act "
-                              "'static' and float_target")
         for name in ("nsamples", "seqlen", "calib_batch", "gptq_block"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -206,9 +195,6 @@ PRESETS |= {
     "dgq_rot": PRESETS["dgq_dynamic"] | dict(rotate=True),
     "dgq_rot_nosmooth": PRESETS["dgq_dynamic"] | dict(rotate=True, smoothing="none"),
 }
-# dgq_static_gptaq with the weights fitted on the static-quantized inputs Q(X), so that they also compensate the
-# activations' rounding and clipping.
-PRESETS["dgq_static_gptaq_qx"] = PRESETS["dgq_static_gptaq"] | dict(static_input_fit=True)
 # The default method is the best measured preset: under the full protocol (128 sequences, all 148 WikiText-2
 # windows, one device) GPTQ codes gave 25.035 against 25.679 for nearest rounding (RESULTS.md, issue 11).
 PRESETS["dgq"] = PRESETS["dgq_gptq"]

@@ -167,15 +167,6 @@ def _static_scale(stats: LinearStats, w: torch.Tensor, w_hat: torch.Tensor, conf
                             config.act_clip_min, target=target)
 
 
-def static_input_scale(stats: LinearStats, weights: list[torch.Tensor], config: QuantConfig) -> torch.Tensor:
-    """The static scale with which to quantize an activation's calibration inputs before ``H`` and the drift are
-    accumulated (``static_input_fit``): the weights are not quantized yet, so the search scores the activation
-    quantization alone, through the float weights of all the activation's consumers stacked (the sum of their
-    output errors).  The final scale of each consumer is searched again once its weight is quantized."""
-    w = torch.cat([wi.detach().float() for wi in weights])
-    return _static_scale(stats, w, w, config, w)
-
-
 def float_target_ridge(stats: LinearStats, config: QuantConfig) -> float:
     """The ridge of the float-output fit, as a fraction of mean diag H: ``float_target_damp``, times
     ``float_target_tokens / tokens`` when ``float_target_tokens`` is set.
