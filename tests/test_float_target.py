@@ -195,3 +195,12 @@ def test_token_scaled_ridge_grows_as_tokens_shrink_and_is_the_plain_ridge_at_its
     assert float_target_ridge(stats(4000), scaled) == 0.5
     with pytest.raises(ConfigError):
         preset("dgq_gptaq", float_target_tokens=-1)
+
+
+def test_static_gptaq_fine_only_widens_and_refines_the_clipping_grid():
+    base, fine = preset("dgq_static_gptaq"), preset("dgq_static_gptaq_fine")
+    changed = {k for k, v in fine.to_dict().items() if base.to_dict()[k] != v}
+    assert changed == {"method", "act_clip_grid", "act_clip_min"}
+    assert fine.act_clip_min < base.act_clip_min
+    step = lambda c: (1 - c.act_clip_min) / (c.act_clip_grid - 1)  # noqa: E731
+    assert step(fine) < step(base)
