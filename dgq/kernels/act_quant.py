@@ -52,6 +52,14 @@ def _maximum(a, b):
 
 
 @triton.jit
+def _dynamic_scale(abs_x):
+    """A row's scale from its magnitudes ``abs_x`` (1-D, zeros where masked): absmax / 127 with IEEE division,
+    clamped as the reference does.  Every kernel that quantizes activations calls this one, so they agree bit for
+    bit."""
+    return tl.maximum(tl.math.div_rn(tl.reduce(abs_x, 0, _maximum), 127.0), _MIN_SCALE)
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, DYNAMIC: tl.constexpr,
                       BLOCK: tl.constexpr, ON_GPU: tl.constexpr):
     if ON_GPU:  # let the GEMM that consumes the codes launch now (it waits for this grid to finish: gdc_wait)
@@ -63,7 +71,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, 
     if BLOCK >= K:  # the whole row fits in registers: one read
         x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
         if DYNAMIC:
-            scale = tl.maximum(tl.math.div_rn(tl.reduce(tl.abs(x), 0, _maximum), 127.0), _MIN_SCALE)
+            scale = _dynamic_scale(tl.abs(x))
             tl.store(s_ptr + row, scale)
         else:
             scale = tl.load(s_ptr)
@@ -74,7 +82,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, 
             for i in range((K + BLOCK - 1) // BLOCK):
                 c = i * BLOCK + cols
                 amax = tl.maximum(amax, tl.abs(tl.load(x_row + c, mask=c < K, other=0.0).to(tl.float32)))
-            scale = tl.maximum(tl.math.div_rn(tl.reduce(amax, 0, _maximum), 127.0), _MIN_SCALE)
+            scale = _dynamic_scale(amax)
             tl.store(s_ptr + row, scale)
         else:
             scale = tl.load(s_ptr)

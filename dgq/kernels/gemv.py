@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dgq.kernels.act_quant import _MIN_SCALE, _maximum, _round_clamp_s8
+from dgq.kernels.act_quant import _dynamic_scale, _round_clamp_s8
 from dgq.kernels.gemm import KernelWeight, _use_asm, launch_options, widen_ptx
 
 # pack=1: s2 / c * 0x01010101 of the low nibbles are $3 / $4, of the high $5 / $6 (see dgq.kernels.gemm.widen_ptx).
@@ -191,7 +191,7 @@ def _row_scale(x_row, K: tl.constexpr, X_BLOCK: tl.constexpr):
     for i in tl.static_range((K + X_BLOCK - 1) // X_BLOCK):
         c = i * X_BLOCK + cols
         amax = tl.maximum(amax, tl.abs(tl.load(x_row + c, mask=c < K, other=0.0).to(tl.float32)))
-    return tl.maximum(tl.math.div_rn(tl.reduce(amax, 0, _maximum), 127.0), _MIN_SCALE)
+    return _dynamic_scale(amax)
 
 
 @triton.jit
