@@ -93,8 +93,6 @@ def pairs(json_path: str | None, ms: list[int]) -> None:
     where the pair loses more than the act-quant's own time, the two kernels slow each other down."""
     from gemm import SHAPES, operand_sets, time_graph
 
-    from dgq.kernels import gemm
-
     rows = []
     for k, n in SHAPES:
         sets = operand_sets(k, n)
@@ -111,23 +109,35 @@ def pairs(json_path: str | None, ms: list[int]) -> None:
                 times["dispatch_codes_in"] = time_graph([lambda o=o: a8w4_mm(o.x_s8, o.s_x, o.kw) for o in sets])
                 del w8
                 for pdl in (True, False):
-                    gemm.PDL = pdl
-                    times[f"linear pdl={int(pdl)}"] = time_graph([lambda o=o: a8w4_linear(o.x16, o.kw) for o in sets])
-                gemm.PDL = True
+                    times[f"linear pdl={int(pdl)}"] = _timed_with_pdl(pdl, [lambda o=o: a8w4_linear(o.x16, o.kw)
+                                                                            for o in sets])
             regime = next(r for r in sorted(PAIR_CONFIGS) if m <= r)
             for cfg in dict.fromkeys([config_for(m, n), *PAIR_CONFIGS[regime]]):
                 times[f"gemm {cfg}"] = time_graph([lambda o=o, c=cfg: ws_a8w4_matmul(o.x_s8, o.kw, o.s_x, config=c)
                                                    for o in sets])
                 for pdl in (True, False):
-                    gemm.PDL = pdl
-                    times[f"pair pdl={int(pdl)} {cfg}"] = time_graph([lambda o=o, c=cfg: _pair(o, c) for o in sets])
-                gemm.PDL = True
+                    times[f"pair pdl={int(pdl)} {cfg}"] = _timed_with_pdl(pdl, [lambda o=o, c=cfg: _pair(o, c)
+                                                                                for o in sets])
             rows += [{"K": k, "N": n, "M": m, "kernel": name, "ms": t} for name, t in times.items()]
             print(f"K={k} N={n} M={m}: " + ", ".join(f"{name} {t * 1e3:.1f}" for name, t in times.items()) + " (us)",
                   flush=True)
             if json_path:
                 with open(json_path, "w") as f:
                     json.dump({"rows": rows}, f, indent=1)
+
+
+def _timed_with_pdl(pdl: bool, calls: list) -> float:
+    """``time_graph(calls)`` with programmatic dependent launch on or off (:data:`dgq.kernels.gemm.PDL`), restored
+    after."""
+    from gemm import time_graph
+
+    from dgq.kernels import gemm
+
+    saved, gemm.PDL = gemm.PDL, pdl
+    try:
+        return time_graph(calls)
+    finally:
+        gemm.PDL = saved
 
 
 def _pair(o, cfg: WsConfig) -> torch.Tensor:

@@ -25,7 +25,7 @@ class QuantLinear(nn.Module):
 
     Its buffers are in the layout the CUDA kernels read (:mod:`dgq.packing`, :class:`dgq.kernels.gemm.KernelWeight`),
     so a model holds each packed weight once: ``codes`` uint8 ``[out, in / 2]`` (tiled), ``s2t`` int8 and ``zpt``
-    uint8 ``[in / g, out]``, ``s1`` float32 ``[out]``, and the one-token GEMV's self-cleaning int32 slots
+    uint8 ``[in / g, out]``, ``s1`` float32 ``[out]``, and the self-cleaning int32 split-K arrival counters
     ``split_scratch`` ``[2 out]`` (not saved).  The checkpoint stores the format's own layout (``weight``, ``s2``,
     ``zp``, :meth:`stored_tensors`); :meth:`load_stored` converts it back, both exactly.
     The only derived tensor is the CPU reference's widened int8 weight, cached under one rule: dropped whenever the

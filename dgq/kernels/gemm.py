@@ -73,7 +73,8 @@ class KernelWeight:
 
     ``codes`` uint8 ``[N, K/2]`` (module docstring: per ``tile_k`` tile, byte j = codes of k j and tile_k/2 + j);
     ``s2t`` int8 and ``zpt`` uint8 ``[K/g, N]``; ``s1`` fp32 ``[N]``; ``split_scratch`` int32 ``[2 N]`` zeros, the
-    one-token GEMV's split-K slots (:mod:`dgq.kernels.gemv`), which every call leaves zeroed.
+    per-tile split-K arrival counters of the GEMV and the warp-specialized kernel (:mod:`dgq.kernels.gemv`,
+    :mod:`dgq.kernels.gemm_ws`), which every call leaves zeroed.
     """
 
     codes: torch.Tensor

@@ -352,10 +352,10 @@ def ws_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | Non
     grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm), cfg.split)
     if cfg.split > 1 and grid[0] * grid[1] > dummy.numel():
         raise AssertionError(f"{grid[0] * grid[1]} split-K tiles exceed the layer's {dummy.numel()} count slots")
-    pdl = bool(launch_options(x.device))
+    options = launch_options(x.device)
     _ws_a8w4_kernel[grid](*descriptors(x, kw, cfg), sx, kw.s1, bias if bias is not None else dummy, out, ws, dummy,
                           m, n, k, int(epilogue and sx.numel() > 1), GROUP=kw.group_size, BN=cfg.bn, BM=cfg.bm,
                           STAGES=cfg.stages, SPLIT=cfg.split, WIDEN_REGS=cfg.widen_regs, EPILOGUE=epilogue,
-                          HAS_BIAS=bias is not None, PDL=pdl, num_warps=cfg.mma_warps, maxnreg=cfg.maxnreg,
-                          **launch_options(x.device))
+                          HAS_BIAS=bias is not None, PDL=bool(options), num_warps=cfg.mma_warps,
+                          maxnreg=cfg.maxnreg, **options)
     return out

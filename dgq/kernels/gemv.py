@@ -230,6 +230,7 @@ def a8w4_gemv_float(x: torch.Tensor, kw: KernelWeight, static_scale: torch.Tenso
     if x.dim() != 2 or x.shape[1] != kw.in_features or not x.is_floating_point():
         raise ValueError(f"x must be a float [M, {kw.in_features}], got {x.dtype}{list(x.shape)}")
     x = x if x.stride(1) == 1 else x.contiguous()
+    # dynamic: the kernel computes each row's scale itself and never reads sx_ptr (any fp32 tensor stands in)
     sx = kw.s1 if static_scale is None else static_scale.detach().to(device=x.device, dtype=torch.float32).reshape(1)
     return _launch(x, x.stride(0), kw, sx, 0, bias, out_dtype, config, fuse_quant=True,
                    dynamic=static_scale is None)

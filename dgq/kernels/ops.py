@@ -19,8 +19,8 @@ compiler each is one opaque call with no Python inside the captured graph; a CUD
   gave 4 of 40 row scales and one code different from the reference (``pytest -m cuda``,
   ``test_warp_specialized_layer_compiles_and_replays``), so its outputs were no longer the eager kernels'.
 
-The GEMV's split-K slots (``split_scratch``) are written and left zeroed by every call, so ``dgq::a8w4_mm``
-declares no mutation: no caller can observe one.
+The split-K arrival counters (``split_scratch``) are counted up and rearmed to zero by every call, so
+``dgq::a8w4_mm`` declares no mutation: no caller can observe one.
 """
 
 from __future__ import annotations
