@@ -50,11 +50,23 @@ def test_gemm_operator_passes_opcheck(m: int) -> None:
     assert not layer.split_scratch.any()
 
 
+@pytest.mark.parametrize("m,act", [(1, "dynamic"), (3, "dynamic"), (1, "static"), (3, "static")])
+def test_linear_operator_passes_opcheck(m: int, act: str) -> None:
+    """The whole-layer operator (what a compiled CUDA graph calls: act-quant and GEMM, or the GEMV quantizing
+    inside at one token) agrees with its fake implementation and equals the exact reference."""
+    layer = _layer(128, 256, 64, act=act, bias=True, seed=2)
+    x = torch.randn(m, 256)
+    static = layer.act_scale if act == "static" else None
+    args = (x, layer.codes, layer.s2t, layer.zpt, layer.s1, layer.split_scratch, 64, static, layer.bias,
+            torch.float32)
+    torch.library.opcheck(torch.ops.dgq.a8w4_linear, args, test_utils=("test_schema", "test_faketensor"))
+    assert torch.equal(torch.ops.dgq.a8w4_linear(*args), layer.forward_reference(x))
+    assert not layer.split_scratch.any()
+
+
 def test_quantize_operators_pass_opcheck() -> None:
     x = torch.randn(5, 192)
     torch.library.opcheck(torch.ops.dgq.quantize_activations, (x,), test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.dgq.quantize_activations_static, (x, torch.tensor(0.02)),
-                          test_utils=("test_schema", "test_faketensor"))
     q, s = torch.ops.dgq.quantize_activations(x)
     want_q, want_s = quantize_activations(x)
     assert torch.equal(q, want_q) and torch.equal(s, want_s)

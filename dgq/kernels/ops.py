@@ -1,26 +1,33 @@
 """dgq's kernels as PyTorch operators, so that ``torch.compile`` and CUDA graphs capture a whole model step.
 
 Five operators (``torch.library.custom_op``, each with a fake implementation that gives the output's shape and
-dtype without running anything): ``dgq::quantize_activations`` (dynamic, per token), ``dgq::quantize_activations_
-static``, ``dgq::a8w4_mm`` (the GEMM paths of :mod:`dgq.kernels.linear`), ``dgq::int8_mm`` (the int8 GEMM on an
-int8 weight: W8A8 layers, the benchmarks' peer) and ``dgq::decode_attention`` (:mod:`dgq.attention`).  To the
-compiler each is one opaque call with no Python inside the captured graph; a CUDA graph replays their kernels.
+dtype without running anything): ``dgq::a8w4_linear`` (a whole A8W4 layer from float activations, dynamic or static
+scale: what :func:`dgq.kernels.linear.a8w4_linear` runs), ``dgq::quantize_activations`` (dynamic, per token: the
+W8A8 peer's), ``dgq::a8w4_mm`` (the GEMM paths of :mod:`dgq.kernels.linear` on int8 codes), ``dgq::int8_mm`` (the
+int8 GEMM on an int8 weight: W8A8 layers, the benchmarks' peer) and ``dgq::decode_attention``
+(:mod:`dgq.attention`).  To the compiler each is one opaque call with no Python inside the captured graph; a CUDA
+graph replays their kernels.
 
 :func:`quantized_linear` is what :meth:`dgq.nn.QuantLinear.forward_kernels` calls:
 
 * eagerly it calls the kernels' Python functions directly: the operator dispatch would only add host time to a
   launch-bound path, and the kernels are the same;
-* under ``torch.compile`` it goes through the operators.  Where :data:`ACT_QUANT_IN_GRAPH` allows it (the CPU), the
-  activation quantization is written in plain torch operations (:func:`dgq.formats.quantize_activations`, the
-  reference itself), which the compiler fuses into the kernel that produces the activation (the RMSNorm, the
-  SiLU-and-product, the attention output's copy): one launch less per layer, and inductor's C++ divides exactly.
-  On CUDA the graph calls ``dgq::quantize_activations`` instead: inductor's Triton code divides approximately
-  (``div.full``; torch's ``eager_numerics.division_rounding`` is off by default), and on the H100 the fused form
-  gave 4 of 40 row scales and one code different from the reference (``pytest -m cuda``,
-  ``test_warp_specialized_layer_compiles_and_replays``), so its outputs were no longer the eager kernels'.
+* compiled for CUDA it calls ``dgq::a8w4_linear``: the exact act-quant kernel then the GEMM (which launches early
+  and waits for the codes: programmatic dependent launch), or at one token on a narrow layer the GEMV that
+  quantizes inside (one launch).  Compiled for the CPU (:data:`ACT_QUANT_IN_GRAPH`), the activation quantization is
+  written in plain torch operations (:func:`dgq.formats.quantize_activations`, the reference itself), which the
+  compiler fuses into the kernel that produces the activation (the RMSNorm, the SiLU-and-product), and
+  ``dgq::a8w4_mm`` multiplies; inductor's C++ divides exactly.
+
+On CUDA the fused form is not the default: inductor's Triton code divides approximately (``div.full``), and on the
+H100 it gave 4 of 40 row scales and one code different from the reference (``pytest -m cuda``).  With
+``eager_numerics.division_rounding`` and ``emulate_precision_casts`` it is exact (the same test passes) but slower
+end to end: Llama-2-7B decode at batch 1, 303 tok/s against 322 through ``dgq::a8w4_linear`` (it gives up the
+one-launch GEMV on o_proj and down_proj, and emulates exact division and casts in every inductor kernel; the two
+were not measured apart: benchmarks/notes_e2e.md, session 7).
 
 The split-K arrival counters (``split_scratch``) are counted up and rearmed to zero by every call, so
-``dgq::a8w4_mm`` declares no mutation: no caller can observe one.
+``dgq::a8w4_mm`` and ``dgq::a8w4_linear`` declare no mutation: no caller can observe one.
 """
 
 from __future__ import annotations
@@ -48,16 +55,6 @@ def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
 
-@torch.library.custom_op("dgq::quantize_activations_static", mutates_args=())
-def _quantize_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return quantize_activations_triton(x, scale)[0]
-
-
-@_quantize_static.register_fake
-def _(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape, dtype=torch.int8)
-
-
 @torch.library.custom_op("dgq::a8w4_mm", mutates_args=())
 def _a8w4_mm(x_s8: torch.Tensor, s_x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor,
              s1: torch.Tensor, split_scratch: torch.Tensor, group_size: int, bias: torch.Tensor | None,
@@ -70,6 +67,21 @@ def _(x_s8: torch.Tensor, s_x: torch.Tensor, codes: torch.Tensor, s2t: torch.Ten
       s1: torch.Tensor, split_scratch: torch.Tensor, group_size: int, bias: torch.Tensor | None,
       out_dtype: torch.dtype) -> torch.Tensor:
     return x_s8.new_empty((x_s8.shape[0], codes.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("dgq::a8w4_linear", mutates_args=())
+def _a8w4_linear(x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor, s1: torch.Tensor,
+                 split_scratch: torch.Tensor, group_size: int, static_scale: torch.Tensor | None,
+                 bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    return a8w4_linear(x, KernelWeight.of(codes, s2t, zpt, s1, split_scratch, group_size), static_scale, bias,
+                       out_dtype)
+
+
+@_a8w4_linear.register_fake
+def _(x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor, s1: torch.Tensor,
+      split_scratch: torch.Tensor, group_size: int, static_scale: torch.Tensor | None, bias: torch.Tensor | None,
+      out_dtype: torch.dtype) -> torch.Tensor:
+    return x.new_empty((x.shape[0], codes.shape[0]), dtype=out_dtype)
 
 
 @torch.library.custom_op("dgq::int8_mm", mutates_args=())
@@ -103,13 +115,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.ops.dgq.decode_attention(q, k, v, mask, scale)
 
 
-def _quantize(x: torch.Tensor, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Int8 codes and scales of ``x`` for a compiled graph (module docstring: in the graph or dgq's operator)."""
+def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 codes and scales of ``x`` for a compiled graph (module docstring: in the graph or dgq's
+    operator)."""
     if ACT_QUANT_IN_GRAPH.get(x.device.type, False):
-        return quantize_activations(x, static_scale)
-    if static_scale is None:
-        return torch.ops.dgq.quantize_activations(x)
-    return torch.ops.dgq.quantize_activations_static(x, static_scale), static_scale
+        return quantize_activations(x)
+    return torch.ops.dgq.quantize_activations(x)
 
 
 def int8_linear(x: torch.Tensor, w_s8: torch.Tensor, s1: torch.Tensor, bias: torch.Tensor | None = None,
@@ -118,7 +129,7 @@ def int8_linear(x: torch.Tensor, w_s8: torch.Tensor, s1: torch.Tensor, bias: tor
     if not torch.compiler.is_compiling():
         x_s8, s_x = quantize_activations_triton(x)
         return int8_matmul(x_s8, w_s8, s_x, s1, bias, out_dtype)
-    x_s8, s_x = _quantize(x, None)
+    x_s8, s_x = _quantize(x)
     return torch.ops.dgq.int8_mm(x_s8, s_x, w_s8, s1, bias, out_dtype)
 
 
@@ -129,5 +140,10 @@ def quantized_linear(x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zp
     if not torch.compiler.is_compiling():
         kw = KernelWeight.of(codes, s2t, zpt, s1, split_scratch, group_size)
         return a8w4_linear(x, kw, static_scale, bias, out_dtype)
-    x_s8, s_x = _quantize(x, static_scale)
+    if not ACT_QUANT_IN_GRAPH.get(x.device.type, False):
+        # detached as the eager kernels' output is (no gradient flows through rounding), so that a model compiled
+        # with grad mode on does not make the compiler trace a backward the operator does not have
+        return torch.ops.dgq.a8w4_linear(x.detach(), codes, s2t, zpt, s1, split_scratch, group_size, static_scale, bias,
+                                         out_dtype)
+    x_s8, s_x = quantize_activations(x, static_scale)
     return torch.ops.dgq.a8w4_mm(x_s8, s_x, codes, s2t, zpt, s1, split_scratch, group_size, bias, out_dtype)
