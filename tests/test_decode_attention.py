@@ -65,6 +65,29 @@ def test_a_chunk_with_nothing_to_attend_to_weighs_nothing():
     torch.testing.assert_close(got.float(), reference(q, k, v, mask, 0.125), atol=2e-3, rtol=2e-3)
 
 
+def test_splits_cover_the_sms_before_chunks_shrink():
+    """128-position chunks (on the CPU interpreter the "GPU" has 8 SMs), halved only while the programs would not
+    cover the SMs once, never below one step of the kernel."""
+    cpu = torch.device("cpu")
+    assert num_splits(4, 512, cpu) == 4  # 4 x 4 chunks of 128 cover 8 SMs
+    assert num_splits(1, 512, cpu) == 8  # 4 chunks of 128 would not: chunks of 64
+    assert num_splits(1, 100, cpu) == 2  # not below one 64-position step
+
+
+@pytest.mark.parametrize("config", [{"waves": 2, "min_chunk": 64, "block_n": 64, "v_early": False},
+                                    {"waves": 16, "min_chunk": 128, "block_n": 32, "v_early": True}])
+def test_the_probe_variants_equal_the_reference(config):
+    """The variants benchmarks/decode_attention_probe.py times (V after or with K, other chunks and steps) compute
+    the same attention, over a masked cache of several chunks with grouped-query heads."""
+    gen = torch.Generator().manual_seed(4)
+    kv_len = 6 * BLOCK_N
+    q, k, v = (torch.randn(2, 4, n, 64, generator=gen).half().to(DEVICE) for n in (1, kv_len, kv_len))
+    k, v = k[:, :2], v[:, :2]
+    mask = (torch.arange(kv_len) < kv_len - 40)[None, None, None, :].expand(2, 1, 1, kv_len).to(DEVICE)
+    got = decode_attention(q, k, v, mask, 0.125, config)
+    torch.testing.assert_close(got.float(), reference(q, k, v, mask, 0.125), atol=2e-3, rtol=2e-3)
+
+
 @pytest.mark.parametrize("shape, why", [((1, 4, 2, 64), "one query token"), ((1, 3, 1, 64), "multiple")])
 def test_unsupported_shapes_are_refused(shape, why):
     q = torch.zeros(shape, dtype=torch.float16)

@@ -25,6 +25,10 @@ import triton.language as tl
 
 BLOCK_N = 64  # cache positions per inner step
 BLOCK_G = 16  # query heads per KV head, padded to the smallest tensor-core tile
+# The rule (benchmarks/decode_attention_probe.py on the H100, cold-L2 graphs, BENCHMARKS.md): split each (batch, KV
+# head)'s cache into chunks of at least `min_chunk` positions until there are `waves` programs per SM; `block_n`
+# positions per inner step; V requested with K (`v_early`); `num_warps` per program.
+CONFIG = {"waves": 16, "min_chunk": 128, "block_n": BLOCK_N, "v_early": True, "num_warps": 4}
 
 
 @triton.jit
@@ -42,7 +46,7 @@ def _decode_attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, kv_le
                             stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                             stride_mb, kv_heads, splits,
                             GROUPS: tl.constexpr, D: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_G: tl.constexpr):
+                            BLOCK_G: tl.constexpr, V_EARLY: tl.constexpr):
     """Partial attention of the ``GROUPS`` query heads of one KV head over one chunk of the cache."""
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // kv_heads, pid_bh % kv_heads
@@ -61,6 +65,9 @@ def _decode_attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, kv_le
         inside = offs < end
         k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs[:, None] * stride_kn + d[None, :],
                     mask=inside[:, None], other=0.0)
+        if V_EARLY:  # V requested with K, before the scores need K: two blocks of loads in flight, not one
+            v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs[:, None] * stride_vn + d[None, :],
+                        mask=inside[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
         keep = inside
         if HAS_MASK:
@@ -70,8 +77,9 @@ def _decode_attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, kv_le
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing to attend to yet
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m_i - m_safe)
-        v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs[:, None] * stride_vn + d[None, :],
-                    mask=inside[:, None], other=0.0)
+        if not V_EARLY:
+            v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs[:, None] * stride_vn + d[None, :],
+                        mask=inside[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         l_i = l_i * alpha + tl.reduce(p, 1, _add)
         m_i = m_new
@@ -106,10 +114,16 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
-def num_splits(programs: int, kv_len: int, device: torch.device) -> int:
-    """Chunks per (batch, KV head): enough programs for two waves of the GPU's SMs, each chunk at least one
-    ``BLOCK_N`` step."""
-    return max(1, min(triton.cdiv(2 * _sm_count(device), programs), triton.cdiv(kv_len, BLOCK_N)))
+def num_splits(programs: int, kv_len: int, device: torch.device, waves: int = CONFIG["waves"],
+               min_chunk: int = CONFIG["min_chunk"], block_n: int = BLOCK_N) -> int:
+    """Chunks per (batch, KV head): enough for ``waves`` programs per SM of the GPU, none shorter than ``min_chunk``
+    positions (a chunk's partial result costs a write and a merge), halved down to one ``block_n`` step while the
+    programs would not cover the SMs once (Llama-3-8B at batch 1: 8 KV heads; 8.8 us in 128-position chunks, 7.6 in
+    64-position ones)."""
+    sms = _sm_count(device)
+    while min_chunk > block_n and programs * triton.cdiv(kv_len, min_chunk) < sms:
+        min_chunk //= 2
+    return max(1, min(triton.cdiv(waves * sms, programs), triton.cdiv(kv_len, min_chunk)))
 
 
 def supports(q_heads: int, kv_heads: int, dim: int) -> bool:
@@ -119,10 +133,12 @@ def supports(q_heads: int, kv_heads: int, dim: int) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float) -> torch.Tensor:
+                     scale: float, config: dict | None = None) -> torch.Tensor:
     """``softmax(q kᵀ · scale, masked) v`` for one query token: ``q [B, Hq, 1, D]``, ``k``/``v [B, Hkv, L, D]``
     (``Hq`` a multiple of ``Hkv``), ``mask`` bool ``[B, 1, 1, L]`` or ``None``; returns ``[B, 1, Hq, D]`` (the layout
-    transformers' attention functions return)."""
+    transformers' attention functions return).  ``config`` (keys of :data:`CONFIG`) replaces the rule's values (the
+    probe's variants)."""
+    cfg = {**CONFIG, **(config or {})}
     batch, q_heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     if q_len != 1 or not supports(q_heads, kv_heads, dim):
@@ -136,8 +152,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
             raise ValueError(f"decode attention takes a boolean mask over the {kv_len} cache positions, got "
                              f"{mask.dtype}{list(mask.shape)}")
         mask = mask.reshape(mask.shape[0], -1, kv_len)[:, -1].expand(batch, kv_len).view(torch.uint8)
-    splits = num_splits(batch * kv_heads, kv_len, q.device)
-    chunk = triton.cdiv(triton.cdiv(kv_len, splits), BLOCK_N) * BLOCK_N
+    block_n = cfg["block_n"]
+    splits = num_splits(batch * kv_heads, kv_len, q.device, cfg["waves"], max(cfg["min_chunk"], block_n), block_n)
+    chunk = triton.cdiv(triton.cdiv(kv_len, splits), block_n) * block_n
     splits = triton.cdiv(kv_len, chunk)
     partial = torch.empty(batch * q_heads * splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch * q_heads * splits, dtype=torch.float32, device=q.device)
@@ -145,7 +162,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         q, k, v, mask if mask is not None else lse, partial, lse, kv_len, chunk, scale,  # (lse: unread stand-in)
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         mask.stride(0) if mask is not None else 0, kv_heads, splits,
-        GROUPS=q_heads // kv_heads, D=dim, HAS_MASK=mask is not None, BLOCK_N=BLOCK_N, BLOCK_G=BLOCK_G)
+        GROUPS=q_heads // kv_heads, D=dim, HAS_MASK=mask is not None, BLOCK_N=block_n, BLOCK_G=BLOCK_G,
+        V_EARLY=cfg["v_early"], num_warps=cfg["num_warps"])
     out = torch.empty(batch, 1, q_heads, dim, dtype=v.dtype, device=q.device)
     _decode_attention_merge[(batch * q_heads,)](partial, lse, out, splits, D=dim,
                                                 BLOCK_S=triton.next_power_of_2(splits))

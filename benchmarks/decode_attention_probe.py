@@ -1,0 +1,80 @@
+"""Variants of dgq's split-KV decode attention (:mod:`dgq.kernels.decode_attention`) against SDPA, per decode shape.
+
+A decode step's attention reads the whole KV cache once per layer and does little arithmetic, so its floor is the
+cache's bytes over the copy bandwidth.  Each variant (programs per SM, cache positions per step, V requested with K,
+warps) is checked against an fp32 reference first, then timed in one CUDA graph over enough caches that each call
+finds its cache cold in L2, as a model's layer does.  Prints microseconds and the KV bytes' effective bandwidth.
+
+    PYTHONPATH=.:benchmarks python benchmarks/decode_attention_probe.py --json $OUT/decode_attention.json   # the H100
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from dgq.kernels.decode_attention import CONFIG, decode_attention
+
+CACHE_LEN, FILLED, DIM = 1088, 1040, 128  # the e2e benchmark's static cache: 1024-token context + steps
+SHAPES = [(b, hq, hkv) for hq, hkv in ((32, 32), (32, 8)) for b in (1, 8, 32)]  # Llama-2-7B, Llama-3-8B heads
+# the rule (CONFIG), the first kernel (two programs per SM, chunks of one step, V after the scores), and neighbours
+VARIANTS = [dict(CONFIG), {"waves": 2, "min_chunk": 64, "block_n": 64, "v_early": False, "num_warps": 4}] + [
+    {"waves": w, "min_chunk": c, "block_n": n, "v_early": True, "num_warps": nw}
+    for w, c, n, nw in ((2, 64, 64, 4), (4, 64, 64, 4), (16, 64, 64, 4), (16, 256, 64, 4), (8, 128, 64, 4),
+                        (4, 64, 32, 4), (16, 128, 128, 8))]
+L2_BYTES = 50 * 2**20
+
+
+def _name(cfg: dict) -> str:
+    return (f"w{cfg['waves']}_c{cfg['min_chunk']}_n{cfg['block_n']}_{'early' if cfg['v_early'] else 'late'}"
+            f"_nw{cfg['num_warps']}")
+
+
+def main() -> None:
+    from gemm import (  # benchmarks/gemm.py: one CUDA graph per timing
+        print_failures,
+        save_probe,
+        time_graph,
+    )
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows, failures = [], []
+    for batch, hq, hkv in SHAPES:
+        kv_bytes = 2 * batch * hkv * CACHE_LEN * DIM * 2
+        sets = []
+        for _ in range(max(2, 3 * L2_BYTES // kv_bytes + 1)):
+            q = torch.randn(batch, hq, 1, DIM, device="cuda", dtype=torch.float16)
+            k, v = (torch.randn(batch, hkv, CACHE_LEN, DIM, device="cuda", dtype=torch.float16) for _ in range(2))
+            sets.append((q, k, v))
+        mask = torch.zeros(batch, 1, 1, CACHE_LEN, dtype=torch.bool, device="cuda")
+        mask[..., :FILLED] = True
+        q, k, v = sets[0]
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                              enable_gqa=hq != hkv).transpose(1, 2)
+        gqa = hq != hkv
+        times = {"sdpa": time_graph([lambda q=q, k=k, v=v, mask=mask, gqa=gqa: F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=gqa) for q, k, v in sets])}
+        for cfg in VARIANTS:
+            out = decode_attention(q, k, v, mask, DIM ** -0.5, cfg)
+            if not torch.allclose(out.float(), want, atol=2e-3, rtol=2e-2):
+                failures.append(f"b{batch} {hq}/{hkv} {_name(cfg)}: max err {(out.float() - want).abs().max():.2e}")
+                continue
+            times[_name(cfg)] = time_graph([lambda q=q, k=k, v=v, cfg=cfg, mask=mask: decode_attention(
+                q, k, v, mask, DIM ** -0.5, cfg) for q, k, v in sets])
+        rows += [{"batch": batch, "q_heads": hq, "kv_heads": hkv, "cache_len": CACHE_LEN, "variant": name,
+                  "us": t * 1e3, "kv_tb_s": kv_bytes / t / 1e9} for name, t in times.items()]
+        best = min(times, key=times.get)
+        print(f"b{batch} heads {hq}/{hkv} (KV {kv_bytes / 2**20:.1f} MiB): "
+              + ", ".join(f"{name} {t * 1e3:.1f} us {kv_bytes / t / 1e9:.2f} TB/s" for name, t in times.items())
+              + f"; best {best}", flush=True)
+        save_probe(args.json, rows, failures)
+    print_failures(failures)
+
+
+if __name__ == "__main__":
+    main()
