@@ -12,7 +12,6 @@ graph over enough row sets to touch >= 256 MB).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 
 import torch
@@ -32,7 +31,11 @@ def _run(x: torch.Tensor, block: int, warps: int) -> tuple[torch.Tensor, torch.T
 
 
 def main() -> None:
-    from gemm import time_graph  # benchmarks/gemm.py: the same timing method
+    from gemm import (  # benchmarks/gemm.py: the same timing method
+        print_failures,
+        save_probe,
+        time_graph,
+    )
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None)
@@ -60,10 +63,8 @@ def main() -> None:
                 line.append(f"{block}/{warps}w {t * 1e3:.1f} us ({fewest / t / 1e6:.0f} GB/s)"
                             + (" rule" if (block, warps) == rule else ""))
             print(f"M={m} K={k}: " + ", ".join(line), flush=True)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({"rows": rows, "failures": failures}, f, indent=1)
-    print(f"{len(failures)} failures", *failures, sep="\n")
+            save_probe(args.json, rows, failures)
+    print_failures(failures)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,16 @@ def call_bytes(name: str, m: int, k: int, n: int) -> float:
     return w + x + m * n * (4 if name == "int_mm" else 2)
 
 
+def save_probe(path: str | None, rows: list[dict], failures: list[str]) -> None:
+    """A probe's rows and failed checks so far, rewritten after every shape (a later crash loses nothing measured)."""
+    if path:
+        Path(path).write_text(json.dumps({"rows": rows, "failures": failures}, indent=1))
+
+
+def print_failures(failures: list[str]) -> None:
+    print(f"{len(failures)} failures", *failures, sep="\n")
+
+
 def time_graph(calls: list[Callable[[], torch.Tensor]], reps: int = 15) -> float:
     """Median ms per call of replaying one CUDA graph that makes all ``calls`` once."""
     for c in calls:

@@ -28,6 +28,9 @@ W = WsConfig
 BIG = [W(64, 256, 4, 1), W(128, 256, 4, 1, 96, 128, 8), W(128, 128, 6, 1, 96, 128, 8)]
 # the act-quant + GEMM pair per M: the rule's configs and their neighbours in registers (1 or 2 CTAs per SM)
 PAIR_CONFIGS = {16: [W(64, 16, 6, s, 80, 80) for s in (1, 2, 4)] + [W(128, 16, 4, s, 80, 80) for s in (1, 2)],
+                # decode at batch 17-32: 32-token tiles, more K splits, two CTAs per SM
+                32: [W(128, 64, 4, s) for s in (1, 2, 4)] + [W(64, 32, 6, s, 80, 80) for s in (1, 2, 4)]
+                + [W(128, 32, 4, s, 80, 80) for s in (1, 2)] + [W(64, 64, 6, s, 80, 80) for s in (2, 4)],
                 64: [W(128, 64, 4, 1), W(128, 64, 4, 1, 80, 80), W(128, 64, 4, 2), W(128, 64, 4, 2, 80, 80),
                      W(64, 64, 6, 1, 80, 80), W(64, 64, 6, 2, 80, 80)],
                 256: [W(64, 128, 6, 1), W(128, 128, 6, 1, 128), W(64, 256, 4, 1), W(128, 256, 4, 1, 96, 128, 8)],
@@ -43,15 +46,16 @@ CANDIDATES = {16: [W(64, 16, st, s, 80, 80) for st in (6, 10) for s in (1, 2, 4)
               8192: [W(64, 128, 6, 1), W(128, 128, 6, 1, 128)] + BIG}
 
 
-def measure(json_path: str | None, ms: list[int]) -> None:
+def measure(json_path: str | None, ms: list[int], shapes: list[tuple[int, int]]) -> None:
     from gemm import (  # benchmarks/gemm.py: same operands and timing method
-        SHAPES,
         operand_sets,
+        print_failures,
+        save_probe,
         time_graph,
     )
 
     rows, failures = [], []
-    for k, n in SHAPES:
+    for k, n in shapes:
         sets = operand_sets(k, n)
         for m in ms:
             for o in sets:
@@ -81,20 +85,18 @@ def measure(json_path: str | None, ms: list[int]) -> None:
                   f"{times['dgq_path']:.4f}, rule "
                   f"{times[str(rule)]:.4f} ({times['fp16'] / times[str(rule)]:.2f}x), best {best[0]:.4f} {best[1]}",
                   flush=True)
-            if json_path:
-                with open(json_path, "w") as f:
-                    json.dump({"rows": rows, "failures": failures}, f, indent=1)
-    print(f"{len(failures)} failures", *failures, sep="\n")
+            save_probe(json_path, rows, failures)
+    print_failures(failures)
 
 
-def pairs(json_path: str | None, ms: list[int]) -> None:
+def pairs(json_path: str | None, ms: list[int], shapes: list[tuple[int, int]]) -> None:
     """The act-quant + GEMM pair as ``QuantLinear`` runs it (float activations in), per config of
     :data:`PAIR_CONFIGS`, with programmatic dependent launch on and off, beside the act-quant and the GEMM alone:
     where the pair loses more than the act-quant's own time, the two kernels slow each other down."""
-    from gemm import SHAPES, operand_sets, time_graph
+    from gemm import operand_sets, time_graph
 
     rows = []
-    for k, n in SHAPES:
+    for k, n in shapes:
         sets = operand_sets(k, n)
         for m in ms:
             for o in sets:
@@ -113,6 +115,15 @@ def pairs(json_path: str | None, ms: list[int]) -> None:
                                                                             for o in sets])
             regime = next(r for r in sorted(PAIR_CONFIGS) if m <= r)
             for cfg in dict.fromkeys([config_for(m, n), *PAIR_CONFIGS[regime]]):
+                try:  # a config the kernel cannot build (shared memory, tile shapes) is reported, not fatal
+                    ok = torch.equal(_pair(sets[0], cfg), a8w4_linear(sets[0].x16, sets[0].kw))
+                except Exception as e:  # noqa: BLE001
+                    ok, failed = False, f"{type(e).__name__}: {str(e)[:80]}"
+                else:
+                    failed = "not equal to the dispatch"
+                if not ok:
+                    print(f"  K={k} N={n} M={m} {cfg}: {failed}", flush=True)
+                    continue
                 times[f"gemm {cfg}"] = time_graph([lambda o=o, c=cfg: ws_a8w4_matmul(o.x_s8, o.kw, o.s_x, config=c)
                                                    for o in sets])
                 for pdl in (True, False):
@@ -152,8 +163,15 @@ def main() -> None:
     parser.add_argument("--pairs", action="store_true",
                         help="time the act-quant + GEMM pair per config instead (above M = 256 also the widen-once "
                              "parts)")
+    parser.add_argument("--shapes", default="gemm", choices=("gemm", "decode"),
+                        help="benchmarks/gemm.py's five shapes, or the decode step's fused layers "
+                             "(gemv_probe.DECODE_SHAPES: Llama-2-7B and Llama-3-8B)")
     args = parser.parse_args()
-    (pairs if args.pairs else measure)(args.json, [int(m) for m in args.ms.split(",")])
+    from gemm import SHAPES
+    from gemv_probe import DECODE_SHAPES
+
+    shapes = SHAPES if args.shapes == "gemm" else DECODE_SHAPES
+    (pairs if args.pairs else measure)(args.json, [int(m) for m in args.ms.split(",")], shapes)
 
 
 if __name__ == "__main__":

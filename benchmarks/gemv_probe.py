@@ -16,7 +16,6 @@ How the rules were chosen (benchmarks/notes_gemm.md); run it again when the kern
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
@@ -44,6 +43,8 @@ def measure(json_path: str | None, sweep: bool, fused: bool) -> None:
     from gemm import (  # benchmarks/gemm.py: same operands and timing method
         SHAPES,
         operand_sets,
+        print_failures,
+        save_probe,
         time_graph,
     )
 
@@ -88,11 +89,57 @@ def measure(json_path: str | None, sweep: bool, fused: bool) -> None:
         best = min((t, name) for name, t in times.items())
         print(f"K={k} N={n}: fp16 {times['fp16'] * 1e3:.1f} us; {shown} (rule {_name(rule)}); fastest {best[1]}",
               flush=True)
-        if json_path:
-            with open(json_path, "w") as f:
-                json.dump({"rows": rows, "failures": failures}, f, indent=1)
+        save_probe(json_path, rows, failures)
     print("medians vs fp16:", {key: round(statistics.median(v), 2) for key, v in ratios.items() if v})
-    print(f"{len(failures)} failures", *failures, sep="\n")
+    print_failures(failures)
+
+
+def _two_launches(o, kernel):
+    q, s = quantize_activations_triton(o.x16)
+    return kernel(q, o.kw, s)
+
+
+# (K, N) of the decode step's layers, q/k/v and gate/up fused: Llama-2-7B, then Llama-3-8B's that differ
+DECODE_SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (4096, 6144), (4096, 28672),
+                 (14336, 4096)]
+
+
+def decode_layers(json_path: str | None) -> None:
+    """Each decode layer shape at one token: the dispatch (:func:`dgq.kernels.linear.a8w4_linear`) beside the act-quant
+    + the GEMV, the GEMV quantizing inside, and the act-quant + the warp-specialized kernel, each checked equal to the
+    dispatch first (which is where :data:`dgq.kernels.linear.GEMV_MAX_N` and ``quantizes_inside`` are checked on the
+    model's own shapes)."""
+    from gemm import operand_sets, print_failures, save_probe, time_graph
+
+    from dgq.kernels import gemm_ws
+    from dgq.kernels.linear import a8w4_linear
+
+    rows, failures = [], []
+    for k, n in DECODE_SHAPES:
+        sets = operand_sets(k, n)
+        for o in sets:
+            o.set_acts(1)
+        o = sets[0]
+        want = a8w4_linear(o.x16, o.kw)
+        calls = {"fp16": lambda o: o.x16 @ o.w16.t(), "dispatch": lambda o: a8w4_linear(o.x16, o.kw),
+                 "act_quant+gemv": lambda o: _two_launches(o, gemv.a8w4_gemv),
+                 "gemv_inside": lambda o: gemv.a8w4_gemv_float(o.x16, o.kw),
+                 "act_quant+ws": lambda o: _two_launches(o, gemm_ws.ws_a8w4_matmul)}
+        times = {}
+        for name, fn in calls.items():
+            if name != "fp16" and not torch.equal(fn(o), want):
+                failures.append(f"K={k} N={n} {name}")
+                continue
+            times[name] = time_graph([lambda o=o, fn=fn: fn(o) for o in sets])
+            if name != "fp16" and (not torch.equal(fn(o), want) or o.kw.split_scratch.any()):
+                failures.append(f"K={k} N={n} {name} after replays")
+        rows += [{"K": k, "N": n, "M": 1, "kernel": name, "ms": t} for name, t in times.items()]
+        wbytes = o.kw.codes.numel() + 2 * o.kw.s2t.numel()
+        print(f"K={k} N={n}: " + ", ".join(f"{name} {t * 1e3:.1f} us ({wbytes / t / 1e9:.2f} TB/s)"
+                                          for name, t in times.items() if name != "fp16")
+              + f"; fp16 {times['fp16'] * 1e3:.1f} us", flush=True)
+        save_probe(json_path, rows, failures)
+    print_failures(failures)
 
 
 def main() -> None:
@@ -100,8 +147,13 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="write the rows here as they come")
     parser.add_argument("--sweep", action="store_true", help="time the config variants")
     parser.add_argument("--fused", action="store_true", help="time quantizing inside against two launches")
+    parser.add_argument("--decode", action="store_true",
+                        help="the decode step's layer shapes: each path at one token (instead of the other parts)")
     args = parser.parse_args()
-    measure(args.json, args.sweep, args.fused)
+    if args.decode:
+        decode_layers(args.json)
+    else:
+        measure(args.json, args.sweep, args.fused)
 
 
 if __name__ == "__main__":

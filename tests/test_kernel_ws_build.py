@@ -60,10 +60,13 @@ def test_rule_fills_the_gpu_with_ctas() -> None:
     assert gemm_ws.config_for(1, 8192) == gemm_ws.WsConfig(64, 16, 6, 2, 80, 80)
     assert gemm_ws.config_for(16, 11008) == gemm_ws.WsConfig(128, 16, 4, 2, 80, 80)
     assert gemm_ws.config_for(16, 28672) == gemm_ws.WsConfig(128, 16, 4, 1, 80, 80)
+    # 17..32 tokens: the same, in 32-token tiles
+    assert gemm_ws.config_for(17, 11008) == gemm_ws.WsConfig(128, 32, 4, 2, 80, 80)
+    assert gemm_ws.config_for(32, 4096) == gemm_ws.WsConfig(64, 32, 6, 4, 80, 80)
     # M <= 64: 128-row tiles, split in two while one CTA per SM still fits one wave; unsplit one CTA per SM while
     # the tiles fit one wave; two per SM only beyond
     assert gemm_ws.config_for(64, 8192) == gemm_ws.WsConfig(128, 64, 4, 2)
-    assert gemm_ws.config_for(17, 11008) == gemm_ws.WsConfig(128, 64, 4, 1)
+    assert gemm_ws.config_for(33, 11008) == gemm_ws.WsConfig(128, 64, 4, 1)
     assert gemm_ws.config_for(64, 28672) == gemm_ws.WsConfig(128, 64, 4, 1, 80, 80)
     # larger M: never split; 256-token tiles with two MMA warpgroups where they make >= 80 CTAs; else 64-row tiles
     # where 128-row ones leave SMs idle

@@ -111,7 +111,7 @@ def test_gemv_quantizing_inside_equals_the_two_launches(k: int, n: int, g: int, 
 
 
 WS_SHAPES = [(4096, 320, 128), (1024, 256, 64), (2048, 8448, 256)]  # (K, N, group) the warp-specialized kernel takes
-WS_CONFIGS = sorted({gemm_ws.config_for(m, n) for m in (16, 64, 256, 1023) for n in (4096, 8192, 11008, 28672)},
+WS_CONFIGS = sorted({gemm_ws.config_for(m, n) for m in (16, 32, 64, 256, 1023) for n in (4096, 8192, 11008, 28672)},
                     key=str) + [gemm_ws.WsConfig(128, 64, 4, 3), gemm_ws.WsConfig(64, 16, 6, 3, 80, 80)] \
     if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else []  # + splits of three
 
@@ -180,19 +180,23 @@ def test_captured_graph_survives_a_larger_call() -> None:
     assert torch.equal(big_out, a8w4_linear(big, kw))
 
 
-def test_warp_specialized_layer_compiles_and_replays() -> None:
+@pytest.mark.parametrize("in_graph", [False, True])
+def test_warp_specialized_layer_compiles_and_replays(in_graph: bool, monkeypatch) -> None:
     """A layer on the warp-specialized path (K tiles of 128, N a multiple of 64) under ``torch.compile(fullgraph)``
-    (dgq's act-quant and GEMM operators, :data:`dgq.kernels.ops.ACT_QUANT_IN_GRAPH`) and replayed from a CUDA graph
-    gives the eager kernels' output at 40 tokens.  With the act-quant in the graph it did not: inductor's Triton code
-    divides approximately (4 of 40 row scales differed on the H100)."""
+    and replayed from a CUDA graph gives the eager kernels' output at 40 tokens: through dgq's whole-layer operator,
+    and with the act-quant in the graph (:data:`dgq.kernels.ops.ACT_QUANT_IN_GRAPH`) when inductor divides exactly
+    (``eager_numerics.division_rounding``; without it 4 of 40 row scales differed on the H100)."""
     from dgq.bench import captured
+    from dgq.kernels import ops
 
+    monkeypatch.setitem(ops.ACT_QUANT_IN_GRAPH, "cuda", in_graph)
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(13)
     layer = QuantLinear.from_weight(random_weight(256, 1024, 128, gen), None, "dynamic").cuda()
     x = torch.randn(40, 1024, generator=gen).half().cuda()
     assert gemm_ws.supported(layer.kernel_layout(), x.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch._inductor.config.patch({"eager_numerics.division_rounding": in_graph,
+                                                                "emulate_precision_casts": in_graph}):
         want = layer(x)
         compiled = torch.compile(layer, fullgraph=True)
         out = torch.empty_like(want)
@@ -281,3 +285,22 @@ def test_decode_attention_on_a_real_cache_and_in_a_graph(batch, q_heads, kv_head
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out.float(), want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("attention", ["dgq", "sdpa"])
+def test_bench_measures_a_saved_model(attention: str, tmp_path) -> None:
+    """``dgq bench`` on a saved tiny DGQ model, with either decode attention: fused, compiled and captured, and
+    every row a positive figure that says how it was made."""
+    from dgq.api import bench, quantize, save
+    from dgq.config import preset
+    from helpers import make_model, make_tokenizer
+
+    torch._dynamo.reset()
+    model = make_model("llama")
+    ids = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(0))
+    quantize(model, ids, preset("dgq", group_size=64), device="cpu", progress=False)
+    save(model, tmp_path / "tiny", tokenizer=make_tokenizer())
+    rows = bench(tmp_path / "tiny", [32], [1, 4], context=64, decode_steps=4, repeats=2, attention=attention)
+    assert [r["phase"] for r in rows] == ["prefill", "decode", "decode"]
+    assert all(r["fused"] and r["attention"] == attention for r in rows)
+    assert all((r.get("ms") or r.get("tokens_per_s")) > 0 for r in rows)

@@ -260,8 +260,11 @@ def config_for(m: int, n: int, sms: int = 132) -> WsConfig:
     15 cold-L2 graph replays, benchmarks/notes_gemm.md "WS" runs).  The small-M kernel is latency-bound: each CTA
     keeps its ring's bytes in flight, so the rule fills the GPU with CTAs:
 
-    * M <= 16: 80 registers, so two CTAs share an SM; 64-row weight tiles (6 stages) unless they alone outnumber the
-      SMs (then 128 rows, 4 stages); K split in 2 or 4 while the CTAs still fit in one wave of two per SM;
+    * M <= 32: tiles of 16 (or 32) tokens, 80 registers, so two CTAs share an SM; 64-row weight tiles (6 stages)
+      unless they alone outnumber the SMs (then 128 rows, 4 stages); K split in 2 or 4 while the CTAs still fit in
+      one wave of two per SM.  At M = 32 this beat the 64-token rule below on all seven decode layer shapes of
+      Llama-2-7B / Llama-3-8B (act-quant + GEMM: 84.8 against 102.0 us per Llama-2 layer; 11008 x 4096: 21.8
+      against 31.3 us), within 7% of the best probed config on each;
     * M <= 64: 128-row tiles; K split in 2 where that keeps one wave of one CTA per SM; unsplit with one CTA per SM
       where the tiles still fit one wave, two per SM (80 registers) only where they do not.  Two CTAs per SM beside
       a running act-quant slowed the pair by half on 4096 x 11008 (31 vs 22 us: the early-launched CTAs' waiting
@@ -273,11 +276,11 @@ def config_for(m: int, n: int, sms: int = 132) -> WsConfig:
     K splits reduce through per-tile arrival counts (module docstring); at M = 256 a split lost 2-3x (the partial
     sums' traffic rivals the weight's), so none is used there.
     """
-    if m <= 16:
+    if m <= 32:
         bn = 128 if n // 64 > sms else 64
         tiles = n // bn
         split = max(s for s in (1, 2, 4) if s == 1 or tiles * s <= 2 * sms)
-        return WsConfig(bn, 16, 4 if bn == 128 else 6, split, 80, 80)
+        return WsConfig(bn, 16 if m <= 16 else 32, 4 if bn == 128 else 6, split, 80, 80)
     if m <= 64:
         tiles = n // 128
         if 2 * tiles <= sms:
