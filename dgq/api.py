@@ -356,12 +356,17 @@ def export(path: str | Path, out: str | Path, format: str, overwrite: bool = Fal
     return run(path, out, format, overwrite=overwrite)
 
 
+ATTENTIONS = ("dgq", "sdpa")
+
+
 def bench(path: str | Path, seqlens: list[int], decode_batches: list[int], context: int = 1024,
           decode_steps: int = 50, repeats: int = 10, prefill_mode: str = "graph",
-          decode_mode: str = "compiled") -> list[dict[str, Any]]:
+          decode_mode: str = "compiled", attention: str = "dgq") -> list[dict[str, Any]]:
     """Prefill latency (batch 1, each of ``seqlens``) and decode tokens/s (each of ``decode_batches``) of the
     checkpoint at ``path`` on the local GPU, one dict per measurement; the modes are :mod:`dgq.bench`'s.  The
-    projections are fused where the model allows it (the same outputs, fewer launches; each row says)."""
+    projections are fused where the model allows it (the same outputs, fewer launches; each row says).  Decode
+    steps attend with dgq's split-KV kernel (``attention="dgq"``, :mod:`dgq.attention`; what BENCHMARKS.md's
+    end-to-end figures use) or transformers' SDPA."""
     from dgq.bench import DECODE_MODES, PREFILL_MODES, decode, prefill
     from dgq.errors import DGQError
     from dgq.validate import at_least
@@ -371,6 +376,8 @@ def bench(path: str | Path, seqlens: list[int], decode_batches: list[int], conte
     if prefill_mode not in PREFILL_MODES or decode_mode not in DECODE_MODES:
         raise ConfigError(f"modes: prefill one of {', '.join(PREFILL_MODES)}, decode one of "
                           f"{', '.join(DECODE_MODES)}; got {prefill_mode!r}, {decode_mode!r}")
+    if attention not in ATTENTIONS:
+        raise ConfigError(f"attention: one of {', '.join(ATTENTIONS)}; got {attention!r}")
     if not torch.cuda.is_available():
         raise DGQError("dgq bench measures GPU speed and needs CUDA; none is available on this machine")
     from dgq.fuse import FusionError, fuse_projections
@@ -381,6 +388,14 @@ def bench(path: str | Path, seqlens: list[int], decode_batches: list[int], conte
         fuse_projections(model)
     except FusionError as exc:  # measured unfused, and every row says why
         fused = {"fused": False, "not_fused": str(exc)}
+    if attention == "dgq":
+        from dgq.attention import use_decode_attention
+
+        try:
+            use_decode_attention(model)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; measure it with --attention sdpa") from None
+    fused["attention"] = attention
     vocab = model.config.vocab_size
     rows: list[dict[str, Any]] = []
     for seqlen in seqlens:

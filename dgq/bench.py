@@ -209,10 +209,18 @@ CATEGORIES = (
     ("act_quant", ("act_quant",)),
     ("norm", ("rsqrt",)),
 )
+# inductor's generated kernels: named after every op of their fused region, consumers included
+# ("triton_red_fused__to_copy_a8w4_linear_add_mean_mul_pow_rsqrt" is an RMSNorm whose output feeds a GEMM)
+INDUCTOR_PREFIXES = ("triton_poi_", "triton_red_", "triton_per_")
 
 
 def category(kernel: str) -> str:
+    """The category of one kernel.  inductor's kernels are norms (``rsqrt``) or other fused element-wise work,
+    whatever else their names mention: a name like ``..._decode_attention_index_copy_...`` is the rotary embedding
+    and cache write before the attention, not the attention."""
     name = kernel.lower()
+    if name.startswith(INDUCTOR_PREFIXES):
+        return "norm" if "rsqrt" in name else "other"
     return next((cat for cat, keys in CATEGORIES if any(k in name for k in keys)), "other")
 
 
