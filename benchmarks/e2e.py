@@ -7,7 +7,7 @@ batch 8 x 1024), decode throughput (batch 1/8/32, 1024-token context, static KV 
 bytes.  Every format runs the same way (:mod:`dgq.bench`): compiled with ``torch.compile`` (each decoder block;
 ``--compile-scope whole`` for the model as one graph), the prefill captured in a CUDA graph per length and the
 decode step in one; ``--decode-modes`` / ``--prefill-modes`` add the other modes for comparison,
-and ``--profile`` adds a ``torch.profiler`` breakdown of one decode step and one 2048-token prefill.
+and ``--profile`` adds a ``torch.profiler`` breakdown of one decode step per batch and one 2048-token prefill.
 
     python benchmarks/e2e.py --out results/e2e_h100.json
 """
@@ -135,6 +135,12 @@ def measure(name: str, fmt: str, args: argparse.Namespace) -> list[dict]:
     torch._dynamo.config.recompile_limit = 512  # a graph per prefill shape and decode batch, each mode and scope
     torch._dynamo.config.accumulated_recompile_limit = 8192
     bench.SCOPE = args.compile_scope
+    if args.act_quant == "graph":  # the reference's torch ops, fused by inductor into the producer, divisions exact
+        from dgq.kernels import ops
+
+        ops.ACT_QUANT_IN_GRAPH["cuda"] = True
+        torch._inductor.config.eager_numerics.division_rounding = True
+        torch._inductor.config.emulate_precision_casts = True
     vocab = MODELS[name]["vocab_size"]
     rows: list[dict] = []
 
@@ -149,7 +155,7 @@ def measure(name: str, fmt: str, args: argparse.Namespace) -> list[dict]:
     gc.collect()
     wb, resident = weight_bytes(model), torch.cuda.memory_allocated()
     base = dict(model=name, format=fmt, weight_bytes=wb, resident_bytes=resident, fused=not args.no_fuse,
-                compile_scope=args.compile_scope, attention=args.attention)
+                compile_scope=args.compile_scope, attention=args.attention, act_quant=args.act_quant)
     print(f"{name} {fmt}: built in {time.perf_counter() - start:.0f} s, weights {wb / 2**30:.2f} GiB, "
           f"allocated {resident / 2**30:.2f} GiB", flush=True)
     for mode in args.prefill_modes.split(","):
@@ -169,19 +175,28 @@ def measure(name: str, fmt: str, args: argparse.Namespace) -> list[dict]:
             print(f"  decode {mode} b{batch}: {tps:.1f} tok/s, peak {peak / 2**30:.2f} GiB "
                   f"({time.perf_counter() - start:.0f} s incl. compile/capture)", flush=True)
     if args.profile:
-        step = DecodeStep(model, 1, 1024, vocab, args.decode_modes.split(",")[0], capture=False, steps=16)
-        forward = compiled(model, dynamic=True)
-        ids, mask = torch.randint(0, vocab, (1, 2048), device="cuda"), bench.causal_mask(1, 2048)
-        for phase, fn in (("decode b1", step.step),
-                          ("prefill 2048", lambda: forward(ids, attention_mask=mask, use_cache=False,
-                                                           logits_to_keep=1))):
-            parts = breakdown(fn)
-            record({**base, "phase": "profile", "what": phase, "us": parts})
-            print(f"  profile {phase}: " + ", ".join(f"{k} {v:.0f}" for k, v in parts.items() if k != "top"),
-                  flush=True)
-            for kernel, us in parts["top"].items():
-                print(f"      {us:8.1f} us  {kernel}", flush=True)
+        with torch.inference_mode():
+            profile(model, vocab, args, base, record)
     return rows
+
+
+def profile(model: nn.Module, vocab: int, args: argparse.Namespace, base: dict,
+            record: Callable[[dict], None]) -> None:
+    """``torch.profiler`` breakdown of one decode step (uncaptured) per decode batch and one 2048-token prefill."""
+    mode = args.decode_modes.split(",")[0]
+    phases: list[tuple[str, Callable[[], object]]] = [
+        (f"decode b{b}", DecodeStep(model, b, 1024, vocab, mode, capture=False, steps=16).step)
+        for b in (int(b) for b in args.decode_batches.split(","))]
+    forward = compiled(model, dynamic=True)
+    ids, mask = torch.randint(0, vocab, (1, 2048), device="cuda"), bench.causal_mask(1, 2048)
+    phases.append(("prefill 2048", lambda: forward(ids, attention_mask=mask, use_cache=False, logits_to_keep=1)))
+    for phase, fn in phases:
+        parts = breakdown(fn)
+        record({**base, "phase": "profile", "what": phase, "us": parts})
+        print(f"  profile {phase}: " + ", ".join(f"{k} {v:.0f}" for k, v in parts.items() if k != "top"),
+              flush=True)
+        for kernel, us in parts["top"].items():
+            print(f"      {us:8.1f} us  {kernel}", flush=True)
 
 
 def main() -> None:
@@ -200,6 +215,9 @@ def main() -> None:
     parser.add_argument("--compile-scope", default="blocks", choices=bench.SCOPES, help="see dgq.bench.compiled")
     parser.add_argument("--attention", default="sdpa", choices=("sdpa", "dgq"),
                         help="decode steps' attention: transformers' SDPA, or dgq's split-KV kernel (dgq.attention)")
+    parser.add_argument("--act-quant", default="kernel", choices=("kernel", "graph"),
+                        help="compiled DGQ/W8A8 layers quantize activations in dgq's exact kernel (with the GEMM: "
+                             "dgq::a8w4_linear), or in the graph, fused by inductor into the producer")
     parser.add_argument("--out", default="results/e2e_h100.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -221,7 +239,8 @@ def main() -> None:
                    "--repeats", str(args.repeats), "--decode-steps", str(args.decode_steps),
                    "--decode-modes", args.decode_modes, "--prefill-modes", args.prefill_modes,
                    "--batched-prefill", str(args.batched_prefill)] + ["--profile"] * args.profile \
-                + ["--no-fuse"] * args.no_fuse + ["--compile-scope", args.compile_scope, "--attention", args.attention]
+                + ["--no-fuse"] * args.no_fuse + ["--compile-scope", args.compile_scope, "--attention", args.attention,
+                                              "--act-quant", args.act_quant]
             code = subprocess.run(cmd).returncode
             if part.exists():
                 rows += json.loads(part.read_text())
