@@ -304,3 +304,23 @@ def test_bench_measures_a_saved_model(attention: str, tmp_path) -> None:
     assert [r["phase"] for r in rows] == ["prefill", "decode", "decode"]
     assert all(r["fused"] and r["attention"] == attention for r in rows)
     assert all((r.get("ms") or r.get("tokens_per_s")) > 0 for r in rows)
+
+
+def test_api_generate_streams_on_cuda(tmp_path) -> None:
+    """``dgq generate`` as the command runs it: the API streams from a worker thread, which decodes with the static
+    cache and transformers' compiled step.  (Session 7 saw, with dgq's decode attention switched on, inductor's
+    CUDA-graph trees fail there: ``assert torch._C._is_key_in_tls('tree_manager_containers')`` in the worker
+    thread; this checks the default path.)"""
+    from dgq.api import generate, quantize, save
+    from dgq.config import preset
+    from dgq.generate import GenerationSettings
+    from helpers import make_model, make_tokenizer
+
+    torch._dynamo.reset()
+    model = make_model("llama")
+    ids = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(0))
+    quantize(model, ids, preset("dgq", group_size=64), device="cpu", progress=False)
+    save(model, tmp_path / "tiny", tokenizer=make_tokenizer())
+    fast = generate(tmp_path / "tiny", "a cat sat on the mat", GenerationSettings(max_new_tokens=8))
+    slow = generate(tmp_path / "tiny", "a cat sat on the mat", GenerationSettings(max_new_tokens=8, compile=False))
+    assert fast == slow
