@@ -6,9 +6,8 @@ layers happen to be :class:`~dgq.nn.QuantLinear`, so greedy decoding, sampling a
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
 import torch
 from torch import nn
@@ -71,45 +70,32 @@ def generate_ids(model: nn.Module, tokenizer: Any, prompt: str,
     return out[0, inputs["input_ids"].shape[1]:]
 
 
-def stream(model: nn.Module, tokenizer: Any, prompt: str,
-           settings: GenerationSettings = GenerationSettings()) -> Iterator[str]:
-    """Yield the generated text (not the prompt) in pieces as tokens are produced.
-
-    Decoding runs in a worker thread feeding a ``TextIteratorStreamer``; an exception there ends the stream and
-    is re-raised here, so a failure never leaves the caller waiting forever.
-    """
-    from transformers import TextIteratorStreamer
-
-    inputs = _inputs(model, tokenizer, prompt)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    failure: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            with torch.no_grad():
-                model.generate(**inputs, **settings.generate_kwargs(model.device), pad_token_id=_pad_id(tokenizer),
-                               streamer=streamer)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consuming thread
-            failure.append(exc)
-            streamer.end()
-
-    if settings.seed is not None:
-        torch.manual_seed(settings.seed)
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
-    yield from streamer
-    worker.join()
-    if failure:
-        raise failure[0]
-
-
 def generate(model: nn.Module, tokenizer: Any, prompt: str, settings: GenerationSettings = GenerationSettings(),
              out: TextIO | None = None) -> str:
-    """The generated text for ``prompt``; with ``out``, each piece is also written (and flushed) as it arrives."""
-    pieces = []
-    for piece in stream(model, tokenizer, prompt, settings):
-        pieces.append(piece)
-        if out is not None:
-            out.write(piece)
-            out.flush()
+    """The generated text for ``prompt``; with ``out``, each piece is also written (and flushed) as it arrives.
+
+    Decoding runs in the caller's thread, the streamer writing each piece from its callback: on CUDA the compiled
+    static-cache step replays through inductor's CUDA-graph trees, which keep their state per thread and failed in a
+    worker thread (``torch._C._is_key_in_tls`` assertion; pytorch/pytorch#123177, seen on the H100 with torch 2.11).
+    """
+    from transformers import TextStreamer
+
+    pieces: list[str] = []
+
+    class PieceStreamer(TextStreamer):
+        """transformers' streamer, each finished piece of text kept and written to ``out``."""
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                pieces.append(text)
+                if out is not None:
+                    out.write(text)
+                    out.flush()
+
+    inputs = _inputs(model, tokenizer, prompt)
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    with torch.no_grad():
+        model.generate(**inputs, **settings.generate_kwargs(model.device), pad_token_id=_pad_id(tokenizer),
+                       streamer=PieceStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True))
     return "".join(pieces)

@@ -307,10 +307,11 @@ def test_bench_measures_a_saved_model(attention: str, tmp_path) -> None:
 
 
 def test_api_generate_streams_on_cuda(tmp_path) -> None:
-    """``dgq generate`` as the command runs it: the API streams from a worker thread, which decodes with the static
-    cache and transformers' compiled step.  (Session 7 saw, with dgq's decode attention switched on, inductor's
-    CUDA-graph trees fail there: ``assert torch._C._is_key_in_tls('tree_manager_containers')`` in the worker
-    thread; this checks the default path.)"""
+    """``dgq generate`` as the command runs it (the API, streaming pieces as they come) decodes with the static
+    cache and transformers' compiled step, and gives the eager decode's text.  Session 7 saw the compiled step fail
+    when the API decoded in a worker thread (inductor's CUDA-graph trees keep per-thread state: ``assert
+    torch._C._is_key_in_tls('tree_manager_containers')``, pytorch/pytorch#123177); it now decodes in the caller's
+    thread."""
     from dgq.api import generate, quantize, save
     from dgq.config import preset
     from dgq.generate import GenerationSettings
