@@ -16,6 +16,7 @@ Only the current block lives on the compute device; the model stays where it was
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable
 
 import torch
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from dgq.config import QuantConfig
 from dgq.formats import amax_abs
 from dgq.models.adapters import Adapter, SmoothPair
-from dgq.quantizer import LayerReport, LinearStats, TokenSample, quantize_linear
+from dgq.quantizer import LayerReport, LinearStats, TokenSample, quantize_linear, token_sample
 from dgq.smooth import (
     column_absmax, expand_for_heads, fold_scales, percentile_scales, reduce_for_heads, smoothquant_scales,
 )
@@ -192,11 +193,12 @@ class FloatReference:
 
 @torch.no_grad()
 def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[torch.Tensor],
-                  kwargs: list[dict[str, Any]], sample: bool = False,
+                  kwargs: list[dict[str, Any]], sample: Callable[[int], TokenSample] | None = None,
                   reference: FloatReference | None = None, gram: tuple[bool, ...] | None = None,
                   ) -> list[LinearStats]:
     """One pass of ``block``, accumulating ``H = XᵀX`` and channel maxima of each pair's activation (and with
-    ``sample`` a :class:`TokenSample` of it, for the static activation scale search).
+    ``sample``, which makes a :class:`TokenSample` for a given token count, a sample of it, for the static
+    activation scale search).
 
     With a ``reference``, each chunk also runs through the float block on the float model's inputs, and the drift
     term ``D = Xᵀ(X_fp - X)`` is accumulated (``X_fp`` the float model's activation on the same tokens), so that
@@ -219,7 +221,7 @@ def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[
                 k = x.shape[1]
                 st = stats[index] = LinearStats(
                     torch.zeros(k, k, device=x.device), torch.zeros(k, device=x.device), 0,
-                    TokenSample(total) if sample else None,
+                    sample(total) if sample else None,
                     None if x_fp is None or not gram[index] else torch.zeros(k, k, device=x.device))
             if gram[index]:
                 add_gram_upper(st.h, x)
@@ -312,7 +314,7 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         block.to(device)
         kwargs = inputs.kwargs[i]
         last = i + 1 == len(blocks)  # the last block's outputs would feed nothing
-        sample = config.act == "static" and config.act_clip_grid > 1
+        sample = partial(token_sample, config) if config.act == "static" and config.act_clip_grid > 1 else None
         # the block is still float here; its float outputs are the next block's float inputs
         reference = None if hidden_fp is None else FloatReference(
             block, hidden_fp, None if last else [], [] if config.true_sequential else None)

@@ -33,41 +33,69 @@ class TokenSample:
     quantizing the activation itself, which depends on each token's own maximum).
 
     Stratified so that the few tokens with huge activations, which decide whether clipping pays, are never missed:
-    the ``top`` tokens of largest ``max|x|`` are kept exactly (weight 1), and every ``stride``-th token stands for
-    ``stride`` tokens of the rest.  Under asymmetric calibration each sampled token also keeps its twin in the
+    the ``top`` tokens of largest ``max|x|`` are kept exactly (weight 1), and about one token in ``stride`` of the
+    rest stands for ``stride`` tokens.  Under asymmetric calibration each sampled token also keeps its twin in the
     float model (``x_fp``, the same token's activation there), so that a search can score against the float
     model's outputs.
+
+    Without a ``generator`` the rest is every ``stride``-th token, peaks included (so a peak can count ``stride + 1``
+    times): the sampling that the presets before ``dgq_static_gptaq_rs`` were measured with.  A stride that divides
+    the sequence length takes every sequence's first token (128 sequences of 2048 at stride 256: one sample token in
+    eight), and in SmolLM2 that token, the attention sink, is far from typical: the largest ``max|x|`` of
+    the last block's MLP inputs, among the smallest of the middle blocks'.  With a ``generator`` each token is drawn
+    independently with probability ``1 / stride``, and the peaks are removed from the rest: an exact stratification.
     """
 
-    def __init__(self, total_tokens: int, size: int = 1024, top: int = 64) -> None:
+    def __init__(self, total_tokens: int, size: int = 1024, top: int = 64,
+                 generator: torch.Generator | None = None) -> None:
         self.stride = max(1, total_tokens // size)
         self.top = top
+        self.generator = generator
         self.seen = 0
         self.uniform: list[torch.Tensor] = []
+        self.uniform_at: list[torch.Tensor] = []  # each uniform row's token index in the calibration set
         self.peaks: torch.Tensor | None = None
+        self.peaks_at = torch.zeros(0, dtype=torch.long)
         self.uniform_fp: list[torch.Tensor] = []
         self.peaks_fp: torch.Tensor | None = None
+
+    def _uniform_rows(self, n: int) -> torch.Tensor:
+        """Which of the next ``n`` tokens the rest's sample takes (indices into them)."""
+        if self.generator is None:
+            return torch.arange((-self.seen) % self.stride, n, self.stride)
+        return (torch.rand(n, generator=self.generator) * self.stride < 1).nonzero().squeeze(1)
 
     def add(self, x: torch.Tensor, x_fp: torch.Tensor | None = None) -> None:
         """Take the sample's share of ``x`` ``[tokens, k]`` (and of its float twin ``x_fp``, same tokens)."""
         if self.seen and (x_fp is None) != (self.peaks_fp is None):
             raise ValueError("a token sample holds float twins for all of its tokens or for none")
-        first = (-self.seen) % self.stride
-        self.uniform.append(x[first::self.stride].clone())
-        self.seen += x.shape[0]
+        rows = self._uniform_rows(x.shape[0])
+        self.uniform.append(x[rows.to(x.device)])
+        self.uniform_at.append(rows + self.seen)
         pool = x if self.peaks is None else torch.cat([self.peaks, x])
+        pool_at = torch.cat([self.peaks_at, torch.arange(self.seen, self.seen + x.shape[0])])
+        self.seen += x.shape[0]
         keep = pool.abs().amax(1).topk(min(self.top, pool.shape[0])).indices  # peaks of x: those it will clip
         self.peaks = pool[keep].clone()
+        self.peaks_at = pool_at[keep.cpu()]
         if x_fp is not None:
-            self.uniform_fp.append(x_fp[first::self.stride].clone())
+            self.uniform_fp.append(x_fp[rows.to(x_fp.device)])
             pool_fp = x_fp if self.peaks_fp is None else torch.cat([self.peaks_fp, x_fp])
             self.peaks_fp = pool_fp[keep].clone()
+
+    def _rest(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The rest's sample rows (of ``uniform`` or ``uniform_fp``): with a generator, those that are not peaks."""
+        rows = torch.cat(parts)
+        if self.generator is None:
+            return rows
+        rest = ~torch.isin(torch.cat(self.uniform_at), self.peaks_at)
+        return rows[rest.to(rows.device)]
 
     def tokens_and_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample tokens ``[n, k]`` and how many calibration tokens each stands for ``[n]``."""
         if self.peaks is None:
             raise ValueError("the token sample saw no tokens")
-        uniform = torch.cat(self.uniform)
+        uniform = self._rest(self.uniform)
         rest = max(self.seen - self.peaks.shape[0], 0) / max(uniform.shape[0], 1)
         weights = torch.cat([torch.ones(self.peaks.shape[0]), torch.full((uniform.shape[0],), rest)])
         return torch.cat([self.peaks, uniform]), weights.to(uniform.device)
@@ -76,7 +104,7 @@ class TokenSample:
         """The float twins ``[n, k]`` of :meth:`tokens_and_weights`'s tokens, row for row, or None if not kept."""
         if self.peaks_fp is None:
             return None
-        return torch.cat([self.peaks_fp, *self.uniform_fp])
+        return torch.cat([self.peaks_fp, self._rest(self.uniform_fp)])
 
     def scaled(self, k: torch.Tensor) -> "TokenSample":
         """The sample of ``x / k`` (what smoothing by ``k`` makes of the activation; the peak tokens stay those
@@ -87,6 +115,12 @@ class TokenSample:
         out.uniform_fp = [u / k for u in self.uniform_fp]
         out.peaks_fp = None if self.peaks_fp is None else self.peaks_fp / k
         return out
+
+
+def token_sample(config: QuantConfig, total_tokens: int) -> TokenSample:
+    """The token sample of one activation for the static scale search, as ``config``'s ``act_sample_*`` ask."""
+    generator = torch.Generator().manual_seed(config.seed) if config.act_sample_random else None
+    return TokenSample(total_tokens, config.act_sample_tokens, config.act_sample_peaks, generator)
 
 
 @dataclass

@@ -204,3 +204,18 @@ def test_static_gptaq_fine_only_widens_and_refines_the_clipping_grid():
     assert fine.act_clip_min < base.act_clip_min
     step = lambda c: (1 - c.act_clip_min) / (c.act_clip_grid - 1)  # noqa: E731
     assert step(fine) < step(base)
+
+
+def test_static_gptaq_rs_only_changes_the_token_sample_of_the_fine_grid():
+    fine, fair = preset("dgq_static_gptaq_fine"), preset("dgq_static_gptaq_rs")
+    changed = {k for k, v in fair.to_dict().items() if fine.to_dict()[k] != v}
+    assert changed == {"method", "act_sample_tokens", "act_sample_peaks", "act_sample_random"}
+    assert fair.act_sample_random and fair.act_sample_peaks >= 128  # SmolLM2's 128 first tokens fit among the peaks
+
+
+def test_static_gptaq_rs_quantizes_a_model_with_a_searched_scale_per_layer():
+    model = make_model("llama", layers=2)
+    ids = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    result = quantize(model, ids, preset("dgq_static_gptaq_rs", group_size=64, calib_batch=2), progress=False)
+    scales = [r.act_scale for r in result.report.layers]
+    assert len(scales) == 2 * 7 and all(s is not None and s > 0 for s in scales)

@@ -27,6 +27,61 @@ def test_token_sample_keeps_the_peak_tokens_and_stands_for_all_tokens():
     torch.testing.assert_close(smoothed, x / 2)
 
 
+def _sequences(n: int, seqlen: int, k: int = 8) -> list[torch.Tensor]:
+    """Chunks of two ``seqlen``-token sequences whose first token (a stand-in attention sink) is marked by a
+    channel 0 of exactly 100; no other token comes near it, nor is among the largest."""
+    g = torch.Generator().manual_seed(0)
+    chunks = []
+    for _ in range(n // 2):
+        x = torch.randn(2, seqlen, k, generator=g).clamp(-3, 3)
+        x[:, 0] = 0.5
+        x[:, 0, 0] = 100.0
+        x[:, 5, 1] = 200.0  # the peaks: one token per sequence above the first
+        chunks.append(x.reshape(-1, k))
+    return chunks
+
+
+def test_strided_token_sample_takes_every_sequences_first_token():
+    """The sampling of the presets measured before ``act_sample_random``: a stride dividing the sequence length
+    takes every first token and weighs it ``stride`` times (the bias that ``act_sample_random`` removes)."""
+    sample = TokenSample(total_tokens=64 * 256, size=64 * 4, top=64)
+    for c in _sequences(64, 256):
+        sample.add(c)
+    x, weights = sample.tokens_and_weights()
+    first = x[:, 0] == 100
+    assert int(first.sum()) == 64
+    assert float(weights[first].sum()) > 0.2 * float(weights.sum())  # 64 of 16384 tokens stand for a quarter
+
+
+def test_random_token_sample_is_stratified_and_not_aliased_with_the_sequence_length():
+    chunks = _sequences(64, 256)
+    twins = [c * 3 + 1 for c in chunks]
+    sample = TokenSample(total_tokens=64 * 256, size=64 * 4, top=64, generator=torch.Generator().manual_seed(0))
+    for c, t in zip(chunks, twins):
+        sample.add(c, t)
+    x, weights = sample.tokens_and_weights()
+    peaks = (x[:, 1] == 200).nonzero().squeeze(1)
+    assert torch.equal(peaks, torch.arange(64))  # all peaks kept exactly, at weight 1, and counted once
+    assert torch.all(weights[:64] == 1)
+    assert abs(float(weights.sum()) - 64 * 256) < 1e-2
+    first = float(weights[x[:, 0] == 100].sum())
+    assert first < 0.02 * 64 * 256  # the first tokens' true share is 1 / 256
+    assert 150 < x.shape[0] - 64 < 370  # about size tokens besides the peaks
+    torch.testing.assert_close(sample.float_tokens(), x * 3 + 1)
+    smoothed = sample.scaled(torch.full((8,), 2.0))
+    torch.testing.assert_close(smoothed.tokens_and_weights()[0], x / 2)
+    torch.testing.assert_close(smoothed.float_tokens(), (x * 3 + 1) / 2)
+
+
+def test_token_sample_follows_the_configs_sample_settings():
+    from dgq.quantizer import token_sample
+
+    legacy = token_sample(preset("dgq_static_gptaq"), 128 * 2048)
+    assert (legacy.stride, legacy.top, legacy.generator) == (256, 64, None)
+    fair = token_sample(preset("dgq_static_gptaq_rs"), 128 * 2048)
+    assert (fair.stride, fair.top) == (128, 256) and fair.generator is not None
+
+
 def _ids(model, n=4, seqlen=32):
     return torch.randint(0, model.config.vocab_size, (n, seqlen), generator=torch.Generator().manual_seed(0))
 
