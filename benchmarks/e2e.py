@@ -6,8 +6,9 @@ one process per (model, format), median of repeats after warm-up: prefill latenc
 batch 8 x 1024), decode throughput (batch 1/8/32, 1024-token context, static KV cache), peak memory and weight
 bytes.  Every format runs the same way (:mod:`dgq.bench`): compiled with ``torch.compile`` (each decoder block;
 ``--compile-scope whole`` for the model as one graph), the prefill captured in a CUDA graph per length and the
-decode step in one; ``--decode-modes`` / ``--prefill-modes`` add the other modes for comparison,
-and ``--profile`` adds a ``torch.profiler`` breakdown of one decode step per batch and one 2048-token prefill.
+decode step in one, its attention dgq's split-KV kernel for every format (``--attention sdpa``: transformers');
+``--decode-modes`` / ``--prefill-modes`` add the other modes for comparison, and ``--profile`` adds a
+``torch.profiler`` breakdown of one decode step per batch and one 2048-token prefill.
 
     python benchmarks/e2e.py --out results/e2e_h100.json
 """
@@ -213,8 +214,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="torch.profiler breakdown of decode and prefill")
     parser.add_argument("--no-fuse", action="store_true", help="DGQ without fused projections")
     parser.add_argument("--compile-scope", default="blocks", choices=bench.SCOPES, help="see dgq.bench.compiled")
-    parser.add_argument("--attention", default="sdpa", choices=("sdpa", "dgq"),
-                        help="decode steps' attention: transformers' SDPA, or dgq's split-KV kernel (dgq.attention)")
+    parser.add_argument("--attention", default="dgq", choices=("dgq", "sdpa"),
+                        help="decode steps' attention: dgq's split-KV kernel (default; dgq.attention), or "
+                             "transformers' SDPA")
     parser.add_argument("--act-quant", default="kernel", choices=("kernel", "graph"),
                         help="compiled DGQ/W8A8 layers quantize activations in dgq's exact kernel (with the GEMM: "
                              "dgq::a8w4_linear), or in the graph, fused by inductor into the producer")
