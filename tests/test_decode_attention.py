@@ -88,6 +88,31 @@ def test_the_probe_variants_equal_the_reference(config):
     torch.testing.assert_close(got.float(), reference(q, k, v, mask, 0.125), atol=2e-3, rtol=2e-3)
 
 
+def _int8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position int8 codes and fp32 scales of ``t [B, H, L, D]`` (absmax / 127), as an int8 cache would hold."""
+    scale = (t.float().abs().amax(-1) / 127).clamp(min=1e-8)
+    return torch.round(t.float() / scale[..., None]).clamp(-127, 127).to(torch.int8), scale
+
+
+@pytest.mark.parametrize("v_early", [True, False])
+def test_an_int8_cache_attends_like_its_dequantized_values(v_early):
+    """int8 K and V with per-position scales (half the bytes of an fp16 cache) give the attention of the values they
+    stand for, over a masked cache of several chunks with grouped-query heads; refused half given."""
+    gen = torch.Generator().manual_seed(5)
+    kv_len = 5 * BLOCK_N + 7
+    q = torch.randn(2, 4, 1, 64, generator=gen).half().to(DEVICE)
+    k, v = (torch.randn(2, 2, kv_len, 64, generator=gen).half() * 3 for _ in range(2))
+    (k8, ks), (v8, vs) = _int8_rows(k), _int8_rows(v)
+    mask = (torch.arange(kv_len) < kv_len - 30)[None, None, None, :].expand(2, 1, 1, kv_len).to(DEVICE)
+    got = decode_attention(q, k8.to(DEVICE), v8.to(DEVICE), mask, 0.125, {"v_early": v_early}, ks.to(DEVICE),
+                           vs.to(DEVICE))
+    assert got.dtype == torch.float16
+    want = reference(q, (k8.float() * ks[..., None]).to(DEVICE), (v8.float() * vs[..., None]).to(DEVICE), mask, 0.125)
+    torch.testing.assert_close(got.float(), want, atol=3e-3, rtol=3e-3)
+    with pytest.raises(ValueError, match="an int8 K and V need both"):
+        decode_attention(q, k8.to(DEVICE), v8.to(DEVICE), mask, 0.125)
+
+
 @pytest.mark.parametrize("shape, why", [((1, 4, 2, 64), "one query token"), ((1, 3, 1, 64), "multiple")])
 def test_unsupported_shapes_are_refused(shape, why):
     q = torch.zeros(shape, dtype=torch.float16)

@@ -42,12 +42,15 @@ def _add(a, b):
 
 
 @triton.jit
-def _decode_attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, kv_len, chunk, scale,
+def _decode_attention_split(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, o_ptr, lse_ptr, kv_len, chunk, scale,
                             stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
-                            stride_mb, kv_heads, splits,
+                            stride_sb, stride_sh, stride_mb, kv_heads, splits,
                             GROUPS: tl.constexpr, D: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_G: tl.constexpr, V_EARLY: tl.constexpr):
-    """Partial attention of the ``GROUPS`` query heads of one KV head over one chunk of the cache."""
+                            BLOCK_G: tl.constexpr, V_EARLY: tl.constexpr, INT8_KV: tl.constexpr):
+    """Partial attention of the ``GROUPS`` query heads of one KV head over one chunk of the cache.
+
+    ``INT8_KV``: K and V hold int8 codes with one fp32 scale per position (``ks_ptr``/``vs_ptr``, ``[B, Hkv, L]``):
+    the codes widen to q's dtype exactly, K's scale multiplies the scores, V's is folded into the probabilities."""
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // kv_heads, pid_bh % kv_heads
     g = tl.arange(0, BLOCK_G)
@@ -64,11 +67,13 @@ def _decode_attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, kv_le
         offs = n + tl.arange(0, BLOCK_N)
         inside = offs < end
         k = tl.load(k_ptr + b * stride_kb + h * stride_kh + offs[:, None] * stride_kn + d[None, :],
-                    mask=inside[:, None], other=0.0)
+                    mask=inside[:, None], other=0)
         if V_EARLY:  # V requested with K, before the scores need K: two blocks of loads in flight, not one
             v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs[:, None] * stride_vn + d[None, :],
-                        mask=inside[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
+                        mask=inside[:, None], other=0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype))).to(tl.float32) * scale
+        if INT8_KV:
+            s = s * tl.load(ks_ptr + b * stride_sb + h * stride_sh + offs, mask=inside, other=0.0)[None, :]
         keep = inside
         if HAS_MASK:
             keep = keep & (tl.load(mask_ptr + b * stride_mb + offs, mask=inside, other=0) != 0)
@@ -79,8 +84,11 @@ def _decode_attention_split(q_ptr, k_ptr, v_ptr, mask_ptr, o_ptr, lse_ptr, kv_le
         alpha = tl.exp(m_i - m_safe)
         if not V_EARLY:
             v = tl.load(v_ptr + b * stride_vb + h * stride_vh + offs[:, None] * stride_vn + d[None, :],
-                        mask=inside[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+                        mask=inside[:, None], other=0)
+        pv = p
+        if INT8_KV:
+            pv = p * tl.load(vs_ptr + b * stride_sb + h * stride_sh + offs, mask=inside, other=0.0)[None, :]
+        acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype)).to(tl.float32)
         l_i = l_i * alpha + tl.reduce(p, 1, _add)
         m_i = m_new
         n += BLOCK_N
@@ -133,11 +141,16 @@ def supports(q_heads: int, kv_heads: int, dim: int) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float, config: dict | None = None) -> torch.Tensor:
+                     scale: float, config: dict | None = None, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``softmax(q kᵀ · scale, masked) v`` for one query token: ``q [B, Hq, 1, D]``, ``k``/``v [B, Hkv, L, D]``
     (``Hq`` a multiple of ``Hkv``), ``mask`` bool ``[B, 1, 1, L]`` or ``None``; returns ``[B, 1, Hq, D]`` (the layout
     transformers' attention functions return).  ``config`` (keys of :data:`CONFIG`) replaces the rule's values (the
-    probe's variants)."""
+    probe's variants).
+
+    An int8 K and V (a cache at half the bytes) come with their fp32 scales per position, ``k_scale``/``v_scale``
+    ``[B, Hkv, L]``: position ``j`` of K is ``k[..., j, :] * k_scale[..., j]``.  No cache in dgq stores them yet;
+    ``benchmarks/kv8_accuracy.py`` measured what such rounding costs (RESULTS.md)."""
     cfg = {**CONFIG, **(config or {})}
     batch, q_heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -146,6 +159,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                          f"{BLOCK_G} query heads per KV head; got q {list(q.shape)}, k {list(k.shape)}")
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("decode attention needs K and V contiguous in the head dimension")
+    int8_kv = k.dtype == torch.int8
+    if int8_kv != (v.dtype == torch.int8) or int8_kv != (k_scale is not None and v_scale is not None):
+        raise ValueError(f"an int8 K and V need both, with k_scale and v_scale; got K {k.dtype}, V {v.dtype}, "
+                         f"scales {'given' if k_scale is not None else 'none'}")
+    if int8_kv and (k_scale.shape != k.shape[:3] or v_scale.shape != k.shape[:3] or k_scale.stride() != v_scale.stride()
+                    or k_scale.stride(-1) != 1 or k_scale.dtype != torch.float32 or v_scale.dtype != torch.float32):
+        raise ValueError(f"k_scale and v_scale must be float32 {list(k.shape[:3])}, alike and contiguous in L")
     q = q.reshape(batch, q_heads, dim).contiguous()
     if mask is not None:
         if mask.dtype != torch.bool or mask.shape[-1] != kv_len:
@@ -158,13 +178,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     splits = triton.cdiv(kv_len, chunk)
     partial = torch.empty(batch * q_heads * splits, dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(batch * q_heads * splits, dtype=torch.float32, device=q.device)
+    ks, vs = (k_scale, v_scale) if int8_kv else (lse, lse)  # (lse: an unread stand-in)
     _decode_attention_split[(batch * kv_heads, splits)](
-        q, k, v, mask if mask is not None else lse, partial, lse, kv_len, chunk, scale,  # (lse: unread stand-in)
+        q, k, v, ks, vs, mask if mask is not None else lse, partial, lse, kv_len, chunk, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        mask.stride(0) if mask is not None else 0, kv_heads, splits,
-        GROUPS=q_heads // kv_heads, D=dim, HAS_MASK=mask is not None, BLOCK_N=block_n, BLOCK_G=BLOCK_G,
-        V_EARLY=cfg["v_early"], num_warps=cfg["num_warps"])
-    out = torch.empty(batch, 1, q_heads, dim, dtype=v.dtype, device=q.device)
+        ks.stride(0) if int8_kv else 0, ks.stride(1) if int8_kv else 0, mask.stride(0) if mask is not None else 0,
+        kv_heads, splits, GROUPS=q_heads // kv_heads, D=dim, HAS_MASK=mask is not None, BLOCK_N=block_n,
+        BLOCK_G=BLOCK_G, V_EARLY=cfg["v_early"], INT8_KV=int8_kv, num_warps=cfg["num_warps"])
+    out = torch.empty(batch, 1, q_heads, dim, dtype=q.dtype, device=q.device)
     _decode_attention_merge[(batch * q_heads,)](partial, lse, out, splits, D=dim,
                                                 BLOCK_S=triton.next_power_of_2(splits))
     return out
