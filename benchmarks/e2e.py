@@ -156,7 +156,8 @@ def measure(name: str, fmt: str, args: argparse.Namespace) -> list[dict]:
     gc.collect()
     wb, resident = weight_bytes(model), torch.cuda.memory_allocated()
     base = dict(model=name, format=fmt, weight_bytes=wb, resident_bytes=resident, fused=not args.no_fuse,
-                compile_scope=args.compile_scope, attention=args.attention, act_quant=args.act_quant)
+                compile_scope=args.compile_scope, attention=args.attention, act_quant=args.act_quant,
+                kv_cache=args.kv_cache)
     print(f"{name} {fmt}: built in {time.perf_counter() - start:.0f} s, weights {wb / 2**30:.2f} GiB, "
           f"allocated {resident / 2**30:.2f} GiB", flush=True)
     for mode in args.prefill_modes.split(","):
@@ -170,7 +171,7 @@ def measure(name: str, fmt: str, args: argparse.Namespace) -> list[dict]:
     for mode in args.decode_modes.split(","):
         for batch in [int(b) for b in args.decode_batches.split(",")]:
             start = time.perf_counter()
-            tps, peak = decode(model, batch, 1024, args.decode_steps, vocab, mode)
+            tps, peak = decode(model, batch, 1024, args.decode_steps, vocab, mode, args.kv_cache)
             record({**base, "phase": "decode", "mode": mode, "batch": batch, "seqlen": 1024,
                          "tokens_per_s": tps, "peak_mem_bytes": peak})
             print(f"  decode {mode} b{batch}: {tps:.1f} tok/s, peak {peak / 2**30:.2f} GiB "
@@ -186,7 +187,8 @@ def profile(model: nn.Module, vocab: int, args: argparse.Namespace, base: dict,
     """``torch.profiler`` breakdown of one decode step (uncaptured) per decode batch and one 2048-token prefill."""
     mode = args.decode_modes.split(",")[0]
     phases: list[tuple[str, Callable[[], object]]] = [
-        (f"decode b{b}", DecodeStep(model, b, 1024, vocab, mode, capture=False, steps=16).step)
+        (f"decode b{b}", DecodeStep(model, b, 1024, vocab, mode, capture=False, steps=16,
+                                    kv_cache=args.kv_cache).step)
         for b in (int(b) for b in args.decode_batches.split(","))]
     forward = compiled(model, dynamic=True)
     ids, mask = torch.randint(0, vocab, (1, 2048), device="cuda"), bench.causal_mask(1, 2048)
@@ -220,9 +222,14 @@ def main() -> None:
     parser.add_argument("--act-quant", default="kernel", choices=("kernel", "graph"),
                         help="compiled DGQ/W8A8 layers quantize activations in dgq's exact kernel (with the GEMM: "
                              "dgq::a8w4_linear), or in the graph, fused by inductor into the producer")
+    parser.add_argument("--kv-cache", default="fp16", choices=bench.KV_CACHES,
+                        help="decode steps' KV cache: the model's dtype, or int8 with per-position scales "
+                             "(dgq.kv_cache; needs --attention dgq)")
     parser.add_argument("--out", default="results/e2e_h100.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.kv_cache == "int8" and args.attention != "dgq":
+        parser.error("--kv-cache int8 needs --attention dgq (SDPA cannot read int8 codes)")
     if not torch.cuda.is_available():
         raise SystemExit("error: benchmarks/e2e.py needs a CUDA GPU")
     if args.child:  # one (model, format) pair; rows go to --out as they are measured
@@ -242,7 +249,7 @@ def main() -> None:
                    "--decode-modes", args.decode_modes, "--prefill-modes", args.prefill_modes,
                    "--batched-prefill", str(args.batched_prefill)] + ["--profile"] * args.profile \
                 + ["--no-fuse"] * args.no_fuse + ["--compile-scope", args.compile_scope, "--attention", args.attention,
-                                              "--act-quant", args.act_quant]
+                                              "--act-quant", args.act_quant, "--kv-cache", args.kv_cache]
             code = subprocess.run(cmd).returncode
             if part.exists():
                 rows += json.loads(part.read_text())

@@ -4,7 +4,8 @@
 transformers' own boolean SDPA mask) and switches a model to it.  Steps of one new token per sequence, the decode
 steps of a static-cache generation, run :func:`dgq.kernels.decode_attention.decode_attention` (through the
 ``dgq::decode_attention`` operator, so a compiled step captures it); every other call (a prompt's prefill) is
-transformers' SDPA attention, the path the model would take anyway.
+transformers' SDPA attention, the path the model would take anyway.  With an int8 cache (:mod:`dgq.kv_cache`) the
+keys and values arrive as ``(codes, scales)`` pairs: the kernel reads them as they are, SDPA gets them dequantized.
 """
 
 from __future__ import annotations
@@ -27,12 +28,19 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     returns ``([B, Lq, Hq, D], None)``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    int8 = isinstance(key, tuple)  # an int8 cache's (codes, scales) pairs (dgq.kv_cache)
     if query.shape[2] != 1 or dropout or kwargs.get("softcap") is not None:  # SDPA refuses a softcap as it should
+        if int8:
+            from dgq.kv_cache import dequantize_rows
+
+            key, value = dequantize_rows(*key, query.dtype), dequantize_rows(*value, query.dtype)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     from dgq.kernels.ops import decode_attention
 
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if int8:
+        return decode_attention(query, key[0], value[0], attention_mask, scale, key[1], value[1]), None
     return decode_attention(query, key, value, attention_mask, scale), None
 
 

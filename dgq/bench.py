@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 DECODE_MODES = ("compiled", "graph")
+KV_CACHES = ("fp16", "int8")  # the model's dtype, or dgq.kv_cache's int8 codes with per-position scales
 PREFILL_MODES = ("graph", "compiled", "eager")
 
 
@@ -171,12 +172,17 @@ class DecodeStep:
     cache holds ``context + steps`` positions, enough for the warm-up, capture and timed calls of :func:`decode`."""
 
     def __init__(self, model: nn.Module, batch: int, context: int, vocab: int, mode: str = "compiled",
-                 capture: bool = True, steps: int = 64) -> None:
+                 capture: bool = True, steps: int = 64, kv_cache: str = "fp16") -> None:
         from transformers import StaticCache
+
+        from dgq.kv_cache import Int8StaticCache
 
         if mode not in DECODE_MODES:
             raise ValueError(f"decode mode {mode!r}; choose from {', '.join(DECODE_MODES)}")
-        self.cache = StaticCache(config=model.config, max_cache_len=context + steps)
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"KV cache {kv_cache!r}; choose from {', '.join(KV_CACHES)}")
+        cache = Int8StaticCache if kv_cache == "int8" else StaticCache  # int8: the model must use dgq.attention
+        self.cache = cache(config=model.config, max_cache_len=context + steps)
         ids = torch.randint(0, vocab, (batch, context), device="cuda")
         model(ids, past_key_values=self.cache, cache_position=torch.arange(context, device="cuda"),
               logits_to_keep=1)
@@ -193,10 +199,10 @@ class DecodeStep:
 
 @torch.inference_mode()
 def decode(model: nn.Module, batch: int, context: int, steps: int, vocab: int,
-           mode: str = "compiled") -> tuple[float, int]:
+           mode: str = "compiled", kv_cache: str = "fp16") -> tuple[float, int]:
     """Tokens/s of decode steps (:class:`DecodeStep`, CUDA-graph replays) and the peak memory."""
     torch.cuda.reset_peak_memory_stats()
-    step = DecodeStep(model, batch, context, vocab, mode, steps=steps + 16)
+    step = DecodeStep(model, batch, context, vocab, mode, steps=steps + 16, kv_cache=kv_cache)
     ms = timed(step.run, repeats=steps, warmup=2)
     return batch * 1000.0 / ms, torch.cuda.max_memory_allocated()
 

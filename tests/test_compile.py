@@ -157,3 +157,39 @@ def test_layer_cache_needs_the_layer() -> None:
 
     with pytest.raises(ValueError, match="block 0 needs its own"):
         LayerCache(DynamicCache(), 0)
+
+
+@needs_cxx
+def test_int8_kv_cache_decode_step_compiles() -> None:
+    """The blocks compiled (``bench.compiled``) with dgq's attention over an int8 KV cache (:mod:`dgq.kv_cache`): a
+    prefill into the cache and a one-token step trace with no graph break, once each for all blocks, and give the
+    eager logits to float rounding."""
+    from dgq import bench
+    from dgq.attention import use_decode_attention
+    from dgq.kv_cache import Int8StaticCache
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = make_model("llama", layers=2)
+    gen = torch.Generator().manual_seed(1)
+    quantize(model, torch.randint(0, 96, (2, 32), generator=gen), preset("dgq", group_size=64), device="cpu",
+             progress=False)
+    use_decode_attention(fuse_projections(model))
+    ids, tok = torch.randint(0, 96, (1, 8), generator=gen), torch.randint(0, 96, (1, 1), generator=gen)
+
+    def run(forward: torch.nn.Module) -> tuple[list[torch.Tensor], list[int]]:
+        cache = Int8StaticCache(config=model.config, max_cache_len=16)
+        graphs, logits = [], []
+        for call in (lambda: forward(ids, past_key_values=cache, cache_position=torch.arange(8)),
+                     lambda: forward(tok, past_key_values=cache, cache_position=torch.tensor([8]))):
+            before = _graphs()
+            logits.append(call().logits)
+            graphs.append(_graphs() - before)
+        return logits, graphs
+
+    with torch.inference_mode():
+        eager, _ = run(model)
+        logits, graphs = run(bench.compiled(model, dynamic=False))
+    assert graphs == [1, 1]
+    for got, want in zip(logits, eager):
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-3)

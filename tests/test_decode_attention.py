@@ -140,7 +140,7 @@ def test_a_static_cache_generation_gives_sdpa_s_tokens_and_logits(monkeypatch):
     model = tiny_llama()
     calls = []
     run = kernel.decode_attention
-    monkeypatch.setattr(kernel, "decode_attention", lambda *a: calls.append(1) or run(*a))
+    monkeypatch.setattr(kernel, "decode_attention", lambda *a, **k: calls.append(1) or run(*a, **k))
     prompt = torch.randint(0, 97, (2, 9), device=DEVICE)
     kwargs = dict(max_new_tokens=4, do_sample=False, cache_implementation="static", return_dict_in_generate=True,
                   output_logits=True, pad_token_id=0, disable_compile=True)
@@ -169,7 +169,10 @@ def test_operator_passes_opcheck(masked):
     gen = torch.Generator().manual_seed(7)
     q, k, v = (torch.randn(1, 4, n, 64, generator=gen).half().to(DEVICE) for n in (1, 100, 100))
     mask = (torch.arange(100) < 70)[None, None, None, :].to(DEVICE) if masked else None
-    torch.library.opcheck(torch.ops.dgq.decode_attention, (q, k, v, mask, 0.125),
+    torch.library.opcheck(torch.ops.dgq.decode_attention, (q, k, v, mask, 0.125, None, None),
+                          test_utils=("test_schema", "test_faketensor"))
+    (k8, ks), (v8, vs) = _int8_rows(k), _int8_rows(v)
+    torch.library.opcheck(torch.ops.dgq.decode_attention, (q, k8, v8, mask, 0.125, ks, vs),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -325,3 +325,21 @@ def test_api_generate_streams_on_cuda(tmp_path) -> None:
     fast = generate(tmp_path / "tiny", "a cat sat on the mat", GenerationSettings(max_new_tokens=8))
     slow = generate(tmp_path / "tiny", "a cat sat on the mat", GenerationSettings(max_new_tokens=8, compile=False))
     assert fast == slow
+
+
+def test_int8_kv_cache_decode_compiles_and_replays() -> None:
+    """The benchmark's decode step over an int8 KV cache (dgq's attention, compiled blocks, the step captured in a
+    CUDA graph) runs and, replayed, writes each step's codes and scales at the next position."""
+    from dgq.attention import use_decode_attention
+    from dgq.bench import DecodeStep
+
+    torch._dynamo.reset()
+    model = use_decode_attention(_quantized_tiny_llama())
+    with torch.inference_mode():
+        step = DecodeStep(model, 2, 32, 96, "compiled", steps=8, kv_cache="int8")
+        layer = step.cache.layers[0]
+        written = int((layer.key_scales[0, 0] > 0).sum())  # the 32-token prefill, warm-up and capture steps
+        for _ in range(3):
+            step.run()
+        torch.cuda.synchronize()
+    assert layer.keys.dtype == torch.int8 and int((layer.key_scales[0, 0] > 0).sum()) == written + 3

@@ -149,8 +149,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     probe's variants).
 
     An int8 K and V (a cache at half the bytes) come with their fp32 scales per position, ``k_scale``/``v_scale``
-    ``[B, Hkv, L]``: position ``j`` of K is ``k[..., j, :] * k_scale[..., j]``.  No cache in dgq stores them yet;
-    ``benchmarks/kv8_accuracy.py`` measured what such rounding costs (RESULTS.md)."""
+    ``[B, Hkv, L]``: position ``j`` of K is ``k[..., j, :] * k_scale[..., j]``, as :mod:`dgq.kv_cache` stores them.
+    ``benchmarks/kv8_accuracy.py`` measured what that rounding costs (RESULTS.md)."""
     cfg = {**CONFIG, **(config or {})}
     batch, q_heads, q_len, dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]

@@ -98,21 +98,24 @@ def _(x_s8: torch.Tensor, s_x: torch.Tensor, w_s8: torch.Tensor, s1: torch.Tenso
 
 @torch.library.custom_op("dgq::decode_attention", mutates_args=())
 def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                         scale: float) -> torch.Tensor:
-    return _decode_attention.decode_attention(q, k, v, mask, scale)
+                         scale: float, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
+    return _decode_attention.decode_attention(q, k, v, mask, scale, k_scale=k_scale, v_scale=v_scale)
 
 
 @_decode_attention_op.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]), dtype=v.dtype)
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+      k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
+    return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]), dtype=q.dtype)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                     scale: float) -> torch.Tensor:
-    """:func:`dgq.kernels.decode_attention.decode_attention`: called directly eagerly, as an operator compiled."""
+                     scale: float, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`dgq.kernels.decode_attention.decode_attention` (an int8 K and V with their scales, or float ones):
+    called directly eagerly, as an operator compiled."""
     if not torch.compiler.is_compiling():
-        return _decode_attention.decode_attention(q, k, v, mask, scale)
-    return torch.ops.dgq.decode_attention(q, k, v, mask, scale)
+        return _decode_attention.decode_attention(q, k, v, mask, scale, k_scale=k_scale, v_scale=v_scale)
+    return torch.ops.dgq.decode_attention(q, k, v, mask, scale, k_scale, v_scale)
 
 
 def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,85 @@
+"""A static KV cache that stores keys and values as int8, one fp32 scale per position and head: half the bytes.
+
+Why: a decode step reads the whole KV cache once per layer, and at batch 32 on Llama-2-7B that read is most of the
+step (BENCHMARKS.md, end to end: 6.27 of 9.83 ms), so the 4-bit weights cannot make the step much faster; half the
+cache bytes can.  Its price on SmolLM2 is +0.07% (FP) / +0.20% (DGQ) WikiText-2 perplexity (RESULTS.md, "An int8 KV
+cache"; the rounding there is this module's :func:`quantize_rows`).
+
+:class:`Int8StaticCache` is transformers' ``StaticCache`` whose layers (:class:`Int8StaticLayer`) round each new key
+and value vector to int8 (``absmax / 127``, round half to even) as it is written.  A layer's ``update`` returns
+``(codes, scales)`` pairs instead of float tensors; dgq's attention function (:mod:`dgq.attention`) takes them: a
+one-token step reads the int8 cache in dgq's split-KV kernel, any other call (a prefill) attends with SDPA over the
+dequantized values.  So the model must use that attention (:func:`dgq.attention.use_decode_attention`).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import StaticCache
+from transformers.cache_utils import StaticLayer
+
+from dgq.formats import INT8_MAX
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Int8 codes of ``x [..., D]`` and their fp32 scales ``[...]``, one per vector of the last dimension."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1) / INT8_MAX).clamp(min=1e-8)
+    return torch.round(xf / scale[..., None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+
+
+def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (codes.float() * scale[..., None]).to(dtype)
+
+
+class Int8StaticLayer(StaticLayer):
+    """One layer of :class:`Int8StaticCache`: ``keys``/``values`` int8 ``[B, H, max_len, D]`` and
+    ``key_scales``/``value_scales`` fp32 ``[B, H, max_len]``, written in place at the positions transformers'
+    ``StaticLayer`` would write (its ``cumulative_length``), so masks and lengths work unchanged."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        shape = (self.batch_size, self.num_heads, self.max_cache_len)
+        self.keys = torch.zeros(*shape, self.k_head_dim, dtype=torch.int8, device=self.device)
+        self.values = torch.zeros(*shape, self.v_head_dim, dtype=torch.int8, device=self.device)
+        self.key_scales = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self.value_scales = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        if not torch.compiler.is_compiling():  # fixed addresses, so that a captured step can write them in place
+            for t in (self.keys, self.values, self.key_scales, self.value_scales, self.cumulative_length):
+                torch._dynamo.mark_static_address(t)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+               ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """Round and write the new positions; returns ``((keys, key_scales), (values, value_scales))``."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        positions = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
+        self.cumulative_length.add_(key_states.shape[-2])
+        for codes, scales, states in ((self.keys, self.key_scales, key_states),
+                                      (self.values, self.value_scales, value_states)):
+            q, s = quantize_rows(states)
+            codes.index_copy_(2, positions, q)
+            scales.index_copy_(2, positions, s)
+        return (self.keys, self.key_scales), (self.values, self.value_scales)
+
+    def reset(self) -> None:
+        super().reset()
+        if self.is_initialized:
+            self.key_scales.zero_()
+            self.value_scales.zero_()
+
+
+class Int8StaticCache(StaticCache):
+    """transformers' ``StaticCache`` with :class:`Int8StaticLayer` layers.  Models with sliding-window layers are
+    refused (their layers keep a rolling window this class does not implement)."""
+
+    def __init__(self, config: object, max_cache_len: int, **kwargs: object) -> None:
+        super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
+        if any(type(layer) is not StaticLayer for layer in self.layers):
+            kinds = sorted({type(layer).__name__ for layer in self.layers})
+            raise ValueError(f"an int8 KV cache takes full-attention layers only; this model has {', '.join(kinds)}")
+        self.layers = [Int8StaticLayer(max_cache_len=max_cache_len) for _ in self.layers]
