@@ -102,6 +102,19 @@ def test_quantized_model_compiles_whole() -> None:
     assert torch.allclose(compiled, eager, rtol=1e-3, atol=1e-3)
 
 
+def _fresh_fused_model(layers: int, seed: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A tiny quantized, fused Llama, a fresh compiler (caches and graph counters reset), an 8-token prompt and a
+    next token."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = make_model("llama", layers=layers)
+    gen = torch.Generator().manual_seed(seed)
+    quantize(model, torch.randint(0, 96, (2, 32), generator=gen), preset("dgq", group_size=64), device="cpu",
+             progress=False)
+    fuse_projections(model)
+    return model, torch.randint(0, 96, (1, 8), generator=gen), torch.randint(0, 96, (1, 1), generator=gen)
+
+
 def _graphs() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
@@ -117,14 +130,7 @@ def test_block_scope_compiles_one_graph_for_all_blocks() -> None:
 
     from dgq import bench
 
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    model = make_model("llama", layers=3)
-    gen = torch.Generator().manual_seed(0)
-    quantize(model, torch.randint(0, 96, (2, 32), generator=gen), preset("dgq", group_size=64), device="cpu",
-             progress=False)
-    fuse_projections(model)
-    ids, tok = torch.randint(0, 96, (1, 8), generator=gen), torch.randint(0, 96, (1, 1), generator=gen)
+    model, ids, tok = _fresh_fused_model(layers=3, seed=0)
     mask = torch.ones(8, 8, dtype=torch.bool).tril_()[None, None]
 
     def run(forward: torch.nn.Module) -> tuple[list[torch.Tensor], StaticCache, list[int]]:
@@ -168,14 +174,8 @@ def test_int8_kv_cache_decode_step_compiles() -> None:
     from dgq.attention import use_decode_attention
     from dgq.kv_cache import Int8StaticCache
 
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
-    model = make_model("llama", layers=2)
-    gen = torch.Generator().manual_seed(1)
-    quantize(model, torch.randint(0, 96, (2, 32), generator=gen), preset("dgq", group_size=64), device="cpu",
-             progress=False)
-    use_decode_attention(fuse_projections(model))
-    ids, tok = torch.randint(0, 96, (1, 8), generator=gen), torch.randint(0, 96, (1, 1), generator=gen)
+    model, ids, tok = _fresh_fused_model(layers=2, seed=1)
+    use_decode_attention(model)
 
     def run(forward: torch.nn.Module) -> tuple[list[torch.Tensor], list[int]]:
         cache = Int8StaticCache(config=model.config, max_cache_len=16)
