@@ -3,7 +3,8 @@
 A decode step's attention reads the whole KV cache once per layer and does little arithmetic, so its floor is the
 cache's bytes over the copy bandwidth.  Each variant (programs per SM, cache positions per step, V requested with K,
 warps) is checked against an fp32 reference first, then timed in one CUDA graph over enough caches that each call
-finds its cache cold in L2, as a model's layer does.  Prints microseconds and the KV bytes' effective bandwidth.
+finds its cache cold in L2, as a model's layer does; the rule also on an int8 cache (:mod:`dgq.kv_cache`, half the
+bytes).  Prints microseconds and each variant's KV bytes' effective bandwidth.
 
     PYTHONPATH=.:benchmarks python benchmarks/decode_attention_probe.py --json $OUT/decode_attention.json   # the H100
 """
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dgq.kernels.decode_attention import CONFIG, decode_attention
+from dgq.kv_cache import quantize_rows
 
 CACHE_LEN, FILLED, DIM = 1088, 1040, 128  # the e2e benchmark's static cache: 1024-token context + steps
 SHAPES = [(b, hq, hkv) for hq, hkv in ((32, 32), (32, 8)) for b in (1, 8, 32)]  # Llama-2-7B, Llama-3-8B heads
@@ -66,11 +68,25 @@ def main() -> None:
                 continue
             times[_name(cfg)] = time_graph([lambda q=q, k=k, v=v, cfg=cfg, mask=mask: decode_attention(
                 q, k, v, mask, DIM ** -0.5, cfg) for q, k, v in sets])
+        # the rule on an int8 cache (dgq.kv_cache): codes and one fp32 scale per position for K and for V
+        sets8 = [(q, *quantize_rows(k), *quantize_rows(v)) for q, k, v in sets]
+        q, k8, ks, v8, vs = sets8[0]
+        want8 = F.scaled_dot_product_attention(q.float(), k8.float() * ks[..., None], v8.float() * vs[..., None],
+                                               attn_mask=mask, enable_gqa=gqa).transpose(1, 2)
+        out = decode_attention(q, k8, v8, mask, DIM ** -0.5, None, ks, vs)
+        if torch.allclose(out.float(), want8, atol=3e-3, rtol=2e-2):
+            times["rule_int8_kv"] = time_graph([lambda q=q, k8=k8, ks=ks, v8=v8, vs=vs, mask=mask: decode_attention(
+                q, k8, v8, mask, DIM ** -0.5, None, ks, vs) for q, k8, ks, v8, vs in sets8])
+        else:
+            failures.append(f"b{batch} {hq}/{hkv} int8 KV: max err {(out.float() - want8).abs().max():.2e}")
+        nbytes = {name: kv_bytes // 2 + 2 * batch * hkv * CACHE_LEN * 4 if name.endswith("int8_kv") else kv_bytes
+                  for name in times}
         rows += [{"batch": batch, "q_heads": hq, "kv_heads": hkv, "cache_len": CACHE_LEN, "variant": name,
-                  "us": t * 1e3, "kv_tb_s": kv_bytes / t / 1e9} for name, t in times.items()]
+                  "us": t * 1e3, "kv_bytes": nbytes[name], "kv_tb_s": nbytes[name] / t / 1e9}
+                 for name, t in times.items()]
         best = min(times, key=times.get)
         print(f"b{batch} heads {hq}/{hkv} (KV {kv_bytes / 2**20:.1f} MiB): "
-              + ", ".join(f"{name} {t * 1e3:.1f} us {kv_bytes / t / 1e9:.2f} TB/s" for name, t in times.items())
+              + ", ".join(f"{name} {t * 1e3:.1f} us {nbytes[name] / t / 1e9:.2f} TB/s" for name, t in times.items())
               + f"; best {best}", flush=True)
         save_probe(args.json, rows, failures)
     print_failures(failures)

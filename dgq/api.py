@@ -361,13 +361,14 @@ ATTENTIONS = ("dgq", "sdpa")
 
 def bench(path: str | Path, seqlens: list[int], decode_batches: list[int], context: int = 1024,
           decode_steps: int = 50, repeats: int = 10, prefill_mode: str = "graph",
-          decode_mode: str = "compiled", attention: str = "dgq") -> list[dict[str, Any]]:
+          decode_mode: str = "compiled", attention: str = "dgq", kv_cache: str = "fp16") -> list[dict[str, Any]]:
     """Prefill latency (batch 1, each of ``seqlens``) and decode tokens/s (each of ``decode_batches``) of the
     checkpoint at ``path`` on the local GPU, one dict per measurement; the modes are :mod:`dgq.bench`'s.  The
     projections are fused where the model allows it (the same outputs, fewer launches; each row says).  Decode
     steps attend with dgq's split-KV kernel (``attention="dgq"``, :mod:`dgq.attention`; what BENCHMARKS.md's
-    end-to-end figures use) or transformers' SDPA."""
-    from dgq.bench import DECODE_MODES, PREFILL_MODES, decode, prefill
+    end-to-end figures use) or transformers' SDPA; the KV cache in the model's dtype or int8 (:mod:`dgq.kv_cache`,
+    with dgq's attention only)."""
+    from dgq.bench import DECODE_MODES, KV_CACHES, PREFILL_MODES, decode, prefill
     from dgq.errors import DGQError
     from dgq.validate import at_least
 
@@ -378,6 +379,9 @@ def bench(path: str | Path, seqlens: list[int], decode_batches: list[int], conte
                           f"{', '.join(DECODE_MODES)}; got {prefill_mode!r}, {decode_mode!r}")
     if attention not in ATTENTIONS:
         raise ConfigError(f"attention: one of {', '.join(ATTENTIONS)}; got {attention!r}")
+    if kv_cache not in KV_CACHES or (kv_cache == "int8" and attention != "dgq"):
+        raise ConfigError(f"KV cache: one of {', '.join(KV_CACHES)}, int8 with dgq's attention only (SDPA cannot read "
+                          f"int8 codes); got {kv_cache!r} with {attention!r}")
     if not torch.cuda.is_available():
         raise DGQError("dgq bench measures GPU speed and needs CUDA; none is available on this machine")
     from dgq.fuse import FusionError, fuse_projections
@@ -395,7 +399,7 @@ def bench(path: str | Path, seqlens: list[int], decode_batches: list[int], conte
             use_decode_attention(model)
         except ConfigError as exc:
             raise ConfigError(f"{exc}; measure it with --attention sdpa") from None
-    fused["attention"] = attention
+    fused["attention"], fused["kv_cache"] = attention, kv_cache
     vocab = model.config.vocab_size
     rows: list[dict[str, Any]] = []
     for seqlen in seqlens:
@@ -403,7 +407,7 @@ def bench(path: str | Path, seqlens: list[int], decode_batches: list[int], conte
         rows.append({"phase": "prefill", "batch": 1, "seqlen": seqlen, "ms": ms, "peak_bytes": peak,
                      "mode": prefill_mode, **fused})
     for batch in decode_batches:
-        tps, peak = decode(model, batch, context, decode_steps, vocab, decode_mode)
+        tps, peak = decode(model, batch, context, decode_steps, vocab, decode_mode, kv_cache)
         rows.append({"phase": "decode", "batch": batch, "seqlen": context, "tokens_per_s": tps,
                      "peak_bytes": peak, "mode": decode_mode, **fused})
     return rows

@@ -13,7 +13,7 @@ import traceback
 from typing import Callable
 
 from dgq import api
-from dgq.bench import DECODE_MODES, PREFILL_MODES
+from dgq.bench import DECODE_MODES, KV_CACHES, PREFILL_MODES
 from dgq.config import PRESETS, ConfigError, QuantConfig
 from dgq.errors import DGQError
 from dgq.eval.zeroshot import TASKS
@@ -99,9 +99,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     rows = [["phase", "batch", "seqlen", "result", "peak memory"]]
     seqlens, batches = int_list("--seqlens", args.seqlens), int_list("--decode-batches", args.decode_batches)
     for r in api.bench(args.model, seqlens, batches, args.context, args.decode_steps, args.repeats,
-                       args.prefill_mode, args.decode_mode, args.attention):
+                       args.prefill_mode, args.decode_mode, args.attention, args.kv_cache):
         result = f"{r['ms']:.2f} ms" if r["phase"] == "prefill" else f"{r['tokens_per_s']:.1f} tok/s"
-        attention = f", {r['attention']} attention" if r["phase"] == "decode" else ""
+        attention = f", {r['attention']} attention, {r['kv_cache']} KV" if r["phase"] == "decode" else ""
         phase = f"{r['phase']} ({r['mode']}{'' if r['fused'] else ', unfused'}{attention})"
         rows.append([phase, str(r["batch"]), str(r["seqlen"]), result, f"{r['peak_bytes'] / 2**30:.2f} GiB"])
     print(_table(rows))
@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--attention", choices=api.ATTENTIONS, default="dgq",
                    help="decode steps' attention: dgq's split-KV kernel (default; Llama-2-7B at batch 1: 12 us per "
                         "layer against SDPA's 19) or transformers' SDPA")
+    b.add_argument("--kv-cache", choices=KV_CACHES, default="fp16",
+                   help="decode KV cache: the model's dtype (default), or int8 with one scale per position and head "
+                        "(half the bytes; needs --attention dgq)")
     b.set_defaults(func=cmd_bench)
 
     g = sub.add_parser("generate", help="generate text from a saved quantized model, streamed as it is produced",

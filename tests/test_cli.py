@@ -111,6 +111,8 @@ def test_bench_refuses_an_unknown_mode_before_anything_else(tmp_path):
     with pytest.raises(ConfigError, match="attention: one of dgq, sdpa"):
         api.bench(tmp_path, [256], [1], attention="flash")
     assert "invalid choice" in run_cli("bench", str(tmp_path), "--attention", "flash").stderr
+    with pytest.raises(ConfigError, match="int8 with dgq's attention only"):
+        api.bench(tmp_path, [256], [1], attention="sdpa", kv_cache="int8")
 
 
 def test_user_errors_are_one_line_and_bugs_show_their_traceback(monkeypatch, capsys, tmp_path):

@@ -287,10 +287,10 @@ def test_decode_attention_on_a_real_cache_and_in_a_graph(batch, q_heads, kv_head
     torch.testing.assert_close(out.float(), want, atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("attention", ["dgq", "sdpa"])
-def test_bench_measures_a_saved_model(attention: str, tmp_path) -> None:
-    """``dgq bench`` on a saved tiny DGQ model, with either decode attention: fused, compiled and captured, and
-    every row a positive figure that says how it was made."""
+@pytest.mark.parametrize("attention,kv_cache", [("dgq", "fp16"), ("sdpa", "fp16"), ("dgq", "int8")])
+def test_bench_measures_a_saved_model(attention: str, kv_cache: str, tmp_path) -> None:
+    """``dgq bench`` on a saved tiny DGQ model, with either decode attention and either KV cache: fused, compiled
+    and captured, and every row a positive figure that says how it was made."""
     from dgq.api import bench, quantize, save
     from dgq.config import preset
     from helpers import make_model, make_tokenizer
@@ -300,9 +300,10 @@ def test_bench_measures_a_saved_model(attention: str, tmp_path) -> None:
     ids = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(0))
     quantize(model, ids, preset("dgq", group_size=64), device="cpu", progress=False)
     save(model, tmp_path / "tiny", tokenizer=make_tokenizer())
-    rows = bench(tmp_path / "tiny", [32], [1, 4], context=64, decode_steps=4, repeats=2, attention=attention)
+    rows = bench(tmp_path / "tiny", [32], [1, 4], context=64, decode_steps=4, repeats=2, attention=attention,
+                 kv_cache=kv_cache)
     assert [r["phase"] for r in rows] == ["prefill", "decode", "decode"]
-    assert all(r["fused"] and r["attention"] == attention for r in rows)
+    assert all(r["fused"] and r["attention"] == attention and r["kv_cache"] == kv_cache for r in rows)
     assert all((r.get("ms") or r.get("tokens_per_s")) > 0 for r in rows)
 
 
