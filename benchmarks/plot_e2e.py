@@ -4,6 +4,7 @@ per format (like the DGQ paper's Figure 4), and decode throughput per batch size
 Takes one or more result files or folders of them (each written by one ``e2e.py`` run) and the modes to show
 (rows of another mode, and rows of older runs that record none, are left out unless ``--prefill-mode`` /
 ``--decode-mode`` name them; ``none`` selects rows without a mode).  A measurement no run made shows as "-".
+Profile rows (``e2e.py --profile``) print as a second table (:func:`profile_table`).
 
     python benchmarks/plot_e2e.py results/e2e_h100_compiled --out docs
 """
@@ -64,6 +65,39 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(out / "e2e_decode.png", dpi=110)
     print(markdown_table(rows))
+    profiles = [r for f in files for r in json.loads(f.read_text()) if r["phase"] == "profile"]
+    if profiles:
+        print()
+        print(profile_table(profiles, rows))
+
+
+def profile_table(profiles: list[dict], rows: list[dict]) -> str:
+    """Each profile row (``e2e.py --profile``) as BENCHMARKS.md shows it: microseconds per step by category, from the
+    run's recorded top-12 kernels sorted again with :func:`dgq.bench.category` (so a run made with an older
+    categorizer reads the same), the rest of the kernel time as one column, and the step's wall time from the
+    matching measurement (decode: batch / tokens per second; prefill: its ms)."""
+    from dgq.bench import category
+
+    cats = ("gemm", "attention", "act_quant", "norm", "other")
+    lines = ["| model | format | step | wall us | " + " | ".join(cats) + " | rest | kernels |", "|" + "---|" * 11]
+    for p in profiles:
+        parts = {c: {} for c in cats}
+        for kernel, us in p["us"]["top"].items():
+            parts[category(kernel)][kernel] = us
+        kind, _, size = p["what"].partition(" ")
+        match = next((r for r in rows if (r["model"], r["format"], r["phase"]) == (p["model"], p["format"], kind)
+                      and (r["batch"] == int(size[1:]) if kind == "decode" else r["seqlen"] == int(size))), None)
+        wall = None if match is None else (match["batch"] * 1e6 / match["tokens_per_s"] if kind == "decode"
+                                           else match["ms"] * 1e3)
+        cells = []
+        for c in cats:
+            top = sorted(parts[c].items(), key=lambda kv: -kv[1])
+            detail = ", ".join(f"{k[:24]} {v:.0f}" for k, v in top) if c == "gemm" and len(top) > 1 else ""
+            cells.append(f"{sum(parts[c].values()):.0f}" + (f" ({detail})" if detail else ""))
+        rest = p["us"]["total"] - sum(p["us"]["top"].values())
+        lines.append(f"| {p['model']} | {p['format']} | {p['what']} | {'-' if wall is None else f'{wall:.0f}'} | "
+                     + " | ".join(cells) + f" | {rest:.0f} | {p['us']['kernels']:.0f} |")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict]) -> str:
