@@ -399,6 +399,10 @@ def bench(path: str | Path, seqlens: list[int], decode_batches: list[int], conte
             use_decode_attention(model)
         except ConfigError as exc:
             raise ConfigError(f"{exc}; measure it with --attention sdpa") from None
+    if kv_cache == "int8":  # a model the cache cannot serve is refused here, before anything is measured
+        from dgq.kv_cache import Int8StaticCache
+
+        Int8StaticCache(config=model.config, max_cache_len=context)  # (its layers allocate lazily: nothing held)
     fused["attention"], fused["kv_cache"] = attention, kv_cache
     vocab = model.config.vocab_size
     rows: list[dict[str, Any]] = []

@@ -18,6 +18,7 @@ import torch
 from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
+from dgq.config import ConfigError
 from dgq.formats import INT8_MAX
 
 
@@ -81,5 +82,6 @@ class Int8StaticCache(StaticCache):
         super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
         if any(type(layer) is not StaticLayer for layer in self.layers):
             kinds = sorted({type(layer).__name__ for layer in self.layers})
-            raise ValueError(f"an int8 KV cache takes full-attention layers only; this model has {', '.join(kinds)}")
+            raise ConfigError(f"an int8 KV cache takes full-attention layers only; this model has "
+                              f"{', '.join(kinds)} (use the fp16 cache)")
         self.layers = [Int8StaticLayer(max_cache_len=max_cache_len) for _ in self.layers]

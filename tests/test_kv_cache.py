@@ -63,3 +63,16 @@ def test_a_generation_through_the_int8_cache_equals_sdpa_on_rounded_values(monke
         torch.testing.assert_close(g.float(), w.float(), atol=2e-2, rtol=2e-2)
     assert int8_calls == [True] * (3 * 2)  # decode steps after the prefill x layers
     assert cache.layers[0].keys.dtype == torch.int8 and cache.layers[0].key_scales[:, :, :12].gt(0).all()
+
+
+def test_a_model_with_sliding_window_layers_is_refused_in_one_line():
+    """Sliding-window layers keep a rolling window the int8 cache does not implement: a user error naming the layer
+    kinds and the way out, before anything is allocated."""
+    from transformers import MistralConfig
+
+    from dgq.config import ConfigError
+
+    config = MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
+    with pytest.raises(ConfigError, match="full-attention layers only; this model has .*Sliding.*fp16 cache"):
+        Int8StaticCache(config=config, max_cache_len=32)
