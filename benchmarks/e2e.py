@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from dgq import bench
+from dgq.api import ATTENTIONS
 from dgq.attention import use_decode_attention
 from dgq.bench import DecodeStep, breakdown, compiled, decode, prefill
 from dgq.formats import INT4_MAX, INT8_MAX, group_minmax, to_dual_grained
@@ -216,7 +217,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="torch.profiler breakdown of decode and prefill")
     parser.add_argument("--no-fuse", action="store_true", help="DGQ without fused projections")
     parser.add_argument("--compile-scope", default="blocks", choices=bench.SCOPES, help="see dgq.bench.compiled")
-    parser.add_argument("--attention", default="dgq", choices=("dgq", "sdpa"),
+    parser.add_argument("--attention", default="dgq", choices=ATTENTIONS,
                         help="decode steps' attention: dgq's split-KV kernel (default; dgq.attention), or "
                              "transformers' SDPA")
     parser.add_argument("--act-quant", default="kernel", choices=("kernel", "graph"),

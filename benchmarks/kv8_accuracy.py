@@ -3,8 +3,9 @@
 Decode at batch 32 is bound by reading the fp16 KV cache (BENCHMARKS.md, end to end): halving its bytes is the one
 path to the batch-32 target.  Before building such a cache, this measures the price on a real model: every key and
 value vector (per token, per KV head) is rounded symmetrically to int8 with its own fp32 scale, ``absmax / 127``, then
-dequantized, inside a transformers attention function registered beside SDPA; everything else is the model's own
-path.  It prints WikiText-2 perplexity (GPTQ protocol, first ``--windows`` windows) with and without, for each model.
+dequantized (:func:`dgq.kv_cache.quantize_rows`, what the int8 cache stores), inside a transformers attention function
+registered beside SDPA; everything else is the model's own path.  It prints WikiText-2 perplexity (GPTQ protocol,
+first ``--windows`` windows) with and without, for each model.
 
     python benchmarks/kv8_accuracy.py --models smollm2-135m,runs/smollm2-dgq --windows 16
 """
@@ -19,14 +20,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from dgq.kv_cache import dequantize_rows, quantize_rows
+
 NAME = "kv8_fake"
 
 
 def fake_int8(t: torch.Tensor) -> torch.Tensor:
-    """``t`` rounded to int8 per vector of its last dimension (scale ``absmax / 127``) and dequantized."""
-    tf = t.float()
-    scale = (tf.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)
-    return (torch.round(tf / scale).clamp(-127, 127) * scale).to(t.dtype)
+    """``t`` rounded to int8 per vector of its last dimension as :mod:`dgq.kv_cache` stores it, and dequantized."""
+    return dequantize_rows(*quantize_rows(t), t.dtype)
 
 
 def kv8_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -19,14 +19,15 @@ from transformers import StaticCache
 from transformers.cache_utils import StaticLayer
 
 from dgq.config import ConfigError
-from dgq.formats import INT8_MAX
+from dgq.formats import quantize_activations
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Int8 codes of ``x [..., D]`` and their fp32 scales ``[...]``, one per vector of the last dimension."""
-    xf = x.float()
-    scale = (xf.abs().amax(-1) / INT8_MAX).clamp(min=1e-8)
-    return torch.round(xf / scale[..., None]).clamp(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+    """Int8 codes of ``x [..., D]`` and their fp32 scales ``[...]``, one per vector of the last dimension: the
+    per-token dynamic activation quantization (:func:`dgq.formats.quantize_activations`) applied to each key or
+    value vector."""
+    codes, scale = quantize_activations(x)
+    return codes, scale.squeeze(-1)
 
 
 def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

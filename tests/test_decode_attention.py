@@ -15,6 +15,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be tested")
 
 from dgq.kernels.decode_attention import BLOCK_N, decode_attention, num_splits  # noqa: E402
+from dgq.kv_cache import quantize_rows  # noqa: E402
 from test_compile import needs_cxx  # noqa: E402
 
 DEVICE = "cuda" if os.environ["TRITON_INTERPRET"] == "0" else "cpu"
@@ -88,12 +89,6 @@ def test_the_probe_variants_equal_the_reference(config):
     torch.testing.assert_close(got.float(), reference(q, k, v, mask, 0.125), atol=2e-3, rtol=2e-3)
 
 
-def _int8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position int8 codes and fp32 scales of ``t [B, H, L, D]`` (absmax / 127), as an int8 cache would hold."""
-    scale = (t.float().abs().amax(-1) / 127).clamp(min=1e-8)
-    return torch.round(t.float() / scale[..., None]).clamp(-127, 127).to(torch.int8), scale
-
-
 @pytest.mark.parametrize("v_early", [True, False])
 def test_an_int8_cache_attends_like_its_dequantized_values(v_early):
     """int8 K and V with per-position scales (half the bytes of an fp16 cache) give the attention of the values they
@@ -102,7 +97,7 @@ def test_an_int8_cache_attends_like_its_dequantized_values(v_early):
     kv_len = 5 * BLOCK_N + 7
     q = torch.randn(2, 4, 1, 64, generator=gen).half().to(DEVICE)
     k, v = (torch.randn(2, 2, kv_len, 64, generator=gen).half() * 3 for _ in range(2))
-    (k8, ks), (v8, vs) = _int8_rows(k), _int8_rows(v)
+    (k8, ks), (v8, vs) = quantize_rows(k), quantize_rows(v)
     mask = (torch.arange(kv_len) < kv_len - 30)[None, None, None, :].expand(2, 1, 1, kv_len).to(DEVICE)
     got = decode_attention(q, k8.to(DEVICE), v8.to(DEVICE), mask, 0.125, {"v_early": v_early}, ks.to(DEVICE),
                            vs.to(DEVICE))
@@ -171,7 +166,7 @@ def test_operator_passes_opcheck(masked):
     mask = (torch.arange(100) < 70)[None, None, None, :].to(DEVICE) if masked else None
     torch.library.opcheck(torch.ops.dgq.decode_attention, (q, k, v, mask, 0.125, None, None),
                           test_utils=("test_schema", "test_faketensor"))
-    (k8, ks), (v8, vs) = _int8_rows(k), _int8_rows(v)
+    (k8, ks), (v8, vs) = quantize_rows(k), quantize_rows(v)
     torch.library.opcheck(torch.ops.dgq.decode_attention, (q, k8, v8, mask, 0.125, ks, vs),
                           test_utils=("test_schema", "test_faketensor"))
 
