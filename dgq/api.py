@@ -337,15 +337,24 @@ def evaluate(model: nn.Module | str, tokenizer: Any = None, *, datasets: tuple[s
 
 
 def generate(path: str | Path, prompt: str, settings: Any = None, device: str | torch.device | None = None,
-             out: TextIO | None = None) -> str:
+             out: TextIO | None = None, attention: str = "dgq") -> str:
     """Text generated from the checkpoint at ``path`` for ``prompt`` (``settings``: a
-    :class:`~dgq.generate.GenerationSettings`, default greedy), streamed to ``out`` when given."""
+    :class:`~dgq.generate.GenerationSettings`, default greedy), streamed to ``out`` when given.
+
+    Where the decode step is compiled (CUDA by default), the model is prepared as ``dgq bench`` measures it
+    (:func:`prepare_decode`): q/k/v and gate/up fused where the model allows it, and the one-token steps on dgq's
+    split-KV attention (``attention="dgq"``) or transformers' SDPA (``"sdpa"``).  Eager decoding (the CPU,
+    ``compile=False``) runs the checkpoint as loaded.
+    """
     from transformers import AutoTokenizer
 
     from dgq.generate import GenerationSettings, generate as run
 
+    check_attention(attention)
     settings = settings or GenerationSettings()
     model = load(path, device=resolve_device(device))
+    if settings.compiles(model.device):
+        prepare_decode(model, attention)
     return run(model, AutoTokenizer.from_pretrained(path), prompt, settings, out=out)
 
 
@@ -357,6 +366,35 @@ def export(path: str | Path, out: str | Path, format: str, overwrite: bool = Fal
 
 
 ATTENTIONS = ("dgq", "sdpa")
+
+
+def check_attention(attention: str) -> None:
+    """Refuse an attention name other than :data:`ATTENTIONS`."""
+    if attention not in ATTENTIONS:
+        raise ConfigError(f"attention: one of {', '.join(ATTENTIONS)}; got {attention!r}")
+
+
+def prepare_decode(model: nn.Module, attention: str) -> dict[str, Any]:
+    """Make a loaded model ready for fast decoding, in place: q/k/v and gate/up fused where the model allows it (the
+    same outputs, fewer launches) and, with ``attention="dgq"``, one-token steps on dgq's split-KV kernel.  Returns
+    what was done, as :func:`bench` reports it on every row: ``fused`` (with ``not_fused``, why not) and
+    ``attention``.  A model whose heads the kernel cannot serve is refused, the way out named."""
+    from dgq.fuse import FusionError, fuse_projections
+
+    done: dict[str, Any] = {"fused": True}
+    try:
+        fuse_projections(model)
+    except FusionError as exc:  # runs unfused, and the caller is told why
+        done = {"fused": False, "not_fused": str(exc)}
+    if attention == "dgq":
+        from dgq.attention import use_decode_attention
+
+        try:
+            use_decode_attention(model)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; use --attention sdpa") from None
+    done["attention"] = attention
+    return done
 
 
 def bench(path: str | Path, seqlens: list[int], decode_batches: list[int], context: int = 1024,
@@ -377,33 +415,19 @@ def bench(path: str | Path, seqlens: list[int], decode_batches: list[int], conte
     if prefill_mode not in PREFILL_MODES or decode_mode not in DECODE_MODES:
         raise ConfigError(f"modes: prefill one of {', '.join(PREFILL_MODES)}, decode one of "
                           f"{', '.join(DECODE_MODES)}; got {prefill_mode!r}, {decode_mode!r}")
-    if attention not in ATTENTIONS:
-        raise ConfigError(f"attention: one of {', '.join(ATTENTIONS)}; got {attention!r}")
+    check_attention(attention)
     if kv_cache not in KV_CACHES or (kv_cache == "int8" and attention != "dgq"):
         raise ConfigError(f"KV cache: one of {', '.join(KV_CACHES)}, int8 with dgq's attention only (SDPA cannot read "
                           f"int8 codes); got {kv_cache!r} with {attention!r}")
     if not torch.cuda.is_available():
         raise DGQError("dgq bench measures GPU speed and needs CUDA; none is available on this machine")
-    from dgq.fuse import FusionError, fuse_projections
-
     model = load(path, device="cuda", dtype=torch.float16)
-    fused: dict[str, Any] = {"fused": True}
-    try:
-        fuse_projections(model)
-    except FusionError as exc:  # measured unfused, and every row says why
-        fused = {"fused": False, "not_fused": str(exc)}
-    if attention == "dgq":
-        from dgq.attention import use_decode_attention
-
-        try:
-            use_decode_attention(model)
-        except ConfigError as exc:
-            raise ConfigError(f"{exc}; measure it with --attention sdpa") from None
+    fused = prepare_decode(model, attention)
     if kv_cache == "int8":  # a model the cache cannot serve is refused here, before anything is measured
         from dgq.kv_cache import Int8StaticCache
 
         Int8StaticCache(config=model.config, max_cache_len=context)  # (its layers allocate lazily: nothing held)
-    fused["attention"], fused["kv_cache"] = attention, kv_cache
+    fused["kv_cache"] = kv_cache
     vocab = model.config.vocab_size
     rows: list[dict[str, Any]] = []
     for seqlen in seqlens:

@@ -86,7 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p, args.seed,
                                   False if args.no_compile else None)  # fail fast
     print(args.prompt, end="", flush=True)
-    api.generate(args.model, args.prompt, settings, device=args.device, out=sys.stdout)
+    api.generate(args.model, args.prompt, settings, device=args.device, out=sys.stdout, attention=args.attention)
     print()
 
 
@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-compile", action="store_true",
                    help="on CUDA, decode eagerly with a dynamic KV cache instead of the compiled static-cache step "
                         "(skips the first call's compilation)")
+    g.add_argument("--attention", choices=api.ATTENTIONS, default="dgq",
+                   help="attention of the compiled decode steps: dgq's split-KV kernel (default) or transformers' "
+                        "SDPA (eager decoding always uses the model's own)")
     g.add_argument("--device", default=None, help="compute device, e.g. cpu or cuda (default: cuda if available)")
     g.set_defaults(func=cmd_generate)
 

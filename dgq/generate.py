@@ -38,9 +38,12 @@ class GenerationSettings:
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
 
+    def compiles(self, device: torch.device) -> bool:
+        """Whether decoding on ``device`` uses the static cache and the compiled step."""
+        return self.compile if self.compile is not None else device.type == "cuda"
+
     def generate_kwargs(self, device: torch.device) -> dict[str, Any]:
-        static = self.compile if self.compile is not None else device.type == "cuda"
-        cache = {"cache_implementation": "static"} if static else {}
+        cache = {"cache_implementation": "static"} if self.compiles(device) else {}
         if self.temperature == 0:
             return {"max_new_tokens": self.max_new_tokens, "do_sample": False, **cache}
         return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,

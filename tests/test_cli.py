@@ -115,6 +115,15 @@ def test_bench_refuses_an_unknown_mode_before_anything_else(tmp_path):
         api.bench(tmp_path, [256], [1], attention="sdpa", kv_cache="int8")
 
 
+def test_generate_refuses_an_unknown_attention_before_loading(tmp_path):
+    from dgq import api
+    from dgq.config import ConfigError
+
+    with pytest.raises(ConfigError, match="attention: one of dgq, sdpa"):
+        api.generate(tmp_path / "missing", "hello", attention="flash")
+    assert "invalid choice" in run_cli("generate", str(tmp_path), "hi", "--attention", "flash").stderr
+
+
 def test_user_errors_are_one_line_and_bugs_show_their_traceback(monkeypatch, capsys, tmp_path):
     from dgq import api
     from dgq.cli import BUG_LINE, main
