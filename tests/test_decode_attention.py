@@ -14,7 +14,10 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be tested")
 
-from dgq.kernels.decode_attention import BLOCK_N, decode_attention, num_splits  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from dgq.kernels.decode_attention import BLOCK_N, _widen, decode_attention, num_splits  # noqa: E402
 from dgq.kv_cache import quantize_rows  # noqa: E402
 from test_compile import needs_cxx  # noqa: E402
 
@@ -89,8 +92,27 @@ def test_the_probe_variants_equal_the_reference(config):
     torch.testing.assert_close(got.float(), reference(q, k, v, mask, 0.125), atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("v_early", [True, False])
-def test_an_int8_cache_attends_like_its_dequantized_values(v_early):
+CONVERSIONS = [0, 1] + [2, 3] * (DEVICE == "cuda")  # 2, 3 are PTX: the interpreter cannot run them (it runs 1)
+
+
+@triton.jit
+def _widen_all(x_ptr, out_ptr, I8_CVT: tl.constexpr):
+    offs = tl.arange(0, 256)
+    tl.store(out_ptr + offs, _widen(tl.load(x_ptr + offs), I8_CVT))
+
+
+@pytest.mark.parametrize("i8_cvt", [c for c in CONVERSIONS if c != 3])  # 3 widens V as words: attention tests
+def test_every_int8_code_widens_exactly(i8_cvt):
+    """Each way the kernel widens int8 codes to fp16 gives every one of the 256 codes exactly."""
+    codes = torch.arange(-128, 128, dtype=torch.int8, device=DEVICE)
+    out = torch.empty(256, dtype=torch.float16, device=DEVICE)
+    _widen_all[(1,)](codes, out, I8_CVT=i8_cvt)
+    assert torch.equal(out, codes.half())
+
+
+@pytest.mark.parametrize("v_early,i8_cvt",
+                         [(True, c) for c in CONVERSIONS] + [(False, 1)] + [(False, 3)] * (DEVICE == "cuda"))
+def test_an_int8_cache_attends_like_its_dequantized_values(v_early, i8_cvt):
     """int8 K and V with per-position scales (half the bytes of an fp16 cache) give the attention of the values they
     stand for, over a masked cache of several chunks with grouped-query heads; refused half given."""
     gen = torch.Generator().manual_seed(5)
@@ -99,8 +121,8 @@ def test_an_int8_cache_attends_like_its_dequantized_values(v_early):
     k, v = (torch.randn(2, 2, kv_len, 64, generator=gen).half() * 3 for _ in range(2))
     (k8, ks), (v8, vs) = quantize_rows(k), quantize_rows(v)
     mask = (torch.arange(kv_len) < kv_len - 30)[None, None, None, :].expand(2, 1, 1, kv_len).to(DEVICE)
-    got = decode_attention(q, k8.to(DEVICE), v8.to(DEVICE), mask, 0.125, {"v_early": v_early}, ks.to(DEVICE),
-                           vs.to(DEVICE))
+    got = decode_attention(q, k8.to(DEVICE), v8.to(DEVICE), mask, 0.125, {"v_early": v_early, "i8_cvt": i8_cvt},
+                           ks.to(DEVICE), vs.to(DEVICE))
     assert got.dtype == torch.float16
     want = reference(q, (k8.float() * ks[..., None]).to(DEVICE), (v8.float() * vs[..., None]).to(DEVICE), mask, 0.125)
     torch.testing.assert_close(got.float(), want, atol=3e-3, rtol=3e-3)

@@ -266,10 +266,13 @@ def test_generate_compiles_the_static_cache_step() -> None:
 
 
 @pytest.mark.parametrize("batch, q_heads, kv_heads", [(1, 32, 32), (8, 32, 8)])  # Llama-2-7B, Llama-3-8B heads
-def test_decode_attention_on_a_real_cache_and_in_a_graph(batch, q_heads, kv_heads):
+@pytest.mark.parametrize("int8", [False, True])
+def test_decode_attention_on_a_real_cache_and_in_a_graph(batch, q_heads, kv_heads, int8):
     """The split-KV decode attention at model shapes, with a static cache's mask, eagerly and replayed from a CUDA
-    graph (its chunk count follows the SM count here, unlike in the interpreter)."""
+    graph (its chunk count follows the SM count here, unlike in the interpreter); on an fp16 cache, and on an int8
+    one (:mod:`dgq.kv_cache`), against the reference on the same cache dequantized."""
     from dgq.kernels.decode_attention import decode_attention
+    from dgq.kv_cache import dequantize_rows, quantize_rows
     from test_decode_attention import reference
 
     kv_len, dim = 1100, 128
@@ -277,11 +280,19 @@ def test_decode_attention_on_a_real_cache_and_in_a_graph(batch, q_heads, kv_head
     q = torch.randn(batch, q_heads, 1, dim, device="cuda", generator=gen).half()
     k, v = (torch.randn(batch, kv_heads, kv_len, dim, device="cuda", generator=gen).half() for _ in range(2))
     mask = (torch.arange(kv_len, device="cuda") < 1030)[None, None, None, :].expand(batch, 1, 1, kv_len)
+    cache: tuple = (k, v)
+    if int8:
+        (k8, ks), (v8, vs) = quantize_rows(k), quantize_rows(v)
+        k, v, cache = dequantize_rows(k8, ks, torch.float32), dequantize_rows(v8, vs, torch.float32), (k8, v8)
+        scales = (ks, vs)
+    else:
+        scales = (None, None)
     want = reference(q, k, v, mask, dim ** -0.5)
-    torch.testing.assert_close(decode_attention(q, k, v, mask, dim ** -0.5).float(), want, atol=2e-3, rtol=2e-3)
+    got = decode_attention(q, *cache, mask, dim ** -0.5, None, *scales)
+    torch.testing.assert_close(got.float(), want, atol=2e-3, rtol=2e-3)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = decode_attention(q, k, v, mask, dim ** -0.5)
+        out = decode_attention(q, *cache, mask, dim ** -0.5, None, *scales)
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out.float(), want, atol=2e-3, rtol=2e-3)
@@ -307,9 +318,11 @@ def test_bench_measures_a_saved_model(attention: str, kv_cache: str, tmp_path) -
     assert all((r.get("ms") or r.get("tokens_per_s")) > 0 for r in rows)
 
 
-def test_api_generate_streams_on_cuda(tmp_path) -> None:
+@pytest.mark.parametrize("attention", ["dgq", "sdpa"])
+def test_api_generate_streams_on_cuda(attention: str, tmp_path) -> None:
     """``dgq generate`` as the command runs it (the API, streaming pieces as they come) decodes with the static
-    cache and transformers' compiled step, and gives the eager decode's text.  Session 7 saw the compiled step fail
+    cache and transformers' compiled step, projections fused and either decode attention, and gives the eager
+    decode's text.  Session 7 saw the compiled step fail
     when the API decoded in a worker thread (inductor's CUDA-graph trees keep per-thread state: ``assert
     torch._C._is_key_in_tls('tree_manager_containers')``, pytorch/pytorch#123177); it now decodes in the caller's
     thread."""
@@ -323,7 +336,8 @@ def test_api_generate_streams_on_cuda(tmp_path) -> None:
     ids = torch.randint(0, 96, (2, 32), generator=torch.Generator().manual_seed(0))
     quantize(model, ids, preset("dgq", group_size=64), device="cpu", progress=False)
     save(model, tmp_path / "tiny", tokenizer=make_tokenizer())
-    fast = generate(tmp_path / "tiny", "a cat sat on the mat", GenerationSettings(max_new_tokens=8))
+    fast = generate(tmp_path / "tiny", "a cat sat on the mat", GenerationSettings(max_new_tokens=8),
+                    attention=attention)
     slow = generate(tmp_path / "tiny", "a cat sat on the mat", GenerationSettings(max_new_tokens=8, compile=False))
     assert fast == slow
 
