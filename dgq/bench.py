@@ -210,6 +210,7 @@ def decode(model: nn.Module, batch: int, context: int, steps: int, vocab: int,
 # Kernel-name patterns per category, checked in this order (the first match wins).  The activation quantization
 # compiled into its producer is counted with the producer: "norm" holds RMSNorm (+ quantization) kernels.
 CATEGORIES = (
+    ("other", ("_write_rows_int8",)),  # the int8 KV cache's write (dgq.kernels.kv_write), not an int8 GEMM
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
     ("gemm", ("gemm", "gemv", "a8w4", "int8", "cutlass", "xmma", "nvjet", "int4pack", "widen", "matmul", "sm90")),
     ("act_quant", ("act_quant",)),

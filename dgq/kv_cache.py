@@ -59,13 +59,19 @@ class Int8StaticLayer(StaticLayer):
         """Round and write the new positions; returns ``((keys, key_scales), (values, value_scales))``."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        positions = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
+        if self.device.type == "cuda":  # one kernel for both (dgq.kernels.kv_write); bit-identical to the below
+            from dgq.kernels.ops import write_kv_int8
+
+            write_kv_int8(key_states, value_states, self.keys, self.values, self.key_scales, self.value_scales,
+                          self.cumulative_length)
+        else:
+            positions = torch.arange(key_states.shape[-2], device=self.device) + self.cumulative_length
+            for codes, scales, states in ((self.keys, self.key_scales, key_states),
+                                          (self.values, self.value_scales, value_states)):
+                q, s = quantize_rows(states)
+                codes.index_copy_(2, positions, q)
+                scales.index_copy_(2, positions, s)
         self.cumulative_length.add_(key_states.shape[-2])
-        for codes, scales, states in ((self.keys, self.key_scales, key_states),
-                                      (self.values, self.value_scales, value_states)):
-            q, s = quantize_rows(states)
-            codes.index_copy_(2, positions, q)
-            scales.index_copy_(2, positions, s)
         return (self.keys, self.key_scales), (self.values, self.value_scales)
 
     def reset(self) -> None:

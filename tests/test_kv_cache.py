@@ -25,6 +25,32 @@ def test_rows_round_to_within_half_a_step():
     assert not dequantize_rows(codes, scale, torch.float32)[0, 0, 0].any()
 
 
+@pytest.mark.parametrize("dtype,new_len", [(torch.float16, 1), (torch.bfloat16, 5)])
+def test_the_write_kernel_equals_rounding_then_copying(dtype, new_len):
+    """:func:`dgq.kernels.kv_write.write_int8` (one launch for keys and values, what a CUDA cache runs) stores the
+    codes and scales of :func:`quantize_rows`, bit for bit, at the cache's current length, and nothing elsewhere;
+    the new states arrive as the attention's transposed views, not contiguous."""
+    from dgq.kernels.kv_write import write_int8
+
+    gen = torch.Generator().manual_seed(3)
+    batch, heads, max_len, dim, start = 2, 3, 16, 64, 7
+    k, v = ((torch.randn(batch, new_len, heads, dim, generator=gen) * 4).to(dtype).to(DEVICE).transpose(1, 2)
+            for _ in range(2))
+    k[0, 1, 0] = 0  # an all-zero row keeps a positive scale
+    keys, values = (torch.zeros(batch, heads, max_len, dim, dtype=torch.int8, device=DEVICE) for _ in range(2))
+    key_scales, value_scales = (torch.zeros(batch, heads, max_len, device=DEVICE) for _ in range(2))
+    write_int8(k, v, keys, values, key_scales, value_scales, torch.tensor(start, device=DEVICE))
+    for codes, scales, states in ((keys, key_scales, k), (values, value_scales, v)):
+        # the reference on the CPU: CUDA's torch divides by a Python number as a product with its reciprocal, which
+        # can differ from the division by one ulp (seen on the H100 in 4 of 60 scales); the kernel divides exactly
+        want_codes, want_scales = quantize_rows(states.cpu())
+        codes, scales = codes.cpu(), scales.cpu()
+        assert torch.equal(codes[:, :, start:start + new_len], want_codes)
+        assert torch.equal(scales[:, :, start:start + new_len], want_scales)
+        assert not codes[:, :, :start].any() and not codes[:, :, start + new_len:].any()
+        assert not scales[:, :, :start].any() and not scales[:, :, start + new_len:].any()
+
+
 def _fake_int8_attention(module, query, key, value, attention_mask, **kwargs):  # noqa: ANN001, ANN003, ANN202
     """SDPA over keys and values rounded as the int8 cache rounds them: what that cache must equal."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -1,11 +1,12 @@
 """dgq's kernels as PyTorch operators, so that ``torch.compile`` and CUDA graphs capture a whole model step.
 
-Five operators (``torch.library.custom_op``, each with a fake implementation that gives the output's shape and
+Six operators (``torch.library.custom_op``, each with a fake implementation that gives the output's shape and
 dtype without running anything): ``dgq::a8w4_linear`` (a whole A8W4 layer from float activations, dynamic or static
 scale: what :func:`dgq.kernels.linear.a8w4_linear` runs), ``dgq::quantize_activations`` (dynamic, per token: the
 W8A8 peer's), ``dgq::a8w4_mm`` (the GEMM paths of :mod:`dgq.kernels.linear` on int8 codes), ``dgq::int8_mm`` (the
-int8 GEMM on an int8 weight: W8A8 layers, the benchmarks' peer) and ``dgq::decode_attention``
-(:mod:`dgq.attention`).  To the compiler each is one opaque call with no Python inside the captured graph; a CUDA
+int8 GEMM on an int8 weight: W8A8 layers, the benchmarks' peer), ``dgq::decode_attention``
+(:mod:`dgq.attention`) and ``dgq::write_kv_int8`` (:mod:`dgq.kv_cache`'s update on CUDA, which mutates the cache
+in place and says so).  To the compiler each is one opaque call with no Python inside the captured graph; a CUDA
 graph replays their kernels.
 
 :func:`quantized_linear` is what :meth:`dgq.nn.QuantLinear.forward_kernels` calls:
@@ -39,6 +40,7 @@ from dgq.kernels import decode_attention as _decode_attention
 from dgq.kernels.act_quant import quantize_activations_triton
 from dgq.kernels.gemm import KernelWeight
 from dgq.kernels.int8_gemm import int8_matmul
+from dgq.kernels.kv_write import write_int8
 from dgq.kernels.linear import a8w4_linear, a8w4_mm
 
 # per device type, compiled: quantize with torch ops the compiler fuses into the producer (else dgq's exact kernel)
@@ -106,6 +108,27 @@ def _decode_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
 def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
       k_scale: torch.Tensor | None, v_scale: torch.Tensor | None) -> torch.Tensor:
     return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]), dtype=q.dtype)
+
+
+@torch.library.custom_op("dgq::write_kv_int8", mutates_args=("keys", "values", "key_scales", "value_scales"))
+def _write_kv_int8_op(key_states: torch.Tensor, value_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      key_scales: torch.Tensor, value_scales: torch.Tensor, start: torch.Tensor) -> None:
+    write_int8(key_states, value_states, keys, values, key_scales, value_scales, start)
+
+
+@_write_kv_int8_op.register_fake
+def _(key_states: torch.Tensor, value_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+      key_scales: torch.Tensor, value_scales: torch.Tensor, start: torch.Tensor) -> None:
+    return None
+
+
+def write_kv_int8(key_states: torch.Tensor, value_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                  key_scales: torch.Tensor, value_scales: torch.Tensor, start: torch.Tensor) -> None:
+    """:func:`dgq.kernels.kv_write.write_int8` (new keys and values rounded into the int8 cache, in place): called
+    directly eagerly, as an operator compiled."""
+    if not torch.compiler.is_compiling():
+        return write_int8(key_states, value_states, keys, values, key_scales, value_scales, start)
+    return torch.ops.dgq.write_kv_int8(key_states, value_states, keys, values, key_scales, value_scales, start)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
