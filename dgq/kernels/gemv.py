@@ -68,11 +68,50 @@ def _weight_chunk(w_rows, s2_ptr, zp_ptr, offs_n, n_mask, tile, valid, N, GROUP:
 
 
 @triton.jit
+def _activation_words(x_row, tile, sx, N_TILES: tl.constexpr, TILE_K: tl.constexpr, FUSE_QUANT: tl.constexpr):
+    """The activation words ``[1, TPI, TW]`` that meet a chunk's low and high nibbles: int8 codes read as words, or
+    (``FUSE_QUANT``) float activations rounded here; tiles past K read as zeros."""
+    TW: tl.constexpr = TILE_K // 8
+    w_loc = tl.arange(0, TW)
+    in_k = tile < N_TILES
+    if FUSE_QUANT:
+        x_lo = _code_words(x_row, tile * TILE_K, in_k, sx, TW)
+        x_hi = _code_words(x_row, tile * TILE_K + TILE_K // 2, in_k, sx, TW)
+    else:
+        x_lo = tl.load(x_row + (tile * (TILE_K // 4))[None, :, None] + w_loc[None, None, :],
+                       mask=in_k[None, :, None], other=0)
+        x_hi = tl.load(x_row + (tile * (TILE_K // 4) + TILE_K // 8)[None, :, None] + w_loc[None, None, :],
+                       mask=in_k[None, :, None], other=0)
+    return x_lo, x_hi
+
+
+@triton.jit
+def _chunk_dot(acc, p, s_lo, z_lo, s_hi, z_hi, x_lo, x_hi, USE_ASM: tl.constexpr):
+    """``acc`` plus one chunk's products: each packed word widened to two words of four int8 weights, each against
+    its activation word with one ``dp4a`` (or byte by byte where PTX cannot run)."""
+    if USE_ASM:
+        c_lo = ((128 - s_lo * z_lo).to(tl.uint32, bitcast=True) * 0x01010101).to(tl.int32, bitcast=True)
+        c_hi = ((128 - s_hi * z_hi).to(tl.uint32, bitcast=True) * 0x01010101).to(tl.int32, bitcast=True)
+        w_lo, w_hi = tl.inline_asm_elementwise(_WIDEN_WORD_PTX, "=r,=r,r,r,r,r,r", [p, s_lo, c_lo, s_hi, c_hi],
+                                               dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        acc = tl.inline_asm_elementwise(_DP4A2_PTX, "=r,r,r,r,r,r", [w_lo, x_lo, acc, w_hi, x_hi],
+                                        dtype=tl.int32, is_pure=True, pack=1)
+    else:  # plain integer arithmetic, byte by byte (the CPU interpreter cannot run PTX)
+        for b in tl.static_range(4):
+            q = (p >> (8 * b)) & 0xFF
+            xl = (x_lo << (24 - 8 * b)) >> 24
+            xh = (x_hi << (24 - 8 * b)) >> 24
+            acc += ((q & 15) * s_lo - s_lo * z_lo) * xl + ((q >> 4) * s_hi - s_hi * z_hi) * xh
+    return acc
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s2_ptr, zp_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr,
                  M, N, stride_xw, stride_o, stride_sx,
                  K: tl.constexpr, GROUP: tl.constexpr, TILE_K: tl.constexpr, HAS_BIAS: tl.constexpr,
                  USE_ASM: tl.constexpr, BLOCK_N: tl.constexpr, TPI: tl.constexpr, SPLIT_K: tl.constexpr,
-                 FUSE_QUANT: tl.constexpr = False, DYNAMIC: tl.constexpr = True, X_BLOCK: tl.constexpr = 4096):
+                 FUSE_QUANT: tl.constexpr = False, DYNAMIC: tl.constexpr = True, X_BLOCK: tl.constexpr = 4096,
+                 STAGES: tl.constexpr = 0):
     """``x_ptr``: the int8 codes viewed as int32 words ``[M, K/4]``, or with ``FUSE_QUANT`` the float activations
     ``[M, K]`` (row stride ``stride_xw`` either way), quantized here; ``w_ptr``: the packed codes as int32 ``[N, K/8]``.
 
@@ -86,10 +125,10 @@ def _gemv_kernel(x_ptr, w_ptr, s2_ptr, zp_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     t_loc = tl.arange(0, TPI)
-    w_loc = tl.arange(0, TW)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None, None] * (K // 8)
     x_row = x_ptr + m.to(tl.int64) * stride_xw
     first = pid_k * CHUNKS * TPI
+    # the first chunk's weight words before waiting for the activations (unused, so dropped, when pipelined)
     p, s_lo, z_lo, s_hi, z_hi = _weight_chunk(w_rows, s2_ptr, zp_ptr, offs_n, n_mask, first + t_loc, True, N,
                                               GROUP, TILE_K, N_TILES)
     if USE_ASM:
@@ -99,33 +138,21 @@ def _gemv_kernel(x_ptr, w_ptr, s2_ptr, zp_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr
     else:
         sx = tl.load(sx_ptr + m * stride_sx)
     acc = tl.full([BLOCK_N, TPI, TW], 0, tl.int32)
-    for i in range(CHUNKS):
-        tile = first + i * TPI + t_loc  # [TPI]
-        in_k = tile < N_TILES
-        if FUSE_QUANT:
-            x_lo = _code_words(x_row, tile * TILE_K, in_k, sx, TW)
-            x_hi = _code_words(x_row, tile * TILE_K + TILE_K // 2, in_k, sx, TW)
-        else:
-            x_lo = tl.load(x_row + (tile * (TILE_K // 4))[None, :, None] + w_loc[None, None, :],
-                           mask=in_k[None, :, None], other=0)
-            x_hi = tl.load(x_row + (tile * (TILE_K // 4) + TILE_K // 8)[None, :, None] + w_loc[None, None, :],
-                           mask=in_k[None, :, None], other=0)
-        nxt = _weight_chunk(w_rows, s2_ptr, zp_ptr, offs_n, n_mask, tile + TPI, i + 1 < CHUNKS, N, GROUP, TILE_K,
-                            N_TILES)
-        if USE_ASM:
-            c_lo = ((128 - s_lo * z_lo).to(tl.uint32, bitcast=True) * 0x01010101).to(tl.int32, bitcast=True)
-            c_hi = ((128 - s_hi * z_hi).to(tl.uint32, bitcast=True) * 0x01010101).to(tl.int32, bitcast=True)
-            w_lo, w_hi = tl.inline_asm_elementwise(_WIDEN_WORD_PTX, "=r,=r,r,r,r,r,r", [p, s_lo, c_lo, s_hi, c_hi],
-                                                   dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
-            acc = tl.inline_asm_elementwise(_DP4A2_PTX, "=r,r,r,r,r,r", [w_lo, x_lo, acc, w_hi, x_hi],
-                                            dtype=tl.int32, is_pure=True, pack=1)
-        else:  # plain integer arithmetic, byte by byte (the CPU interpreter cannot run PTX)
-            for b in tl.static_range(4):
-                q = (p >> (8 * b)) & 0xFF
-                xl = (x_lo << (24 - 8 * b)) >> 24
-                xh = (x_hi << (24 - 8 * b)) >> 24
-                acc += ((q & 15) * s_lo - s_lo * z_lo) * xl + ((q >> 4) * s_hi - s_hi * z_hi) * xh
-        p, s_lo, z_lo, s_hi, z_hi = nxt
+    if STAGES == 0:  # chunk i + 1's weight words requested before chunk i is computed
+        for i in range(CHUNKS):
+            tile = first + i * TPI + t_loc  # [TPI]
+            x_lo, x_hi = _activation_words(x_row, tile, sx, N_TILES, TILE_K, FUSE_QUANT)
+            nxt = _weight_chunk(w_rows, s2_ptr, zp_ptr, offs_n, n_mask, tile + TPI, i + 1 < CHUNKS, N, GROUP,
+                                TILE_K, N_TILES)
+            acc = _chunk_dot(acc, p, s_lo, z_lo, s_hi, z_hi, x_lo, x_hi, USE_ASM)
+            p, s_lo, z_lo, s_hi, z_hi = nxt
+    else:  # the compiler's software pipeline: STAGES - 1 chunks copied ahead (cp.async) while one computes
+        for i in tl.range(CHUNKS, num_stages=STAGES):
+            tile = first + i * TPI + t_loc
+            p, s_lo, z_lo, s_hi, z_hi = _weight_chunk(w_rows, s2_ptr, zp_ptr, offs_n, n_mask, tile, True, N, GROUP,
+                                                      TILE_K, N_TILES)
+            x_lo, x_hi = _activation_words(x_row, tile, sx, N_TILES, TILE_K, FUSE_QUANT)
+            acc = _chunk_dot(acc, p, s_lo, z_lo, s_hi, z_hi, x_lo, x_hi, USE_ASM)
     total = tl.reduce(tl.reduce(acc, 2, _add), 1, _add)  # [BLOCK_N] (tl.reduce: see dgq.kernels.act_quant)
     mask = n_mask
     if SPLIT_K > 1:  # exact int32 reduction across splits: the split that arrives last adds the others' partials
@@ -146,8 +173,10 @@ def _gemv_kernel(x_ptr, w_ptr, s2_ptr, zp_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr
     tl.store(out_ptrs, val.to(out_ptrs.dtype.element_ty), mask=mask)
 
 
-def _cfg(bn: int, tpi: int, split_k: int, warps: int, stages: int = 1) -> triton.Config:
-    return triton.Config({"BLOCK_N": bn, "TPI": tpi, "SPLIT_K": split_k}, num_warps=warps, num_stages=stages)
+def _cfg(bn: int, tpi: int, split_k: int, warps: int, stages: int = 0) -> triton.Config:
+    """``stages`` 0: two chunks in flight in registers; more: the compiler's pipeline of that many."""
+    return triton.Config({"BLOCK_N": bn, "TPI": tpi, "SPLIT_K": split_k, "STAGES": stages}, num_warps=warps,
+                         num_stages=1)
 
 
 @functools.cache  # asked twice per one-token call (quantizes_inside, then the launch): host time on decode
@@ -178,7 +207,8 @@ def quantizes_inside(n: int, k: int, tile_k: int) -> bool:
 
 
 # Variants the tests pin (the rule's kinds of config, and narrower programs).
-CONFIGS = [_cfg(*c) for c in [(128, 1, 16, 4), (64, 2, 4, 4), (64, 4, 1, 4), (64, 1, 16, 2), (32, 4, 8, 2)]]
+CONFIGS = [_cfg(*c) for c in [(128, 1, 16, 4), (64, 2, 4, 4), (64, 4, 1, 4), (64, 1, 16, 2), (32, 4, 8, 2),
+                               (128, 1, 4, 4, 3), (64, 2, 2, 4, 4)]]
 
 
 @triton.jit
