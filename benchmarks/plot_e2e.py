@@ -35,13 +35,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     models = list(dict.fromkeys(r["model"] for r in rows))
-    formats = list(dict.fromkeys(r["format"] for r in rows))
+    formats = list(dict.fromkeys(series(r) for r in rows))
     for key, label, name in (("ms", "prefill latency (ms, batch 1)", "e2e_prefill.png"),
                              ("peak_mem_bytes", "peak GPU memory (GiB, batch 1)", "e2e_memory.png")):
         fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
         for ax, model in zip(axes[0], models):
             for fmt in formats:
-                pts = sorted((r["seqlen"], r[key]) for r in rows if r["model"] == model and r["format"] == fmt
+                pts = sorted((r["seqlen"], r[key]) for r in rows if r["model"] == model and series(r) == fmt
                              and r["phase"] == "prefill" and r["batch"] == 1)
                 scale = 2**30 if key == "peak_mem_bytes" else 1
                 ax.plot([p[0] for p in pts], [p[1] / scale for p in pts], marker="o", label=fmt)
@@ -56,7 +56,7 @@ def main() -> None:
         batches = sorted({r["batch"] for r in rows if r["model"] == model and r["phase"] == "decode"})
         width = 0.8 / len(formats)
         for i, fmt in enumerate(formats):
-            tps = [next((r["tokens_per_s"] for r in rows if r["model"] == model and r["format"] == fmt
+            tps = [next((r["tokens_per_s"] for r in rows if r["model"] == model and series(r) == fmt
                          and r["phase"] == "decode" and r["batch"] == b), 0.0) for b in batches]
             ax.bar([j + i * width for j in range(len(batches))], tps, width, label=fmt)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], labels=[f"batch {b}" for b in batches])
@@ -69,6 +69,13 @@ def main() -> None:
     if profiles:
         print()
         print(profile_table(profiles, rows))
+
+
+def series(row: dict) -> str:
+    """A row's series: its format, and how its decode steps attended when not the benchmark's default (dgq's
+    kernel over an fp16 cache): ``, int8 KV`` (dgq.kv_cache), ``, SDPA``."""
+    return row["format"] + (", int8 KV" if row.get("kv_cache") == "int8" else "") + (
+        ", SDPA" if row.get("attention") == "sdpa" else "")
 
 
 def profile_table(profiles: list[dict], rows: list[dict]) -> str:
@@ -85,7 +92,7 @@ def profile_table(profiles: list[dict], rows: list[dict]) -> str:
         for kernel, us in p["us"]["top"].items():
             parts[category(kernel)][kernel] = us
         kind, _, size = p["what"].partition(" ")
-        match = next((r for r in rows if (r["model"], r["format"], r["phase"]) == (p["model"], p["format"], kind)
+        match = next((r for r in rows if (r["model"], series(r), r["phase"]) == (p["model"], series(p), kind)
                       and (r["batch"] == int(size[1:]) if kind == "decode" else r["seqlen"] == int(size))), None)
         wall = None if match is None else (match["batch"] * 1e6 / match["tokens_per_s"] if kind == "decode"
                                            else match["ms"] * 1e3)
@@ -95,7 +102,7 @@ def profile_table(profiles: list[dict], rows: list[dict]) -> str:
             detail = ", ".join(f"{k[:24]} {v:.0f}" for k, v in top) if c == "gemm" and len(top) > 1 else ""
             cells.append(f"{sum(parts[c].values()):.0f}" + (f" ({detail})" if detail else ""))
         rest = p["us"]["total"] - sum(p["us"]["top"].values())
-        lines.append(f"| {p['model']} | {p['format']} | {p['what']} | {'-' if wall is None else f'{wall:.0f}'} | "
+        lines.append(f"| {p['model']} | {series(p)} | {p['what']} | {'-' if wall is None else f'{wall:.0f}'} | "
                      + " | ".join(cells) + f" | {rest:.0f} | {p['us']['kernels']:.0f} |")
     return "\n".join(lines)
 
@@ -103,7 +110,7 @@ def profile_table(profiles: list[dict], rows: list[dict]) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """Every row of the run as the Markdown table BENCHMARKS.md shows."""
     def get(r_model: str, fmt: str, phase: str, batch: int, seqlen: int, key: str) -> float | None:
-        return next((r[key] for r in rows if (r["model"], r["format"], r["phase"], r["batch"], r["seqlen"])
+        return next((r[key] for r in rows if (r["model"], series(r), r["phase"], r["batch"], r["seqlen"])
                      == (r_model, fmt, phase, batch, seqlen)), None)
 
     def cell(v: float | None, fmt: str) -> str:
@@ -112,11 +119,11 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| model | format | 256 | 512 | 1024 | 2048 | 4096 | 8x1024 | decode b1 | b8 | b32 | weights GiB | "
              "peak@2048 GiB |", "|" + "---|" * 13]
     for model in dict.fromkeys(r["model"] for r in rows):
-        for fmt in dict.fromkeys(r["format"] for r in rows if r["model"] == model):
+        for fmt in dict.fromkeys(series(r) for r in rows if r["model"] == model):
             pre = [get(model, fmt, "prefill", 1, s, "ms") for s in (256, 512, 1024, 2048, 4096)]
             pre.append(get(model, fmt, "prefill", 8, 1024, "ms"))
             dec = [get(model, fmt, "decode", b, 1024, "tokens_per_s") for b in (1, 8, 32)]
-            weights = next(r["weight_bytes"] for r in rows if (r["model"], r["format"]) == (model, fmt))
+            weights = next(r["weight_bytes"] for r in rows if (r["model"], series(r)) == (model, fmt))
             peak = get(model, fmt, "prefill", 1, 2048, "peak_mem_bytes")
             cells = [cell(v, ".1f") for v in pre] + [cell(v, ".0f") for v in dec]
             cells += [f"{weights / 2**30:.2f}", cell(None if peak is None else peak / 2**30, ".2f")]
