@@ -12,8 +12,7 @@ How the rules were chosen (benchmarks/notes_gemm.md); run it again when the kern
 
     PYTHONPATH=. python benchmarks/gemv_probe.py --sweep --fused --json $OUT/gemv.json     # the H100
 
-``--decode`` times each path on the decode step's own layer shapes; ``--pipelined`` the rule against the compiler's
-software pipeline (``STAGES``) on them.
+``--decode`` times each path on the decode step's own layer shapes.
 """
 
 from __future__ import annotations
@@ -145,62 +144,6 @@ def decode_layers(json_path: str | None) -> None:
     print_failures(failures)
 
 
-def _staged(c: triton.Config, stages: int, split: int | None = None, bn: int | None = None,
-            tpi: int | None = None) -> triton.Config:
-    """``c`` with the software-pipelined loop (``STAGES`` chunks in flight through shared memory), optionally with
-    another split, row block or chunk depth."""
-    kw = c.kwargs
-    return triton.Config({"BLOCK_N": bn or kw["BLOCK_N"], "TPI": tpi or kw["TPI"],
-                          "SPLIT_K": split or kw["SPLIT_K"], "STAGES": stages}, num_warps=c.num_warps, num_stages=1)
-
-
-def pipelined(json_path: str | None) -> None:
-    """The decode layer shapes at one token: the rule's GEMV (two chunks in flight, held in registers) against the
-    compiler's software pipeline (``STAGES``: cp.async copies of later chunks into shared memory), on int8 codes and
-    quantizing inside, beside the act-quant + warp-specialized kernel; each variant checked equal to the rule first
-    and after its replays (split-K counts back at zero)."""
-    from gemm import operand_sets, print_failures, save_probe, time_graph
-
-    from dgq.kernels import gemm_ws
-
-    rows, failures = [], []
-    for k, n in DECODE_SHAPES:
-        sets = operand_sets(k, n)
-        for o in sets:
-            o.set_acts(1)
-        o = sets[0]
-        rule = gemv.config_for(n, k, o.kw.tile_k)
-        split = rule.kwargs["SPLIT_K"]
-        variants = {f"st{st}": _staged(rule, st) for st in (2, 3, 4, 6)}
-        variants |= {f"st4_split{sp}": _staged(rule, 4, sp) for sp in {max(1, split // 2), max(1, split // 4)}}
-        variants |= {"st4_bn64_tpi2": _staged(rule, 4, bn=64, tpi=2), "st3_tpi2": _staged(rule, 3, tpi=2),
-                     "st4_bn64": _staged(rule, 4, bn=64, split=min(16, 2 * split))}
-        want = gemv.a8w4_gemv(o.x_s8, o.kw, o.s_x)
-        want_inside = gemv.a8w4_gemv_float(o.x16, o.kw)
-        calls = {"fp16": lambda o: o.x16 @ o.w16.t(), "rule": lambda o: gemv.a8w4_gemv(o.x_s8, o.kw, o.s_x),
-                 "rule_inside": lambda o: gemv.a8w4_gemv_float(o.x16, o.kw),
-                 "act_quant+ws": lambda o: _two_launches(o, gemm_ws.ws_a8w4_matmul)}
-        calls |= {name: (lambda o, c=c: gemv.a8w4_gemv(o.x_s8, o.kw, o.s_x, config=c)) for name, c in variants.items()}
-        calls |= {f"{name}_inside": (lambda o, c=c: gemv.a8w4_gemv_float(o.x16, o.kw, config=c))
-                  for name, c in variants.items() if name in ("st3", "st4", "st6")}
-        times = {}
-        for name, fn in calls.items():
-            ref = want_inside if name.endswith("inside") or name == "act_quant+ws" else want
-            if name != "fp16" and not torch.equal(fn(o), ref):
-                failures.append(f"K={k} N={n} {name}")
-                continue
-            times[name] = time_graph([lambda o=o, fn=fn: fn(o) for o in sets])
-            if name != "fp16" and (not torch.equal(fn(o), ref) or o.kw.split_scratch.any()):
-                failures.append(f"K={k} N={n} {name} after replays")
-        rows += [{"K": k, "N": n, "M": 1, "kernel": name, "ms": t} for name, t in times.items()]
-        wbytes = o.kw.codes.numel() + 2 * o.kw.s2t.numel()
-        print(f"K={k} N={n} (rule {_name(rule)}): " + ", ".join(
-            f"{name} {t * 1e3:.1f} us ({wbytes / t / 1e9:.2f} TB/s)" for name, t in times.items() if name != "fp16")
-            + f"; fp16 {times['fp16'] * 1e3:.1f} us", flush=True)
-        save_probe(json_path, rows, failures)
-    print_failures(failures)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None, help="write the rows here as they come")
@@ -208,12 +151,8 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true", help="time quantizing inside against two launches")
     parser.add_argument("--decode", action="store_true",
                         help="the decode step's layer shapes: each path at one token (instead of the other parts)")
-    parser.add_argument("--pipelined", action="store_true",
-                        help="the decode layer shapes: the rule against software-pipelined variants (instead)")
     args = parser.parse_args()
-    if args.pipelined:
-        pipelined(args.json)
-    elif args.decode:
+    if args.decode:
         decode_layers(args.json)
     else:
         measure(args.json, args.sweep, args.fused)

@@ -33,9 +33,7 @@ BLOCK_G = 16  # query heads per KV head, padded to the smallest tensor-core tile
 CONFIG = {"waves": 16, "min_chunk": 128, "block_n": BLOCK_N, "v_early": True, "num_warps": 4}
 # On an int8 cache (dgq.kv_cache), from the same probe: ``i8_cvt``, how the codes widen to fp16 (0: Triton's
 # conversion, a quarter-rate I2F per element on Hopper; 1: integer add and fp16 subtract on the bit pattern; 2: the
-# same in PTX, four codes per xor, two prmt and two packed subtractions; 3: K as 2, V read as 32-bit words and widened
-# in PTX before Triton lays it out for the tensor cores, whose layout for int8 V gathered it byte by byte from shared
-# memory), and ``stages`` of the compiler's software
+# same in PTX, four codes per xor, two prmt and two packed subtractions), and ``stages`` of the compiler's software
 # pipeline over the cache steps (cp.async copies of later steps' K and V while one computes).  V after the scores,
 # 8 programs per SM.  Llama-2 heads at batch 32: 127.9 us against 156.9 for the fp16 rule's settings on the int8
 # cache and 202.1 for the fp16 cache.  (Triton's CPU interpreter runs i8_cvt 1 and one stage instead.)
@@ -73,31 +71,6 @@ sub.f16x2 $1, $1, c;
 }""")
 
 
-# Four codes of one 32-bit word to four fp16 values, returned apart (so that the caller lays them out itself).
-_I8_WORD_TO_F16_PTX = tl.constexpr("""{
-.reg .b32 t, lo, hi, c;
-xor.b32 t, $4, 0x80808080;
-prmt.b32 lo, t, 0x64646464, 0x4140;
-prmt.b32 hi, t, 0x64646464, 0x4342;
-mov.b32 c, 0x64806480;
-sub.f16x2 lo, lo, c;
-sub.f16x2 hi, hi, c;
-mov.b32 {$0, $1}, lo;
-mov.b32 {$2, $3}, hi;
-}""")
-
-
-@triton.jit
-def _widen_words(w):
-    """Int8 codes read as 32-bit words ``[N, D/4]`` (byte j of word i = element 4i + j) as fp16 ``[N, D]``, widened
-    in registers before any layout change, so the tile that meets the tensor cores is fp16."""
-    a, b, c, d = tl.inline_asm_elementwise(_I8_WORD_TO_F16_PTX, "=h,=h,=h,=h,r", [w],
-                                           dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True,
-                                           pack=1)
-    x = tl.join(tl.join(a, c), tl.join(b, d))  # [N, D/4, 2, 2]: flat index 4i + 2j + k holds a, b, c, d in order
-    return tl.reshape(x, [w.shape[0], 4 * w.shape[1]])
-
-
 @triton.jit
 def _widen(x, I8_CVT: tl.constexpr):
     """Int8 codes as fp16 by the ``i8_cvt`` method (see :data:`CONFIG_INT8`)."""
@@ -110,18 +83,6 @@ def _widen(x, I8_CVT: tl.constexpr):
 
 
 @triton.jit
-def _load_v(v_row, offs, inside, stride_vn, D: tl.constexpr, WORDS: tl.constexpr):
-    """V's rows at ``offs`` ``[N, D]``, or with ``WORDS`` its int8 codes as 32-bit words ``[N, D/4]``
-    (:func:`_widen_words` widens them)."""
-    if WORDS:
-        words = tl.arange(0, D // 4)
-        return tl.load(v_row.to(tl.pointer_type(tl.int32)) + offs[:, None] * (stride_vn // 4) + words[None, :],
-                       mask=inside[:, None], other=0)
-    else:
-        return tl.load(v_row + offs[:, None] * stride_vn + tl.arange(0, D)[None, :], mask=inside[:, None], other=0)
-
-
-@triton.jit
 def _attend_step(q, k_row, v_row, ks_row, vs_row, mask_row, offs, end, stride_kn, stride_vn, scale, m_i, l_i, acc,
                  D: tl.constexpr, HAS_MASK: tl.constexpr, V_EARLY: tl.constexpr, INT8_KV: tl.constexpr,
                  I8_CVT: tl.constexpr):
@@ -131,9 +92,9 @@ def _attend_step(q, k_row, v_row, ks_row, vs_row, mask_row, offs, end, stride_kn
     inside = offs < end
     k = tl.load(k_row + offs[:, None] * stride_kn + d[None, :], mask=inside[:, None], other=0)
     if V_EARLY:  # V requested with K, before the scores need K: two blocks of loads in flight, not one
-        v = _load_v(v_row, offs, inside, stride_vn, D, INT8_KV and I8_CVT == 3)
+        v = tl.load(v_row + offs[:, None] * stride_vn + d[None, :], mask=inside[:, None], other=0)
     if INT8_KV:
-        k = _widen(k, 2 if I8_CVT == 3 else I8_CVT)
+        k = _widen(k, I8_CVT)
     s = tl.dot(q, tl.trans(k.to(q.dtype))).to(tl.float32) * scale
     if INT8_KV:
         s = s * tl.load(ks_row + offs, mask=inside, other=0.0)[None, :]
@@ -146,11 +107,11 @@ def _attend_step(q, k_row, v_row, ks_row, vs_row, mask_row, offs, end, stride_kn
     p = tl.exp(s - m_safe[:, None])
     alpha = tl.exp(m_i - m_safe)
     if not V_EARLY:
-        v = _load_v(v_row, offs, inside, stride_vn, D, INT8_KV and I8_CVT == 3)
+        v = tl.load(v_row + offs[:, None] * stride_vn + d[None, :], mask=inside[:, None], other=0)
     pv = p
     if INT8_KV:
         pv = p * tl.load(vs_row + offs, mask=inside, other=0.0)[None, :]
-        v = _widen_words(v) if I8_CVT == 3 else _widen(v, I8_CVT)
+        v = _widen(v, I8_CVT)
     acc = acc * alpha[:, None] + tl.dot(pv.to(q.dtype), v.to(q.dtype)).to(tl.float32)
     l_i = l_i * alpha + tl.reduce(p, 1, _add)
     return m_new, l_i, acc
@@ -238,10 +199,9 @@ def num_splits(programs: int, kv_len: int, device: torch.device, waves: int = CO
 
 def _interpretable(cfg: dict, device: torch.device) -> tuple[int, int]:
     """``(i8_cvt, stages)`` as asked, except in Triton's CPU interpreter, which cannot run PTX (it runs the same
-    identity in Triton, 1, instead of 2 or 3) nor bound a pipelined range by run-time values (one stage: the while
-    loop)."""
+    identity in Triton, 1, instead of 2) nor bound a pipelined range by run-time values (one stage: the while loop)."""
     i8_cvt, stages = cfg.get("i8_cvt", 0), cfg.get("stages", 1)
-    return (i8_cvt, stages) if _use_asm(device) else (1 if i8_cvt in (2, 3) else i8_cvt, 1)
+    return (i8_cvt, stages) if _use_asm(device) else (1 if i8_cvt == 2 else i8_cvt, 1)
 
 
 def supports(q_heads: int, kv_heads: int, dim: int) -> bool:
