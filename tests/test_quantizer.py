@@ -76,9 +76,9 @@ def test_random_token_sample_is_stratified_and_not_aliased_with_the_sequence_len
 def test_token_sample_follows_the_configs_sample_settings():
     from dgq.quantizer import token_sample
 
-    legacy = token_sample(preset("dgq_static_gptaq"), 128 * 2048)
+    legacy = token_sample(preset("dgq_static_gptaq"), 128 * 2048, 2048)
     assert (legacy.stride, legacy.top, legacy.generator) == (256, 64, None)
-    fair = token_sample(preset("dgq_static_gptaq_rs"), 128 * 2048)
+    fair = token_sample(preset("dgq_static_gptaq_rs"), 128 * 2048, 2048)
     assert (fair.stride, fair.top) == (128, 256) and fair.generator is not None
 
 
