@@ -79,13 +79,15 @@ def main() -> None:
             continue
         method, overrides = parse_variant(spec)
         model = copy.deepcopy(base)
-        seconds, config = 0.0, None
+        seconds, config, ratios = 0.0, None, {}
         if method != "fp":
             config = preset(method, group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen,
                             **overrides)
             start = time.perf_counter()
-            quantize(model, samples, config, device=args.device, progress=False)
+            result = quantize(model, samples, config, device=args.device, progress=False)
             seconds = time.perf_counter() - start
+            # the clip each static scale search chose (1: the max), to see which layers a sample setting moves
+            ratios = {r.name: round(r.act_ratio, 4) for r in result.report.layers if r.act_ratio is not None}
         ppl = {d: perplexity(model, tokenizer, d, seqlen=args.seqlen, windows=args.windows,
                              root=args.data_dir).ppl for d in datasets}
         if path.exists():  # merge on write: two runs of this script may share the file (one variant each at a time)
@@ -93,7 +95,8 @@ def main() -> None:
             data["results"] = {**stored["results"], **data["results"]}
             data["commands"] = list(dict.fromkeys(stored["commands"] + data["commands"]))
         data["results"][spec] = {"ppl": ppl, "quantize_seconds": round(seconds, 1), "threads": torch.get_num_threads(),
-                                 "config": None if config is None else config.to_dict()}  # presets change
+                                 "config": None if config is None else config.to_dict(),  # presets change
+                                 **({"act_ratios": ratios} if ratios else {})}
         print(f"{spec}: " + ", ".join(f"{d} {p:.3f}" for d, p in ppl.items()) + f" ({seconds:.0f} s)", flush=True)
         _write_atomic(path, json.dumps(data, indent=2) + "\n")
         del model

@@ -193,12 +193,12 @@ class FloatReference:
 
 @torch.no_grad()
 def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[torch.Tensor],
-                  kwargs: list[dict[str, Any]], sample: Callable[[int], TokenSample] | None = None,
+                  kwargs: list[dict[str, Any]], sample: Callable[[int, int], TokenSample] | None = None,
                   reference: FloatReference | None = None, gram: tuple[bool, ...] | None = None,
                   ) -> list[LinearStats]:
     """One pass of ``block``, accumulating ``H = XᵀX`` and channel maxima of each pair's activation (and with
-    ``sample``, which makes a :class:`TokenSample` for a given token count, a sample of it, for the static
-    activation scale search).
+    ``sample``, which makes a :class:`TokenSample` for a given token count and sequence length, a sample of it,
+    for the static activation scale search).
 
     With a ``reference``, each chunk also runs through the float block on the float model's inputs, and the drift
     term ``D = Xᵀ(X_fp - X)`` is accumulated (``X_fp`` the float model's activation on the same tokens), so that
@@ -221,7 +221,7 @@ def collect_stats(block: nn.Module, pairs: tuple[SmoothPair, ...], hidden: list[
                 k = x.shape[1]
                 st = stats[index] = LinearStats(
                     torch.zeros(k, k, device=x.device), torch.zeros(k, device=x.device), 0,
-                    sample(total) if sample else None,
+                    sample(total, h.shape[-2]) if sample else None,
                     None if x_fp is None or not gram[index] else torch.zeros(k, k, device=x.device))
             if gram[index]:
                 add_gram_upper(st.h, x)

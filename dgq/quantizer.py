@@ -44,11 +44,27 @@ class TokenSample:
     eight), and in SmolLM2 that token, the attention sink, is far from typical: the largest ``max|x|`` of
     the last block's MLP inputs, among the smallest of the middle blocks'.  With a ``generator`` each token is drawn
     independently with probability ``1 / stride``, and the peaks are removed from the rest: an exact stratification.
+
+    With ``sink > 0`` the first ``sink`` positions of every calibration sequence (tokens are whole ``seqlen``-token
+    sequences laid end to end) are also kept exactly, each with the extra weight ``sink_weight`` on top of whatever
+    the sample above gives it: the score becomes (an estimate of) the error over all tokens plus ``sink_weight``
+    times the error of the sink tokens.  The first position is an attention sink that every later token reads, so
+    its error costs far more perplexity than its share of the tokens says (RESULTS.md, "an unaliased token
+    sample"); ``sink_weight`` states that on purpose, where the strided sample did it by accident (weight
+    ``stride``).  ``sink_weight = 0`` scores exactly as without sink tokens.
     """
 
     def __init__(self, total_tokens: int, size: int = 1024, top: int = 64,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, seqlen: int = 0, sink: int = 0,
+                 sink_weight: float = 0.0) -> None:
+        if sink and not 0 < sink <= seqlen:
+            raise ValueError(f"sink positions ({sink}) need a sequence length at least as long, got {seqlen}")
         self.stride = max(1, total_tokens // size)
+        self.seqlen = seqlen
+        self.sink = sink
+        self.sink_weight = sink_weight
+        self.sinks: list[torch.Tensor] = []  # the tokens at positions < sink of every sequence, in order
+        self.sinks_fp: list[torch.Tensor] = []
         self.top = top
         self.generator = generator
         self.seen = 0
@@ -69,6 +85,11 @@ class TokenSample:
         """Take the sample's share of ``x`` ``[tokens, k]`` (and of its float twin ``x_fp``, same tokens)."""
         if self.seen and (x_fp is None) != (self.peaks_fp is None):
             raise ValueError("a token sample holds float twins for all of its tokens or for none")
+        if self.sink:
+            at_sink = ((torch.arange(x.shape[0]) + self.seen) % self.seqlen < self.sink).nonzero().squeeze(1)
+            self.sinks.append(x[at_sink.to(x.device)])
+            if x_fp is not None:
+                self.sinks_fp.append(x_fp[at_sink.to(x_fp.device)])
         rows = self._uniform_rows(x.shape[0])
         self.uniform.append(x[rows.to(x.device)])
         self.uniform_at.append(rows + self.seen)
@@ -97,14 +118,19 @@ class TokenSample:
             raise ValueError("the token sample saw no tokens")
         uniform = self._rest(self.uniform)
         rest = max(self.seen - self.peaks.shape[0], 0) / max(uniform.shape[0], 1)
-        weights = torch.cat([torch.ones(self.peaks.shape[0]), torch.full((uniform.shape[0],), rest)])
-        return torch.cat([self.peaks, uniform]), weights.to(uniform.device)
+        parts = [torch.ones(self.peaks.shape[0]), torch.full((uniform.shape[0],), rest)]
+        tokens = [self.peaks, uniform]
+        if self.sink:
+            sinks = torch.cat(self.sinks)
+            parts.append(torch.full((sinks.shape[0],), float(self.sink_weight)))
+            tokens.append(sinks)
+        return torch.cat(tokens), torch.cat(parts).to(uniform.device)
 
     def float_tokens(self) -> torch.Tensor | None:
         """The float twins ``[n, k]`` of :meth:`tokens_and_weights`'s tokens, row for row, or None if not kept."""
         if self.peaks_fp is None:
             return None
-        return torch.cat([self.peaks_fp, self._rest(self.uniform_fp)])
+        return torch.cat([self.peaks_fp, self._rest(self.uniform_fp), *self.sinks_fp])
 
     def scaled(self, k: torch.Tensor) -> "TokenSample":
         """The sample of ``x / k`` (what smoothing by ``k`` makes of the activation; the peak tokens stay those
@@ -114,13 +140,17 @@ class TokenSample:
         out.peaks = None if self.peaks is None else self.peaks / k
         out.uniform_fp = [u / k for u in self.uniform_fp]
         out.peaks_fp = None if self.peaks_fp is None else self.peaks_fp / k
+        out.sinks = [u / k for u in self.sinks]
+        out.sinks_fp = [u / k for u in self.sinks_fp]
         return out
 
 
-def token_sample(config: QuantConfig, total_tokens: int) -> TokenSample:
-    """The token sample of one activation for the static scale search, as ``config``'s ``act_sample_*`` ask."""
+def token_sample(config: QuantConfig, total_tokens: int, seqlen: int) -> TokenSample:
+    """The token sample of one activation for the static scale search, as ``config``'s ``act_sample_*`` ask, over
+    ``total_tokens`` calibration tokens that are sequences of ``seqlen`` laid end to end."""
     generator = torch.Generator().manual_seed(config.seed) if config.act_sample_random else None
-    return TokenSample(total_tokens, config.act_sample_tokens, config.act_sample_peaks, generator)
+    return TokenSample(total_tokens, config.act_sample_tokens, config.act_sample_peaks, generator, seqlen,
+                       config.act_sample_sink, config.act_sample_sink_weight)
 
 
 @dataclass
@@ -138,11 +168,13 @@ class LinearStats:
 
 @dataclass
 class LayerReport:
-    """What quantizing one layer did; ``rel_error`` is ``||X(W-Ŵ)ᵀ||² / ||XWᵀ||²`` over the calibration set."""
+    """What quantizing one layer did; ``rel_error`` is ``||X(W-Ŵ)ᵀ||² / ||XWᵀ||²`` over the calibration set, and
+    for static activations the scale and its ratio to the calibration max's (1: no clipping)."""
 
     name: str
     rel_error: float
     act_scale: float | None
+    act_ratio: float | None = None  # static scale / (calibration max / 127): the clip the search chose
 
 
 def check_layer_shape(name: str, linear: nn.Module, config: QuantConfig) -> None:
@@ -256,4 +288,7 @@ def quantize_linear(name: str, linear: nn.Linear, stats: LinearStats, config: Qu
         module = FakeQuantLinear(w_hat.to(linear.weight.dtype), bias, config.act, act_scale)
     ref = output_error(w, torch.zeros_like(w), h).sum().clamp(min=1e-30)
     rel = float(output_error(w, w_hat, h).sum() / ref)
-    return module, LayerReport(name, rel, None if act_scale is None else float(act_scale))
+    if act_scale is None:
+        return module, LayerReport(name, rel, None)
+    ratio = float(act_scale) * INT8_MAX / float(stats.absmax.max().clamp(min=1e-30))
+    return module, LayerReport(name, rel, float(act_scale), ratio)

@@ -219,3 +219,13 @@ def test_static_gptaq_rs_quantizes_a_model_with_a_searched_scale_per_layer():
     result = quantize(model, ids, preset("dgq_static_gptaq_rs", group_size=64, calib_batch=2), progress=False)
     scales = [r.act_scale for r in result.report.layers]
     assert len(scales) == 2 * 7 and all(s is not None and s > 0 for s in scales)
+
+
+def test_static_gptaq_w0_is_static_gptaq_on_the_unaliased_sample_with_the_first_token_weighed():
+    base, w0, fair = preset("dgq_static_gptaq"), preset("dgq_static_gptaq_w0"), preset("dgq_static_gptaq_rs")
+    changed = {k for k, v in w0.to_dict().items() if base.to_dict()[k] != v}
+    assert changed == {"method", "act_sample_tokens", "act_sample_peaks", "act_sample_random", "act_sample_sink",
+                       "act_sample_sink_weight"}
+    assert w0.act_sample_sink == 1 and w0.act_sample_sink_weight > 0
+    sample = ("act_sample_tokens", "act_sample_peaks", "act_sample_random")
+    assert all(getattr(w0, f) == getattr(fair, f) for f in sample)  # the _rs sample, plus the first tokens

@@ -76,10 +76,98 @@ def test_random_token_sample_is_stratified_and_not_aliased_with_the_sequence_len
 def test_token_sample_follows_the_configs_sample_settings():
     from dgq.quantizer import token_sample
 
-    legacy = token_sample(preset("dgq_static_gptaq"), 128 * 2048)
+    legacy = token_sample(preset("dgq_static_gptaq"), 128 * 2048, 2048)
     assert (legacy.stride, legacy.top, legacy.generator) == (256, 64, None)
-    fair = token_sample(preset("dgq_static_gptaq_rs"), 128 * 2048)
+    fair = token_sample(preset("dgq_static_gptaq_rs"), 128 * 2048, 2048)
     assert (fair.stride, fair.top) == (128, 256) and fair.generator is not None
+
+
+def test_sink_tokens_are_kept_exactly_with_their_extra_weight():
+    """``sink=1``: every sequence's first token is added once more, exactly, at ``sink_weight``; the rest of the
+    sample (and so its total weight, the token count) is what it was without them."""
+    chunks = _sequences(64, 256)
+    twins = [c * 3 + 1 for c in chunks]
+    plain = TokenSample(64 * 256, 64 * 4, 64, torch.Generator().manual_seed(0))
+    sink = TokenSample(64 * 256, 64 * 4, 64, torch.Generator().manual_seed(0), seqlen=256, sink=1, sink_weight=300)
+    for c, t in zip(chunks, twins):
+        plain.add(c, t)
+        sink.add(c, t)
+    x0, w0 = plain.tokens_and_weights()
+    x, weights = sink.tokens_and_weights()
+    n = x0.shape[0]
+    torch.testing.assert_close(x[:n], x0, rtol=0, atol=0)
+    torch.testing.assert_close(weights[:n], w0, rtol=0, atol=0)
+    assert x.shape[0] == n + 64 and torch.all(x[n:, 0] == 100) and torch.all(weights[n:] == 300)
+    first = torch.cat([c.reshape(2, 256, -1)[:, 0] for c in chunks])
+    torch.testing.assert_close(x[n:], first, rtol=0, atol=0)  # in calibration order
+    torch.testing.assert_close(sink.float_tokens(), x * 3 + 1)
+    smoothed = sink.scaled(torch.full((8,), 2.0))
+    torch.testing.assert_close(smoothed.tokens_and_weights()[0], x / 2)
+    torch.testing.assert_close(smoothed.float_tokens(), (x * 3 + 1) / 2)
+
+
+def test_sink_positions_follow_the_sequences_across_chunk_boundaries():
+    """Positions count from the start of the calibration tokens, so a chunk may end inside a sequence."""
+    tokens = torch.randn(5 * 40, 4, generator=torch.Generator().manual_seed(0))  # 5 sequences of 40
+    sample = TokenSample(200, 20, 2, seqlen=40, sink=3, sink_weight=7.0)
+    for part in tokens.split(33):
+        sample.add(part)
+    x, weights = sample.tokens_and_weights()
+    expected = tokens.reshape(5, 40, 4)[:, :3].reshape(-1, 4)
+    torch.testing.assert_close(x[-15:], expected, rtol=0, atol=0)
+    assert torch.all(weights[-15:] == 7.0)
+    with pytest.raises(ValueError):
+        TokenSample(200, seqlen=0, sink=1)
+
+
+def test_sink_weight_decides_whether_the_search_may_clip_the_first_token():
+    """First tokens that hold the activation's maximum but are a small share of the tokens: with no extra weight
+    the search clips them to refine everyone else's steps; weighted heavily it keeps their range."""
+    from dgq.search import search_act_scale
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1024, 64, generator=g)
+    x[:, 0, 0] = 40.0  # 16 first tokens far above the rest
+    w = torch.randn(16, 64, generator=g)
+    absmax = x.abs().amax()
+    scales = []
+    for weight in (0.0, 1000.0):
+        sample = TokenSample(16 * 1024, 1024, 4, torch.Generator().manual_seed(0), seqlen=1024, sink=1,
+                             sink_weight=weight)
+        for c in x.reshape(-1, 64).split(2048):
+            sample.add(c)
+        tokens, weights = sample.tokens_and_weights()
+        scales.append(float(search_act_scale(tokens, weights, w, w, absmax, 48, 0.1)))
+    assert scales[0] < 0.8 * float(absmax) / 127 and scales[1] > 0.95 * float(absmax) / 127
+
+
+def test_zero_sink_weight_scores_as_no_sink():
+    """``act_sample_sink_weight = 0`` adds rows that weigh nothing: every layer gets the scale of the sample without
+    them (the ``dgq_static_gptaq_rs`` objective)."""
+    ids = torch.randint(0, 96, (4, 64), generator=torch.Generator().manual_seed(0))
+    scales = []
+    for extra in ({}, dict(act_sample_sink=1, act_sample_sink_weight=0.0)):
+        model = make_model("llama")
+        config = preset("dgq_static_gptaq_rs", group_size=64, calib_batch=2, act_sample_tokens=32,
+                        act_sample_peaks=8, **extra)
+        report = quantize(model, ids, config, progress=False).report
+        scales.append([r.act_scale for r in report.layers])
+    assert scales[0] == scales[1] and len(scales[0]) == 2 * 7
+
+
+def test_sink_settings_are_checked_and_reach_the_sample():
+    from dgq.config import ConfigError
+    from dgq.quantizer import token_sample
+
+    for bad in (dict(act_sample_sink=-1), dict(act_sample_sink=4096), dict(act_sample_sink_weight=-1.0)):
+        with pytest.raises(ConfigError):
+            preset("dgq_static_gptaq", **bad)
+    with pytest.raises(ConfigError):
+        preset("dgq_static", act_sample_sink=1)  # no scale search, nothing to weigh
+    sample = token_sample(preset("dgq_static_gptaq", act_sample_sink=2, act_sample_sink_weight=64.0), 4096, 512)
+    assert (sample.seqlen, sample.sink, sample.sink_weight) == (512, 2, 64.0)
+    for name in ("dgq_static_gptaq", "dgq_static_gptq", "dgq_static_gptaq_fine", "dgq_static_gptaq_rs"):
+        assert preset(name).act_sample_sink == 0  # the measured presets' samples are unchanged
 
 
 def _ids(model, n=4, seqlen=32):
