@@ -4,7 +4,8 @@ A decode step's attention reads the whole KV cache once per layer and does littl
 cache's bytes over the copy bandwidth.  Each variant (programs per SM, cache positions per step, V requested with K,
 warps) is checked against an fp32 reference first, then timed in one CUDA graph over enough caches that each call
 finds its cache cold in L2, as a model's layer does; then the int8 rule and its variants on an int8 cache
-(:mod:`dgq.kv_cache`, half the bytes: how the codes widen to fp16, longer steps, fewer waves).  Prints microseconds and each variant's KV bytes' effective bandwidth.
+(:mod:`dgq.kv_cache`, half the bytes: how the codes widen to fp16, longer steps, fewer waves).  Prints microseconds
+and each variant's KV bytes' effective bandwidth.
 
     PYTHONPATH=.:benchmarks python benchmarks/decode_attention_probe.py --json $OUT/decode_attention.json   # the H100
 """
@@ -40,7 +41,8 @@ L2_BYTES = 50 * 2**20
 
 def _name(cfg: dict) -> str:
     return (f"w{cfg['waves']}_c{cfg['min_chunk']}_n{cfg['block_n']}_{'early' if cfg['v_early'] else 'late'}"
-            f"_nw{cfg['num_warps']}_st{cfg.get('stages', 1)}" + (f"_int8_cvt{cfg['i8_cvt']}" if "i8_cvt" in cfg else ""))
+            f"_nw{cfg['num_warps']}_st{cfg.get('stages', 1)}"
+            + (f"_int8_cvt{cfg['i8_cvt']}" if "i8_cvt" in cfg else ""))
 
 
 def main() -> None:
@@ -77,7 +79,7 @@ def main() -> None:
                 continue
             times[_name(cfg)] = time_graph([lambda q=q, k=k, v=v, cfg=cfg, mask=mask: decode_attention(
                 q, k, v, mask, DIM ** -0.5, cfg) for q, k, v in sets])
-        # the rule on an int8 cache (dgq.kv_cache): codes and one fp32 scale per position for K and for V
+        # the int8 rule and its variants on an int8 cache (dgq.kv_cache): codes and one fp32 scale per position
         sets8 = [(q, *quantize_rows(k), *quantize_rows(v)) for q, k, v in sets]
         q, k8, ks, v8, vs = sets8[0]
         want8 = F.scaled_dot_product_attention(q.float(), k8.float() * ks[..., None], v8.float() * vs[..., None],

@@ -63,16 +63,10 @@ def measure(json_path: str | None, sweep: bool, fused: bool) -> None:
                  "gemv_alone": time_graph([lambda o=o: gemv.a8w4_gemv(o.x_s8, o.kw, o.s_x) for o in sets])}
         rule = gemv.config_for(n, k, o.kw.tile_k)
         if fused:
-            q, s = quantize_activations_triton(o.x16)
-            if not torch.equal(gemv.a8w4_gemv_float(o.x16, o.kw), gemv.a8w4_gemv(q, o.kw, s)):
+            if not torch.equal(gemv.a8w4_gemv_float(o.x16, o.kw), _two_launches(o, gemv.a8w4_gemv)):
                 failures.append(f"K={k} N={n} fused != two launches")
-
-            def two(o=o) -> torch.Tensor:
-                q, s = quantize_activations_triton(o.x16)
-                return gemv.a8w4_gemv(q, o.kw, s)
-
             times["fused"] = time_graph([lambda o=o: gemv.a8w4_gemv_float(o.x16, o.kw) for o in sets])
-            times["two_launches"] = time_graph([lambda o=o: two(o) for o in sets])
+            times["two_launches"] = time_graph([lambda o=o: _two_launches(o, gemv.a8w4_gemv) for o in sets])
         for c in VARIANTS if sweep else ():
             name = _name(c)
             if not torch.equal(gemv.a8w4_gemv(o.x_s8, o.kw, o.s_x, config=c), want) or o.kw.split_scratch.any():
@@ -97,6 +91,7 @@ def measure(json_path: str | None, sweep: bool, fused: bool) -> None:
 
 
 def _two_launches(o, kernel):
+    """The act-quant kernel, then ``kernel`` on its codes: the two launches a layer makes without quantizing inside."""
     q, s = quantize_activations_triton(o.x16)
     return kernel(q, o.kw, s)
 

@@ -59,7 +59,8 @@ class Int8StaticLayer(StaticLayer):
         """Round and write the new positions; returns ``((keys, key_scales), (values, value_scales))``."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.device.type == "cuda":  # one kernel for both (dgq.kernels.kv_write); bit-identical to the below
+        # on CUDA one kernel writes both (dgq.kernels.kv_write), bit-identical to the torch path below on the CPU
+        if self.device.type == "cuda":
             from dgq.kernels.ops import write_kv_int8
 
             write_kv_int8(key_states, value_states, self.keys, self.values, self.key_scales, self.value_scales,

@@ -4,7 +4,8 @@ Why a kernel: written as torch operations (round each row, then ``index_copy_`` 
 step spent four to five inductor kernels per layer on it, about 0.5 ms of a 7.9 ms Llama-2-7B step at batch 32 on the
 H100 (benchmarks/notes_e2e.md, session 8).  Here one program rounds one key or value row (per-token dynamic int8:
 the activation quantization's own helpers, so the codes and scales are bit-identical to
-:func:`dgq.kv_cache.quantize_rows`) and stores it at its cache position, the cache's length on the GPU plus the
+:func:`dgq.kv_cache.quantize_rows` on the CPU; torch on CUDA divides by a Python number through its reciprocal, one
+ulp off at times) and stores it at its cache position, the cache's length on the GPU plus the
 row's index among the new positions.
 """
 
