@@ -12,7 +12,8 @@ autotuner picked for ``dgq``) and prints a table of ms and speed-up vs FP16.
 Peers: cuBLAS FP16, ``torch._int_mm``, FP8 row-wise ``_scaled_mm``, our TMA int8 kernel on a ready int8 weight
 (``w8a8_triton``: A8W4 with free widening), tinygemm W4A16, and GemLite W4A16 when the ``gemlite`` package imports.
 dgq's own rows: ``dgq`` (what ``QuantLinear`` runs, act-quant included, path by M: ``dgq.kernels.linear``) and each
-path alone from int8 activations: ``dgq_gemv`` (M <= 16 only: it re-reads the weight per token), ``dgq_ws`` (the
+path alone from int8 activations: ``dgq_gemv`` (the register-fed GEMV, M <= 16 only: it re-reads the weight per
+token), ``dgq_gemv_tma`` (the TMA-fed GEMV, Hopper, likewise), ``dgq_ws`` (the
 warp-specialized Hopper kernel, M <= 2047), ``dgq_gemm_only`` (in-register widening), ``dgq_widen_once`` (widen + TMA
 int8 kernel).
 """
@@ -31,7 +32,7 @@ from typing import Callable, Iterator
 import torch
 
 from dgq.formats import DualGrainedWeight, int_matmul, quantize_activations
-from dgq.kernels import gemm, gemm_ws, gemv, int8_gemm, linear
+from dgq.kernels import gemm, gemm_ws, gemv, gemv_tma, int8_gemm, linear
 from dgq.kernels.act_quant import quantize_activations_triton
 from dgq.kernels.gemm import KernelWeight, a8w4_matmul, widen_weight
 from dgq.kernels.gemv import a8w4_gemv
@@ -44,7 +45,7 @@ GROUP = 128
 TOUCH_BYTES = 256e6  # bytes each timed graph touches at least (~5x the H100's 50 MB L2)
 PEAK_INT8_TOPS, PEAK_FP16_TFLOPS = 1979.0, 989.0  # H100 SXM dense datasheet
 KERNELS = ["fp16", "int_mm", "w8a8_triton", "w4a16_tinygemm", "w4a16_gemlite", "fp8_rowwise", "dgq", "dgq_gemv",
-           "dgq_ws", "dgq_gemm_only", "dgq_widen_once"]  # dgq = act-quant + one of the last four (dgq.kernels.linear)
+           "dgq_gemv_tma", "dgq_ws", "dgq_gemm_only", "dgq_widen_once"]  # dgq: one of the last five (dgq.kernels.linear)
 
 
 def make_weight(n: int, k: int, g: int) -> DualGrainedWeight:
@@ -124,6 +125,7 @@ def kernel_call(name: str, o: Operands) -> Callable[[], torch.Tensor]:
                                                 out_dtype=torch.bfloat16),
         "dgq": lambda: linear.a8w4_linear(o.x16, o.kw),
         "dgq_gemv": lambda: a8w4_gemv(o.x_s8, o.kw, o.s_x),
+        "dgq_gemv_tma": lambda: gemv_tma.tma_gemv(o.x_s8, o.kw, o.s_x),
         "dgq_ws": lambda: gemm_ws.ws_a8w4_matmul(o.x_s8, o.kw, o.s_x),
         "dgq_gemm_only": lambda: a8w4_matmul(o.x_s8, o.kw, o.s_x),  # in-register widening at every M
         "dgq_widen_once": lambda: int8_matmul(o.x_s8, widen_weight(o.kw), o.s_x, o.dg.s1),
@@ -134,12 +136,14 @@ def kernel_call(name: str, o: Operands) -> Callable[[], torch.Tensor]:
 def chosen_config(name: str, m: int, k: int, n: int) -> object:
     """The config the kernel that ``name`` ran at ``m`` used for its last call (its autotuner's pick, or the rule's)."""
     if name == "dgq":
-        name = ("dgq_gemv" if m <= linear.GEMV_MAX_M else "dgq_widen_once" if m >= linear.WIDEN_MIN_M
-                else "dgq_ws")  # the benchmark's shapes are all ones the warp-specialized kernel takes
+        name = ("dgq_gemv_tma" if m <= linear.GEMV_MAX_M else "dgq_widen_once" if m >= linear.WIDEN_MIN_M
+                else "dgq_ws")  # the benchmark's shapes are all ones the Gluon kernels take (on Hopper)
     if name == "dgq_ws":
         return gemm_ws.config_for(m, n)
     if name == "dgq_gemv":
         return gemv.config_for(n, k, gemm.tile_k_for(k, GROUP))
+    if name == "dgq_gemv_tma":
+        return gemv_tma.config_for(n, k)
     tuner = {"dgq_gemm_only": gemm._tuned, "dgq_widen_once": int8_gemm._tuned}[name]
     return tuner.best_config
 
@@ -147,8 +151,8 @@ def chosen_config(name: str, m: int, k: int, n: int) -> object:
 def call_bytes(name: str, m: int, k: int, n: int) -> float:
     """Fewest bytes one call must move (weights, activations in, output)."""
     w = {"fp16": 2.0, "int_mm": 1.0, "w8a8_triton": 1.0, "fp8_rowwise": 1.0}.get(name, 0.5 + 2 / GROUP) * n * k
-    x = m * k * (1 if name in ("int_mm", "w8a8_triton", "fp8_rowwise", "dgq_gemv", "dgq_ws", "dgq_gemm_only",
-                               "dgq_widen_once") else 2)
+    x = m * k * (1 if name in ("int_mm", "w8a8_triton", "fp8_rowwise", "dgq_gemv", "dgq_gemv_tma", "dgq_ws",
+                               "dgq_gemm_only", "dgq_widen_once") else 2)
     return w + x + m * n * (4 if name == "int_mm" else 2)
 
 
@@ -252,7 +256,7 @@ def main() -> None:
             for o in sets:
                 o.set_acts(m)
             for name in kernels:
-                if name == "dgq_gemv" and m > 16:
+                if name in ("dgq_gemv", "dgq_gemv_tma") and m > 16:
                     continue  # one weight pass per token: not a path for M > 1 (dgq.kernels.linear)
                 if name == "dgq_ws" and m > gemm_ws.MAX_M:
                     continue  # widen-once serves M >= 2048 (dgq.kernels.linear)

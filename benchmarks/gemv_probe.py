@@ -12,7 +12,12 @@ How the rules were chosen (benchmarks/notes_gemm.md); run it again when the kern
 
     PYTHONPATH=. python benchmarks/gemv_probe.py --sweep --fused --json $OUT/gemv.json     # the H100
 
-``--decode`` times each path on the decode step's own layer shapes.
+``--decode`` times each path on the decode step's own layer shapes.  ``--tma`` times the variants of the GEMV fed
+by bulk tensor copies (:mod:`dgq.kernels.gemv_tma`) on the benchmark's and the decode step's shapes, each checked
+bit-exact against :func:`dgq.kernels.gemv.a8w4_gemv` before and after its graph's replays, beside the GEMV alone and
+the dispatch from float activations:
+
+    PYTHONPATH=. python benchmarks/gemv_probe.py --tma plain --json $OUT/gemv_tma.json
 """
 
 from __future__ import annotations
@@ -104,7 +109,7 @@ DECODE_SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (409
 def decode_layers(json_path: str | None) -> None:
     """Each decode layer shape at one token: the dispatch (:func:`dgq.kernels.linear.a8w4_linear`) beside the act-quant
     + the GEMV, the GEMV quantizing inside, and the act-quant + the warp-specialized kernel, each checked equal to the
-    dispatch first (which is where :data:`dgq.kernels.linear.GEMV_MAX_N` and ``quantizes_inside`` are checked on the
+    dispatch first (which is where the register-fed GEMV's rules were checked on the
     model's own shapes)."""
     from gemm import operand_sets, print_failures, save_probe, time_graph
 
@@ -139,6 +144,110 @@ def decode_layers(json_path: str | None) -> None:
     print_failures(failures)
 
 
+def tma_variants(kind: str = "plain") -> list:
+    """``plain``: the compute warps issue the copies (around the rule: 64 or 128 rows, rings of 4, splits);
+    ``ws``: a loader warp does (warp-specialized); ``sweep``: the first run's wider set (rings of 8, 256 rows)."""
+    from dgq.kernels.gemv_tma import TmaGemvConfig as C
+
+    if kind == "ws":
+        return [C(128, 8, sp, 4, True, 96) for sp in (1, 2, 4)] + [C(64, 8, sp, 4, True, 96) for sp in (2, 4)]
+    if kind == "sweep":
+        return [C(bn, st, sp) for bn in (64, 128) for st in (4, 8) for sp in (1, 2, 4, 8)] + [
+            C(256, 4, sp, 8) for sp in (1, 2, 4)]
+    return [C(64, 4, sp) for sp in (1, 2, 4, 8)] + [C(128, 4, sp) for sp in (1, 2, 4)]
+
+
+def _tma_name(c) -> str:
+    return f"bn{c.bn}_st{c.stages}_sp{c.split}_w{c.warps}" + (f"_ws{c.maxnreg}" if c.ws else "")
+
+
+def tma_exactness(failures: list[str], kind: str) -> None:
+    """The rule and every third variant, from int8 codes and quantizing inside, on what the timed shapes do not
+    reach: group 64, bias, bf16, a static scale, several tokens, K not a multiple of the ring or the split."""
+    from gemm import make_weight
+
+    from dgq.kernels.gemm import KernelWeight
+    from dgq.kernels.gemv_tma import config_for, tma_gemv, tma_gemv_float
+
+    for k, n, g in ((4096, 4096, 64), (1152, 512, 128), (1152, 192, 64), (11008, 4096, 128)):
+        kw = KernelWeight.from_dual_grained(make_weight(n, k, g))
+        bias = torch.randn(n, device="cuda").half()
+        for m in (1, 3):
+            for dtype in (torch.float16, torch.bfloat16):
+                x = (torch.randn(m, k, device="cuda") * 3).to(dtype)
+                for static in (None, torch.tensor(0.02)):
+                    q, s_x = quantize_activations_triton(x, static)
+                    want = gemv.a8w4_gemv(q, kw, s_x, bias.to(dtype), dtype)
+                    for cfg in [config_for(n, k), *tma_variants(kind)[::3]]:
+                        for name, got in (("codes", tma_gemv(q, kw, s_x, bias.to(dtype), dtype, config=cfg)),
+                                          ("inside", tma_gemv_float(x, kw, static, bias.to(dtype), dtype, config=cfg))):
+                            if not torch.equal(got, want) or kw.split_scratch.any():
+                                failures.append(f"tma {name} K={k} N={n} g={g} M={m} {dtype} "
+                                                f"{'static' if static is not None else 'dynamic'} {_tma_name(cfg)}")
+
+
+def _session8_dispatch(o):
+    """One token as the dispatch ran it before the TMA GEMV (session 8): the register-fed GEMV, quantizing inside on
+    layers of few row blocks; act-quant + the warp-specialized kernel past 16384 outputs."""
+    from dgq.kernels import gemm_ws
+
+    n, k = o.kw.out_features, o.kw.in_features
+    if n > 16384:
+        return _two_launches(o, gemm_ws.ws_a8w4_matmul)
+    if gemv.quantizes_inside(n, k, o.kw.tile_k):
+        return gemv.a8w4_gemv_float(o.x16, o.kw)
+    return _two_launches(o, gemv.a8w4_gemv)
+
+
+def tma_probe(json_path: str | None, kind: str, shapes: str) -> None:
+    """The TMA-fed GEMV's variants (from int8 codes, and quantizing inside: ``in_*``) beside the register-fed GEMV
+    and the dispatch, per shape, each checked bit-exact before and after its graph's replays."""
+    from gemm import SHAPES, operand_sets, print_failures, save_probe, time_graph
+
+    from dgq.kernels.gemv_tma import config_for, tma_gemv, tma_gemv_float
+    from dgq.kernels.linear import a8w4_linear
+
+    rows, failures = [], []
+    tma_exactness(failures, kind)
+    print_failures(failures)
+    for k, n in dict.fromkeys(SHAPES + DECODE_SHAPES if shapes == "all" else SHAPES):
+        sets = operand_sets(k, n)
+        for o in sets:
+            o.set_acts(1)
+        o = sets[0]
+        want = _two_launches(o, gemv.a8w4_gemv)
+        rule = config_for(n, k)
+        calls = {"fp16": lambda o: o.x16 @ o.w16.t(), "gemv_alone": lambda o: gemv.a8w4_gemv(o.x_s8, o.kw, o.s_x),
+                 "dispatch": lambda o: a8w4_linear(o.x16, o.kw), "dispatch_s8": _session8_dispatch,
+                 "act_quant+tma": lambda o: _two_launches(o, tma_gemv),
+                 "tma_inside": lambda o: tma_gemv_float(o.x16, o.kw)}
+        for c in tma_variants(kind):
+            calls[_tma_name(c)] = lambda o, c=c: tma_gemv(o.x_s8, o.kw, o.s_x, config=c)
+            calls["in_" + _tma_name(c)] = lambda o, c=c: tma_gemv_float(o.x16, o.kw, config=c)
+        times = {}
+        for name, fn in calls.items():
+            exact = name not in ("fp16", "gemv_alone")
+            if exact and not torch.equal(fn(o), want):
+                failures.append(f"K={k} N={n} {name}")
+                continue
+            times[name] = time_graph([lambda o=o, fn=fn: fn(o) for o in sets])
+            if exact and (not torch.equal(fn(o), want) or o.kw.split_scratch.any()):
+                failures.append(f"K={k} N={n} {name} after replays")
+        rows += [{"K": k, "N": n, "M": 1, "kernel": name, "ms": t, "rule": name.endswith(_tma_name(rule))}
+                 for name, t in times.items()]
+        wbytes = o.kw.codes.numel() + 2 * o.kw.s2t.numel()
+        best = min((t, name) for name, t in times.items() if name.startswith("bn"))
+        best_in = min((t, name) for name, t in times.items() if name.startswith("in_"))
+        show = ["gemv_alone", "dispatch_s8", "dispatch", "act_quant+tma", "tma_inside"]
+        print(f"K={k} N={n}: fp16 {times['fp16'] * 1e3:.1f} us; "
+              + ", ".join(f"{name} {times[name] * 1e3:.1f} us ({wbytes / times[name] / 1e9:.2f} TB/s)"
+                          for name in show if name in times)
+              + f"; rule {_tma_name(rule)}; best codes {best[1]} {best[0] * 1e3:.1f} us, inside {best_in[1]} "
+              f"{best_in[0] * 1e3:.1f} us", flush=True)
+        save_probe(json_path, rows, failures)
+    print_failures(failures)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None, help="write the rows here as they come")
@@ -146,8 +255,13 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true", help="time quantizing inside against two launches")
     parser.add_argument("--decode", action="store_true",
                         help="the decode step's layer shapes: each path at one token (instead of the other parts)")
+    parser.add_argument("--tma", choices=["plain", "ws", "sweep"], default=None,
+                        help="the GEMV fed by bulk tensor copies: its variants of this kind (instead of the rest)")
+    parser.add_argument("--tma-shapes", choices=["all", "benchmark"], default="all")
     args = parser.parse_args()
-    if args.decode:
+    if args.tma:
+        tma_probe(args.json, args.tma, args.tma_shapes)
+    elif args.decode:
         decode_layers(args.json)
     else:
         measure(args.json, args.sweep, args.fused)

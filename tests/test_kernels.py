@@ -206,20 +206,27 @@ def test_wide_layer_quantizes_before_its_gemv(monkeypatch: pytest.MonkeyPatch) -
     assert called == [1] and torch.equal(out.cpu(), fp32_epilogue(int_matmul(q, dg.int8_weight()), s, dg.s1))
 
 
-def test_one_token_on_a_wide_layer_takes_the_warp_specialized_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past GEMV_MAX_N outputs one token goes to the warp-specialized kernel where it runs (faster there on the H100);
-    a layer it does not take stays on the GEMV.  The kernel is stood in for: Gluon does not run on the CPU."""
+def test_one_token_takes_the_tma_gemv_where_the_gluon_kernels_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a layer the Gluon kernels take (Hopper), one token goes to the TMA-fed GEMV, from codes or quantizing
+    inside where its rule says so; a layer they do not take stays on the register-fed GEMV.  The Gluon kernels are
+    stood in for: they do not run on the CPU."""
     called = []
-    fake_ws = type("FakeWs", (), {"supported": staticmethod(lambda kw, device: kw.out_features % 64 == 0),
-                                  "ws_a8w4_matmul": staticmethod(lambda *a, **k: called.append("ws"))})
+    fake_ws = type("FakeWs", (), {"supported": staticmethod(lambda kw, device: kw.out_features % 64 == 0)})
+    fake_tma = type("FakeTma", (), {"tma_gemv": staticmethod(lambda *a, **k: called.append("tma")),
+                                    "tma_gemv_float": staticmethod(lambda *a, **k: called.append("tma_inside")),
+                                    "quantizes_inside": staticmethod(lambda n, k: n < 96)})
     monkeypatch.setattr(linear, "gemm_ws", fake_ws)
-    monkeypatch.setattr(linear, "GEMV_MAX_N", 32)
+    monkeypatch.setattr(linear, "gemv_tma", fake_tma)
     monkeypatch.setattr(linear, "a8w4_gemv", lambda *a, **k: called.append("gemv"))
+    monkeypatch.setattr(linear, "a8w4_gemv_float", lambda *a, **k: called.append("gemv_inside"))
     gen = torch.Generator().manual_seed(6)
-    for n in (32, 64, 96):  # narrow: the GEMV; wide: the WS kernel; wide but N % 64 != 0: the GEMV
-        x_s8, s_x = quantize_activations(torch.randn(1, 256, generator=gen))
-        linear.a8w4_mm(x_s8.to(DEVICE), s_x.to(DEVICE), kernel_weight(random_weight(n, 256, 64, gen)))
-    assert called == ["gemv", "ws", "gemv"]
+    for n in (64, 128, 96):  # taken by the Gluon kernels (quantizing inside, then not); N % 64 != 0: not
+        kw = kernel_weight(random_weight(n, 256, 64, gen))
+        x = torch.randn(1, 256, generator=gen)
+        x_s8, s_x = quantize_activations(x)
+        linear.a8w4_mm(x_s8.to(DEVICE), s_x.to(DEVICE), kw)
+        linear.a8w4_linear(x.to(DEVICE), kw)
+    assert called == ["tma", "tma_inside", "tma", "tma", "gemv", "gemv_inside"]
 
 
 def test_kernel_layout_pairs_k_and_k_plus_half_tile() -> None:

@@ -21,7 +21,7 @@ if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     # Triton kernels, generated later by the compile tests, would then run in the interpreter
     os.environ["TRITON_INTERPRET"] = "0"
     from dgq.formats import int_matmul, quantize_activations
-    from dgq.kernels import gemm_ws, gemv, int8_gemm
+    from dgq.kernels import gemm_ws, gemv, gemv_tma, int8_gemm
     from dgq.kernels.act_quant import quantize_activations_triton
     from dgq.kernels.gemm import _CONFIGS, KernelWeight, a8w4_matmul, regime, widen_weight
     from dgq.kernels.linear import a8w4_linear
@@ -114,6 +114,43 @@ WS_SHAPES = [(4096, 320, 128), (1024, 256, 64), (2048, 8448, 256)]  # (K, N, gro
 WS_CONFIGS = sorted({gemm_ws.config_for(m, n) for m in (16, 32, 64, 256, 1023) for n in (4096, 8192, 11008, 28672)},
                     key=str) + [gemm_ws.WsConfig(128, 64, 4, 3), gemm_ws.WsConfig(64, 16, 6, 3, 80, 80)] \
     if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else []  # + splits of three
+
+
+TMA_SHAPES = [(4096, 320, 128), (1024, 256, 64), (2048, 8448, 256), (28672, 256, 128), (1152, 192, 64)]
+TMA_CONFIGS = [gemv_tma.TmaGemvConfig(bn, 4, sp) for bn, sp in ((64, 1), (64, 2), (64, 8), (128, 1), (128, 4))] + [
+    gemv_tma.TmaGemvConfig(128, 8, 2, 4, True, 96), gemv_tma.TmaGemvConfig(64, 4, 3)] \
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else []  # + a loader warp, a split of 3
+
+
+@pytest.mark.parametrize("k,n,g", TMA_SHAPES)
+@pytest.mark.parametrize("kind", ["random", "extreme"])
+def test_tma_gemv_is_bit_exact(k: int, n: int, g: int, kind: str) -> None:
+    """The TMA-fed GEMV, the rule's config and pinned ones (splits that leave some CTAs no K tiles, a loader warp):
+    from codes, the fp32 epilogue's exact result with per-token and static scales; quantizing inside, equal to the
+    act-quant + itself, dynamic and static, fp16 and bf16 activations (a K whose absmax takes 28 steps)."""
+    gen = torch.Generator().manual_seed(k + n + 3)
+    dg = random_weight(n, k, g, gen, kind)
+    kw = layout(dg)
+    for m in (1, 3):
+        x = random_acts(m, k, gen, kind)
+        if m == 3:
+            x[1] = 0  # a zero row
+        ref = int_matmul(x, dg.int8_weight())
+        for s_x in (torch.rand(m, 1, generator=gen) * 0.05 + 1e-3, torch.tensor(0.02)):
+            want = fp32_epilogue(ref, s_x.reshape(-1, 1), dg.s1)
+            for cfg in [None, *TMA_CONFIGS]:
+                got = gemv_tma.tma_gemv(x.cuda(), kw, s_x.cuda(), out_dtype=torch.float32, config=cfg).cpu()
+                assert torch.equal(got, want), f"M={m} {cfg or 'rule'}"
+                assert not kw.split_scratch.any(), f"M={m} {cfg or 'rule'}: split-K counts left armed"
+        for dtype in (torch.float16, torch.bfloat16):
+            xf = (torch.randn(m, k, generator=gen) * torch.logspace(-3, 2, k)[torch.randperm(k, generator=gen)])
+            xf = xf.to(dtype).cuda()
+            for scale in (None, torch.tensor(0.05, device="cuda")):
+                q, s_x = quantize_activations_triton(xf, scale)
+                for cfg in [None, *TMA_CONFIGS[::2]]:
+                    got = gemv_tma.tma_gemv_float(xf, kw, scale, out_dtype=dtype, config=cfg)
+                    want = gemv_tma.tma_gemv(q, kw, s_x, out_dtype=dtype, config=cfg)
+                    assert torch.equal(got, want), f"inside M={m} {dtype} static={scale is not None} {cfg}"
 
 
 @pytest.mark.parametrize("k,n,g", WS_SHAPES)

@@ -4,11 +4,12 @@ GEMM paths chosen by the number of tokens M and what the GPU and layer allow.
 Each was measured against the others on an H100 (``benchmarks/gemm.py``, ``benchmarks/gemm_ws_probe.py``,
 ``benchmarks/gemv_probe.py``; cold-L2 CUDA-graph timing; BENCHMARKS.md, ``benchmarks/notes_gemm.md``):
 
-* M = 1 on layers of at most :data:`GEMV_MAX_N` outputs: the CUDA-core GEMV (:mod:`dgq.kernels.gemv`, ``dp4a``),
-  2.4-3.5x cuBLAS FP16 alone, where the warp-specialized kernel pads one token to a 16-token MMA tile.  On layers
-  of few row blocks it quantizes the activation itself (:func:`dgq.kernels.gemv.quantizes_inside`), one launch
-  instead of two.  On wider layers the warp-specialized kernel wins: at 8192 x 28672, act-quant + it took 54.5 us
-  against 65.5 us for act-quant + the GEMV (at N = 11008 the GEMV: 14.2 against 18.2 us).
+* M = 1 on Hopper: the GEMV fed by bulk tensor copies (:mod:`dgq.kernels.gemv_tma`, ``dp4a`` on CUDA cores),
+  quantizing the activation itself on layers up to 16384 wide and long (:func:`dgq.kernels.gemv_tma.quantizes_inside`).
+  It beat the register-fed GEMV and the warp-specialized kernel on every benchmark and decode shape
+  (``benchmarks/gemv_probe.py --tma``, notes).
+* M = 1 elsewhere: the register-fed GEMV (:mod:`dgq.kernels.gemv`), quantizing inside on layers of few row blocks
+  (:func:`dgq.kernels.gemv.quantizes_inside`).
 * 1 < M <= :data:`dgq.kernels.gemm_ws.MAX_M` on Hopper: the warp-specialized kernel (:mod:`dgq.kernels.gemm_ws`),
   whose widening runs in its own warps beside the MMA.
 * The same M on another GPU, or a layer that kernel does not take (:func:`dgq.kernels.gemm_ws.supported`: K tiles of
@@ -36,22 +37,26 @@ from dgq.kernels.gemv import a8w4_gemv, a8w4_gemv_float, quantizes_inside
 from dgq.kernels.int8_gemm import int8_matmul
 
 if importlib.util.find_spec("triton.experimental.gluon") is not None:
-    from dgq.kernels import gemm_ws
-else:  # Triton < 3.5: no Gluon, so no warp-specialized kernel
-    gemm_ws = None
+    from dgq.kernels import gemm_ws, gemv_tma
+else:  # Triton < 3.5: no Gluon, so no warp-specialized kernel and no TMA GEMV
+    gemm_ws = gemv_tma = None
 
 GEMV_MAX_M = 1  # measured: the GEMV wins at M = 1 only
-GEMV_MAX_N = 16384  # between the measured N = 11008 (the GEMV won) and 28672 (the warp-specialized kernel won)
 WIDEN_MIN_M = 2048  # measured: widen-once wins at M = 2048 on two shapes, ties on two (above); gemm_ws.MAX_M matches
+
+
+def _hopper_kernels(kw: KernelWeight, device: torch.device) -> bool:
+    """Whether the Gluon kernels (warp-specialized GEMM, TMA GEMV) serve this layer here: same descriptors' rules."""
+    return gemm_ws is not None and gemm_ws.supported(kw, device)
 
 
 def a8w4_mm(x_s8: torch.Tensor, s_x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None,
             out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for int8 codes ``x_s8 [M, K]`` on CUDA: the path for M."""
     m = x_s8.shape[0]
-    ws = gemm_ws is not None and gemm_ws.supported(kw, x_s8.device)
-    if m <= GEMV_MAX_M and not (ws and kw.out_features > GEMV_MAX_N):
-        return a8w4_gemv(x_s8, kw, s_x, bias, out_dtype)
+    ws = _hopper_kernels(kw, x_s8.device)
+    if m <= GEMV_MAX_M:
+        return (gemv_tma.tma_gemv if ws else a8w4_gemv)(x_s8, kw, s_x, bias, out_dtype)
     if m >= WIDEN_MIN_M:
         return int8_matmul(x_s8, widen_weight(kw), s_x, kw.s1, bias, out_dtype)
     if ws:
@@ -66,9 +71,16 @@ def a8w4_linear(x: torch.Tensor, kw: KernelWeight, static_scale: torch.Tensor | 
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for a 2-D float ``x`` on CUDA, dynamic per-row or static scale.
 
-    One token on a layer of few row blocks (:func:`dgq.kernels.gemv.quantizes_inside`): the GEMV quantizes the
-    activation itself, one launch; otherwise the act-quant kernel, then the GEMM path for M."""
-    if x.shape[0] <= GEMV_MAX_M and quantizes_inside(kw.out_features, kw.in_features, kw.tile_k):
-        return a8w4_gemv_float(x, kw, static_scale, bias, out_dtype)
+    One token on a layer where the GEMV quantizes the activation itself (on Hopper the TMA-fed one,
+    :func:`dgq.kernels.gemv_tma.quantizes_inside`; elsewhere the register-fed one,
+    :func:`dgq.kernels.gemv.quantizes_inside`): one launch; otherwise the act-quant kernel, then the GEMM path for
+    M."""
+    if x.shape[0] <= GEMV_MAX_M:
+        n, k = kw.out_features, kw.in_features
+        if _hopper_kernels(kw, x.device):
+            if gemv_tma.quantizes_inside(n, k):
+                return gemv_tma.tma_gemv_float(x, kw, static_scale, bias, out_dtype)
+        elif quantizes_inside(n, k, kw.tile_k):
+            return a8w4_gemv_float(x, kw, static_scale, bias, out_dtype)
     x_s8, s_x = quantize_activations_triton(x, static_scale)
     return a8w4_mm(x_s8, s_x, kw, bias, out_dtype)

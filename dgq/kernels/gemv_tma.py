@@ -1,0 +1,373 @@
+"""The one-token A8W4 GEMV fed by bulk tensor copies (TMA) into a shared-memory ring (Gluon, Hopper).
+
+Why a second GEMV: :mod:`dgq.kernels.gemv` keeps the weight it has requested in registers, two chunks per program,
+so the bytes in flight are bounded by the register file.  On the H100 it is latency-bound (ncu on 4096 x 11008: DRAM
+45%, 16% occupancy; in the model's decode step its layers stream at 1.63 TB/s of about 3).  Here one thread of each
+CTA issues bulk copies of ``[BN, 64]``-byte weight tiles (one 128-wide K tile of packed codes), the tile's group
+scales and zero points and its 128 activation codes into a ring of ``STAGES`` slots, each completing on its own
+mbarrier; the warps read a slot into registers, release it (the slot is refilled with the tile ``STAGES`` ahead),
+and compute while the copies run.  Bytes in flight per CTA are ``STAGES x BN x 64``, whatever the registers.
+
+The arithmetic is :mod:`dgq.kernels.gemv`'s: each 32-bit word of packed codes widened to two words of four int8
+weights (the byte-lane identity of :data:`dgq.kernels.gemm._WIDEN_PTX`), each against its activation word with one
+``dp4a``; int32 sums, exact in any order, so the result is bit-identical to the other paths.
+
+Weight tiles arrive unswizzled: a warp reads 8 rows x 64 bytes per load, one contiguous 512-byte span (no bank
+conflicts).  Long K is split across CTAs (``SPLIT``) with :mod:`dgq.kernels.gemv`'s protocol: partials stored to a
+per-call buffer, one acq_rel arrival per CTA on the layer's own counter, the last split adds and rearms it.
+
+The weight tiles of the first slots are requested before ``griddepcontrol.wait`` (the kernel launches
+programmatically dependent on the act-quant), the activation codes after it.  Needs sm_90, 128-wide K tiles, a
+group of 64 or a multiple of 128 and ``out_features % 64 == 0`` (:func:`dgq.kernels.gemm_ws.supported`: the same
+descriptors' rules).  The CPU interpreter cannot run Gluon: the CPU tests build it for sm_90a; ``pytest -m cuda``
+checks it bit-exact on the GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+
+from dgq.kernels.gemm import KernelWeight, launch_options, prepare_call
+from dgq.kernels.gemm_ws import _gdc_wait, _nvmma, _scale_rows, supported
+from dgq.kernels.act_quant import _MIN_SCALE, _RNE_MAGIC
+from dgq.kernels.gemv import _DP4A2_PTX, _WIDEN_WORD_PTX
+
+HALF = gl.constexpr(64)  # packed bytes per row of one 128-wide K tile (and activation codes per nibble half)
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _copy_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP: gl.constexpr):
+    tma.async_copy_global_to_shared(w_desc, [n0, kt * HALF], bar, w_bufs.index(s))
+    tma.async_copy_global_to_shared(s2_desc, [kt * 2 * HALF // GROUP, n0], bar, s2_bufs.index(s))
+    tma.async_copy_global_to_shared(zp_desc, [kt * 2 * HALF // GROUP, n0], bar, zp_bufs.index(s))
+
+
+@gluon.jit
+def _load_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, empty, n0, m, kt0, k_tiles,
+               GROUP: gl.constexpr, PDL: gl.constexpr, REFILL: gl.constexpr, X_TMA: gl.constexpr):
+    """Fills the ring's first slots: the weight tiles before waiting for the act-quant, the codes after it (``X_TMA``;
+    else the compute warps quantize the activation themselves).  With ``REFILL`` (the loader warp of the
+    warp-specialized variant) it then refills each slot once the compute warps have released it."""
+    stages: gl.constexpr = w_bufs.shape[0]
+    nbytes: gl.constexpr = (w_desc.block_type.nbytes + s2_desc.block_type.nbytes + zp_desc.block_type.nbytes
+                            + (x_desc.block_type.nbytes if X_TMA else 0))
+    for i in range(gl.minimum(k_tiles, stages)):  # the weight does not depend on the act-quant: request it first
+        mbarrier.expect(ready.index(i), nbytes)
+        _copy_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, ready.index(i), i, n0, kt0 + i, GROUP)
+    if X_TMA:
+        if PDL:
+            _gdc_wait()
+        for i in range(gl.minimum(k_tiles, stages)):
+            tma.async_copy_global_to_shared(x_desc, [m, (kt0 + i) * 2 * HALF], ready.index(i), x_bufs.index(i))
+    if REFILL:
+        for i in range(stages, k_tiles):
+            s = i % stages
+            mbarrier.wait(empty.index(s), ((i // stages) & 1) ^ 1)
+            _refill(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready.index(s), s, n0, m,
+                    kt0 + i, GROUP, X_TMA)
+
+
+@gluon.jit
+def _refill(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, bar, s, n0, m, kt,
+            GROUP: gl.constexpr, X_TMA: gl.constexpr):
+    nbytes: gl.constexpr = (w_desc.block_type.nbytes + s2_desc.block_type.nbytes + zp_desc.block_type.nbytes
+                            + (x_desc.block_type.nbytes if X_TMA else 0))
+    mbarrier.expect(bar, nbytes)
+    _copy_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP)
+    if X_TMA:
+        tma.async_copy_global_to_shared(x_desc, [m, kt * 2 * HALF], bar, x_bufs.index(s))
+
+
+@gluon.jit
+def _max(a, b):
+    return gl.maximum(a, b)
+
+
+@gluon.jit
+def _round_clamp_s8(v):
+    """:func:`dgq.kernels.act_quant._round_clamp_s8` in Gluon (a Gluon kernel cannot call a Triton function; same
+    constants, same operations, so the same codes)."""
+    v = gl.minimum(gl.maximum(v, -127.0), 127.0)
+    return ((v + _RNE_MAGIC) - _RNE_MAGIC).to(gl.int8)
+
+
+@gluon.jit
+def _quantize_row(x_ptr, xq, sx_ptr, m, stride_x, kt0, K: gl.constexpr, DYNAMIC: gl.constexpr):
+    """This CTA's K range of row ``m`` quantized into the shared buffer ``xq`` (int8, in the row's order: per K tile
+    the 64 codes of the low nibbles, then the 64 of the high), as :mod:`dgq.kernels.act_quant` does: the row's
+    scale (absmax over all of K, so every CTA finds the same) or the static one; returns the scale."""
+    XL: gl.constexpr = gl.BlockedLayout([8], [32], [gl.num_warps()], [0])  # 16-byte loads of fp16
+    XB: gl.constexpr = 8 * 32 * gl.num_warps()
+    cols = gl.arange(0, XB, layout=XL)
+    x_row = x_ptr + m * stride_x
+    if DYNAMIC:
+        amax = gl.full([XB], 0.0, gl.float32, XL)
+        for j in gl.static_range((K + XB - 1) // XB):  # unrolled: independent loads, one L2 round trip
+            c = j * XB + cols
+            amax = gl.maximum(amax, gl.abs(gl.load(x_row + c, mask=c < K, other=0.0).to(gl.float32)))
+        sx = gl.maximum(gl.div_rn(gl.reduce(amax, 0, _max), 127.0), _MIN_SCALE)  # act_quant._dynamic_scale
+    else:
+        sx = gl.load(sx_ptr)
+    for j in gl.static_range(xq.shape[0] // XB):
+        c = kt0 * 2 * HALF + j * XB + cols
+        v = gl.load(x_row + c, mask=c < K, other=0.0).to(gl.float32)
+        xq.slice(j * XB, XB).store(_round_clamp_s8(gl.div_rn(v, sx)))
+    gl.thread_barrier()  # every thread's codes, then every warp reads them
+    return sx
+
+
+@gluon.jit
+def _compute_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, empty, x_ptr, sx_ptr,
+                  s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_x, stride_sx, n0, m, sid, kt0, k_tiles,
+                  K: gl.constexpr, GROUP: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
+                  PDL: gl.constexpr, WS: gl.constexpr, FUSE: gl.constexpr, DYNAMIC: gl.constexpr):
+    """Reads each slot into registers, releases it (``WS``: an arrival for the loader warp; else a barrier, then it
+    refills the slot itself), widens and multiplies; then the split-K reduction and the epilogue.  With ``FUSE`` the
+    activation codes come from ``x_bufs``, this CTA's K range quantized here first (:func:`_quantize_row`)."""
+    stages: gl.constexpr = w_bufs.shape[0]
+    BN: gl.constexpr = w_bufs.shape[1]
+    srows: gl.constexpr = s2_bufs.shape[1]
+    HI_ROW: gl.constexpr = 1 if GROUP == 64 else 0  # the high nibbles' scale row in a slot
+    TW: gl.constexpr = HALF // 4  # 32-bit words per row of a tile
+    layout: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [gl.num_warps(), 1], [1, 0])  # 16-byte reads per thread
+    rows: gl.constexpr = gl.SliceLayout(1, layout)
+    cols: gl.constexpr = gl.SliceLayout(0, layout)
+    plain2: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    plain1: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])  # rows of a 2-D view, read one at a time
+    s2v = s2_bufs._reinterpret(gl.int8, [stages * srows, BN], plain1)
+    zpv = zp_bufs._reinterpret(gl.uint8, [stages * srows, BN], plain1)
+    if FUSE:
+        if PDL:
+            _gdc_wait()  # the activation's producer
+        sx = _quantize_row(x_ptr, x_bufs, sx_ptr, m, stride_x, kt0, K, DYNAMIC)
+        xq = x_bufs._reinterpret(gl.int32, [x_bufs.shape[0] // HALF, TW], plain1)  # row 2t: tile t's low codes
+    acc = gl.zeros([BN, TW], gl.int32, layout)
+    for i in range(k_tiles):
+        s = i % stages
+        mbarrier.wait(ready.index(s), (i // stages) & 1)
+        p = w_bufs.index(s)._reinterpret(gl.int32, [BN, TW], plain2).load(layout)
+        if FUSE:
+            x_lo = gl.expand_dims(xq.index(2 * i).load(cols), 0)
+            x_hi = gl.expand_dims(xq.index(2 * i + 1).load(cols), 0)
+        else:
+            x_words = x_bufs.index(s)._reinterpret(gl.int32, [2, TW], plain1)  # row 0: the low nibbles' codes
+            x_lo = gl.expand_dims(x_words.index(0).load(cols), 0)
+            x_hi = gl.expand_dims(x_words.index(1).load(cols), 0)
+        s_lo = s2v.index(s * srows).load(rows).to(gl.int32)
+        z_lo = zpv.index(s * srows).load(rows).to(gl.int32)
+        s_hi = s2v.index(s * srows + HI_ROW).load(rows).to(gl.int32)
+        z_hi = zpv.index(s * srows + HI_ROW).load(rows).to(gl.int32)
+        fence_async_shared()  # these generic-proxy reads, then the slot's next bulk copy
+        if WS:
+            mbarrier.arrive(empty.index(s), count=1)
+        else:
+            gl.thread_barrier()  # every warp has read slot s: refill it with the tile ``stages`` ahead
+            if i + stages < k_tiles:
+                _refill(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready.index(s), s, n0, m,
+                        kt0 + i + stages, GROUP, not FUSE)
+        c_lo = ((128 - s_lo * z_lo).to(gl.uint32, bitcast=True) * 0x01010101).to(gl.int32, bitcast=True)
+        c_hi = ((128 - s_hi * z_hi).to(gl.uint32, bitcast=True) * 0x01010101).to(gl.int32, bitcast=True)
+        w_lo, w_hi = gl.inline_asm_elementwise(
+            _WIDEN_WORD_PTX, "=r,=r,r,r,r,r,r",
+            [p, gl.expand_dims(s_lo, 1), gl.expand_dims(c_lo, 1), gl.expand_dims(s_hi, 1), gl.expand_dims(c_hi, 1)],
+            dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
+        acc = gl.inline_asm_elementwise(_DP4A2_PTX, "=r,r,r,r,r,r", [w_lo, x_lo, acc, w_hi, x_hi], dtype=gl.int32,
+                                        is_pure=True, pack=1)
+    total = gl.reduce(acc, 1, _add)  # [BN] (not gl.sum: the CPU tests build this under the interpreter's patches)
+    offs_n = n0 + gl.arange(0, BN, layout=rows)
+    n_mask = offs_n < N
+    mask = n_mask
+    if SPLIT > 1:  # exact int32 reduction across splits: the split that arrives last adds the others' partials
+        offs = m * N + offs_n
+        gl.store(ws_ptr + sid * M * N + offs, total, mask=mask)
+        gl.thread_barrier()  # every thread's partial, then one arrival per CTA (release) on the tile's count
+        tile = m * gl.num_programs(0) + gl.program_id(0)
+        last = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT - 1
+        mask = mask & last
+        for j in gl.static_range(SPLIT):
+            total += gl.load(ws_ptr + j * M * N + offs, mask=mask & (sid != j), other=0, cache_modifier=".cg")
+        gl.atomic_xchg(cnt_ptr + tile, 0, mask=last, sem="relaxed")  # rearmed for the layer's next call
+    if not FUSE:
+        if PDL and WS:
+            _gdc_wait()  # the act-quant's scale (the loader warp alone waited before reading its codes)
+        sx = gl.load(sx_ptr + m * stride_sx)
+    s1 = gl.load(s1_ptr + offs_n, mask=n_mask, other=0.0)
+    val = total.to(gl.float32) * sx * s1  # the reference's order: (acc * s_x) * s1 (+ bias)
+    if HAS_BIAS:
+        val += gl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(gl.float32)
+    gl.store(out_ptr + m * N + offs_n, val.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def _tma_gemv_kernel(w_desc, x_desc, s2_desc, zp_desc, x_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
+                     stride_x, stride_sx, K: gl.constexpr, GROUP: gl.constexpr, BN: gl.constexpr,
+                     STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
+                     WS: gl.constexpr, FUSE: gl.constexpr, DYNAMIC: gl.constexpr, XQ: gl.constexpr):
+    """``FUSE``: ``x_ptr`` holds the float activations (row stride ``stride_x``), quantized here (``DYNAMIC``: per
+    row; else by the scale at ``sx_ptr``) into ``XQ`` bytes of shared memory (:func:`code_buffer_bytes`), and
+    ``x_desc`` is not read; else ``x_desc`` describes the int8 codes and ``sx_ptr`` their scales."""
+    n0 = gl.program_id(0) * BN
+    sid = gl.program_id(1)
+    m = gl.program_id(2)
+    TILES: gl.constexpr = K // (2 * HALF)
+    PER: gl.constexpr = (TILES + SPLIT - 1) // SPLIT
+    kt0 = sid * PER
+    k_tiles = gl.maximum(gl.minimum(PER, TILES - kt0), 0)
+    srows: gl.constexpr = s2_desc.block_type.shape[0]
+    w_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, HALF], w_desc.layout)
+    if FUSE:  # this CTA's codes, whole
+        x_bufs = gl.allocate_shared_memory(gl.int8, [XQ], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    else:
+        x_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, 1, 2 * HALF], x_desc.layout)
+    s2_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, srows, BN], s2_desc.layout)
+    zp_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, srows, BN], zp_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    if WS:
+        gl.warp_specialize([
+            (_compute_part, (w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, empty, x_ptr,
+                             sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_x, stride_sx, n0, m, sid,
+                             kt0, k_tiles, K, GROUP, SPLIT, HAS_BIAS, PDL, True, FUSE, DYNAMIC)),
+            (_load_part, (w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, empty, n0, m, kt0,
+                          k_tiles, GROUP, PDL, True, not FUSE)),
+        ], [1], [24])
+    else:
+        _load_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, empty, n0, m, kt0,
+                   k_tiles, GROUP, PDL, False, not FUSE)
+        _compute_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, empty, x_ptr, sx_ptr,
+                      s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_x, stride_sx, n0, m, sid, kt0, k_tiles,
+                      K, GROUP, SPLIT, HAS_BIAS, PDL, False, FUSE, DYNAMIC)
+
+
+@dataclass(frozen=True)
+class TmaGemvConfig:
+    """Weight rows per CTA, ring slots (one 128-wide K tile each), K splits, compute warps, and whether one more warp
+    issues the copies (warp-specialized) instead of the compute warps between their reads."""
+
+    bn: int
+    stages: int
+    split: int
+    warps: int = 4
+    ws: bool = False
+    maxnreg: int | None = None  # warp-specialized: a cap, else ptxas gives every warp 255 registers (one CTA per SM)
+
+
+MAX_ROWS = 768 * 64  # CTAs x rows: measured, the fastest variants ran 256-768 CTAs of 64 rows or 224 of 128
+MIN_SPLIT_TILES = 8  # measured: no split left fewer than 8 K tiles per CTA among the fastest variants
+
+
+def config_for(n: int, k: int) -> TmaGemvConfig:
+    """The measured rule (H100, cold-L2 graph replays over the benchmark's and the decode step's ten shapes,
+    ``benchmarks/gemv_probe.py --tma``, notes): small CTAs (64 rows, a ring of 4 K tiles: 16 KB in flight, about
+    19 KB of shared memory) on layers up to 24576 outputs, 128 rows beyond; K split in powers of two up to 8 while
+    the CTAs' rows stay within :data:`MAX_ROWS` and each keeps :data:`MIN_SPLIT_TILES` tiles.  Ring slots of 8 were
+    slower than 4 on eight of ten shapes, and a loader warp (warp-specialized) won on none."""
+    bn = 64 if n <= 24576 else 128
+    tiles, k_tiles = triton.cdiv(n, bn), k // 128
+    split = 1
+    while split < 8 and tiles * split * 2 * bn <= MAX_ROWS and k_tiles // (split * 2) >= MIN_SPLIT_TILES:
+        split *= 2
+    return TmaGemvConfig(bn, 4, split)
+
+
+FUSE_MAX_N = FUSE_MAX_K = 16384
+
+
+def quantizes_inside(n: int, k: int) -> bool:
+    """Whether :func:`tma_gemv_float` (one launch) beats the act-quant + :func:`tma_gemv` on this layer.  Every CTA
+    reads the whole row for its absmax before its ring is refilled, which costs more where the row is long or the
+    CTAs many and long-running.  Measured (H100, ``benchmarks/gemv_probe.py --tma``, run 2, notes): inside won on
+    4096 x 4096 / 11008 / 12288 and 11008 / 14336 x 4096 (7.2 vs 7.7 ... 14.0 vs 15.0 us), tied on 4096 x 6144 and
+    22016, lost on 4096 x 28672 (27.6 vs 26.8), 8192 x 28672 (52.0 vs 50.4) and 28672 x 8192 (55.0 vs 53.6)."""
+    return n <= FUSE_MAX_N and k <= FUSE_MAX_K
+
+
+def code_buffer_bytes(k: int, cfg: TmaGemvConfig) -> int:
+    """Shared memory for one CTA's activation codes when the kernel quantizes them: its K range, rounded up to a
+    power of two (Gluon's shared buffers) and to at least one step of the quantizing loop (8 codes per thread)."""
+    return triton.next_power_of_2(max(triton.cdiv(k // 128, cfg.split) * 128, 8 * 32 * cfg.warps))
+
+
+def descriptors(kw: KernelWeight, cfg: TmaGemvConfig, x_s8: torch.Tensor | None) -> tuple:
+    """The four TMA descriptors of one call, all unswizzled: weight codes ``[BN, 64]`` bytes, one token's 128 codes
+    of a K tile (``x_s8 is None``: the kernel quantizes the activation itself, and the weight's descriptor stands
+    in, unread), and the tile's group scales and zero points (rows of ``s2t``/``zpt``)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    box = [_scale_rows(kw.group_size, cfg.bn), cfg.bn]
+    w = TensorDescriptor.from_tensor(kw.codes, [cfg.bn, HALF.value], _nvmma(0))
+    return (w, w if x_s8 is None else TensorDescriptor.from_tensor(x_s8, [1, 2 * HALF.value], _nvmma(0)),
+            TensorDescriptor.from_tensor(kw.s2t, box, _nvmma(0)), TensorDescriptor.from_tensor(kw.zpt, box, _nvmma(0)))
+
+
+def tma_gemv(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor, bias: torch.Tensor | None = None,
+             out_dtype: torch.dtype = torch.float16, config: TmaGemvConfig | None = None) -> torch.Tensor:
+    """``(s_x * s1) * (x_s8 @ W_s8ᵀ) + bias`` for a few tokens ``x_s8`` int8 ``[M, K]`` (``s_x`` per token or one
+    static scale), bit for bit :func:`dgq.kernels.gemv.a8w4_gemv`'s; ``config`` pins a variant (tests, probes)."""
+    _check(kw, x_s8.device)
+    x, out = prepare_call(x_s8, kw, out_dtype)
+    if not x.is_contiguous() or x.data_ptr() % 16:  # TMA: dense rows and a 16-byte-aligned start
+        x = x.clone(memory_format=torch.contiguous_format)
+    sx = s_x.reshape(-1).float()
+    return _launch(x, x, int(sx.numel() > 1), kw, sx, bias, out, config, fuse=False, dynamic=True)
+
+
+def tma_gemv_float(x: torch.Tensor, kw: KernelWeight, static_scale: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
+                   config: TmaGemvConfig | None = None) -> torch.Tensor:
+    """The GEMV from float activations ``x [M, K]``, quantized inside with :mod:`dgq.kernels.act_quant`'s arithmetic
+    (per row, or by ``static_scale``): :func:`tma_gemv` on that kernel's codes, bit for bit, in one launch.  Each
+    CTA reads the row whole for the dynamic scale (from L2, while its first weight tiles are on their way) and
+    rounds only its own K range, once, into shared memory."""
+    _check(kw, x.device)
+    if x.dim() != 2 or x.shape[1] != kw.in_features or not x.is_floating_point():
+        raise ValueError(f"x must be a float [M, {kw.in_features}], got {x.dtype}{list(x.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    out = torch.empty((x.shape[0], kw.out_features), dtype=out_dtype, device=x.device)
+    # dynamic: the kernel computes each row's scale and never reads sx (any fp32 tensor stands in)
+    sx = kw.s1 if static_scale is None else static_scale.detach().to(device=x.device, dtype=torch.float32).reshape(1)
+    return _launch(None, x, x.stride(0), kw, sx, bias, out, config, fuse=True, dynamic=static_scale is None)
+
+
+def _check(kw: KernelWeight, device: torch.device) -> None:
+    if not supported(kw, device):
+        raise ValueError(f"the TMA GEMV needs Hopper, 128-wide K tiles, a group of 64 or a multiple of 128 and "
+                         f"out_features % 64 == 0; got K={kw.in_features} N={kw.out_features} g={kw.group_size} on "
+                         f"{device}")
+
+
+def _launch(x_s8: torch.Tensor | None, x: torch.Tensor, stride: int, kw: KernelWeight, sx: torch.Tensor,
+            bias: torch.Tensor | None, out: torch.Tensor, config: TmaGemvConfig | None, fuse: bool,
+            dynamic: bool) -> torch.Tensor:
+    m, k = x.shape
+    n = kw.out_features
+    if m == 0:
+        return out
+    cfg = config or config_for(n, k)
+    cnt = kw.split_scratch
+    grid = (triton.cdiv(n, cfg.bn), cfg.split, m)
+    if cfg.split > 1 and grid[0] * m > cnt.numel():
+        raise ValueError(f"the GEMV serves a few tokens; {m} rows exceed the layer's split-K count slots")
+    ws = torch.empty((cfg.split, m, n), dtype=torch.int32, device=x.device) if cfg.split > 1 else cnt
+    options = launch_options(x.device)
+    _tma_gemv_kernel[grid](*descriptors(kw, cfg, x_s8), x, sx, kw.s1, bias if bias is not None else cnt, out, ws,
+                           cnt, m, n, stride if fuse else 0, 0 if fuse else stride, K=k, GROUP=kw.group_size,
+                           BN=cfg.bn, STAGES=cfg.stages, SPLIT=cfg.split, HAS_BIAS=bias is not None,
+                           PDL=bool(options), WS=cfg.ws, FUSE=fuse, DYNAMIC=dynamic,
+                           XQ=code_buffer_bytes(k, cfg) if fuse else 0, num_warps=cfg.warps,
+                           **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}), **options)
+    return out
