@@ -145,12 +145,10 @@ def decode_layers(json_path: str | None) -> None:
 
 
 def tma_variants(kind: str = "plain") -> list:
-    """``plain``: the compute warps issue the copies (around the rule: 64 or 128 rows, rings of 4, splits);
-    ``ws``: a loader warp does (warp-specialized); ``sweep``: the first run's wider set (rings of 8, 256 rows)."""
+    """``plain``: around the rule (64 or 128 rows, rings of 4, splits); ``sweep``: the first run's wider set (rings of
+    8, 256 rows; its warp-specialized variants were dropped, code at b85dc05)."""
     from dgq.kernels.gemv_tma import TmaGemvConfig as C
 
-    if kind == "ws":
-        return [C(128, 8, sp, 4, True, 96) for sp in (1, 2, 4)] + [C(64, 8, sp, 4, True, 96) for sp in (2, 4)]
     if kind == "sweep":
         return [C(bn, st, sp) for bn in (64, 128) for st in (4, 8) for sp in (1, 2, 4, 8)] + [
             C(256, 4, sp, 8) for sp in (1, 2, 4)]
@@ -158,7 +156,7 @@ def tma_variants(kind: str = "plain") -> list:
 
 
 def _tma_name(c) -> str:
-    return f"bn{c.bn}_st{c.stages}_sp{c.split}_w{c.warps}" + (f"_ws{c.maxnreg}" if c.ws else "")
+    return f"bn{c.bn}_st{c.stages}_sp{c.split}_w{c.warps}"
 
 
 def tma_exactness(failures: list[str], kind: str) -> None:
@@ -255,7 +253,7 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true", help="time quantizing inside against two launches")
     parser.add_argument("--decode", action="store_true",
                         help="the decode step's layer shapes: each path at one token (instead of the other parts)")
-    parser.add_argument("--tma", choices=["plain", "ws", "sweep"], default=None,
+    parser.add_argument("--tma", choices=["plain", "sweep"], default=None,
                         help="the GEMV fed by bulk tensor copies: its variants of this kind (instead of the rest)")
     parser.add_argument("--tma-shapes", choices=["all", "benchmark"], default="all")
     args = parser.parse_args()

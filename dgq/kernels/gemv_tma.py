@@ -54,11 +54,10 @@ def _copy_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0,
 
 
 @gluon.jit
-def _load_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, empty, n0, m, kt0, k_tiles,
-               GROUP: gl.constexpr, PDL: gl.constexpr, REFILL: gl.constexpr, X_TMA: gl.constexpr):
+def _fill_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, n0, m, kt0, k_tiles,
+               GROUP: gl.constexpr, PDL: gl.constexpr, X_TMA: gl.constexpr):
     """Fills the ring's first slots: the weight tiles before waiting for the act-quant, the codes after it (``X_TMA``;
-    else the compute warps quantize the activation themselves).  With ``REFILL`` (the loader warp of the
-    warp-specialized variant) it then refills each slot once the compute warps have released it."""
+    else the kernel quantizes the activation itself)."""
     stages: gl.constexpr = w_bufs.shape[0]
     nbytes: gl.constexpr = (w_desc.block_type.nbytes + s2_desc.block_type.nbytes + zp_desc.block_type.nbytes
                             + (x_desc.block_type.nbytes if X_TMA else 0))
@@ -70,12 +69,6 @@ def _load_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_buf
             _gdc_wait()
         for i in range(gl.minimum(k_tiles, stages)):
             tma.async_copy_global_to_shared(x_desc, [m, (kt0 + i) * 2 * HALF], ready.index(i), x_bufs.index(i))
-    if REFILL:
-        for i in range(stages, k_tiles):
-            s = i % stages
-            mbarrier.wait(empty.index(s), ((i // stages) & 1) ^ 1)
-            _refill(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready.index(s), s, n0, m,
-                    kt0 + i, GROUP, X_TMA)
 
 
 @gluon.jit
@@ -131,13 +124,13 @@ def _quantize_row(x_ptr, xq, sx_ptr, m, stride_x, kt0, K: gl.constexpr, DYNAMIC:
 
 
 @gluon.jit
-def _compute_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, empty, x_ptr, sx_ptr,
-                  s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_x, stride_sx, n0, m, sid, kt0, k_tiles,
+def _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, x_ptr, sx_ptr, s1_ptr,
+                  bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_x, stride_sx, n0, m, sid, kt0, k_tiles,
                   K: gl.constexpr, GROUP: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  PDL: gl.constexpr, WS: gl.constexpr, FUSE: gl.constexpr, DYNAMIC: gl.constexpr):
-    """Reads each slot into registers, releases it (``WS``: an arrival for the loader warp; else a barrier, then it
-    refills the slot itself), widens and multiplies; then the split-K reduction and the epilogue.  With ``FUSE`` the
-    activation codes come from ``x_bufs``, this CTA's K range quantized here first (:func:`_quantize_row`)."""
+                  PDL: gl.constexpr, FUSE: gl.constexpr, DYNAMIC: gl.constexpr):
+    """Reads each slot into registers, refills it with the tile ``stages`` ahead once every warp has read it, widens
+    and multiplies; then the split-K reduction and the epilogue.  With ``FUSE`` the activation codes come from
+    ``x_bufs``, this CTA's K range quantized here first (:func:`_quantize_row`)."""
     stages: gl.constexpr = w_bufs.shape[0]
     BN: gl.constexpr = w_bufs.shape[1]
     srows: gl.constexpr = s2_bufs.shape[1]
@@ -172,13 +165,10 @@ def _compute_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_
         s_hi = s2v.index(s * srows + HI_ROW).load(rows).to(gl.int32)
         z_hi = zpv.index(s * srows + HI_ROW).load(rows).to(gl.int32)
         fence_async_shared()  # these generic-proxy reads, then the slot's next bulk copy
-        if WS:
-            mbarrier.arrive(empty.index(s), count=1)
-        else:
-            gl.thread_barrier()  # every warp has read slot s: refill it with the tile ``stages`` ahead
-            if i + stages < k_tiles:
-                _refill(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready.index(s), s, n0, m,
-                        kt0 + i + stages, GROUP, not FUSE)
+        gl.thread_barrier()  # every warp has read slot s
+        if i + stages < k_tiles:
+            _refill(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready.index(s), s, n0, m,
+                    kt0 + i + stages, GROUP, not FUSE)
         c_lo = ((128 - s_lo * z_lo).to(gl.uint32, bitcast=True) * 0x01010101).to(gl.int32, bitcast=True)
         c_hi = ((128 - s_hi * z_hi).to(gl.uint32, bitcast=True) * 0x01010101).to(gl.int32, bitcast=True)
         w_lo, w_hi = gl.inline_asm_elementwise(
@@ -202,8 +192,6 @@ def _compute_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_
             total += gl.load(ws_ptr + j * M * N + offs, mask=mask & (sid != j), other=0, cache_modifier=".cg")
         gl.atomic_xchg(cnt_ptr + tile, 0, mask=last, sem="relaxed")  # rearmed for the layer's next call
     if not FUSE:
-        if PDL and WS:
-            _gdc_wait()  # the act-quant's scale (the loader warp alone waited before reading its codes)
         sx = gl.load(sx_ptr + m * stride_sx)
     s1 = gl.load(s1_ptr + offs_n, mask=n_mask, other=0.0)
     val = total.to(gl.float32) * sx * s1  # the reference's order: (acc * s_x) * s1 (+ bias)
@@ -216,7 +204,7 @@ def _compute_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_
 def _tma_gemv_kernel(w_desc, x_desc, s2_desc, zp_desc, x_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
                      stride_x, stride_sx, K: gl.constexpr, GROUP: gl.constexpr, BN: gl.constexpr,
                      STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
-                     WS: gl.constexpr, FUSE: gl.constexpr, DYNAMIC: gl.constexpr, XQ: gl.constexpr):
+                     FUSE: gl.constexpr, DYNAMIC: gl.constexpr, XQ: gl.constexpr):
     """``FUSE``: ``x_ptr`` holds the float activations (row stride ``stride_x``), quantized here (``DYNAMIC``: per
     row; else by the scale at ``sx_ptr``) into ``XQ`` bytes of shared memory (:func:`code_buffer_bytes`), and
     ``x_desc`` is not read; else ``x_desc`` describes the int8 codes and ``sx_ptr`` their scales."""
@@ -236,37 +224,23 @@ def _tma_gemv_kernel(w_desc, x_desc, s2_desc, zp_desc, x_ptr, sx_ptr, s1_ptr, bi
     s2_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, srows, BN], s2_desc.layout)
     zp_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, srows, BN], zp_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
-    if WS:
-        gl.warp_specialize([
-            (_compute_part, (w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, empty, x_ptr,
-                             sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_x, stride_sx, n0, m, sid,
-                             kt0, k_tiles, K, GROUP, SPLIT, HAS_BIAS, PDL, True, FUSE, DYNAMIC)),
-            (_load_part, (w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, empty, n0, m, kt0,
-                          k_tiles, GROUP, PDL, True, not FUSE)),
-        ], [1], [24])
-    else:
-        _load_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, empty, n0, m, kt0,
-                   k_tiles, GROUP, PDL, False, not FUSE)
-        _compute_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, empty, x_ptr, sx_ptr,
-                      s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_x, stride_sx, n0, m, sid, kt0, k_tiles,
-                      K, GROUP, SPLIT, HAS_BIAS, PDL, False, FUSE, DYNAMIC)
+    _fill_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, n0, m, kt0, k_tiles, GROUP,
+               PDL, not FUSE)
+    _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, x_ptr, sx_ptr, s1_ptr,
+                  bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_x, stride_sx, n0, m, sid, kt0, k_tiles, K, GROUP,
+                  SPLIT, HAS_BIAS, PDL, FUSE, DYNAMIC)
 
 
 @dataclass(frozen=True)
 class TmaGemvConfig:
-    """Weight rows per CTA, ring slots (one 128-wide K tile each), K splits, compute warps, and whether one more warp
-    issues the copies (warp-specialized) instead of the compute warps between their reads."""
+    """Weight rows per CTA, ring slots (one 128-wide K tile each), K splits, warps."""
 
     bn: int
     stages: int
     split: int
     warps: int = 4
-    ws: bool = False
-    maxnreg: int | None = None  # warp-specialized: a cap, else ptxas gives every warp 255 registers (one CTA per SM)
 
 
 MAX_ROWS = 768 * 64  # CTAs x rows: measured, the fastest variants ran 256-768 CTAs of 64 rows or 224 of 128
@@ -278,7 +252,8 @@ def config_for(n: int, k: int) -> TmaGemvConfig:
     ``benchmarks/gemv_probe.py --tma``, notes): small CTAs (64 rows, a ring of 4 K tiles: 16 KB in flight, about
     19 KB of shared memory) on layers up to 24576 outputs, 128 rows beyond; K split in powers of two up to 8 while
     the CTAs' rows stay within :data:`MAX_ROWS` and each keeps :data:`MIN_SPLIT_TILES` tiles.  Ring slots of 8 were
-    slower than 4 on eight of ten shapes, and a loader warp (warp-specialized) won on none."""
+    slower than 4 on eight of ten shapes.  A variant with a loader warp (warp-specialized, so the compute warps skip
+    the barrier before each refill) won on none of the five benchmark shapes (code at b85dc05)."""
     bn = 64 if n <= 24576 else 128
     tiles, k_tiles = triton.cdiv(n, bn), k // 128
     split = 1
@@ -370,7 +345,6 @@ def _launch(x_s8: torch.Tensor | None, x: torch.Tensor, stride: int, kw: KernelW
     _tma_gemv_kernel[grid](*descriptors(kw, cfg, x_s8), x, sx, kw.s1, bias if bias is not None else cnt, out, ws,
                            cnt, m, n, stride if fuse else 0, 0 if fuse else stride, K=k, GROUP=kw.group_size,
                            BN=cfg.bn, STAGES=cfg.stages, SPLIT=cfg.split, HAS_BIAS=bias is not None,
-                           PDL=bool(options), WS=cfg.ws, FUSE=fuse, DYNAMIC=dynamic,
-                           XQ=code_buffer_bytes(k, cfg) if fuse else 0, num_warps=cfg.warps,
-                           **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}), **options)
+                           PDL=bool(options), FUSE=fuse, DYNAMIC=dynamic, XQ=code_buffer_bytes(k, cfg) if fuse else 0,
+                           num_warps=cfg.warps, **options)
     return out
