@@ -135,9 +135,10 @@ def kernel_call(name: str, o: Operands) -> Callable[[], torch.Tensor]:
 
 def chosen_config(name: str, m: int, k: int, n: int) -> object:
     """The config the kernel that ``name`` ran at ``m`` used for its last call (its autotuner's pick, or the rule's)."""
-    if name == "dgq":
-        name = ("dgq_gemv_tma" if m <= linear.GEMV_MAX_M else "dgq_widen_once" if m >= linear.WIDEN_MIN_M
-                else "dgq_ws")  # the benchmark's shapes are all ones the Gluon kernels take (on Hopper)
+    if name == "dgq":  # the benchmark's shapes are all ones the Gluon kernels take (on Hopper)
+        if m <= linear.GEMV_MAX_M:
+            return gemv_tma.config_for(n, k, inside=True)  # the one-token path quantizes inside
+        name = "dgq_widen_once" if m >= linear.WIDEN_MIN_M else "dgq_ws"
     if name == "dgq_ws":
         return gemm_ws.config_for(m, n)
     if name == "dgq_gemv":

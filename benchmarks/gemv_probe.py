@@ -23,6 +23,7 @@ the dispatch from float activations:
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 
 import torch
@@ -146,9 +147,12 @@ def decode_layers(json_path: str | None) -> None:
 
 def tma_variants(kind: str = "plain") -> list:
     """``plain``: around the rule (64 or 128 rows, rings of 4, splits); ``sweep``: the first run's wider set (rings of
-    8, 256 rows; its warp-specialized variants were dropped, code at b85dc05)."""
+    8, 256 rows; its warp-specialized variants were dropped, code at b85dc05); ``inside``: deeper rings and more
+    warps for the kernel that quantizes inside (whose reading of the row stalls the ring)."""
     from dgq.kernels.gemv_tma import TmaGemvConfig as C
 
+    if kind == "inside":
+        return [C(bn, st, sp, w) for bn, w in ((64, 4), (128, 8)) for st in (4, 8) for sp in (2, 4, 8)]
     if kind == "sweep":
         return [C(bn, st, sp) for bn in (64, 128) for st in (4, 8) for sp in (1, 2, 4, 8)] + [
             C(256, 4, sp, 8) for sp in (1, 2, 4)]
@@ -220,7 +224,8 @@ def tma_probe(json_path: str | None, kind: str, shapes: str) -> None:
                  "act_quant+tma": lambda o: _two_launches(o, tma_gemv),
                  "tma_inside": lambda o: tma_gemv_float(o.x16, o.kw)}
         for c in tma_variants(kind):
-            calls[_tma_name(c)] = lambda o, c=c: tma_gemv(o.x_s8, o.kw, o.s_x, config=c)
+            if kind != "inside":
+                calls[_tma_name(c)] = lambda o, c=c: tma_gemv(o.x_s8, o.kw, o.s_x, config=c)
             calls["in_" + _tma_name(c)] = lambda o, c=c: tma_gemv_float(o.x16, o.kw, config=c)
         times = {}
         for name, fn in calls.items():
@@ -234,7 +239,7 @@ def tma_probe(json_path: str | None, kind: str, shapes: str) -> None:
         rows += [{"K": k, "N": n, "M": 1, "kernel": name, "ms": t, "rule": name.endswith(_tma_name(rule))}
                  for name, t in times.items()]
         wbytes = o.kw.codes.numel() + 2 * o.kw.s2t.numel()
-        best = min((t, name) for name, t in times.items() if name.startswith("bn"))
+        best = min(((t, name) for name, t in times.items() if name.startswith("bn")), default=(math.nan, "-"))
         best_in = min((t, name) for name, t in times.items() if name.startswith("in_"))
         show = ["gemv_alone", "dispatch_s8", "dispatch", "act_quant+tma", "tma_inside"]
         print(f"K={k} N={n}: fp16 {times['fp16'] * 1e3:.1f} us; "
@@ -253,7 +258,7 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true", help="time quantizing inside against two launches")
     parser.add_argument("--decode", action="store_true",
                         help="the decode step's layer shapes: each path at one token (instead of the other parts)")
-    parser.add_argument("--tma", choices=["plain", "sweep"], default=None,
+    parser.add_argument("--tma", choices=["plain", "sweep", "inside"], default=None,
                         help="the GEMV fed by bulk tensor copies: its variants of this kind (instead of the rest)")
     parser.add_argument("--tma-shapes", choices=["all", "benchmark"], default="all")
     args = parser.parse_args()

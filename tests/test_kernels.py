@@ -208,25 +208,24 @@ def test_wide_layer_quantizes_before_its_gemv(monkeypatch: pytest.MonkeyPatch) -
 
 def test_one_token_takes_the_tma_gemv_where_the_gluon_kernels_run(monkeypatch: pytest.MonkeyPatch) -> None:
     """On a layer the Gluon kernels take (Hopper), one token goes to the TMA-fed GEMV, from codes or quantizing
-    inside where its rule says so; a layer they do not take stays on the register-fed GEMV.  The Gluon kernels are
-    stood in for: they do not run on the CPU."""
+    inside; a layer they do not take stays on the register-fed GEMV.  The Gluon kernels are stood in for: they do
+    not run on the CPU."""
     called = []
     fake_ws = type("FakeWs", (), {"supported": staticmethod(lambda kw, device: kw.out_features % 64 == 0)})
     fake_tma = type("FakeTma", (), {"tma_gemv": staticmethod(lambda *a, **k: called.append("tma")),
-                                    "tma_gemv_float": staticmethod(lambda *a, **k: called.append("tma_inside")),
-                                    "quantizes_inside": staticmethod(lambda n, k: n < 96)})
+                                    "tma_gemv_float": staticmethod(lambda *a, **k: called.append("tma_inside"))})
     monkeypatch.setattr(linear, "gemm_ws", fake_ws)
     monkeypatch.setattr(linear, "gemv_tma", fake_tma)
     monkeypatch.setattr(linear, "a8w4_gemv", lambda *a, **k: called.append("gemv"))
     monkeypatch.setattr(linear, "a8w4_gemv_float", lambda *a, **k: called.append("gemv_inside"))
     gen = torch.Generator().manual_seed(6)
-    for n in (64, 128, 96):  # taken by the Gluon kernels (quantizing inside, then not); N % 64 != 0: not
+    for n in (64, 96):  # taken by the Gluon kernels; N % 64 != 0: not
         kw = kernel_weight(random_weight(n, 256, 64, gen))
         x = torch.randn(1, 256, generator=gen)
         x_s8, s_x = quantize_activations(x)
         linear.a8w4_mm(x_s8.to(DEVICE), s_x.to(DEVICE), kw)
         linear.a8w4_linear(x.to(DEVICE), kw)
-    assert called == ["tma", "tma_inside", "tma", "tma", "gemv", "gemv_inside"]
+    assert called == ["tma", "tma_inside", "gemv", "gemv_inside"]
 
 
 def test_kernel_layout_pairs_k_and_k_plus_half_tile() -> None:

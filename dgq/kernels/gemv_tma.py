@@ -247,31 +247,29 @@ MAX_ROWS = 768 * 64  # CTAs x rows: measured, the fastest variants ran 256-768 C
 MIN_SPLIT_TILES = 8  # measured: no split left fewer than 8 K tiles per CTA among the fastest variants
 
 
-def config_for(n: int, k: int) -> TmaGemvConfig:
+def config_for(n: int, k: int, inside: bool = False) -> TmaGemvConfig:
     """The measured rule (H100, cold-L2 graph replays over the benchmark's and the decode step's ten shapes,
-    ``benchmarks/gemv_probe.py --tma``, notes): small CTAs (64 rows, a ring of 4 K tiles: 16 KB in flight, about
-    19 KB of shared memory) on layers up to 24576 outputs, 128 rows beyond; K split in powers of two up to 8 while
-    the CTAs' rows stay within :data:`MAX_ROWS` and each keeps :data:`MIN_SPLIT_TILES` tiles.  Ring slots of 8 were
-    slower than 4 on eight of ten shapes.  A variant with a loader warp (warp-specialized, so the compute warps skip
-    the barrier before each refill) won on none of the five benchmark shapes (code at b85dc05)."""
+    ``benchmarks/gemv_probe.py --tma``, notes).
+
+    From codes: small CTAs (64 rows, a ring of 4 K tiles: 16 KB in flight, about 19 KB of shared memory) on layers
+    up to 24576 outputs, 128 rows beyond; K split in powers of two up to 8 while the CTAs' rows stay within
+    :data:`MAX_ROWS` and each keeps :data:`MIN_SPLIT_TILES` tiles.  Rings of 8 were slower than 4 on eight of ten
+    shapes; a loader warp (warp-specialized) won on none of five (code at b85dc05).
+
+    Quantizing inside (``inside``), every CTA first reads the whole row for its absmax while only its ring's first
+    tiles are in flight, so long rows want fewer, wider CTAs with more warps to read them: on K >= 8192 with
+    N <= 8192, 128 rows, 8 warps, K in 8 (11008 x 4096: 12.9 against 14.1 us with the codes' rule; 28672 x 8192:
+    52.1 against 56.8); on wide layers 64 rows in 2 splits (8192 x 28672: 50.5 against 52.5)."""
+    if inside and k >= 8192 and n <= 8192:
+        return TmaGemvConfig(128, 4, 8, 8)
+    if inside and n > 24576:
+        return TmaGemvConfig(64, 4, 2)
     bn = 64 if n <= 24576 else 128
     tiles, k_tiles = triton.cdiv(n, bn), k // 128
     split = 1
     while split < 8 and tiles * split * 2 * bn <= MAX_ROWS and k_tiles // (split * 2) >= MIN_SPLIT_TILES:
         split *= 2
     return TmaGemvConfig(bn, 4, split)
-
-
-FUSE_MAX_N = FUSE_MAX_K = 16384
-
-
-def quantizes_inside(n: int, k: int) -> bool:
-    """Whether :func:`tma_gemv_float` (one launch) beats the act-quant + :func:`tma_gemv` on this layer.  Every CTA
-    reads the whole row for its absmax before its ring is refilled, which costs more where the row is long or the
-    CTAs many and long-running.  Measured (H100, ``benchmarks/gemv_probe.py --tma``, run 2, notes): inside won on
-    4096 x 4096 / 11008 / 12288 and 11008 / 14336 x 4096 (7.2 vs 7.7 ... 14.0 vs 15.0 us), tied on 4096 x 6144 and
-    22016, lost on 4096 x 28672 (27.6 vs 26.8), 8192 x 28672 (52.0 vs 50.4) and 28672 x 8192 (55.0 vs 53.6)."""
-    return n <= FUSE_MAX_N and k <= FUSE_MAX_K
 
 
 def code_buffer_bytes(k: int, cfg: TmaGemvConfig) -> int:
@@ -310,7 +308,8 @@ def tma_gemv_float(x: torch.Tensor, kw: KernelWeight, static_scale: torch.Tensor
     """The GEMV from float activations ``x [M, K]``, quantized inside with :mod:`dgq.kernels.act_quant`'s arithmetic
     (per row, or by ``static_scale``): :func:`tma_gemv` on that kernel's codes, bit for bit, in one launch.  Each
     CTA reads the row whole for the dynamic scale (from L2, while its first weight tiles are on their way) and
-    rounds only its own K range, once, into shared memory."""
+    rounds only its own K range, once, into shared memory.  It beat the act-quant + :func:`tma_gemv` on every
+    benchmark and decode layer shape (with :func:`config_for`'s ``inside`` rule; notes)."""
     _check(kw, x.device)
     if x.dim() != 2 or x.shape[1] != kw.in_features or not x.is_floating_point():
         raise ValueError(f"x must be a float [M, {kw.in_features}], got {x.dtype}{list(x.shape)}")
@@ -318,7 +317,8 @@ def tma_gemv_float(x: torch.Tensor, kw: KernelWeight, static_scale: torch.Tensor
     out = torch.empty((x.shape[0], kw.out_features), dtype=out_dtype, device=x.device)
     # dynamic: the kernel computes each row's scale and never reads sx (any fp32 tensor stands in)
     sx = kw.s1 if static_scale is None else static_scale.detach().to(device=x.device, dtype=torch.float32).reshape(1)
-    return _launch(None, x, x.stride(0), kw, sx, bias, out, config, fuse=True, dynamic=static_scale is None)
+    return _launch(None, x, x.stride(0), kw, sx, bias, out, config or config_for(kw.out_features, x.shape[1], True),
+                   fuse=True, dynamic=static_scale is None)
 
 
 def _check(kw: KernelWeight, device: torch.device) -> None:

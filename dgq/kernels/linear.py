@@ -5,9 +5,8 @@ Each was measured against the others on an H100 (``benchmarks/gemm.py``, ``bench
 ``benchmarks/gemv_probe.py``; cold-L2 CUDA-graph timing; BENCHMARKS.md, ``benchmarks/notes_gemm.md``):
 
 * M = 1 on Hopper: the GEMV fed by bulk tensor copies (:mod:`dgq.kernels.gemv_tma`, ``dp4a`` on CUDA cores),
-  quantizing the activation itself on layers up to 16384 wide and long (:func:`dgq.kernels.gemv_tma.quantizes_inside`).
-  It beat the register-fed GEMV and the warp-specialized kernel on every benchmark and decode shape
-  (``benchmarks/gemv_probe.py --tma``, notes).
+  quantizing the activation itself, one launch.  It beat the register-fed GEMV, the warp-specialized kernel and
+  the act-quant + itself on every benchmark and decode shape (``benchmarks/gemv_probe.py --tma``, notes).
 * M = 1 elsewhere: the register-fed GEMV (:mod:`dgq.kernels.gemv`), quantizing inside on layers of few row blocks
   (:func:`dgq.kernels.gemv.quantizes_inside`).
 * 1 < M <= :data:`dgq.kernels.gemm_ws.MAX_M` on Hopper: the warp-specialized kernel (:mod:`dgq.kernels.gemm_ws`),
@@ -71,16 +70,13 @@ def a8w4_linear(x: torch.Tensor, kw: KernelWeight, static_scale: torch.Tensor | 
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for a 2-D float ``x`` on CUDA, dynamic per-row or static scale.
 
-    One token on a layer where the GEMV quantizes the activation itself (on Hopper the TMA-fed one,
-    :func:`dgq.kernels.gemv_tma.quantizes_inside`; elsewhere the register-fed one,
-    :func:`dgq.kernels.gemv.quantizes_inside`): one launch; otherwise the act-quant kernel, then the GEMM path for
-    M."""
+    One token: on Hopper the TMA-fed GEMV quantizes the activation itself, one launch; elsewhere the register-fed
+    one does so on layers of few row blocks (:func:`dgq.kernels.gemv.quantizes_inside`).  Otherwise the act-quant
+    kernel, then the GEMM path for M."""
     if x.shape[0] <= GEMV_MAX_M:
-        n, k = kw.out_features, kw.in_features
         if _hopper_kernels(kw, x.device):
-            if gemv_tma.quantizes_inside(n, k):
-                return gemv_tma.tma_gemv_float(x, kw, static_scale, bias, out_dtype)
-        elif quantizes_inside(n, k, kw.tile_k):
+            return gemv_tma.tma_gemv_float(x, kw, static_scale, bias, out_dtype)
+        if quantizes_inside(kw.out_features, kw.in_features, kw.tile_k):
             return a8w4_gemv_float(x, kw, static_scale, bias, out_dtype)
     x_s8, s_x = quantize_activations_triton(x, static_scale)
     return a8w4_mm(x_s8, s_x, kw, bias, out_dtype)
