@@ -69,6 +69,22 @@ def _gdc_wait():
 
 
 @gluon.jit
+def _reduce_splits(part, ws_ptr, cnt_ptr, offs, mask, sid, tile, plane, SPLIT: gl.constexpr):
+    """The exact split-K reduction of the Gluon kernels: split ``sid`` stores its int32 partial ``part`` (at ``offs``
+    of its plane of ``plane`` elements), then counts one arrival on its tile's counter (after the CTA's barrier, with
+    release); the split that arrives last (acquire) adds the others' partials and rearms the count for the layer's
+    next call.  Returns the sum and the mask of what this CTA now owns (nothing, unless it arrived last)."""
+    gl.store(ws_ptr + sid * plane + offs, part, mask=mask)
+    gl.thread_barrier()
+    last = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT - 1
+    mask = mask & last
+    for j in gl.static_range(SPLIT):
+        part += gl.load(ws_ptr + j * plane + offs, mask=mask & (sid != j), other=0, cache_modifier=".cg")
+    gl.atomic_xchg(cnt_ptr + tile, 0, mask=last, sem="relaxed")
+    return part, mask
+
+
+@gluon.jit
 def _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP: gl.constexpr):
     tma.async_copy_global_to_shared(w_desc, [n0, kt * HALF], bar, w_bufs.index(s))
     tma.async_copy_global_to_shared(s2_desc, [kt * 2 * HALF // GROUP, n0], bar, s2_bufs.index(s))
@@ -172,18 +188,8 @@ def _mma_part(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_rea
     mask = gl.expand_dims(m_mask, 0) & gl.expand_dims(offs_n < N, 1)
     offs = gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
     if SPLIT > 1:
-        # Each split stores its int32 partial tile, then counts one arrival per tile (after the warpgroup's barrier,
-        # with release); the split that arrives last (acquire) adds the others' partials and owns the epilogue, then
-        # rearms the count for the layer's next call.
-        sid = gl.program_id(2)
-        gl.store(ws_ptr + sid * M * N + offs, res, mask=mask)
-        gl.thread_barrier()
-        tile = gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
-        last = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT - 1
-        mask = mask & last
-        for j in gl.static_range(SPLIT):
-            res += gl.load(ws_ptr + j * M * N + offs, mask=mask & (sid != j), other=0, cache_modifier=".cg")
-        gl.atomic_xchg(cnt_ptr + tile, 0, mask=last, sem="relaxed")
+        res, mask = _reduce_splits(res, ws_ptr, cnt_ptr, offs, mask, gl.program_id(2),
+                                   gl.program_id(1) * gl.num_programs(0) + gl.program_id(0), M * N, SPLIT)
     if EPILOGUE:
         sx = gl.load(sx_ptr + offs_m * stride_sx, mask=m_mask, other=0.0)
         s1 = gl.load(s1_ptr + offs_n, mask=offs_n < N, other=0.0)

@@ -1,23 +1,29 @@
 """The one-token A8W4 GEMV fed by bulk tensor copies (TMA) into a shared-memory ring (Gluon, Hopper).
 
 Why a second GEMV: :mod:`dgq.kernels.gemv` keeps the weight it has requested in registers, two chunks per program,
-so the bytes in flight are bounded by the register file.  On the H100 it is latency-bound (ncu on 4096 x 11008: DRAM
-45%, 16% occupancy; in the model's decode step its layers stream at 1.63 TB/s of about 3).  Here one thread of each
-CTA issues bulk copies of ``[BN, 64]``-byte weight tiles (one 128-wide K tile of packed codes), the tile's group
-scales and zero points and its 128 activation codes into a ring of ``STAGES`` slots, each completing on its own
-mbarrier; the warps read a slot into registers, release it (the slot is refilled with the tile ``STAGES`` ahead),
-and compute while the copies run.  Bytes in flight per CTA are ``STAGES x BN x 64``, whatever the registers.
+so the bytes in flight are bounded by the register file.  On the H100 it was latency-bound (ncu on 4096 x 11008:
+DRAM 45%, 16% occupancy, 118 registers).  Here one thread of each CTA issues bulk copies of ``[BN, 64]``-byte weight
+tiles (one 128-wide K tile of packed codes), the tile's group scales and zero points (and, from codes, its 128
+activation codes) into a ring of ``STAGES`` slots, each completing on its own mbarrier; the warps read a slot into
+registers, meet at a barrier, refill the slot with the tile ``STAGES`` ahead, and compute while the copies run.
+Bytes in flight per CTA are ``STAGES x BN x 64``, whatever the registers (45 of them).  Measured against the
+register GEMV (``benchmarks/gemv_probe.py --tma``, BENCHMARKS.md): 11.3 against 12.9 us on 4096 x 11008, 49 against
+63 us on 8192 x 28672, equal on 4096 x 4096 (launch and ramp).
 
 The arithmetic is :mod:`dgq.kernels.gemv`'s: each 32-bit word of packed codes widened to two words of four int8
 weights (the byte-lane identity of :data:`dgq.kernels.gemm._WIDEN_PTX`), each against its activation word with one
 ``dp4a``; int32 sums, exact in any order, so the result is bit-identical to the other paths.
+
+Quantizing inside (:func:`tma_gemv_float`, what a layer runs at one token): each CTA reads the whole row for the
+absmax, so every CTA finds the act-quant kernel's scale, rounds its own K range once into shared memory and reads
+its codes from there: one launch instead of two, faster on every measured layer shape (:func:`config_for`).
 
 Weight tiles arrive unswizzled: a warp reads 8 rows x 64 bytes per load, one contiguous 512-byte span (no bank
 conflicts).  Long K is split across CTAs (``SPLIT``) with :mod:`dgq.kernels.gemv`'s protocol: partials stored to a
 per-call buffer, one acq_rel arrival per CTA on the layer's own counter, the last split adds and rearms it.
 
 The weight tiles of the first slots are requested before ``griddepcontrol.wait`` (the kernel launches
-programmatically dependent on the act-quant), the activation codes after it.  Needs sm_90, 128-wide K tiles, a
+programmatically dependent on the activation's producer), the activation after it.  Needs sm_90, 128-wide K tiles, a
 group of 64 or a multiple of 128 and ``out_features % 64 == 0`` (:func:`dgq.kernels.gemm_ws.supported`: the same
 descriptors' rules).  The CPU interpreter cannot run Gluon: the CPU tests build it for sm_90a; ``pytest -m cuda``
 checks it bit-exact on the GPU.
@@ -33,9 +39,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
-from dgq.kernels.gemm import KernelWeight, launch_options, prepare_call
-from dgq.kernels.gemm_ws import _gdc_wait, _nvmma, _scale_rows, supported
 from dgq.kernels.act_quant import _MIN_SCALE, _RNE_MAGIC
+from dgq.kernels.gemm import KernelWeight, launch_options, prepare_call
+from dgq.kernels.gemm_ws import _gdc_wait, _load_weight, _nvmma, _reduce_splits, _scale_rows, supported
 from dgq.kernels.gemv import _DP4A2_PTX, _WIDEN_WORD_PTX
 
 HALF = gl.constexpr(64)  # packed bytes per row of one 128-wide K tile (and activation codes per nibble half)
@@ -44,13 +50,6 @@ HALF = gl.constexpr(64)  # packed bytes per row of one 128-wide K tile (and acti
 @gluon.jit
 def _add(a, b):
     return a + b
-
-
-@gluon.jit
-def _copy_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP: gl.constexpr):
-    tma.async_copy_global_to_shared(w_desc, [n0, kt * HALF], bar, w_bufs.index(s))
-    tma.async_copy_global_to_shared(s2_desc, [kt * 2 * HALF // GROUP, n0], bar, s2_bufs.index(s))
-    tma.async_copy_global_to_shared(zp_desc, [kt * 2 * HALF // GROUP, n0], bar, zp_bufs.index(s))
 
 
 @gluon.jit
@@ -63,7 +62,7 @@ def _fill_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_buf
                             + (x_desc.block_type.nbytes if X_TMA else 0))
     for i in range(gl.minimum(k_tiles, stages)):  # the weight does not depend on the act-quant: request it first
         mbarrier.expect(ready.index(i), nbytes)
-        _copy_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, ready.index(i), i, n0, kt0 + i, GROUP)
+        _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, ready.index(i), i, n0, kt0 + i, GROUP)
     if X_TMA:
         if PDL:
             _gdc_wait()
@@ -74,10 +73,11 @@ def _fill_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_buf
 @gluon.jit
 def _refill(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, bar, s, n0, m, kt,
             GROUP: gl.constexpr, X_TMA: gl.constexpr):
+    """Arms slot ``s``'s barrier for the bytes it will receive and copies K tile ``kt`` into the slot."""
     nbytes: gl.constexpr = (w_desc.block_type.nbytes + s2_desc.block_type.nbytes + zp_desc.block_type.nbytes
                             + (x_desc.block_type.nbytes if X_TMA else 0))
     mbarrier.expect(bar, nbytes)
-    _copy_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP)
+    _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP)
     if X_TMA:
         tma.async_copy_global_to_shared(x_desc, [m, kt * 2 * HALF], bar, x_bufs.index(s))
 
@@ -182,15 +182,8 @@ def _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_
     n_mask = offs_n < N
     mask = n_mask
     if SPLIT > 1:  # exact int32 reduction across splits: the split that arrives last adds the others' partials
-        offs = m * N + offs_n
-        gl.store(ws_ptr + sid * M * N + offs, total, mask=mask)
-        gl.thread_barrier()  # every thread's partial, then one arrival per CTA (release) on the tile's count
-        tile = m * gl.num_programs(0) + gl.program_id(0)
-        last = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT - 1
-        mask = mask & last
-        for j in gl.static_range(SPLIT):
-            total += gl.load(ws_ptr + j * M * N + offs, mask=mask & (sid != j), other=0, cache_modifier=".cg")
-        gl.atomic_xchg(cnt_ptr + tile, 0, mask=last, sem="relaxed")  # rearmed for the layer's next call
+        total, mask = _reduce_splits(total, ws_ptr, cnt_ptr, m * N + offs_n, mask, sid,
+                                     m * gl.num_programs(0) + gl.program_id(0), M * N, SPLIT)
     if not FUSE:
         sx = gl.load(sx_ptr + m * stride_sx)
     s1 = gl.load(s1_ptr + offs_n, mask=n_mask, other=0.0)
