@@ -8,8 +8,11 @@ simplest exact format is enough.
 Format (:class:`QuantEmbedding`), per row ``r`` of the ``[num_embeddings, dim]`` matrix and group ``j`` of
 ``group_size`` consecutive columns:
 
-* ``codes`` uint8 ``[num_embeddings, dim / 2]``: 4-bit codes ``u`` in ``[0, 15]``, column ``2c`` in the low nibble
-  of byte ``c`` and column ``2c + 1`` in the high one (row-major, so a token's row is one contiguous gather);
+* ``weight`` uint8 ``[num_embeddings, dim / 2]``: 4-bit codes ``u`` in ``[0, 15]``, column ``2c`` in the low
+  nibble of byte ``c`` and column ``2c + 1`` in the high one (row-major, so a token's row is one contiguous
+  gather).  Named ``weight`` for the reason :mod:`dgq.hf` gives for ``QuantLinear``'s stored codes: a transformers
+  without dgq builds a float ``nn.Embedding`` there and refuses the checkpoint for the shape mismatch, instead of
+  filling a missing ``weight`` with random values;
 * ``zp`` uint8 ``[num_embeddings, dim / g]``: integer zero point in ``[0, 15]``;
 * ``scale`` ``[num_embeddings, dim / g]`` in the model's float dtype (it is cast with the model, as a float
   embedding's weight would be, and the output takes its dtype);
@@ -37,7 +40,7 @@ class QuantEmbedding(nn.Module):
     ``model.get_input_embeddings()`` (e.g. the vocabulary size that token ids must fit).
     """
 
-    STORED = ("codes", "zp", "scale")  # the buffers, saved under their own names
+    STORED = ("weight", "zp", "scale")  # the buffers, saved under their own names and in their own layout
 
     def __init__(self, num_embeddings: int, embedding_dim: int, group_size: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -49,8 +52,8 @@ class QuantEmbedding(nn.Module):
             raise ValueError(f"the embedding's output dtype must be a float dtype, got {dtype}")
         self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
         groups = embedding_dim // group_size
-        self.register_buffer("codes", torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8,
-                                                  device=device))
+        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8,
+                                                   device=device))
         self.register_buffer("zp", torch.zeros(num_embeddings, groups, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.ones(num_embeddings, groups, dtype=dtype, device=device))
 
@@ -59,7 +62,7 @@ class QuantEmbedding(nn.Module):
         """The module holding codes ``u4`` uint8 ``[num, dim]``, zero points and scales ``[num, dim / g]``."""
         num, dim = u4.shape
         module = cls(num, dim, dim // zp.shape[1], scale.dtype, u4.device)
-        module.codes.copy_(pack_rows(u4))
+        module.weight.copy_(pack_rows(u4))
         module.zp.copy_(zp)
         module.scale.copy_(scale)
         module.validate()
@@ -68,7 +71,7 @@ class QuantEmbedding(nn.Module):
     def validate(self, name: str = "embedding") -> None:
         """Raise :class:`~dgq.formats.FormatError` naming ``name`` if a tensor breaks the format."""
         groups = self.embedding_dim // self.group_size
-        expect = {"codes": ((self.num_embeddings, self.embedding_dim // 2), (torch.uint8,)),
+        expect = {"weight": ((self.num_embeddings, self.embedding_dim // 2), (torch.uint8,)),
                   "zp": ((self.num_embeddings, groups), (torch.uint8,)),
                   "scale": ((self.num_embeddings, groups), (torch.float32, torch.float16, torch.bfloat16))}
         for field, (shape, dtypes) in expect.items():
@@ -82,11 +85,11 @@ class QuantEmbedding(nn.Module):
 
     def codes_unpacked(self) -> torch.Tensor:
         """The 4-bit codes as uint8 ``[num_embeddings, dim]``."""
-        return unpack_rows(self.codes)
+        return unpack_rows(self.weight)
 
     def dequantize(self) -> torch.Tensor:
         """The float ``[num_embeddings, dim]`` matrix this module represents, in the scale's dtype."""
-        return self._rows(self.codes, self.zp, self.scale)
+        return self._rows(self.weight, self.zp, self.scale)
 
     def _rows(self, codes: torch.Tensor, zp: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         u = unpack_rows(codes).reshape(*codes.shape[:-1], -1, self.group_size)
@@ -95,7 +98,7 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Gather the rows of ``input_ids`` (any shape) and dequantize only them: ``[*input_ids.shape, dim]``."""
-        return self._rows(self.codes[input_ids], self.zp[input_ids], self.scale[input_ids])
+        return self._rows(self.weight[input_ids], self.zp[input_ids], self.scale[input_ids])
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, group_size={self.group_size}, bits=4"

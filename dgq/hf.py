@@ -149,7 +149,7 @@ def _format_keys(model: nn.Module) -> set[str]:
         elif isinstance(module, FakeQuantLinear):
             keys.add(f"{name}.act_scale")
         elif isinstance(module, QuantEmbedding):
-            keys |= {f"{name}.codes", f"{name}.zp"}
+            keys |= {f"{name}.weight", f"{name}.zp"}
     return keys
 
 
