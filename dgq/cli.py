@@ -139,12 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of nearest rounding (--method dgq already does: it is dgq_gptq)")
     q.add_argument("--quantize-head", action="store_true",
                    help="also quantize the LM head as an A8W4 dual-grained layer, calibrated on the final norm's "
-                        "output (a tied head gets its own copy): saves most of the head's float matrix (Llama-2-7B: "
-                        "0.244 -> ~0.064 GiB) at a cost in perplexity (RESULTS.md); off by default")
+                        "output: saves most of the head's float matrix (Llama-2-7B: 0.244 -> ~0.064 GiB) at a cost "
+                        "in perplexity (RESULTS.md); a head tied to the embedding (SmolLM2) gets its own 4-bit copy, "
+                        "which saves memory only with --quantize-embedding; off by default")
     q.add_argument("--quantize-embedding", action="store_true",
                    help="store the input embedding as 4-bit codes with a scale and zero point per group (Llama-2-7B: "
                         "0.244 -> ~0.064 GiB) at a cost in perplexity (RESULTS.md); on a model whose head shares the "
-                        "embedding (SmolLM2) it saves memory only with --quantize-head; off by default")
+                        "embedding (SmolLM2) the head keeps the float matrix, so it saves memory only with "
+                        "--quantize-head; off by default")
     q.add_argument("--act", choices=["dynamic", "static"], default=None,
                    help="int8 activations per token (dynamic) or per tensor with a calibrated scale (static)")
     q.add_argument("--percentile", type=float, default=None,

@@ -60,9 +60,10 @@ class QuantConfig:
                ``act_sample_sink_weight`` on top of the sample's own; 0 (the default) adds nothing.  A weight per
                token, so a proxy with fewer sequences of the same length gives the sink the same share of the score.
     quantize_head: also quantize the LM head like the decoder linears (same format, smoothing and search),
-               calibrated on the final norm's output; a head tied to the input embedding gets its own copy.  Off by
-               default: it saves the head's float matrix (Llama-2-7B: 0.244 GiB in fp16 -> about 0.064 GiB) at a
-               cost in perplexity (RESULTS.md, "A 4-bit LM head and embedding").
+               calibrated on the final norm's output; a head tied to the input embedding gets its own copy (so on
+               a tied model it saves memory only together with ``quantize_embedding``).  Off by default: it saves
+               the head's float matrix (Llama-2-7B: 0.244 GiB in fp16 -> about 0.064 GiB) at a cost in perplexity
+               (RESULTS.md, "A 4-bit LM head and embedding").
     quantize_embedding: store the input embedding as 4-bit codes with a float scale and zero point per group
                of ``group_size`` columns (:mod:`dgq.embedding`), quantized before calibration so that the blocks
                calibrate on its rows.  On a tied model it saves memory only together with ``quantize_head`` (alone,
