@@ -12,7 +12,7 @@ decode step in one, its attention dgq's split-KV kernel for every format (``--at
 ``--quantize-embedding`` give the DGQ formats an A8W4 LM head and a 4-bit input embedding (as ``dgq quantize``'s
 options of those names make them; every other format keeps both in fp16, as SmoothQuant's W8A8 does).
 
-    python benchmarks/e2e.py --models llama2-7b --formats w8a8,dgq_dynamic --quantize-head --quantize-embedding \
+    python benchmarks/e2e.py --models llama2-7b --formats fp16,w8a8,dgq_dynamic --quantize-head --quantize-embedding \
         --out results/e2e_h100_head4.json      # issue 12's peak-memory target at 2048 tokens
 
     python benchmarks/e2e.py --out results/e2e_h100.json
