@@ -281,6 +281,10 @@ class DGQHfQuantizer(HfQuantizer):
             except AttributeError:
                 raise CheckpointError(f"quantization_config names module {name}, which the model does not have") \
                     from None
+            expected = nn.Embedding if entry["type"] == "embedding" else nn.Linear
+            if not isinstance(linear, expected):
+                raise CheckpointError(f"quantization_config module {name} is a {entry['type']!r} module, but the model "
+                                      f"has a {type(linear).__name__} there, not an {expected.__name__}")
             model.set_submodule(name, _skeleton(linear, entry, qc.group_size))
         # transformers reads this set when it decides each tensor's dtype, after this hook
         model._keep_in_fp32_modules_strict = set(model._keep_in_fp32_modules_strict or ()) | folded_offset_norms(model)

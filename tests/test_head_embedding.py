@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
 
 from dgq.api import quantize
-from dgq.checkpoint import SINGLE_FILE, load, save
+from dgq.checkpoint import SINGLE_FILE, CheckpointError, load, save
 from dgq.cli import main
 from dgq.config import ConfigError, QuantConfig, preset
 from dgq.embedding import QuantEmbedding, pack_rows, quantize_embedding_matrix, unpack_rows
@@ -174,6 +174,18 @@ def test_compressed_tensors_refuses_and_fake_fp16_dequantizes(tmp_path):
     assert type(plain.get_input_embeddings()) is torch.nn.Embedding
     assert torch.equal(plain.get_input_embeddings().weight, model.get_input_embeddings().dequantize().half())
     assert torch.equal(plain.lm_head.weight, model.lm_head.dual_grained().dequantize(torch.float16))
+
+
+def test_a_module_entry_of_the_wrong_kind_is_refused_in_one_line(tmp_path):
+    save(quantized("llama", "dgq", BOTH), tmp_path / "ckpt", tokenizer=make_tokenizer())
+    file = tmp_path / "ckpt" / "config.json"
+    config = json.loads(file.read_text())
+    modules = config["quantization_config"]["modules"]
+    modules["lm_head"], modules["model.embed_tokens"] = modules["model.embed_tokens"], modules["lm_head"]
+    file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="module (lm_head|model.embed_tokens) is a '(embedding|dgq)' module, "
+                                              "but the model has a (Linear|Embedding) there"):
+        load(tmp_path / "ckpt")
 
 
 def test_a_4bit_embedding_without_dgq_is_refused_not_randomised(tmp_path):
