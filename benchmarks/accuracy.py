@@ -7,6 +7,8 @@ other quantization settings are refused).  Each method is quantized once and tha
 asked for, so the columns of a row describe one quantized model.
 Methods already in the JSONs with the same settings are kept, so a long run can be split over several invocations
 (``--methods``); a table never mixes windows, calibration sizes or group sizes (the script refuses).
+A method may carry setting overrides, ``method:field=value[+field=value]`` (e.g.
+``dgq:quantize_head=true+quantize_embedding=true``); its results are kept under that spec and stay out of the table.
 
     python benchmarks/accuracy.py --windows 40 --nsamples 8
     python benchmarks/accuracy.py --datasets wikitext2,ptb,c4 --windows all --nsamples 128 --device cuda
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from dgq.api import quantize
-from dgq.config import preset
+from dgq.config import QuantConfig, preset
 from dgq.data import DATASETS, calibration_samples
 from dgq.eval.perplexity import perplexity
 from dgq.loading import load_model
@@ -57,6 +59,21 @@ LABELS = {"fp": "FP (unquantized, fp32 compute)", "w4a16_rtn": "W4A16 RTN (group
           "dgq_static_gptaq_w0": "**DGQ + GPTQ static**, as `dgq_static_gptaq`, unaliased sample + first token weighed",
           "dgq_rot": "**DGQ** dynamic on the Hadamard-rotated model",
           "dgq_rot_nosmooth": "**DGQ** dynamic on the Hadamard-rotated model, no smoothing"}
+
+
+def parse_variant(spec: str) -> tuple[str, dict]:
+    """``method:field=value,...`` (or ``+`` between the overrides) -> (method, overrides), values typed as the
+    config field's default; an unknown field is refused by name."""
+    method, _, rest = spec.partition(":")
+    types = {f: type(v) for f, v in QuantConfig().to_dict().items()}
+    overrides = {}
+    for item in filter(None, rest.replace("+", ",").split(",")):
+        name, _, value = item.partition("=")
+        if name not in types:
+            raise SystemExit(f"error: {spec!r}: unknown setting {name!r}")
+        kind = types[name]
+        overrides[name] = (value.lower() in ("1", "true")) if kind is bool else kind(value)
+    return method, overrides
 
 
 def _settings(args: argparse.Namespace, dataset: str) -> dict:
@@ -109,8 +126,10 @@ def run(args: argparse.Namespace) -> dict:
             continue
         model = copy.deepcopy(base)
         seconds = 0.0
-        if method != "fp":
-            config = preset(method, group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen)
+        name, overrides = parse_variant(method)
+        if name != "fp":
+            config = preset(name, group_size=args.group_size, nsamples=args.nsamples, seqlen=args.seqlen,
+                            **overrides)
             seconds = quantize(model, samples, config, device=args.device).seconds
         model.to(args.device)
         for dataset in todo:

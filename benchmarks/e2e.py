@@ -8,7 +8,12 @@ bytes.  Every format runs the same way (:mod:`dgq.bench`): compiled with ``torch
 ``--compile-scope whole`` for the model as one graph), the prefill captured in a CUDA graph per length and the
 decode step in one, its attention dgq's split-KV kernel for every format (``--attention sdpa``: transformers');
 ``--decode-modes`` / ``--prefill-modes`` add the other modes for comparison, and ``--profile`` adds a
-``torch.profiler`` breakdown of one decode step per batch and one 2048-token prefill.
+``torch.profiler`` breakdown of one decode step per batch and one 2048-token prefill.  ``--quantize-head`` and
+``--quantize-embedding`` give the DGQ formats an A8W4 LM head and a 4-bit input embedding (as ``dgq quantize``'s
+options of those names make them; every other format keeps both in fp16, as SmoothQuant's W8A8 does).
+
+    python benchmarks/e2e.py --models llama2-7b --formats fp16,w8a8,dgq_dynamic --quantize-head --quantize-embedding \
+        --out results/e2e_h100_head4.json      # issue 12's peak-memory target at 2048 tokens
 
     python benchmarks/e2e.py --out results/e2e_h100.json
 """
@@ -31,6 +36,8 @@ from dgq import bench
 from dgq.api import ATTENTIONS
 from dgq.attention import use_decode_attention
 from dgq.bench import DecodeStep, breakdown, compiled, decode, prefill
+from dgq.config import QuantConfig
+from dgq.embedding import QuantEmbedding, quantize_embedding_matrix, untie_head
 from dgq.formats import INT4_MAX, INT8_MAX, group_minmax, to_dual_grained
 from dgq.fuse import fuse_projections
 from dgq.kernels.ops import int8_linear
@@ -102,10 +109,24 @@ def dgq_linear(linear: nn.Linear, act: str) -> QuantLinear:
     return QuantLinear.from_weight(dg, None, act, scale)
 
 
-def convert(model: nn.Module, fmt: str, fuse: bool = True) -> nn.Module:
-    """Replace every decoder linear of ``model`` in place by the ``fmt`` layer (DGQ's projections fused)."""
+def dgq_embedding(embedding: nn.Embedding) -> QuantEmbedding:
+    """The 4-bit input embedding dgq's own code makes (min/max rounding: speed and memory do not depend on values)."""
+    return quantize_embedding_matrix(embedding.weight, QuantConfig(search=False, group_size=128))
+
+
+def convert(model: nn.Module, fmt: str, fuse: bool = True, head: bool = False, embedding: bool = False,
+            ) -> nn.Module:
+    """Replace every decoder linear of ``model`` in place by the ``fmt`` layer (DGQ's projections fused); for the
+    DGQ formats, with ``head`` the LM head too and with ``embedding`` the input embedding in 4 bits."""
     if fmt == "fp16":
         return model
+    if fmt.startswith("dgq") and (head or embedding):
+        untie_head(model)
+        if head:
+            model.lm_head = dgq_linear(model.lm_head, fmt.removeprefix("dgq_"))
+        if embedding:
+            model.set_input_embeddings(dgq_embedding(model.get_input_embeddings()))
+        torch.cuda.empty_cache()
     make: Callable[[nn.Linear], nn.Module] = {
         "w8a8": W8A8Linear, "w4a16": W4A16Linear,
         "dgq_dynamic": lambda lin: dgq_linear(lin, "dynamic"), "dgq_static": lambda lin: dgq_linear(lin, "static"),
@@ -151,14 +172,16 @@ def measure(name: str, fmt: str, args: argparse.Namespace) -> list[dict]:
         Path(args.out).write_text(json.dumps(rows))
 
     start = time.perf_counter()
-    model = convert(build(name), fmt, fuse=not args.no_fuse)
+    model = convert(build(name), fmt, fuse=not args.no_fuse, head=args.quantize_head,
+                    embedding=args.quantize_embedding)
     if args.attention == "dgq":
         use_decode_attention(model)
     gc.collect()
     wb, resident = weight_bytes(model), torch.cuda.memory_allocated()
     base = dict(model=name, format=fmt, weight_bytes=wb, resident_bytes=resident, fused=not args.no_fuse,
                 compile_scope=args.compile_scope, attention=args.attention, act_quant=args.act_quant,
-                kv_cache=args.kv_cache)
+                kv_cache=args.kv_cache, quantize_head=args.quantize_head and fmt.startswith("dgq"),
+                quantize_embedding=args.quantize_embedding and fmt.startswith("dgq"))
     print(f"{name} {fmt}: built in {time.perf_counter() - start:.0f} s, weights {wb / 2**30:.2f} GiB, "
           f"allocated {resident / 2**30:.2f} GiB", flush=True)
     for mode in args.prefill_modes.split(","):
@@ -226,6 +249,10 @@ def main() -> None:
     parser.add_argument("--kv-cache", default="fp16", choices=bench.KV_CACHES,
                         help="decode steps' KV cache: the model's dtype, or int8 with per-position scales "
                              "(dgq.kv_cache; needs --attention dgq)")
+    parser.add_argument("--quantize-head", action="store_true",
+                        help="DGQ formats: the LM head as an A8W4 layer too (other formats keep it in fp16)")
+    parser.add_argument("--quantize-embedding", action="store_true",
+                        help="DGQ formats: the input embedding in 4 bits with group scales (dgq.embedding)")
     parser.add_argument("--out", default="results/e2e_h100.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -250,7 +277,8 @@ def main() -> None:
                    "--decode-modes", args.decode_modes, "--prefill-modes", args.prefill_modes,
                    "--batched-prefill", str(args.batched_prefill)] + ["--profile"] * args.profile \
                 + ["--no-fuse"] * args.no_fuse + ["--compile-scope", args.compile_scope, "--attention", args.attention,
-                                              "--act-quant", args.act_quant, "--kv-cache", args.kv_cache]
+                                              "--act-quant", args.act_quant, "--kv-cache", args.kv_cache] \
+                + ["--quantize-head"] * args.quantize_head + ["--quantize-embedding"] * args.quantize_embedding
             code = subprocess.run(cmd).returncode
             if part.exists():
                 rows += json.loads(part.read_text())

@@ -22,27 +22,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import _write_atomic, add_common_args  # noqa: E402
+from accuracy import _write_atomic, add_common_args, parse_variant  # noqa: E402
 
 from dgq.api import quantize  # noqa: E402
-from dgq.config import QuantConfig, preset  # noqa: E402
+from dgq.config import preset  # noqa: E402
 from dgq.data import calibration_samples  # noqa: E402
 from dgq.eval.perplexity import perplexity  # noqa: E402
 from dgq.loading import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def parse_variant(spec: str) -> tuple[str, dict]:
-    """``method:field=value,...`` -> (method, overrides), values typed as the config field's default."""
-    method, _, rest = spec.partition(":")
-    types = {f: type(v) for f, v in QuantConfig().to_dict().items()}
-    overrides = {}
-    for item in filter(None, rest.split(",")):
-        name, _, value = item.partition("=")
-        kind = types[name]
-        overrides[name] = (value.lower() in ("1", "true")) if kind is bool else kind(value)
-    return method, overrides
 
 
 def main() -> None:

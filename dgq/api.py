@@ -62,6 +62,19 @@ def check_model(model: nn.Module, config: QuantConfig) -> None:
     for i, block in enumerate(adapter.blocks(model)):
         for name in adapter.linear_names():
             check_layer(f"block {i} {name}", block.get_submodule(name), config)
+    check_options(model, config)
+
+
+def check_options(model: nn.Module, config: QuantConfig) -> None:
+    """Refuse a head or embedding that ``quantize_head`` / ``quantize_embedding`` cannot quantize; reads only
+    types and shapes, so it runs on a meta-device skeleton before the weights are loaded."""
+    from dgq.calibrate import check_head
+    from dgq.embedding import check_embedding
+
+    if config.quantize_head:
+        check_head(model, adapter_for(model), config)
+    if config.quantize_embedding:
+        check_embedding(model, config)
 
 
 @torch.no_grad()
@@ -152,6 +165,7 @@ def quantize_pretrained(model: str, out: str | Path, method: str = "dgq", *, gro
         source, hf_config, skeleton = validate.model_structure(model, config.seqlen)
         config = config.with_(group_size=validate.group_size_for(skeleton, group_size,
                                                                  grouped=config.weight in ("dual", "group")))
+        check_options(skeleton, config)
         tokenizer = load_tokenizer(source)
         validate.vocabulary_fits(tokenizer, hf_config)
         validate.eval_texts_fit(tokenizer, datasets, config.seqlen, data_dir, hf_config.vocab_size)

@@ -6,7 +6,10 @@
    per-channel max; smoothing scales are folded into the block; every consumer linear is quantized from the
    statistics (``H`` and the maxima transform exactly under the scales, so no second pass is needed); then the
    QUANTIZED block produces the next block's inputs, so later blocks calibrate on what they will really see.
-3. With ``float_target`` (asymmetric calibration) the float model's block inputs travel beside the quantized ones,
+3. Options around the blocks: with ``quantize_embedding`` the input embedding is quantized first (so every block
+   calibrates on the rows it will really get), and with ``quantize_head`` the LM head is quantized last, from the
+   statistics of the final norm's output on the quantized model's last hidden states (:func:`quantize_head`).
+4. With ``float_target`` (asymmetric calibration) the float model's block inputs travel beside the quantized ones,
    and each statistics pass also collects ``Xᵀ(X_fp - X)``, so that every linear is fitted to the float model's
    outputs rather than to its own float outputs on drifted inputs (:func:`dgq.gptq.float_output_target`).
 
@@ -23,10 +26,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dgq.config import QuantConfig
+from dgq.config import ConfigError, QuantConfig
+from dgq.embedding import quantize_input_embedding, untie_head
 from dgq.formats import amax_abs
 from dgq.models.adapters import Adapter, SmoothPair
-from dgq.quantizer import LayerReport, LinearStats, TokenSample, quantize_linear, token_sample
+from dgq.quantizer import (
+    LayerReport, LinearStats, TokenSample, check_layer_shape, quantize_linear, token_sample,
+)
 from dgq.smooth import (
     column_absmax, expand_for_heads, fold_scales, percentile_scales, reduce_for_heads, smoothquant_scales,
 )
@@ -301,10 +307,13 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
     every statistics pass also runs the float block on them and collects the drift term (one more float pass per
     statistics pass; the first one also yields the next block's float inputs).
     """
+    report = CalibrationReport()
+    if config.quantize_embedding:
+        embedding = _name_of(model, model.get_input_embeddings())
+        report.layers.append(LayerReport(embedding, quantize_input_embedding(model, config, device), None))
     inputs = capture_block_inputs(model, adapter, samples, config.calib_batch, device)
     blocks = adapter.blocks(model)
     names = {id(m): n for n, m in model.named_modules()}
-    report = CalibrationReport()
     hidden = inputs.hidden
     hidden_fp = inputs.hidden if config.float_target else None
     bar = tqdm(range(len(blocks)), desc=f"quantize [{config.method}]", unit="block", disable=not progress)
@@ -313,7 +322,7 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         home = next(block.parameters()).device
         block.to(device)
         kwargs = inputs.kwargs[i]
-        last = i + 1 == len(blocks)  # the last block's outputs would feed nothing
+        last = i + 1 == len(blocks) and not config.quantize_head  # its outputs would feed nothing
         sample = partial(token_sample, config) if config.act == "static" and config.act_clip_grid > 1 else None
         # the block is still float here; its float outputs are the next block's float inputs
         reference = None if hidden_fp is None else FloatReference(
@@ -333,4 +342,66 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         block.to(home)
         worst = max(r.rel_error for r in report.layers[-len(adapter.linear_names()):])
         bar.set_postfix(max_rel_err=f"{worst:.2e}")
+    if config.quantize_head:
+        report.layers.append(quantize_head(model, adapter, hidden, hidden_fp, config, device))
+    return report
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is module)
+
+
+class _HeadStage(nn.Module):
+    """The final norm and the LM head as one block of one smoothing pair (``norm`` -> ``head``), so that the
+    block machinery (statistics, smoothing, quantizing, the float reference) serves the head unchanged."""
+
+    PAIR_NAMES = ("norm", ("head",))
+
+    def __init__(self, norm: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.head = norm, head
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(hidden_states))
+
+
+def check_head(model: nn.Module, adapter: Adapter, config: QuantConfig) -> None:
+    """Refuse, before any work, a head that :func:`quantize_head` cannot quantize (works on a meta-device
+    skeleton: only types and shapes are read)."""
+    head = model.get_output_embeddings()
+    if not adapter.final_norm or not adapter.head_input_ok(model):
+        raise ConfigError(f"quantize_head: in this {adapter.family} model the final norm does not feed the LM head "
+                          f"directly (e.g. OPT's project_out), so the head cannot be calibrated on it")
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(f"quantize_head: the LM head is {type(head).__name__}, not a Linear")
+    check_layer_shape(_name_of(model, head), head, config)
+
+
+@torch.no_grad()
+def quantize_head(model: nn.Module, adapter: Adapter, hidden: list[torch.Tensor],
+                  hidden_fp: list[torch.Tensor] | None, config: QuantConfig, device: torch.device) -> LayerReport:
+    """Quantize the LM head in place from ``hidden``, the quantized model's last hidden states per calibration
+    chunk (and with ``float_target`` the float model's, ``hidden_fp``), as a block's linear would be: the final
+    norm's output gives ``H`` and the maxima, the smoothing scales fold into the final norm and the head.
+
+    A head tied to the input embedding is given its own copy first (:func:`~dgq.embedding.untie_head`): the
+    smoothing scales and the quantization are the head's alone.
+    """
+    untie_head(model)
+    head = model.get_output_embeddings()
+    name = _name_of(model, head)
+    norm = model.get_submodule(adapter.final_norm)
+    home = head.weight.device
+    stage = _HeadStage(norm, head).to(device)
+    producer, consumers = _HeadStage.PAIR_NAMES
+    pair = SmoothPair(producer, consumers, adapter.norm_offset)
+    sample = partial(token_sample, config) if config.act == "static" and config.act_clip_grid > 1 else None
+    reference = None if hidden_fp is None else FloatReference(stage, hidden_fp)
+    kwargs: list[dict[str, Any]] = [{} for _ in hidden]
+    stats = collect_stats(stage, (pair,), hidden, kwargs, sample, reference)
+    stats = smooth_block(stage, (pair,), stats, config, reference)
+    module, report = quantize_linear(name, head, stats[0], config)
+    del stats, reference
+    _set_module(model, name, module.to(home))
+    norm.to(home)
     return report

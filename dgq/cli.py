@@ -40,6 +40,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                 ("act", "percentile", "sq_alpha", "clip_grid", "clip_min", "s1_grid") if getattr(args, name) is not None}
     if args.gptq:
         settings.update(gptq=True, act_order=True)
+    settings.update({name: True for name in ("quantize_head", "quantize_embedding") if getattr(args, name)})
     run = api.quantize_pretrained(
         args.model, args.out, args.method, group_size=args.group_size, nsamples=args.nsamples, device=args.device,
         eval_datasets=_names(args.eval), windows=args.windows, data_dir=args.data_dir, overwrite=args.overwrite,
@@ -136,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--gptq", action="store_true",
                    help="after the scale search, choose the 4-bit codes with GPTQ's error feedback (activation order) "
                         "instead of nearest rounding (--method dgq already does: it is dgq_gptq)")
+    q.add_argument("--quantize-head", action="store_true",
+                   help="also quantize the LM head as an A8W4 dual-grained layer, calibrated on the final norm's "
+                        "output: saves most of the head's float matrix (Llama-2-7B: 0.244 -> ~0.064 GiB) at a cost "
+                        "in perplexity (RESULTS.md); a head tied to the embedding (SmolLM2) gets its own 4-bit copy, "
+                        "which saves memory only with --quantize-embedding; off by default")
+    q.add_argument("--quantize-embedding", action="store_true",
+                   help="store the input embedding as 4-bit codes with a scale and zero point per group (Llama-2-7B: "
+                        "0.244 -> ~0.064 GiB) at a cost in perplexity (RESULTS.md); on a model whose head shares the "
+                        "embedding (SmolLM2) the head keeps the float matrix, so it saves memory only with "
+                        "--quantize-head; off by default")
     q.add_argument("--act", choices=["dynamic", "static"], default=None,
                    help="int8 activations per token (dynamic) or per tensor with a calibrated scale (static)")
     q.add_argument("--percentile", type=float, default=None,

@@ -7,9 +7,12 @@
   dequantizes in that dtype rounds once more, at most doubling it).  Scales outside float16's normal range are
   refused rather than silently losing precision.  dgq's unsigned codes and
   zero points in [0, 15] shift by -8 to the signed int4 range [-8, 7] that compressed-tensors stores; since code
-  and zero point shift together, ``(q - zp)`` and hence every weight is unchanged.
+  and zero point shift together, ``(q - zp)`` and hence every weight is unchanged.  A model quantized with
+  ``quantize_head`` or ``quantize_embedding`` is refused: the scheme has no 4-bit embedding, and the head would
+  have to leave the ``ignore`` list for a layer type readers do not quantize.
 * ``fake-fp16``: an ordinary checkpoint whose Linear weights are the dequantized ones (``s1 * W_s8``), loadable by
   ``AutoModelForCausalLM.from_pretrained``.  It reproduces the quantized weights but not the int8 activations.
+  A 4-bit input embedding is written dequantized too.
 
 See docs/format.md for the tensor names.  Output directories are written atomically, as checkpoints are.
 """
@@ -24,6 +27,7 @@ from huggingface_hub import save_torch_state_dict
 from torch import nn
 
 from dgq.checkpoint import DEFAULT_SHARD_BYTES, atomic_dir, load, write_json
+from dgq.embedding import QuantEmbedding
 from dgq.errors import DGQError
 from dgq.formats import DualGrainedWeight
 from dgq.hf import quant_config, tied_keys
@@ -76,8 +80,11 @@ def _compressed_tensors_module(module: QuantLinear, dtype: torch.dtype) -> dict[
 
 
 def _dequantized_module(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    weight = module.dual_grained().dequantize(dtype) if isinstance(module, QuantLinear) else module.weight.to(dtype)
-    return {"weight": weight}
+    if isinstance(module, QuantLinear):
+        return {"weight": module.dual_grained().dequantize(dtype)}
+    if isinstance(module, QuantEmbedding):
+        return {"weight": module.dequantize().to(dtype)}
+    return {"weight": module.weight.to(dtype)}
 
 
 def _export_state(model: nn.Module, convert: Callable[[nn.Module, torch.dtype], dict[str, torch.Tensor]],
@@ -87,7 +94,8 @@ def _export_state(model: nn.Module, convert: Callable[[nn.Module, torch.dtype], 
     Tied tensors are dropped first (the config's ``tie_word_embeddings`` re-ties them on load), so that a cast
     cannot turn one shared tensor into two copies.
     """
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, FakeQuantLinear))}
+    quantized = {name: m for name, m in model.named_modules()
+                 if isinstance(m, (QuantLinear, FakeQuantLinear, QuantEmbedding))}
     tied = tied_keys(model)
     state = {k: t for k, t in model.state_dict().items() if k not in tied}
     out: dict[str, torch.Tensor] = {}
@@ -122,6 +130,10 @@ def compressed_tensors_config(model: nn.Module) -> dict[str, Any]:
 
 def _check_dual(model: nn.Module) -> None:
     config = quant_config(model)
+    if config.quantize_head or config.quantize_embedding:
+        raise ExportError("compressed-tensors export has no 4-bit input embedding and leaves the LM head in float; "
+                          "this model was quantized with quantize_head/quantize_embedding (export it as fake-fp16, "
+                          "or quantize without them)")
     if config.weight != "dual" or any(isinstance(m, FakeQuantLinear) for m in model.modules()):
         raise ExportError(f"compressed-tensors export needs dual-grained weights (a 'dual' method such as dgq); "
                           f"this model was quantized with method {config.method!r} (weight format {config.weight!r})")

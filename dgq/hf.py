@@ -29,6 +29,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quanti
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from dgq.config import ConfigError, QuantConfig
+from dgq.embedding import QuantEmbedding
 from dgq.errors import DGQError
 from dgq.formats import FormatError
 from dgq.fuse import is_fused
@@ -36,7 +37,7 @@ from dgq.nn import FakeQuantLinear, QuantLinear
 
 QUANT_METHOD = "dgq"
 FORMAT_VERSION = 2
-MODULE_TYPES = {"dgq": QuantLinear, "fake": FakeQuantLinear}
+MODULE_TYPES = {"dgq": QuantLinear, "fake": FakeQuantLinear, "embedding": QuantEmbedding}
 
 
 class CheckpointError(DGQError, ValueError):
@@ -85,6 +86,8 @@ class DGQConfig(QuantizationConfigMixin):
         """The config of ``model`` after quantizing it with ``config``."""
         modules = {name: {"type": "dgq" if isinstance(m, QuantLinear) else "fake", "act": m.act_mode}
                    for name, m in model.named_modules() if isinstance(m, (QuantLinear, FakeQuantLinear))}
+        modules |= {name: {"type": "embedding", "act": "none"}
+                    for name, m in model.named_modules() if isinstance(m, QuantEmbedding)}
         settings = config.to_dict()
         if settings["calib_data"] is not None:  # the file's name says what was used; its folder is the machine's
             settings["calib_data"] = Path(settings["calib_data"]).name
@@ -95,6 +98,8 @@ def _skeleton(linear: nn.Module, entry: dict[str, str], group_size: int) -> nn.M
     """An empty (meta) quantized module of the ``modules`` entry, shaped like the ``linear`` it replaces, holding
     the checkpoint's tensors (stored names and layout) until :func:`_restore_layout`."""
     meta = torch.device("meta")
+    if entry["type"] == "embedding":  # stored in its own layout: its buffers are the checkpoint's tensors
+        return QuantEmbedding(linear.num_embeddings, linear.embedding_dim, group_size, linear.weight.dtype, meta)
     bias = getattr(linear, "bias", None)
     if entry["type"] == "dgq":
         module = QuantLinear(linear.in_features, linear.out_features, group_size, entry["act"], bias is not None,
@@ -143,6 +148,8 @@ def _format_keys(model: nn.Module) -> set[str]:
             keys |= {f"{name}.{b}" for b in module._buffers if b != "bias"}
         elif isinstance(module, FakeQuantLinear):
             keys.add(f"{name}.act_scale")
+        elif isinstance(module, QuantEmbedding):
+            keys |= {f"{name}.weight", f"{name}.zp"}
     return keys
 
 
@@ -206,13 +213,16 @@ def _local_files(path: str) -> list[str]:
 
 
 def validate(model: nn.Module) -> None:
-    """Every ``QuantLinear``'s dual-grained invariants (codes, scales, int8 range); raises :class:`CheckpointError`."""
+    """Every ``QuantLinear``'s dual-grained invariants (codes, scales, int8 range) and every ``QuantEmbedding``'s
+    format; raises :class:`CheckpointError`."""
     for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            try:
+        try:
+            if isinstance(module, QuantLinear):
                 module.dual_grained().validate(name)
-            except FormatError as exc:
-                raise CheckpointError(str(exc)) from None
+            elif isinstance(module, QuantEmbedding):
+                module.validate(name)
+        except FormatError as exc:
+            raise CheckpointError(str(exc)) from None
 
 
 def quant_config(model: nn.Module) -> QuantConfig:
@@ -271,6 +281,10 @@ class DGQHfQuantizer(HfQuantizer):
             except AttributeError:
                 raise CheckpointError(f"quantization_config names module {name}, which the model does not have") \
                     from None
+            expected = nn.Embedding if entry["type"] == "embedding" else nn.Linear
+            if not isinstance(linear, expected):
+                raise CheckpointError(f"quantization_config module {name} is a {entry['type']!r} module, but the model "
+                                      f"has a {type(linear).__name__} there, not an {expected.__name__}")
             model.set_submodule(name, _skeleton(linear, entry, qc.group_size))
         # transformers reads this set when it decides each tensor's dtype, after this hook
         model._keep_in_fp32_modules_strict = set(model._keep_in_fp32_modules_strict or ()) | folded_offset_norms(model)

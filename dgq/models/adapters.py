@@ -38,9 +38,16 @@ class SmoothPair:
 
 @dataclass(frozen=True)
 class Adapter:
+    """``final_norm`` (module path from the model) produces the LM head's input, with ``norm_offset`` as in
+    :class:`SmoothPair`; ``head_input_ok`` says whether the model feeds that output to the head unchanged (OPT's
+    ``project_out`` does not)."""
+
     family: str
     blocks: Callable[[nn.Module], nn.ModuleList]
     pairs: tuple[SmoothPair, ...]
+    final_norm: str = ""
+    norm_offset: float = 0.0
+    head_input_ok: Callable[[nn.Module], bool] = lambda model: True
 
     def linear_names(self) -> list[str]:
         return [c for p in self.pairs for c in p.consumers]
@@ -61,7 +68,7 @@ def _llama_like(model: nn.Module, norm_offset: float, pre_mlp_norm: str) -> Adap
         SmoothPair(pre_mlp_norm, ("mlp.gate_proj", "mlp.up_proj"), norm_offset),
         SmoothPair("mlp.up_proj", ("mlp.down_proj",)),
     )
-    return Adapter(config.model_type, lambda m: m.model.layers, pairs)
+    return Adapter(config.model_type, lambda m: m.model.layers, pairs, "model.norm", norm_offset)
 
 
 def _opt(model: nn.Module) -> Adapter:
@@ -75,7 +82,8 @@ def _opt(model: nn.Module) -> Adapter:
         # relu(z / k) = relu(z) / k for k > 0, so fc1's rows can absorb fc2's scales; other activations cannot.
         SmoothPair("fc1", ("fc2",), foldable=config.activation_function == "relu"),
     )
-    return Adapter("opt", lambda m: m.model.decoder.layers, pairs)
+    return Adapter("opt", lambda m: m.model.decoder.layers, pairs, "model.decoder.final_layer_norm",
+                   head_input_ok=lambda m: m.model.decoder.project_out is None)
 
 
 _FAMILIES: dict[str, Callable[[nn.Module], Adapter]] = {
