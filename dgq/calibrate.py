@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dgq import positions
 from dgq.config import QuantConfig
 from dgq.formats import amax_abs
 from dgq.models.adapters import Adapter, SmoothPair
@@ -303,6 +304,8 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
     """
     inputs = capture_block_inputs(model, adapter, samples, config.calib_batch, device)
     blocks = adapter.blocks(model)
+    if config.act_first_scale:  # its layers ask their block which rows are first positions, here and at inference
+        positions.install(blocks)
     names = {id(m): n for n, m in model.named_modules()}
     report = CalibrationReport()
     hidden = inputs.hidden

@@ -59,6 +59,11 @@ class QuantConfig:
                (the attention sink) also kept exactly in that sample, each with the extra weight
                ``act_sample_sink_weight`` on top of the sample's own; 0 (the default) adds nothing.  A weight per
                token, so a proxy with fewer sequences of the same length gives the sink the same share of the score.
+    act_first_scale: static activations: a second calibrated per-tensor scale for the first position of every
+               sequence (the attention sink, whose activations in SmolLM2 are far from every other token's), the
+               first scale for all others; each searched on its own tokens.  Which rows are first comes from the
+               position ids the model passes its blocks (:mod:`dgq.positions`), not from the data, so the scales stay
+               static: the kernels take them as a per-row scale array.  Dual-grained weights only.
     """
 
     method: str = "dgq"
@@ -94,6 +99,7 @@ class QuantConfig:
     act_sample_random: bool = False
     act_sample_sink: int = 0
     act_sample_sink_weight: float = 0.0
+    act_first_scale: bool = False
 
     def __post_init__(self) -> None:
         choices = {"weight": WEIGHT_FORMATS, "act": ACT_MODES, "smoothing": SMOOTHINGS}
@@ -143,6 +149,10 @@ class QuantConfig:
                               f"{self.act_sample_sink} and {self.act_sample_sink_weight}")
         if self.act_sample_sink and self.act_clip_grid == 1:
             raise ConfigError("act_sample_sink weighs tokens of the static scale search; it needs act_clip_grid > 1")
+        if self.act_first_scale and (self.act != "static" or self.weight != "dual" or self.act_clip_grid == 1
+                                     or self.act_sample_sink):
+            raise ConfigError("act_first_scale gives the first position its own static scale: it needs act 'static', "
+                              "weight 'dual', act_clip_grid > 1 and no act_sample_sink")
         for name in ("nsamples", "seqlen", "calib_batch", "gptq_block", "act_sample_tokens", "act_sample_peaks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -235,6 +245,10 @@ PRESETS["dgq_static_gptaq_rs"] = PRESETS["dgq_static_gptaq_fine"] | dict(
 PRESETS["dgq_static_gptaq_w0"] = PRESETS["dgq_static_gptaq"] | dict(
     act_sample_tokens=2048, act_sample_peaks=256, act_sample_random=True, act_sample_sink=1,
     act_sample_sink_weight=1024.0)
+# dgq_static_gptaq with a second static scale for every sequence's first position (the attention sink): the sink's
+# activations are up to ~50x the other tokens' at some inputs and far below them at others, so one per-tensor scale
+# must either clip it or waste its steps on every other token; here each gets its own, chosen by position.
+PRESETS["dgq_static_gptaq_first"] = PRESETS["dgq_static_gptaq"] | dict(act_first_scale=True)
 # The default method is the best measured preset: under the full protocol (128 sequences, all 148 WikiText-2
 # windows, one device) GPTQ codes gave 25.035 against 25.679 for nearest rounding (RESULTS.md, issue 11).
 PRESETS["dgq"] = PRESETS["dgq_gptq"]
