@@ -57,12 +57,15 @@ def install(blocks: list[nn.Module] | nn.ModuleList) -> None:
         if getattr(block, _HOOKED, False):
             continue
 
-        def enter(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            _module._dgq_token = _FIRST_ROWS.set(first_rows(kwargs, hidden))  # type: ignore[assignment]
+        tokens: list = []  # one per call in flight; kept here, not on the block, so the block stays copyable
 
-        def leave(_module: nn.Module, _args: tuple, _kwargs: dict[str, Any], _out: Any) -> None:
-            _FIRST_ROWS.reset(_module._dgq_token)  # type: ignore[arg-type]
+        def enter(_module: nn.Module, args: tuple, kwargs: dict[str, Any], tokens: list = tokens) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            tokens.append(_FIRST_ROWS.set(first_rows(kwargs, hidden)))
+
+        def leave(_module: nn.Module, _args: tuple, _kwargs: dict[str, Any], _out: Any, tokens: list = tokens) -> None:
+            if tokens:  # empty when ``enter`` refused the call
+                _FIRST_ROWS.reset(tokens.pop())
 
         block.register_forward_pre_hook(enter, with_kwargs=True)
         block.register_forward_hook(leave, with_kwargs=True, always_call=True)
