@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parent.parent
 MAIN = ["fp", "w4a16_rtn", "w4a8_rtn", "w4a8_rtn_dg", "w4a8_smoothquant", "w8a8_smoothquant", "w4a8_group",
         "w4a8_group_gptq", "dgq_dynamic", "dgq_gptq", "dgq_gptq_seq", "dgq_gptaq", "dgq_static",
         "dgq_static_clip", "dgq_static_gptq", "dgq_static_gptaq", "dgq_static_gptaq_fine", "dgq_static_gptaq_rs",
-        "dgq_static_gptaq_w0", "dgq_rot", "dgq_rot_nosmooth"]
+        "dgq_static_gptaq_w0", "dgq_static_gptaq_first", "dgq_rot", "dgq_rot_nosmooth"]
 # Quantized methods that are ours (DGQ and its extensions); every other quantized row is a baseline.
 DGQ_DYNAMIC = ("dgq_dynamic", "dgq_gptq", "dgq_gptq_seq", "dgq_gptaq", "dgq_rot", "dgq_rot_nosmooth")
 DGQ_STATIC = ("dgq_static", "dgq_static_clip", "dgq_static_gptq", "dgq_static_gptaq", "dgq_static_gptaq_fine",
-              "dgq_static_gptaq_rs", "dgq_static_gptaq_w0")
+              "dgq_static_gptaq_rs", "dgq_static_gptaq_w0", "dgq_static_gptaq_first")
 DATASET_NAMES = {"wikitext2": "WikiText-2", "ptb": "PTB", "c4": "C4"}
 ABLATION = {"ablation_s_cw": "S+CW", "ablation_s_gw": "S+GW", "ablation_d_cw": "D+CW", "dgq_static": "S+DG"}
 LABELS = {"fp": "FP (unquantized, fp32 compute)", "w4a16_rtn": "W4A16 RTN (group)", "w4a8_rtn": "W4A8 RTN (group)",
@@ -57,6 +57,7 @@ LABELS = {"fp": "FP (unquantized, fp32 compute)", "w4a16_rtn": "W4A16 RTN (group
           "dgq_static_gptaq_fine": "**DGQ + GPTQ static**, as `dgq_static_gptaq`, finer and wider clipping grid",
           "dgq_static_gptaq_rs": "**DGQ + GPTQ static**, as `dgq_static_gptaq_fine`, unaliased token sample",
           "dgq_static_gptaq_w0": "**DGQ + GPTQ static**, as `dgq_static_gptaq`, unaliased sample + first token weighed",
+          "dgq_static_gptaq_first": "**DGQ + GPTQ static**, as `dgq_static_gptaq`, first position's own static scale",
           "dgq_rot": "**DGQ** dynamic on the Hadamard-rotated model",
           "dgq_rot_nosmooth": "**DGQ** dynamic on the Hadamard-rotated model, no smoothing"}
 
@@ -219,6 +220,8 @@ COMPARISONS = [("dgq_gptq", "GPTQ codes on the DGQ grid", "dgq_dynamic"),
                ("dgq_static_gptaq_fine", "static: clipping grid of 48 ratios in [0.1, 1]", "dgq_static_gptaq"),
                ("dgq_static_gptaq_rs", "static: unaliased token sample for the scale search", "dgq_static_gptaq_fine"),
                ("dgq_static_gptaq_w0", "static: unaliased sample, each sequence's first token weighed on purpose",
+                "dgq_static_gptaq"),
+               ("dgq_static_gptaq_first", "static: a second static scale for each sequence's first position",
                 "dgq_static_gptaq"),
                ("dgq_rot", "Hadamard rotation (with smoothing)", "dgq_dynamic"),
                ("dgq_rot_nosmooth", "Hadamard rotation without smoothing", "dgq_dynamic")]

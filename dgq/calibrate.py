@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dgq import positions
 from dgq.config import ConfigError, QuantConfig
 from dgq.embedding import quantize_input_embedding, untie_head
 from dgq.formats import amax_abs
@@ -313,6 +314,8 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         report.layers.append(LayerReport(embedding, quantize_input_embedding(model, config, device), None))
     inputs = capture_block_inputs(model, adapter, samples, config.calib_batch, device)
     blocks = adapter.blocks(model)
+    if config.act_first_scale:  # its layers ask their block which rows are first positions, here and at inference
+        positions.install(blocks)
     names = {id(m): n for n, m in model.named_modules()}
     hidden = inputs.hidden
     hidden_fp = inputs.hidden if config.float_target else None

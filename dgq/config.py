@@ -68,6 +68,11 @@ class QuantConfig:
                of ``group_size`` columns (:mod:`dgq.embedding`), quantized before calibration so that the blocks
                calibrate on its rows.  On a tied model it saves memory only together with ``quantize_head`` (alone,
                the head keeps the float matrix).
+    act_first_scale: static activations: a second calibrated per-tensor scale for the first position of every
+               sequence (the attention sink, whose activations in SmolLM2 are far from every other token's), the
+               first scale for all others; each searched on its own tokens.  Which rows are first comes from the
+               position ids the model passes its blocks (:mod:`dgq.positions`), not from the data, so the scales stay
+               static: the kernels take them as a per-row scale array.  Dual-grained weights only.
     """
 
     method: str = "dgq"
@@ -105,6 +110,7 @@ class QuantConfig:
     act_sample_sink_weight: float = 0.0
     quantize_head: bool = False
     quantize_embedding: bool = False
+    act_first_scale: bool = False
 
     def __post_init__(self) -> None:
         choices = {"weight": WEIGHT_FORMATS, "act": ACT_MODES, "smoothing": SMOOTHINGS}
@@ -157,6 +163,13 @@ class QuantConfig:
         if (self.quantize_head or self.quantize_embedding) and not self.quantizes_weights:
             raise ConfigError("quantize_head and quantize_embedding need a weight format (weight 'none' quantizes "
                               "nothing)")
+        if self.act_first_scale and (self.act != "static" or self.weight != "dual" or self.act_clip_grid == 1
+                                     or self.act_sample_sink):
+            raise ConfigError("act_first_scale gives the first position its own static scale: it needs act 'static', "
+                              "weight 'dual', act_clip_grid > 1 and no act_sample_sink")
+        if self.act_first_scale and self.quantize_head:
+            raise ConfigError("act_first_scale and quantize_head cannot be combined: the first position is told apart "
+                              "by the decoder blocks, and the LM head runs outside them")
         for name in ("nsamples", "seqlen", "calib_batch", "gptq_block", "act_sample_tokens", "act_sample_peaks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -249,6 +262,10 @@ PRESETS["dgq_static_gptaq_rs"] = PRESETS["dgq_static_gptaq_fine"] | dict(
 PRESETS["dgq_static_gptaq_w0"] = PRESETS["dgq_static_gptaq"] | dict(
     act_sample_tokens=2048, act_sample_peaks=256, act_sample_random=True, act_sample_sink=1,
     act_sample_sink_weight=1024.0)
+# dgq_static_gptaq with a second static scale for every sequence's first position (the attention sink): the sink's
+# activations are up to ~50x the other tokens' at some inputs and far below them at others, so one per-tensor scale
+# must either clip it or waste its steps on every other token; here each gets its own, chosen by position.
+PRESETS["dgq_static_gptaq_first"] = PRESETS["dgq_static_gptaq"] | dict(act_first_scale=True)
 # The default method is the best measured preset: under the full protocol (128 sequences, all 148 WikiText-2
 # windows, one device) GPTQ codes gave 25.035 against 25.679 for nearest rounding (RESULTS.md, issue 11).
 PRESETS["dgq"] = PRESETS["dgq_gptq"]

@@ -137,6 +137,9 @@ def _check_dual(model: nn.Module) -> None:
     if config.weight != "dual" or any(isinstance(m, FakeQuantLinear) for m in model.modules()):
         raise ExportError(f"compressed-tensors export needs dual-grained weights (a 'dual' method such as dgq); "
                           f"this model was quantized with method {config.method!r} (weight format {config.weight!r})")
+    if config.act_first_scale:
+        raise ExportError(f"method {config.method!r} quantizes each sequence's first position with a static scale of "
+                          f"its own (act_first_scale); compressed-tensors has no such scale, so it cannot be exported")
 
 
 def _source(path_or_model: str | Path | nn.Module, tokenizer: Any) -> tuple[nn.Module, Any]:

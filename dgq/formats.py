@@ -163,15 +163,18 @@ def amax_abs(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
 
 def quantize_activations(x: torch.Tensor, static_scale: torch.Tensor | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 activations: per-token dynamic (``static_scale is None``) or one calibrated per-tensor scale.
+    """Symmetric int8 activations: per-token dynamic (``static_scale is None``) or one calibrated per-tensor scale
+    (or, ``[tokens, 1]``, a calibrated scale per row, picked by each row's position, not computed from it).
 
     Returns ``(x_s8, s_x)``: the int8 codes and ``s_x``, float32 broadcastable to ``x[..., :1]``.
     """
     xf = x.float()
     if static_scale is None:
         s_x = (amax_abs(xf, -1, keepdim=True) / INT8_MAX).clamp_(min=1e-8)
-    else:
+    elif static_scale.numel() == 1:
         s_x = static_scale.float().reshape(*([1] * xf.dim()))
+    else:  # static scales chosen per row by position (dgq.positions), one per token of ``x``
+        s_x = static_scale.float().reshape(*xf.shape[:-1], 1)
     return torch.div(xf, s_x).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), s_x
 
 

@@ -88,7 +88,7 @@ def _check_group(where: str, layers: list[tuple[str, nn.Module]]) -> None:
                               f"(QuantLinear) fuse")
     first_name, first = layers[0]
     for layer_name, layer in layers[1:]:
-        for attr in ("in_features", "group_size", "act_mode"):
+        for attr in ("in_features", "group_size", "act_mode", "first_scale"):
             if getattr(layer, attr) != getattr(first, attr):
                 raise FusionError(f"{where}.{layer_name} has {attr} {getattr(layer, attr)}, {first_name} "
                                   f"{getattr(first, attr)}: they cannot share one input")
@@ -96,6 +96,9 @@ def _check_group(where: str, layers: list[tuple[str, nn.Module]]) -> None:
             raise FusionError(f"{where}.{layer_name} and {first_name} have different static activation scales "
                               f"({float(layer.act_scale):.6g}, {float(first.act_scale):.6g}), so one quantized "
                               f"input cannot serve both; load without fuse")
+        if first.first_scale and not torch.equal(layer.act_scale_first, first.act_scale_first):
+            raise FusionError(f"{where}.{layer_name} and {first_name} have different first-position activation "
+                              f"scales, so one quantized input cannot serve both; load without fuse")
 
 
 def _fused_layer(layers: list[QuantLinear]) -> QuantLinear:
@@ -108,7 +111,8 @@ def _fused_layer(layers: list[QuantLinear]) -> QuantLinear:
         dtype = next(layer.bias.dtype for layer in layers if layer.bias is not None)
         bias = torch.cat([layer.bias if layer.bias is not None else
                           torch.zeros(layer.out_features, dtype=dtype, device=layer.s1.device) for layer in layers])
-    return QuantLinear.from_weight(dg, bias, layers[0].act_mode, layers[0].act_scale)
+    first = layers[0].act_scale_first if layers[0].first_scale else None
+    return QuantLinear.from_weight(dg, bias, layers[0].act_mode, layers[0].act_scale, first)
 
 
 def fuse_projections(model: nn.Module) -> nn.Module:

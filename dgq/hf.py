@@ -28,6 +28,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from dgq import positions
 from dgq.config import ConfigError, QuantConfig
 from dgq.embedding import QuantEmbedding
 from dgq.errors import DGQError
@@ -88,6 +89,9 @@ class DGQConfig(QuantizationConfigMixin):
                    for name, m in model.named_modules() if isinstance(m, (QuantLinear, FakeQuantLinear))}
         modules |= {name: {"type": "embedding", "act": "none"}
                     for name, m in model.named_modules() if isinstance(m, QuantEmbedding)}
+        for name, entry in modules.items():  # only where used, so every other checkpoint's config is unchanged
+            if getattr(model.get_submodule(name), "first_scale", False):
+                entry["first_scale"] = True
         settings = config.to_dict()
         if settings["calib_data"] is not None:  # the file's name says what was used; its folder is the machine's
             settings["calib_data"] = Path(settings["calib_data"]).name
@@ -103,7 +107,7 @@ def _skeleton(linear: nn.Module, entry: dict[str, str], group_size: int) -> nn.M
     bias = getattr(linear, "bias", None)
     if entry["type"] == "dgq":
         module = QuantLinear(linear.in_features, linear.out_features, group_size, entry["act"], bias is not None,
-                             device=meta, out_dtype=linear.weight.dtype)
+                             device=meta, out_dtype=linear.weight.dtype, first_scale=bool(entry.get("first_scale")))
         stored = module.stored_tensors()  # meta tensors: the stored shapes and dtypes, nothing computed
         for name in (*QuantLinear.STORED, "split_scratch"):  # the scratch is made on the right device by load_stored
             del module._buffers[name]
@@ -297,6 +301,10 @@ class DGQHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any) -> PreTrainedModel:
         _restore_layout(model)
         validate(model)
+        if any(getattr(m, "first_scale", False) for m in model.modules()):  # its layers ask their block for positions
+            from dgq.models.adapters import adapter_for
+
+            positions.install(adapter_for(model).blocks(model))
         return model
 
     def get_state_dict_and_metadata(self, model: PreTrainedModel) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from dgq.formats import DualGrainedWeight, int_matmul, quantize_activations
 from dgq.packing import layout_tile, pack_tiled, pack_u4, unpack_tiled, unpack_u4
+from dgq.positions import current_first_rows
 
 ActMode = Literal["none", "dynamic", "static"]
 
@@ -30,16 +31,20 @@ class QuantLinear(nn.Module):
     ``zp``, :meth:`stored_tensors`); :meth:`load_stored` converts it back, both exactly.
     The only derived tensor is the CPU reference's widened int8 weight, cached under one rule: dropped whenever the
     module is moved or cast (``_apply``), rebuilt when a buffer is replaced or written in place (the cache key).
+    With ``first_scale`` (static activations only) the layer also holds ``act_scale_first``, the static scale of
+    every sequence's first position; which rows those are, the enclosing decoder block says (:mod:`dgq.positions`).
     """
 
     STORED = {"codes": "weight", "s2t": "s2", "zpt": "zp"}  # buffer -> its checkpoint name (other buffers: same)
 
     def __init__(self, in_features: int, out_features: int, group_size: int, act_mode: ActMode = "dynamic",
                  bias: bool = False, device: torch.device | str | None = None,
-                 out_dtype: torch.dtype = torch.float32) -> None:
+                 out_dtype: torch.dtype = torch.float32, first_scale: bool = False) -> None:
         super().__init__()
         if act_mode not in ("dynamic", "static"):
             raise ValueError(f"QuantLinear needs int8 activations ('dynamic' or 'static'), got {act_mode!r}")
+        if first_scale and act_mode != "static":
+            raise ValueError("a first-position activation scale is a static scale; it needs act_mode 'static'")
         if in_features % group_size:
             raise ValueError(f"group size {group_size} does not divide in_features {in_features}")
         self.in_features, self.out_features = in_features, out_features
@@ -51,6 +56,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("zpt", torch.zeros(groups, out_features, dtype=torch.uint8, device=device))
         self.register_buffer("s1", torch.ones(out_features, dtype=torch.float32, device=device))
         self.register_buffer("act_scale", torch.ones((), dtype=torch.float32, device=device))
+        self.first_scale = first_scale
+        if first_scale:  # only then: the state of every other layer stays what it was
+            self.register_buffer("act_scale_first", torch.ones((), dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=out_dtype, device=device) if bias else None)
         self.register_buffer("split_scratch", torch.zeros(2 * out_features, dtype=torch.int32, device=device),
                              persistent=False)
@@ -58,12 +66,17 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_weight(cls, dg: DualGrainedWeight, bias: torch.Tensor | None, act_mode: ActMode,
-                    act_scale: torch.Tensor | None = None) -> "QuantLinear":
-        """Build the layer from a validated :class:`DualGrainedWeight` (and the static activation scale)."""
+                    act_scale: torch.Tensor | None = None, act_scale_first: torch.Tensor | None = None,
+                    ) -> "QuantLinear":
+        """Build the layer from a validated :class:`DualGrainedWeight` (and the static activation scale, and with
+        ``act_scale_first`` the first position's own)."""
         dg.validate()
         out, inp = dg.shape
         dtype = bias.dtype if bias is not None else torch.float32
-        layer = cls(inp, out, dg.group_size, act_mode, bias is not None, dg.u4.device, dtype)
+        layer = cls(inp, out, dg.group_size, act_mode, bias is not None, dg.u4.device, dtype,
+                    first_scale=act_scale_first is not None)
+        if act_scale_first is not None:
+            layer.act_scale_first.fill_(float(act_scale_first))
         layer.codes.copy_(pack_tiled(dg.u4, layer.tile))
         layer.s2t.copy_(dg.s2.t())
         layer.zpt.copy_(dg.zp.t())
@@ -95,12 +108,14 @@ class QuantLinear(nn.Module):
         self.register_buffer("split_scratch", torch.zeros(2 * self.out_features, dtype=torch.int32, device=device),
                              persistent=False)
         self.s1, self.act_scale = self.s1.to(device, torch.float32), self.act_scale.to(device, torch.float32)
+        if self.first_scale:
+            self.act_scale_first = self.act_scale_first.to(device, torch.float32)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
         """Moves and casts keep the channel and activation scales float32: they are the format's, not the model's
         dtype (``model.half()`` must not round them)."""
         self._int8 = None  # a move or cast leaves no derived copy behind on the old device
-        kept = {name: self._buffers[name] for name in ("s1", "act_scale")}
+        kept = {name: self._buffers[name] for name in ("s1", "act_scale", "act_scale_first") if name in self._buffers}
         super()._apply(fn, recurse)
         for name, before in kept.items():
             after = self._buffers[name]
@@ -125,9 +140,8 @@ class QuantLinear(nn.Module):
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Pure-PyTorch forward with the exact int32 accumulator (:func:`~dgq.formats.int_matmul`, an int8 GEMM on
         the CPU) and a float32 epilogue; the definition every kernel must match."""
-        static = self.act_scale if self.act_mode == "static" else None
         x2 = x.reshape(-1, self.in_features)
-        x_q, s_x = quantize_activations(x2, static)
+        x_q, s_x = quantize_activations(x2, self.static_scales(x2.shape[0]))
         out = int_matmul(x_q, self._int8_weight()).float().mul_(s_x).mul_(self.s1)
         if self.bias is not None:
             out += self.bias
@@ -142,10 +156,26 @@ class QuantLinear(nn.Module):
                                "forward_reference explicitly for the slow exact path")
         from dgq.kernels.ops import quantized_linear
 
+        if self.first_scale:  # per-row static scales: quantized here, then the GEMM's per-token scale path
+            x2 = x.reshape(-1, self.in_features)
+            x_s8, s_x = quantize_activations(x2, self.static_scales(x2.shape[0]))
+            out = torch.ops.dgq.a8w4_mm(x_s8, s_x, self.codes, self.s2t, self.zpt, self.s1, self.split_scratch,
+                                        self.group_size, self.bias, x.dtype)
+            return out.reshape(*x.shape[:-1], self.out_features)
         static = self.act_scale if self.act_mode == "static" else None
         out = quantized_linear(x.reshape(-1, self.in_features), self.codes, self.s2t, self.zpt, self.s1,
                           self.split_scratch, self.group_size, static, self.bias, x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def static_scales(self, rows: int) -> torch.Tensor | None:
+        """The static activation scale: None (dynamic), the per-tensor scalar, or with ``first_scale`` a per-row
+        ``[rows, 1]`` array holding ``act_scale_first`` at the first positions and ``act_scale`` elsewhere."""
+        if self.act_mode != "static":
+            return None
+        if not self.first_scale:
+            return self.act_scale
+        first = current_first_rows(rows).to(self.act_scale.device)
+        return torch.where(first, self.act_scale_first, self.act_scale).reshape(rows, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Triton kernels for CUDA inputs (they equal :meth:`forward_reference`); the reference elsewhere."""
@@ -154,8 +184,9 @@ class QuantLinear(nn.Module):
         return self.forward_reference(x)
 
     def extra_repr(self) -> str:
+        first = ", first_scale=True" if self.first_scale else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, act={self.act_mode}, bias={self.bias is not None}")
+                f"group_size={self.group_size}, act={self.act_mode}, bias={self.bias is not None}{first}")
 
 
 class FakeQuantLinear(nn.Module):

@@ -52,17 +52,26 @@ class TokenSample:
     its error costs far more perplexity than its share of the tokens says (RESULTS.md, "an unaliased token
     sample"); ``sink_weight`` states that on purpose, where the strided sample did it by accident (weight
     ``stride``).  ``sink_weight = 0`` scores exactly as without sink tokens.
+
+    With ``separate`` the sink tokens get a static scale of their own (``act_first_scale``): they are kept exactly
+    but left out of everything else (the rest's sample, the peaks, the weights, and ``rest_absmax``, the per-channel
+    maximum of the other tokens), since the shared scale never quantizes them.
     """
 
     def __init__(self, total_tokens: int, size: int = 1024, top: int = 64,
                  generator: torch.Generator | None = None, seqlen: int = 0, sink: int = 0,
-                 sink_weight: float = 0.0) -> None:
+                 sink_weight: float = 0.0, separate: bool = False) -> None:
         if sink and not 0 < sink <= seqlen:
             raise ValueError(f"sink positions ({sink}) need a sequence length at least as long, got {seqlen}")
+        if separate and not sink:
+            raise ValueError("a separate sink scale needs sink positions (sink >= 1)")
         self.stride = max(1, total_tokens // size)
         self.seqlen = seqlen
         self.sink = sink
         self.sink_weight = sink_weight
+        self.separate = separate
+        self.position = 0  # tokens seen in all, sinks included (``seen`` counts only those of the rest's stream)
+        self.rest_absmax: torch.Tensor | None = None  # with ``separate``: per-channel max|x| of the non-sink tokens
         self.sinks: list[torch.Tensor] = []  # the tokens at positions < sink of every sequence, in order
         self.sinks_fp: list[torch.Tensor] = []
         self.top = top
@@ -86,10 +95,23 @@ class TokenSample:
         if self.seen and (x_fp is None) != (self.peaks_fp is None):
             raise ValueError("a token sample holds float twins for all of its tokens or for none")
         if self.sink:
-            at_sink = ((torch.arange(x.shape[0]) + self.seen) % self.seqlen < self.sink).nonzero().squeeze(1)
+            is_sink = (torch.arange(x.shape[0]) + self.position) % self.seqlen < self.sink
+            at_sink = is_sink.nonzero().squeeze(1)
             self.sinks.append(x[at_sink.to(x.device)])
             if x_fp is not None:
                 self.sinks_fp.append(x_fp[at_sink.to(x_fp.device)])
+            self.position += x.shape[0]
+            if self.separate:  # the rest's stream below never sees the sink tokens
+                rest = (~is_sink).nonzero().squeeze(1)
+                x = x[rest.to(x.device)]
+                x_fp = None if x_fp is None else x_fp[rest.to(x_fp.device)]
+                if x.shape[0]:
+                    col = x.abs().amax(0)
+                    self.rest_absmax = col if self.rest_absmax is None else torch.maximum(self.rest_absmax, col)
+                if not x.shape[0]:
+                    return
+        else:
+            self.position += x.shape[0]
         rows = self._uniform_rows(x.shape[0])
         self.uniform.append(x[rows.to(x.device)])
         self.uniform_at.append(rows + self.seen)
@@ -120,7 +142,7 @@ class TokenSample:
         rest = max(self.seen - self.peaks.shape[0], 0) / max(uniform.shape[0], 1)
         parts = [torch.ones(self.peaks.shape[0]), torch.full((uniform.shape[0],), rest)]
         tokens = [self.peaks, uniform]
-        if self.sink:
+        if self.sink and not self.separate:
             sinks = torch.cat(self.sinks)
             parts.append(torch.full((sinks.shape[0],), float(self.sink_weight)))
             tokens.append(sinks)
@@ -130,7 +152,13 @@ class TokenSample:
         """The float twins ``[n, k]`` of :meth:`tokens_and_weights`'s tokens, row for row, or None if not kept."""
         if self.peaks_fp is None:
             return None
-        return torch.cat([self.peaks_fp, self._rest(self.uniform_fp), *self.sinks_fp])
+        return torch.cat([self.peaks_fp, self._rest(self.uniform_fp), *([] if self.separate else self.sinks_fp)])
+
+    def sink_tokens(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sink tokens ``[n, k]`` and their float twins (None if not kept), in calibration order."""
+        if not self.sinks:
+            raise ValueError("the token sample holds no sink tokens")
+        return torch.cat(self.sinks), torch.cat(self.sinks_fp) if self.sinks_fp else None
 
     def scaled(self, k: torch.Tensor) -> "TokenSample":
         """The sample of ``x / k`` (what smoothing by ``k`` makes of the activation; the peak tokens stay those
@@ -142,6 +170,7 @@ class TokenSample:
         out.peaks_fp = None if self.peaks_fp is None else self.peaks_fp / k
         out.sinks = [u / k for u in self.sinks]
         out.sinks_fp = [u / k for u in self.sinks_fp]
+        out.rest_absmax = None if self.rest_absmax is None else self.rest_absmax / k
         return out
 
 
@@ -149,6 +178,9 @@ def token_sample(config: QuantConfig, total_tokens: int, seqlen: int) -> TokenSa
     """The token sample of one activation for the static scale search, as ``config``'s ``act_sample_*`` ask, over
     ``total_tokens`` calibration tokens that are sequences of ``seqlen`` laid end to end."""
     generator = torch.Generator().manual_seed(config.seed) if config.act_sample_random else None
+    if config.act_first_scale:
+        return TokenSample(total_tokens, config.act_sample_tokens, config.act_sample_peaks, generator, seqlen,
+                           sink=1, separate=True)
     return TokenSample(total_tokens, config.act_sample_tokens, config.act_sample_peaks, generator, seqlen,
                        config.act_sample_sink, config.act_sample_sink_weight)
 
@@ -175,6 +207,7 @@ class LayerReport:
     rel_error: float
     act_scale: float | None
     act_ratio: float | None = None  # static scale / (calibration max / 127): the clip the search chose
+    act_first_scale: float | None = None  # with ``act_first_scale``: the first position's own static scale
 
 
 def check_layer_shape(name: str, linear: nn.Module, config: QuantConfig) -> None:
@@ -210,9 +243,11 @@ def _gptq(w: torch.Tensor, h: torch.Tensor, grid: CodeGrid, nearest: torch.Tenso
 
 
 def _static_scale(stats: LinearStats, w: torch.Tensor, w_hat: torch.Tensor, config: QuantConfig,
-                  w_float: torch.Tensor | None = None) -> torch.Tensor:
+                  w_float: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The per-tensor activation scale: the calibration max / 127, or with ``act_clip_grid > 1`` the clipped max
-    that minimises the layer's output error on the token sample.
+    that minimises the layer's output error on the token sample; and with ``act_first_scale`` the scale of every
+    sequence's first position (else None), searched alike on those tokens alone, while the shared scale is searched
+    on the other tokens and their maximum.
 
     The error is measured against ``x Wᵀ`` with ``w`` the weight that was quantized; under asymmetric calibration
     (the sample holds float twins and ``w_float`` is the layer's float weight) against the float model's own
@@ -221,16 +256,26 @@ def _static_scale(stats: LinearStats, w: torch.Tensor, w_hat: torch.Tensor, conf
     """
     absmax = stats.absmax.max().float()
     if config.act_clip_grid == 1:
-        return absmax.reshape(()) / INT8_MAX
-    if stats.sample is None:
+        return absmax.reshape(()) / INT8_MAX, None
+    sample = stats.sample
+    if sample is None:
         raise ValueError("the static scale search needs a token sample; calibration did not collect one")
-    x, weights = stats.sample.tokens_and_weights()
-    x_fp = stats.sample.float_tokens()
-    target = None
-    if x_fp is not None and w_float is not None:
-        target = x_fp.to(w.device).float() @ w_float.float().t()
-    return search_act_scale(x.to(w.device), weights.to(w.device), w, w_hat, absmax, config.act_clip_grid,
-                            config.act_clip_min, target=target)
+
+    def search(x: torch.Tensor, weights: torch.Tensor, x_fp: torch.Tensor | None, peak: torch.Tensor) -> torch.Tensor:
+        target = None
+        if x_fp is not None and w_float is not None:
+            target = x_fp.to(w.device).float() @ w_float.float().t()
+        return search_act_scale(x.to(w.device), weights.to(w.device), w, w_hat, peak.float(), config.act_clip_grid,
+                                config.act_clip_min, target=target)
+
+    x, weights = sample.tokens_and_weights()
+    if not config.act_first_scale:
+        return search(x, weights, sample.float_tokens(), absmax), None
+    if sample.rest_absmax is None:
+        raise ValueError("act_first_scale needs calibration tokens beyond each sequence's first")
+    first, first_fp = sample.sink_tokens()
+    return (search(x, weights, sample.float_tokens(), sample.rest_absmax.max()),
+            search(first, torch.ones(first.shape[0]), first_fp, first.abs().max()))
 
 
 def float_target_ridge(stats: LinearStats, config: QuantConfig) -> float:
@@ -281,9 +326,9 @@ def quantize_linear(name: str, linear: nn.Linear, stats: LinearStats, config: Qu
         if config.gptq:
             codes = _gptq(w, h, grid, codes, config)
         w_hat = grid.dequantize(codes)
-    act_scale = _static_scale(stats, w, w_hat, config, w_float) if config.act == "static" else None
+    act_scale, first_scale = _static_scale(stats, w, w_hat, config, w_float) if config.act == "static" else (None, None)
     if dg is not None:
-        module: nn.Module = QuantLinear.from_weight(dg, bias, config.act, act_scale)
+        module: nn.Module = QuantLinear.from_weight(dg, bias, config.act, act_scale, first_scale)
     else:
         module = FakeQuantLinear(w_hat.to(linear.weight.dtype), bias, config.act, act_scale)
     ref = output_error(w, torch.zeros_like(w), h).sum().clamp(min=1e-30)
@@ -291,4 +336,6 @@ def quantize_linear(name: str, linear: nn.Linear, stats: LinearStats, config: Qu
     if act_scale is None:
         return module, LayerReport(name, rel, None)
     ratio = float(act_scale) * INT8_MAX / float(stats.absmax.max().clamp(min=1e-30))
-    return module, LayerReport(name, rel, float(act_scale), ratio)
+    if first_scale is None:
+        return module, LayerReport(name, rel, float(act_scale), ratio)
+    return module, LayerReport(name, rel, float(act_scale), ratio, float(first_scale))
