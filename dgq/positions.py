@@ -16,12 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from dgq.errors import DGQError
+
 _FIRST_ROWS: ContextVar[torch.Tensor | None] = ContextVar("dgq_first_rows", default=None)
 _HOOKED = "_dgq_first_position_hooks"
 
 
-class PositionError(RuntimeError):
-    """A first-position scale used where the block did not say which rows are first."""
+class PositionError(DGQError):
+    """A first-position scale used where the block did not say which rows are first: the caller's model or call is
+    missing the hooks or the position ids (a user's fix), not a bug in dgq."""
 
 
 def first_rows(kwargs: dict[str, Any], hidden: torch.Tensor) -> torch.Tensor:
