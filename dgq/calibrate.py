@@ -319,6 +319,7 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
     names = {id(m): n for n, m in model.named_modules()}
     hidden = inputs.hidden
     hidden_fp = inputs.hidden if config.float_target else None
+    sample = _token_sampler(config)
     bar = tqdm(range(len(blocks)), desc=f"quantize [{config.method}]", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i]
@@ -326,7 +327,6 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         block.to(device)
         kwargs = inputs.kwargs[i]
         last = i + 1 == len(blocks) and not config.quantize_head  # its outputs would feed nothing
-        sample = partial(token_sample, config) if config.act == "static" and config.act_clip_grid > 1 else None
         # the block is still float here; its float outputs are the next block's float inputs
         reference = None if hidden_fp is None else FloatReference(
             block, hidden_fp, None if last else [], [] if config.true_sequential else None)
@@ -348,6 +348,12 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
     if config.quantize_head:
         report.layers.append(quantize_head(model, adapter, hidden, hidden_fp, config, device))
     return report
+
+
+def _token_sampler(config: QuantConfig) -> Callable[[int, int], TokenSample] | None:
+    """What collects each activation's token sample for the static scale search (only a searched static scale
+    needs one), as :func:`collect_stats` takes it: ``(total_tokens, seqlen) -> TokenSample``."""
+    return partial(token_sample, config) if config.act == "static" and config.act_clip_grid > 1 else None
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
@@ -398,7 +404,7 @@ def quantize_head(model: nn.Module, adapter: Adapter, hidden: list[torch.Tensor]
     stage = _HeadStage(norm, head).to(device)
     producer, consumers = _HeadStage.PAIR_NAMES
     pair = SmoothPair(producer, consumers, adapter.norm_offset)
-    sample = partial(token_sample, config) if config.act == "static" and config.act_clip_grid > 1 else None
+    sample = _token_sampler(config)
     reference = None if hidden_fp is None else FloatReference(stage, hidden_fp)
     kwargs: list[dict[str, Any]] = [{} for _ in hidden]
     stats = collect_stats(stage, (pair,), hidden, kwargs, sample, reference)

@@ -94,24 +94,22 @@ class TokenSample:
         """Take the sample's share of ``x`` ``[tokens, k]`` (and of its float twin ``x_fp``, same tokens)."""
         if self.seen and (x_fp is None) != (self.peaks_fp is None):
             raise ValueError("a token sample holds float twins for all of its tokens or for none")
+        first = self.position
+        self.position += x.shape[0]
         if self.sink:
-            is_sink = (torch.arange(x.shape[0]) + self.position) % self.seqlen < self.sink
+            is_sink = (torch.arange(x.shape[0]) + first) % self.seqlen < self.sink
             at_sink = is_sink.nonzero().squeeze(1)
             self.sinks.append(x[at_sink.to(x.device)])
             if x_fp is not None:
                 self.sinks_fp.append(x_fp[at_sink.to(x_fp.device)])
-            self.position += x.shape[0]
             if self.separate:  # the rest's stream below never sees the sink tokens
                 rest = (~is_sink).nonzero().squeeze(1)
                 x = x[rest.to(x.device)]
                 x_fp = None if x_fp is None else x_fp[rest.to(x_fp.device)]
-                if x.shape[0]:
-                    col = x.abs().amax(0)
-                    self.rest_absmax = col if self.rest_absmax is None else torch.maximum(self.rest_absmax, col)
                 if not x.shape[0]:
                     return
-        else:
-            self.position += x.shape[0]
+                col = x.abs().amax(0)
+                self.rest_absmax = col if self.rest_absmax is None else torch.maximum(self.rest_absmax, col)
         rows = self._uniform_rows(x.shape[0])
         self.uniform.append(x[rows.to(x.device)])
         self.uniform_at.append(rows + self.seen)
