@@ -69,6 +69,15 @@ def _gdc_wait():
 
 
 @gluon.jit
+def _lane_constants(s_lo, z_lo, s_hi, z_hi):
+    """The byte-lane widening's additive constants ``(128 - s2 * zp) * 0x01010101`` of both nibble halves (int32),
+    for :data:`dgq.kernels.gemm._WIDEN_PTX` and its one-word form in the GEMVs."""
+    c_lo = ((128 - s_lo * z_lo).to(gl.uint32, bitcast=True) * 0x01010101).to(gl.int32, bitcast=True)
+    c_hi = ((128 - s_hi * z_hi).to(gl.uint32, bitcast=True) * 0x01010101).to(gl.int32, bitcast=True)
+    return c_lo, c_hi
+
+
+@gluon.jit
 def _reduce_splits(part, ws_ptr, cnt_ptr, offs, mask, sid, tile, plane, SPLIT: gl.constexpr):
     """The exact split-K reduction of the Gluon kernels: split ``sid`` stores its int32 partial ``part`` (at ``offs``
     of its plane of ``plane`` elements), then counts one arrival on its tile's counter (after the CTA's barrier, with
@@ -140,8 +149,7 @@ def _widen_part(w_bufs, s2_bufs, zp_bufs, alo_bufs, ahi_bufs, load_ready, w_empt
         z_hi = zpv.index(s * srows + HI_ROW).load(rows).to(gl.int32)
         fence_async_shared()  # these generic-proxy reads, then the slot's next TMA write
         mbarrier.arrive(w_empty.index(s), count=1)
-        c_lo = ((128 - s_lo * z_lo).to(gl.uint32, bitcast=True) * 0x01010101).to(gl.int32, bitcast=True)
-        c_hi = ((128 - s_hi * z_hi).to(gl.uint32, bitcast=True) * 0x01010101).to(gl.int32, bitcast=True)
+        c_lo, c_hi = _lane_constants(s_lo, z_lo, s_hi, z_hi)
         w_lo, w_hi = gl.inline_asm_elementwise(
             _WIDEN_PTX, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
             [p, gl.expand_dims(s_lo, 1), gl.expand_dims(c_lo, 1), gl.expand_dims(s_hi, 1), gl.expand_dims(c_hi, 1)],

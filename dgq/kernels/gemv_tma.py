@@ -41,7 +41,9 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from dgq.kernels.act_quant import _MIN_SCALE, _RNE_MAGIC
 from dgq.kernels.gemm import KernelWeight, launch_options, prepare_call
-from dgq.kernels.gemm_ws import _gdc_wait, _load_weight, _nvmma, _reduce_splits, _scale_rows, supported
+from dgq.kernels.gemm_ws import (
+    _gdc_wait, _lane_constants, _load_weight, _nvmma, _reduce_splits, _scale_rows, supported,
+)
 from dgq.kernels.gemv import _DP4A2_PTX, _WIDEN_WORD_PTX
 
 HALF = gl.constexpr(64)  # packed bytes per row of one 128-wide K tile (and activation codes per nibble half)
@@ -169,8 +171,7 @@ def _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_
         if i + stages < k_tiles:
             _refill(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready.index(s), s, n0, m,
                     kt0 + i + stages, GROUP, not FUSE)
-        c_lo = ((128 - s_lo * z_lo).to(gl.uint32, bitcast=True) * 0x01010101).to(gl.int32, bitcast=True)
-        c_hi = ((128 - s_hi * z_hi).to(gl.uint32, bitcast=True) * 0x01010101).to(gl.int32, bitcast=True)
+        c_lo, c_hi = _lane_constants(s_lo, z_lo, s_hi, z_hi)
         w_lo, w_hi = gl.inline_asm_elementwise(
             _WIDEN_WORD_PTX, "=r,=r,r,r,r,r,r",
             [p, gl.expand_dims(s_lo, 1), gl.expand_dims(c_lo, 1), gl.expand_dims(s_hi, 1), gl.expand_dims(c_hi, 1)],
