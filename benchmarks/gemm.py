@@ -138,7 +138,7 @@ def chosen_config(name: str, m: int, k: int, n: int) -> object:
     if name == "dgq":  # the benchmark's shapes are all ones the Gluon kernels take (on Hopper)
         if m <= linear.GEMV_MAX_M:
             return gemv_tma.config_for(n, k, inside=True)  # the one-token path quantizes inside
-        name = "dgq_widen_once" if m >= linear.WIDEN_MIN_M else "dgq_ws"
+        name = "dgq_widen_once" if m >= linear.WIDEN_MIN_M and not gemm_ws.takes(m, k, n) else "dgq_ws"
     if name == "dgq_ws":
         return gemm_ws.config_for(m, n)
     if name == "dgq_gemv":
@@ -259,8 +259,8 @@ def main() -> None:
             for name in kernels:
                 if name in ("dgq_gemv", "dgq_gemv_tma") and m > 16:
                     continue  # one weight pass per token: not a path for M > 1 (dgq.kernels.linear)
-                if name == "dgq_ws" and m > gemm_ws.MAX_M:
-                    continue  # widen-once serves M >= 2048 (dgq.kernels.linear)
+                if name == "dgq_ws" and not gemm_ws.takes(m, k, n):
+                    continue  # widen-once serves these (dgq.kernels.linear)
                 use = sets[:min(n_sets, max(2, math.ceil(TOUCH_BYTES / call_bytes(name, m, k, n))))]
                 try:
                     ms_ = time_graph([kernel_call(name, o) for o in use])

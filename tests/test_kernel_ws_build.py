@@ -35,7 +35,8 @@ def compile_for_hopper(cfg: gemm_ws.WsConfig, group: int, out: str):  # noqa: AN
     swz, plain = repr(gemm_ws._nvmma(64)), repr(gemm_ws._nvmma(0))
     box = f"[{gemm_ws._scale_rows(group, cfg.bn)}, {cfg.bn}]"
     consts = {"GROUP": group, "BN": cfg.bn, "BM": cfg.bm, "STAGES": cfg.stages, "SPLIT": cfg.split,
-              "WIDEN_REGS": cfg.widen_regs, "EPILOGUE": out != "i32", "HAS_BIAS": True, "PDL": True}
+              "WIDEN_WARPS": cfg.widen_warps, "WIDEN_REGS": cfg.widen_regs, "EPILOGUE": out != "i32", "HAS_BIAS": True, "PDL": True,
+              "PERSISTENT": cfg.persistent > 0}
     sig = {"w_desc": f"tensordesc<u8[{cfg.bn}, 64],{swz}>", "x_desc": f"tensordesc<i8[{cfg.bm}, 64],{swz}>",
            "s2_desc": f"tensordesc<i8{box},{plain}>", "zp_desc": f"tensordesc<u8{box},{plain}>",
            "sx_ptr": "*fp32", "s1_ptr": "*fp32", "bias_ptr": f"*{out}", "out_ptr": f"*{out}", "ws_ptr": "*i32",
@@ -70,7 +71,7 @@ def test_rule_fills_the_gpu_with_ctas() -> None:
     assert gemm_ws.config_for(64, 28672) == gemm_ws.WsConfig(128, 64, 4, 1, 80, 80)
     # larger M: never split; 256-token tiles with two MMA warpgroups where they make >= 80 CTAs; else 64-row tiles
     # where 128-row ones leave SMs idle
-    big = gemm_ws.WsConfig(128, 256, 4, 1, 96, 128, 8)
+    big = gemm_ws.WsConfig(128, 256, 4, 1, 96, 128, 8, persistent=1)
     assert gemm_ws.config_for(256, 11008) == gemm_ws.config_for(1023, 4096) == gemm_ws.config_for(2047, 4096) == big
     assert gemm_ws.config_for(256, 4096) == gemm_ws.WsConfig(64, 128, 6, 1)
     assert gemm_ws.config_for(256, 8192) == gemm_ws.WsConfig(128, 128, 6, 1, 128)
@@ -94,3 +95,7 @@ def test_the_paths_meet_where_the_kernel_stops() -> None:
     from dgq.kernels import linear
 
     assert linear.gemm_ws is gemm_ws and linear.WIDEN_MIN_M == gemm_ws.MAX_M + 1
+    # long-K layers stay with the warp-specialized kernel a little longer (measured: module constants)
+    assert gemm_ws.takes(2047, 4096, 4096) and not gemm_ws.takes(2048, 4096, 4096)
+    assert gemm_ws.takes(2048, 11008, 4096) and gemm_ws.takes(4095, 28672, 8192)
+    assert not gemm_ws.takes(4096, 11008, 4096) and not gemm_ws.takes(2048, 8192, 28672)

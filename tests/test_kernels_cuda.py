@@ -112,8 +112,12 @@ def test_gemv_quantizing_inside_equals_the_two_launches(k: int, n: int, g: int, 
 
 WS_SHAPES = [(4096, 320, 128), (1024, 256, 64), (2048, 8448, 256)]  # (K, N, group) the warp-specialized kernel takes
 WS_CONFIGS = sorted({gemm_ws.config_for(m, n) for m in (16, 32, 64, 256, 1023) for n in (4096, 8192, 11008, 28672)},
-                    key=str) + [gemm_ws.WsConfig(128, 64, 4, 3), gemm_ws.WsConfig(64, 16, 6, 3, 80, 80)] \
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else []  # + splits of three
+                    key=str) + [gemm_ws.WsConfig(128, 64, 4, 3), gemm_ws.WsConfig(64, 16, 6, 3, 80, 80),
+                                gemm_ws.WsConfig(64, 16, 6, 3, 80, 80, persistent=1),
+                                gemm_ws.WsConfig(128, 256, 4, 1, 96, 128, 8, persistent=1),
+                                gemm_ws.WsConfig(256, 128, 4, 1, 96, 128, 8, persistent=1)] \
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else []
+# + splits of three, and persistent grids (at N = 8448 and M >= 255 the CTAs take several tiles each, split or not)
 
 
 TMA_SHAPES = [(4096, 320, 128), (1024, 256, 64), (2048, 8448, 256), (28672, 256, 128), (1152, 192, 64)]

@@ -101,47 +101,112 @@ def _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0,
 
 
 @gluon.jit
-def _load_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready, w_empty,
-               x_empty, n0, m0, kt0, k_tiles, GROUP: gl.constexpr, PDL: gl.constexpr):
-    stages: gl.constexpr = w_bufs.shape[0]
-    nbytes: gl.constexpr = (w_desc.block_type.nbytes + 2 * x_desc.block_type.nbytes + s2_desc.block_type.nbytes
-                            + zp_desc.block_type.nbytes)
-    for i in range(gl.minimum(k_tiles, stages)):  # the ring starts empty: the first slots' weights need no wait
-        mbarrier.expect(load_ready.index(i), nbytes)
-        _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, load_ready.index(i), i, n0, kt0 + i, GROUP)
-    if PDL:
-        _gdc_wait()
-    for i in range(k_tiles):
-        s = i % stages
-        bar = load_ready.index(s)
-        if i >= stages:
-            ph = (i // stages) & 1
-            mbarrier.wait(w_empty.index(s), ph ^ 1)
-            mbarrier.wait(x_empty.index(s), ph ^ 1)
-            mbarrier.expect(bar, nbytes)
-            _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt0 + i, GROUP)
-        kx = (kt0 + i) * 2 * HALF
-        tma.async_copy_global_to_shared(x_desc, [m0, kx], bar, xlo_bufs.index(s))
-        tma.async_copy_global_to_shared(x_desc, [m0, kx + HALF], bar, xhi_bufs.index(s))
+def _unit(u, n_tiles, m_tiles, tiles, SPLIT: gl.constexpr, PERSISTENT: gl.constexpr):
+    """Work unit ``u`` of a persistent CTA (else the CTA's own, from its 3-D grid position): its output tile (weight
+    rows fastest, as a grid launches them, so the CTAs running at once share activation tiles in L2), its K split,
+    and that split's range of 128-wide K tiles.  (The grid's own indices, where they serve: the epilogue's addresses
+    from the division's results cost ptxas 500 bytes of spills on the 64 x 128 config.)"""
+    if PERSISTENT:
+        n_tile = u % n_tiles
+        m_tile = (u // n_tiles) % m_tiles
+        sid = u // (n_tiles * m_tiles)
+    else:
+        n_tile = gl.program_id(0)
+        m_tile = gl.program_id(1)
+        sid = gl.program_id(2)
+    per = gl.cdiv(tiles, SPLIT)
+    kt0 = sid * per
+    k_tiles = gl.maximum(gl.minimum(per, tiles - kt0), 0)
+    return n_tile, m_tile, sid, kt0, k_tiles
 
 
 @gluon.jit
-def _widen_part(w_bufs, s2_bufs, zp_bufs, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, k_tiles,
-                HI_ROW: gl.constexpr):
+def _load_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready, w_empty,
+               x_empty, n_tiles, m_tiles, tiles, units, BN: gl.constexpr, BM: gl.constexpr, SPLIT: gl.constexpr,
+               GROUP: gl.constexpr, PDL: gl.constexpr, PERSISTENT: gl.constexpr):
     stages: gl.constexpr = w_bufs.shape[0]
-    a_stages: gl.constexpr = alo_bufs.shape[0]
+    nbytes: gl.constexpr = (w_desc.block_type.nbytes + 2 * x_desc.block_type.nbytes + s2_desc.block_type.nbytes
+                            + zp_desc.block_type.nbytes)
+    pid = gl.program_id(0)
+    n_tile, m_tile, sid, kt0, k_tiles = _unit(pid, n_tiles, m_tiles, tiles, SPLIT, PERSISTENT)
+    pre = gl.minimum(k_tiles, stages)
+    for i in range(pre):  # the ring starts empty: the first unit's first weight tiles need no wait
+        mbarrier.expect(load_ready.index(i), nbytes)
+        _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, load_ready.index(i), i, n_tile * BN,
+                     kt0 + i, GROUP)
+    if PDL:
+        _gdc_wait()
+    if PERSISTENT:
+        c = 0  # K tiles loaded so far: the ring's slot and phase
+        for u in range(pid, units, gl.num_programs(0)):
+            c = _load_unit(w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready,
+                           w_empty, x_empty, u, c, pre, n_tiles, m_tiles, tiles, BN, BM, SPLIT, GROUP, PERSISTENT)
+    else:  # one unit per CTA, no loop (a loop over units costs registers: ptxas spilled 28 -> 508 bytes)
+        _load_unit(w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready,
+                   w_empty, x_empty, pid, 0, pre, n_tiles, m_tiles, tiles, BN, BM, SPLIT, GROUP, PERSISTENT)
+
+
+@gluon.jit
+def _load_unit(w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready, w_empty,
+               x_empty, u, c, pre, n_tiles, m_tiles, tiles, BN: gl.constexpr, BM: gl.constexpr, SPLIT: gl.constexpr,
+               GROUP: gl.constexpr, PERSISTENT: gl.constexpr):
+    """The loads of unit ``u``, from the ring's ``c``-th K tile on (the first ``pre`` weight tiles are in flight
+    already); returns the count after it."""
+    stages: gl.constexpr = w_bufs.shape[0]
+    nbytes: gl.constexpr = (w_desc.block_type.nbytes + 2 * x_desc.block_type.nbytes + s2_desc.block_type.nbytes
+                            + zp_desc.block_type.nbytes)
+    n_tile, m_tile, sid, kt0, k_tiles = _unit(u, n_tiles, m_tiles, tiles, SPLIT, PERSISTENT)
+    for i in range(k_tiles):
+        j = c + i  # this tile's place in the rings
+        s = j % stages
+        bar = load_ready.index(s)
+        if j >= pre:  # (a fresh barrier passes the wait on its phase 1: slots not used yet)
+            ph = (j // stages) & 1
+            mbarrier.wait(w_empty.index(s), ph ^ 1)
+            mbarrier.wait(x_empty.index(s), ph ^ 1)
+            mbarrier.expect(bar, nbytes)
+            _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n_tile * BN, kt0 + i, GROUP)
+        kx = (kt0 + i) * 2 * HALF
+        tma.async_copy_global_to_shared(x_desc, [m_tile * BM, kx], bar, xlo_bufs.index(s))
+        tma.async_copy_global_to_shared(x_desc, [m_tile * BM, kx + HALF], bar, xhi_bufs.index(s))
+    return c + k_tiles
+
+
+@gluon.jit
+def _widen_part(w_bufs, s2_bufs, zp_bufs, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, n_tiles, m_tiles,
+                tiles, units, SPLIT: gl.constexpr, HI_ROW: gl.constexpr, PERSISTENT: gl.constexpr):
+    stages: gl.constexpr = w_bufs.shape[0]
     srows: gl.constexpr = s2_bufs.shape[1]
     bn: gl.constexpr = w_bufs.shape[1]
-    layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [4, 1], [1, 0])
-    rows: gl.constexpr = gl.SliceLayout(1, layout)
     # The scale tiles are unswizzled rows: viewed as one plain 1-D row per (slot, group) for the row loads.
     plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     s2v = s2_bufs._reinterpret(gl.int8, [stages * srows, bn], plain)
     zpv = zp_bufs._reinterpret(gl.uint8, [stages * srows, bn], plain)
+    if PERSISTENT:
+        c = 0  # K tiles widened so far: the ring's slot and phase
+        for u in range(gl.program_id(0), units, gl.num_programs(0)):
+            c = _widen_unit(w_bufs, s2v, zpv, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, u, c, n_tiles,
+                            m_tiles, tiles, SPLIT, HI_ROW, PERSISTENT)
+    else:
+        _widen_unit(w_bufs, s2v, zpv, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, gl.program_id(0), 0,
+                    n_tiles, m_tiles, tiles, SPLIT, HI_ROW, PERSISTENT)
+
+
+@gluon.jit
+def _widen_unit(w_bufs, s2v, zpv, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, u, c, n_tiles, m_tiles,
+                tiles, SPLIT: gl.constexpr, HI_ROW: gl.constexpr, PERSISTENT: gl.constexpr):
+    """Widen unit ``u``'s K tiles, the ring's ``c``-th on, into the MMA's A slots; returns the count after it."""
+    stages: gl.constexpr = w_bufs.shape[0]
+    a_stages: gl.constexpr = alo_bufs.shape[0]
+    srows: gl.constexpr = s2v.shape[0] // stages
+    layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [gl.num_warps(), 1], [1, 0])
+    rows: gl.constexpr = gl.SliceLayout(1, layout)
+    _, _, _, _, k_tiles = _unit(u, n_tiles, m_tiles, tiles, SPLIT, PERSISTENT)
     for i in range(k_tiles):
-        s = i % stages
-        a = i % a_stages
-        mbarrier.wait(load_ready.index(s), (i // stages) & 1)
+        j = c + i  # this tile's place in the rings
+        s = j % stages
+        a = j % a_stages
+        mbarrier.wait(load_ready.index(s), (j // stages) & 1)
         p = w_bufs.index(s).load(layout)
         s_lo = s2v.index(s * srows).load(rows).to(gl.int32)
         z_lo = zpv.index(s * srows).load(rows).to(gl.int32)
@@ -152,19 +217,40 @@ def _widen_part(w_bufs, s2_bufs, zp_bufs, alo_bufs, ahi_bufs, load_ready, w_empt
         c_lo, c_hi = _lane_constants(s_lo, z_lo, s_hi, z_hi)
         w_lo, w_hi = gl.inline_asm_elementwise(
             _WIDEN_PTX, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-            [p, gl.expand_dims(s_lo, 1), gl.expand_dims(c_lo, 1), gl.expand_dims(s_hi, 1), gl.expand_dims(c_hi, 1)],
+            [p, gl.expand_dims(s_lo, 1), gl.expand_dims(c_lo, 1), gl.expand_dims(s_hi, 1),
+             gl.expand_dims(c_hi, 1)],
             dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
-        mbarrier.wait(a_empty.index(a), ((i // a_stages) & 1) ^ 1)
+        mbarrier.wait(a_empty.index(a), ((j // a_stages) & 1) ^ 1)
         alo_bufs.index(a).store(w_lo)
         ahi_bufs.index(a).store(w_hi)
         fence_async_shared()  # generic-proxy stores, then the MMA's async-proxy reads
         mbarrier.arrive(a_ready.index(a), count=1)
+    return c + k_tiles
 
 
 @gluon.jit
 def _mma_part(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_ready, a_empty, sx_ptr, s1_ptr,
-              bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n0, m0, k_tiles, BM: gl.constexpr,
-              SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr):
+              bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, units, BM: gl.constexpr,
+              SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
+              PERSISTENT: gl.constexpr):
+    if PERSISTENT:
+        c = 0  # K tiles multiplied so far: the rings' slots and phases
+        for u in range(gl.program_id(0), units, gl.num_programs(0)):
+            c = _mma_unit(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_ready, a_empty, sx_ptr,
+                          s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, u, c, n_tiles, m_tiles, tiles,
+                          BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, PERSISTENT)
+    else:
+        _mma_unit(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_ready, a_empty, sx_ptr, s1_ptr,
+                  bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, gl.program_id(0), 0, n_tiles, m_tiles, tiles,
+                  BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, PERSISTENT)
+
+
+@gluon.jit
+def _mma_unit(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_ready, a_empty, sx_ptr, s1_ptr,
+              bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, u, c, n_tiles, m_tiles, tiles, BM: gl.constexpr,
+              SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
+              PERSISTENT: gl.constexpr):
+    """Unit ``u``'s MMAs over the rings' ``c``-th K tile on, then its epilogue; returns the count after it."""
     stages: gl.constexpr = xlo_bufs.shape[0]
     a_stages: gl.constexpr = alo_bufs.shape[0]
     bn: gl.constexpr = alo_bufs.shape[1]
@@ -172,21 +258,37 @@ def _mma_part(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_rea
     INSTR_N: gl.constexpr = min(BM, 128)  # wgmma int8: n <= 128 here (Triton refuses n = 256)
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1],
                                                          instr_shape=[16, INSTR_N, 32])
+    n_tile, m_tile, sid, kt0, k_tiles = _unit(u, n_tiles, m_tiles, tiles, SPLIT, PERSISTENT)
     acc = gl.zeros((bn, BM), gl.int32, acc_layout)
     for i in range(k_tiles):
-        s = i % stages
-        a = i % a_stages
-        mbarrier.wait(load_ready.index(s), (i // stages) & 1)
-        mbarrier.wait(a_ready.index(a), (i // a_stages) & 1)
+        j = c + i  # this tile's place in the rings
+        s = j % stages
+        a = j % a_stages
+        mbarrier.wait(load_ready.index(s), (j // stages) & 1)
+        mbarrier.wait(a_ready.index(a), (j // a_stages) & 1)
         acc = warpgroup_mma(alo_bufs.index(a), xlo_bufs.index(s).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma(ahi_bufs.index(a), xhi_bufs.index(s).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(2, deps=[acc])  # the previous tile's two MMAs are done: release its slots
         if i > 0:
-            mbarrier.arrive(x_empty.index((i - 1) % stages), count=1)
-            mbarrier.arrive(a_empty.index((i - 1) % a_stages), count=1)
+            mbarrier.arrive(x_empty.index((j - 1) % stages), count=1)
+            mbarrier.arrive(a_empty.index((j - 1) % a_stages), count=1)
     acc = warpgroup_mma_wait(0, deps=[acc])
+    if k_tiles > 0:  # the unit's last tile: its slots go back before the epilogue, so the next unit's fill
+        mbarrier.arrive(x_empty.index((c + k_tiles - 1) % stages), count=1)
+        mbarrier.arrive(a_empty.index((c + k_tiles - 1) % a_stages), count=1)
     if PDL:
         _gdc_wait()  # the epilogue reads the act-quant's scales
+    _epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tile * bn, m_tile * BM,
+              sid, m_tile * n_tiles + n_tile, BM, SPLIT, EPILOGUE, HAS_BIAS)
+    return c + k_tiles
+
+
+@gluon.jit
+def _epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n0, m0, sid, tile,
+              BM: gl.constexpr, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """One output tile: the split-K reduction if any, then ``(acc * s_x) * s1 (+ bias)`` in fp32 (or the raw int32)."""
+    bn: gl.constexpr = acc.shape[0]
+    warps: gl.constexpr = gl.num_warps()
     # n fastest: coalesced out[m, n]
     out_layout: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [4, warps // 4], [0, 1])
     res = gl.convert_layout(acc, out_layout)
@@ -196,8 +298,7 @@ def _mma_part(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_rea
     mask = gl.expand_dims(m_mask, 0) & gl.expand_dims(offs_n < N, 1)
     offs = gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1)
     if SPLIT > 1:
-        res, mask = _reduce_splits(res, ws_ptr, cnt_ptr, offs, mask, gl.program_id(2),
-                                   gl.program_id(1) * gl.num_programs(0) + gl.program_id(0), M * N, SPLIT)
+        res, mask = _reduce_splits(res, ws_ptr, cnt_ptr, offs, mask, sid, tile, M * N, SPLIT)
     if EPILOGUE:
         sx = gl.load(sx_ptr + offs_m * stride_sx, mask=m_mask, other=0.0)
         s1 = gl.load(s1_ptr + offs_n, mask=offs_n < N, other=0.0)
@@ -212,14 +313,12 @@ def _mma_part(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_rea
 @gluon.jit
 def _ws_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
                     stride_sx, GROUP: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
-                    SPLIT: gl.constexpr, WIDEN_REGS: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr,
-                    PDL: gl.constexpr):
-    n0 = gl.program_id(0) * BN
-    m0 = gl.program_id(1) * BM
+                    SPLIT: gl.constexpr, WIDEN_WARPS: gl.constexpr, WIDEN_REGS: gl.constexpr, EPILOGUE: gl.constexpr,
+                    HAS_BIAS: gl.constexpr, PDL: gl.constexpr, PERSISTENT: gl.constexpr):
+    n_tiles = gl.cdiv(N, BN)
+    m_tiles = gl.cdiv(M, BM)
     tiles = K // (2 * HALF)
-    per = gl.cdiv(tiles, SPLIT)
-    kt0 = gl.program_id(2) * per
-    k_tiles = gl.maximum(gl.minimum(per, tiles - kt0), 0)
+    units = n_tiles * m_tiles * SPLIT  # a persistent CTA takes units pid, pid + grid, ...
     srows: gl.constexpr = s2_desc.block_type.shape[0]
     w_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, HALF], w_desc.layout)
     xlo_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BM, HALF], x_desc.layout)
@@ -242,13 +341,13 @@ def _ws_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, 
         mbarrier.init(a_empty.index(i), count=1)
     gl.warp_specialize([
         (_mma_part, (alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_ready, a_empty, sx_ptr, s1_ptr,
-                     bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n0, m0, k_tiles, BM, SPLIT, EPILOGUE,
-                     HAS_BIAS, PDL)),
+                     bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, units, BM, SPLIT,
+                     EPILOGUE, HAS_BIAS, PDL, PERSISTENT)),
         (_load_part, (w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready,
-                      w_empty, x_empty, n0, m0, kt0, k_tiles, GROUP, PDL)),
-        (_widen_part, (w_bufs, s2_bufs, zp_bufs, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, k_tiles,
-                       1 if GROUP == 64 else 0)),
-    ], [1, 4], [24, WIDEN_REGS])
+                      w_empty, x_empty, n_tiles, m_tiles, tiles, units, BN, BM, SPLIT, GROUP, PDL, PERSISTENT)),
+        (_widen_part, (w_bufs, s2_bufs, zp_bufs, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, n_tiles,
+                       m_tiles, tiles, units, SPLIT, 1 if GROUP == 64 else 0, PERSISTENT)),
+    ], [1, WIDEN_WARPS], [24, WIDEN_REGS])
 
 
 @dataclass(frozen=True)
@@ -263,10 +362,24 @@ class WsConfig:
     # 12 warps (mma, widen, and the load warp's warpgroup) x 32 threads x 168 <= 64K registers; 80 fits two CTAs
     maxnreg: int = 168
     mma_warps: int = 4  # 8: two MMA warpgroups, each on 64 of the tile's weight rows
+    widen_warps: int = 4  # 8 lost at M = 256 (23.8 vs 24.4 us under ncu): the widening is not the limit there
+    # > 0: a persistent grid of this many CTAs per SM walks the tiles, so a CTA's loads and widening for its next
+    # tile run during the epilogue of the last; 0: one CTA per tile
+    persistent: int = 0
 
 
 BIG_TILE_MIN_CTAS = 80  # measured at M = 256: 86 CTAs won (4096 x 11008), 64 lost (28672 x 8192)
-MAX_M = 2047  # measured: from M = 2048 on, widen-once + the int8 GEMM (dgq.kernels.linear)
+MAX_M = 2047  # measured: from M = 2048 on, widen-once + the int8 GEMM (dgq.kernels.linear) ...
+# ... except on long-K layers (K >= 2N: down projections) up to this M, where the persistent kernel won at M = 2048
+# (11008 x 4096: 149.8 vs 160.7 us; 28672 x 8192: 743.6 vs 865.3) and at M = 4096 won one and tied one (310.3 vs
+# 327.1; 1673.8 vs 1655.8); at M = 8192 widen-once won all five shapes by 3-19%
+MAX_M_LONG_K = 4095
+
+
+def takes(m: int, k: int, n: int) -> bool:
+    """Whether the measured rule gives ``m`` tokens of a ``k``-deep, ``n``-wide layer to this kernel rather than to
+    widen-once + the int8 GEMM (:data:`MAX_M`, :data:`MAX_M_LONG_K`)."""
+    return m <= MAX_M or (m <= MAX_M_LONG_K and k >= 2 * n)
 
 
 def config_for(m: int, n: int, sms: int = 132) -> WsConfig:
@@ -284,8 +397,11 @@ def config_for(m: int, n: int, sms: int = 132) -> WsConfig:
       a running act-quant slowed the pair by half on 4096 x 11008 (31 vs 22 us: the early-launched CTAs' waiting
       warps take the SMs' issue slots from the act-quant's);
     * more tokens: 256-token tiles with two MMA warpgroups (one widened weight tile serves twice the tokens) where
-      they make >= 80 CTAs, else 6-stage rings of 128 tokens, 64-row tiles where 128-row ones would leave a quarter
-      of the SMs idle.
+      they make >= 80 CTAs, on a persistent grid of one CTA per SM (against one CTA per tile: 4096 x 11008 at
+      M = 1024 105.0 vs 110.0 us, 8192 x 28672 438 vs 466, 4096 x 4096 at M = 4096 136 vs 143; 28672 x 8192 at
+      M = 1024 374 vs 359, the one loss), else 6-stage rings of 128 tokens, 64-row tiles where 128-row ones would
+      leave a quarter of the SMs idle.  Tried at M = 256 and lost on every shape: two CTAs per SM (64-token tiles),
+      K splits, 256-row tiles, eight widening warps (``benchmarks/notes_gemm.md``, session 10).
 
     K splits reduce through per-tile arrival counts (module docstring); at M = 256 a split lost 2-3x (the partial
     sums' traffic rivals the weight's), so none is used there.
@@ -301,7 +417,7 @@ def config_for(m: int, n: int, sms: int = 132) -> WsConfig:
             return WsConfig(128, 64, 4, 2)
         return WsConfig(128, 64, 4, 1) if tiles <= sms else WsConfig(128, 64, 4, 1, 80, 80)
     if triton.cdiv(m, 256) * (n // 128) >= BIG_TILE_MIN_CTAS:
-        return WsConfig(128, 256, 4, 1, 96, 128, 8)
+        return WsConfig(128, 256, 4, 1, 96, 128, 8, persistent=1)
     return WsConfig(64, 128, 6, 1) if n // 128 * triton.cdiv(m, 128) < 100 else WsConfig(128, 128, 6, 1, 128)
 
 
@@ -366,13 +482,18 @@ def ws_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | Non
     dummy = kw.split_scratch
     ws = torch.empty((cfg.split, m, n), dtype=torch.int32, device=x.device) if cfg.split > 1 else dummy
     sx = s_x.reshape(-1).float() if epilogue else dummy
-    grid = (triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm), cfg.split)
-    if cfg.split > 1 and grid[0] * grid[1] > dummy.numel():
-        raise AssertionError(f"{grid[0] * grid[1]} split-K tiles exceed the layer's {dummy.numel()} count slots")
+    tiles = triton.cdiv(n, cfg.bn) * triton.cdiv(m, cfg.bm)
+    if cfg.split > 1 and tiles > dummy.numel():
+        raise AssertionError(f"{tiles} split-K tiles exceed the layer's {dummy.numel()} count slots")
+    units = tiles * cfg.split
+    grid = ((min(units, cfg.persistent * _sm_count(x.device)),) if cfg.persistent
+            else (triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm), cfg.split))
     options = launch_options(x.device)
     _ws_a8w4_kernel[grid](*descriptors(x, kw, cfg), sx, kw.s1, bias if bias is not None else dummy, out, ws, dummy,
                           m, n, k, int(epilogue and sx.numel() > 1), GROUP=kw.group_size, BN=cfg.bn, BM=cfg.bm,
-                          STAGES=cfg.stages, SPLIT=cfg.split, WIDEN_REGS=cfg.widen_regs, EPILOGUE=epilogue,
-                          HAS_BIAS=bias is not None, PDL=bool(options), num_warps=cfg.mma_warps,
+                          STAGES=cfg.stages, SPLIT=cfg.split, WIDEN_WARPS=cfg.widen_warps, WIDEN_REGS=cfg.widen_regs,
+                          EPILOGUE=epilogue,
+                          HAS_BIAS=bias is not None, PDL=bool(options), PERSISTENT=cfg.persistent > 0,
+                          num_warps=cfg.mma_warps,
                           maxnreg=cfg.maxnreg, **options)
     return out

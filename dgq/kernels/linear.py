@@ -14,11 +14,13 @@ Each was measured against the others on an H100 (``benchmarks/gemm.py``, ``bench
 * The same M on another GPU, or a layer that kernel does not take (:func:`dgq.kernels.gemm_ws.supported`: K tiles of
   64, odd groups, N not a multiple of 64), or a Triton without Gluon (warned once on Hopper): the in-register
   tensor-core kernel (:mod:`dgq.kernels.gemm`).
-* M >= :data:`WIDEN_MIN_M`: the weight is widened to int8 once per call (one pass over it) and the TMA-fed int8
-  kernel (:mod:`dgq.kernels.int8_gemm`) multiplies.  At M = 2048 (int8 codes in) that took 0.0671 / 0.1935 /
-  0.1612 / 0.9803 / 0.9532 ms on the five benchmark shapes against 0.0783 / 0.2255 / 0.1592 / 0.9756 / 0.8396 for
-  the warp-specialized kernel's 256-token tiles, which widen each weight tile again per 256 tokens; at M = 1024
-  the warp-specialized kernel won on three shapes (by 13-34%) and lost by 2-3% on two.
+* M >= :data:`WIDEN_MIN_M` (on Hopper, long-K layers from :data:`dgq.kernels.gemm_ws.MAX_M_LONG_K` + 1 on: its
+  :func:`~dgq.kernels.gemm_ws.takes`): the weight is widened to int8 once per call (one pass over it) and the
+  TMA-fed int8 kernel (:mod:`dgq.kernels.int8_gemm`) multiplies.  At M = 2048 (int8 codes in, session 10) that
+  took 0.0676 / 0.1944 / 0.1607 / 0.8893 / 0.8653 ms on the five benchmark shapes against 0.0700 / 0.2038 / 0.1498 /
+  0.8949 / 0.7436 for the warp-specialized kernel's persistent 256-token tiles, which widen each weight tile again
+  per 256 tokens: widen-once wins the K = 4096 shapes, the warp-specialized kernel the long-K ones (11008 x 4096,
+  28672 x 8192); at M = 8192 widen-once won all five.
 
 The GEMMs launch while the act-quant kernel still runs (programmatic dependent launch) and wait for its codes inside.
 """
@@ -56,7 +58,7 @@ def a8w4_mm(x_s8: torch.Tensor, s_x: torch.Tensor, kw: KernelWeight, bias: torch
     ws = _hopper_kernels(kw, x_s8.device)
     if m <= GEMV_MAX_M:
         return (gemv_tma.tma_gemv if ws else a8w4_gemv)(x_s8, kw, s_x, bias, out_dtype)
-    if m >= WIDEN_MIN_M:
+    if m >= WIDEN_MIN_M and not (ws and gemm_ws.takes(m, kw.in_features, kw.out_features)):
         return int8_matmul(x_s8, widen_weight(kw), s_x, kw.s1, bias, out_dtype)
     if ws:
         return gemm_ws.ws_a8w4_matmul(x_s8, kw, s_x, bias, out_dtype)
