@@ -1,5 +1,5 @@
-"""The A8W4 GEMM for 2..2047 tokens (and one token on wide layers) on Hopper: a warp-specialized kernel (Gluon)
-whose widening runs beside the MMA.
+"""The A8W4 GEMM for 2..2047 tokens (to 4095 on long-K layers: :func:`takes`) on Hopper: a warp-specialized kernel
+(Gluon) whose widening runs beside the MMA.
 
 Why a second tensor-core kernel: the in-register kernel of :mod:`dgq.kernels.gemm` widens int4 to int8 in the same
 warps that issue the tensor-core MMA, so the two serialize, and at M = 16..256 it ran at 0.7-1.1x cuBLAS FP16 where
@@ -28,6 +28,12 @@ one atomic per CTA); the split that arrives last adds the others' partials (inte
 applies the epilogue.  The counters are the layer's scratch (:attr:`dgq.kernels.gemm.KernelWeight.split_scratch`),
 which the last split rearms, so nothing is zeroed before a call.  An arrival count per output element, the first
 version, cost 2-5x (an acq_rel atomic per element); per tile, splits gave 1.3-1.8x at M = 16 (notes).
+
+**Persistent grid** (``WsConfig.persistent``, the 256-token tiles): one CTA per SM takes work units ``pid, pid +
+grid, ...`` (a unit is an output tile and K split; weight rows fastest), the three partitions counting K tiles
+across units for their rings' slots and phases, and the MMA warps hand a unit's last slots back before its epilogue,
+so the next unit's copies and widening run during it.  Other configs keep one CTA per unit on a 3-D grid and read
+their unit from the grid's indices (the divisions cost the 64 x 128 config 500 bytes of ptxas spills).
 
 **Configs** are a fixed rule per M regime (:func:`config_for`), not an autotuner: the fastest configs of two H100
 probe runs (``benchmarks/gemm_ws_probe.py``, notes), so a model compiles at most three variants per shape.
