@@ -24,22 +24,29 @@ from dgq.kernels.linear import a8w4_linear, a8w4_mm
 # (bn, bm, stages, split, widen_regs, maxnreg) around the rule: ring depth (bytes in flight), K splits (per-tile
 # arrival), 64/128-row tiles, 1-2 CTAs per SM (maxnreg 80: two fit).
 W = WsConfig
-# 256-token tiles (one widened weight tile serves twice the tokens) and two MMA warpgroups per CTA
-BIG = [W(64, 256, 4, 1), W(128, 256, 4, 1, 96, 128, 8), W(128, 128, 6, 1, 96, 128, 8)]
 # Session 10: persistent grids (one CTA per SM walks the tiles, so the next tile's loads and widening run during the
-# epilogue), 256-row tiles (two MMA warpgroups of 128 weight rows: a third less activation traffic per MMA than the
-# 128 x 256 tile, twice the widening per MMA), and at M = 256 two CTAs per SM (64-token tiles, 80 registers)
+# epilogue), and eight widening warps at M = 256.  Also measured then and dropped (notes_gemm.md, session 10, and
+# results/gemm_ws_probe_h100_s10_*.json): 256-row tiles, two CTAs per SM with 64-token tiles, K splits at M = 256, and
+# eight widening warps on the 256-token tile (640 threads: more than 512 launch at 112 registers)
 P = dict(persistent=1)
 BIG_P = W(128, 256, 4, 1, 96, 128, 8, **P)
-WIDE8 = W(128, 256, 4, 1, 80, 112, 8, widen_warps=8, **P)  # eight widening warps
+# the act-quant + GEMM pair per M: the rule's configs and their neighbours in registers (1 or 2 CTAs per SM)
+PAIR_CONFIGS = {16: [W(64, 16, 6, s, 80, 80) for s in (1, 2, 4)] + [W(128, 16, 4, s, 80, 80) for s in (1, 2)],
+                # decode at batch 17-32: 32-token tiles, more K splits, two CTAs per SM
+                32: [W(128, 64, 4, s) for s in (1, 2, 4)] + [W(64, 32, 6, s, 80, 80) for s in (1, 2, 4)]
+                + [W(128, 32, 4, s, 80, 80) for s in (1, 2)] + [W(64, 64, 6, s, 80, 80) for s in (2, 4)],
+                64: [W(128, 64, 4, 1), W(128, 64, 4, 1, 80, 80), W(128, 64, 4, 2), W(128, 64, 4, 2, 80, 80),
+                     W(64, 64, 6, 1, 80, 80), W(64, 64, 6, 2, 80, 80)],
+                256: [W(64, 128, 6, 1), W(128, 128, 6, 1, 128), W(64, 256, 4, 1), W(128, 256, 4, 1, 96, 128, 8)],
+                8192: [BIG_P, W(128, 256, 4, 1, 96, 128, 8)]}
 CANDIDATES = {16: [W(64, 16, st, s, 80, 80) for st in (6, 10) for s in (1, 2, 4)]
               + [W(128, 16, st, s, 80, 80) for st in (4, 6) for s in (1, 2)]
               + [W(128, 16, 6, s) for s in (1, 2, 3)] + [W(64, 16, 10, s) for s in (1, 2)],
               64: [W(64, 64, st, s, 80, 80) for st in (6, 8) for s in (1, 2, 4)]
               + [W(128, 64, st, s) for st in (4, 6) for s in (1, 2)] + [W(128, 64, 4, s, 80, 80) for s in (1, 2)],
               256: [W(64, 128, 6, 1), W(128, 128, 6, 1, 128), BIG_P, W(64, 128, 6, 1, 96, 128, widen_warps=8),
-                    W(128, 128, 6, 1, 96, 128, widen_warps=8), WIDE8],
-              2047: [W(128, 256, 4, 1, 96, 128, 8), BIG_P, WIDE8],
+                    W(128, 128, 6, 1, 96, 128, widen_warps=8)],
+              2047: [W(128, 256, 4, 1, 96, 128, 8), BIG_P],
               # beyond MAX_M: against widen-once + the int8 GEMM (the "dgq_path" column there)
               8192: [W(128, 256, 4, 1, 96, 128, 8), BIG_P, W(128, 128, 6, 1, 96, 128, 8, **P)]}
 
