@@ -156,15 +156,11 @@ class QuantLinear(nn.Module):
                                "forward_reference explicitly for the slow exact path")
         from dgq.kernels.ops import quantized_linear
 
-        if self.first_scale:  # per-row static scales: quantized here, then the GEMM's per-token scale path
-            x2 = x.reshape(-1, self.in_features)
-            x_s8, s_x = quantize_activations(x2, self.static_scales(x2.shape[0]))
-            out = torch.ops.dgq.a8w4_mm(x_s8, s_x, self.codes, self.s2t, self.zpt, self.s1, self.split_scratch,
-                                        self.group_size, self.bias, x.dtype)
-            return out.reshape(*x.shape[:-1], self.out_features)
-        static = self.act_scale if self.act_mode == "static" else None
-        out = quantized_linear(x.reshape(-1, self.in_features), self.codes, self.s2t, self.zpt, self.s1,
-                          self.split_scratch, self.group_size, static, self.bias, x.dtype)
+        x2 = x.reshape(-1, self.in_features)
+        # static scales per row where the first positions have their own: the act-quant kernel takes them as it
+        # takes one (and a one-token GEMV's row has one)
+        out = quantized_linear(x2, self.codes, self.s2t, self.zpt, self.s1, self.split_scratch, self.group_size,
+                               self.static_scales(x2.shape[0]), self.bias, x.dtype)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def static_scales(self, rows: int) -> torch.Tensor | None:

@@ -87,6 +87,24 @@ def test_layer_quantizes_first_rows_with_their_own_scale():
     torch.testing.assert_close(out.reshape(10, -1), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_layer_kernels_quantize_first_rows_with_their_own_scale():
+    """The kernel path (Triton in the CPU interpreter here; the same act-quant kernel and GEMM paths on CUDA) gets
+    the per-row static scales as one array and equals the exact reference bit for bit: prefill rows, and one decode
+    row at position 0 and elsewhere (the one-token GEMV's path)."""
+    layer = _layer()
+    layer.act_scale.fill_(0.01)
+    layer.act_scale_first.fill_(0.5)
+    for ids, rows in ((torch.tensor([[0, 1, 2, 3, 4], [2, 3, 4, 5, 6]]), 10), (torch.tensor([[0]]), 1),
+                      (torch.tensor([[7]]), 1)):
+        x = torch.randn(rows, layer.in_features)
+        token = positions._FIRST_ROWS.set(positions.first_rows({"position_ids": ids}, torch.zeros(*ids.shape, 4)))
+        try:
+            got, want = layer.forward_kernels(x), layer.forward_reference(x)
+        finally:
+            positions._FIRST_ROWS.reset(token)
+        assert torch.equal(got, want), f"position ids {ids.tolist()}"
+
+
 def test_layer_outside_a_hooked_block_is_refused():
     layer = _layer()
     with pytest.raises(PositionError, match="outside a hooked decoder block"):

@@ -356,6 +356,21 @@ def test_act_quant_is_bit_exact(shape: tuple[int, int], dtype: torch.dtype, stat
     assert torch.equal(s.cpu(), s_ref) and torch.equal(q.cpu(), q_ref)
 
 
+@pytest.mark.parametrize("k", [300, 9000])  # one read per row, and chunks
+def test_act_quant_takes_one_static_scale_per_row(k: int) -> None:
+    """A layer whose first positions have a static scale of their own passes one scale per row (``[M, 1]``): the
+    kernel uses each row's, as the reference does; a scale array of another shape is refused."""
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(5, k, generator=gen).half() * 3
+    scales = torch.tensor([[0.5], [0.01], [0.01], [0.2], [0.01]])
+    q, s = quantize_activations_triton(x.to(DEVICE), scales)
+    q_ref, s_ref = quantize_activations(x, scales)
+    assert s.shape == (5, 1) and torch.equal(s.cpu(), s_ref) and torch.equal(q.cpu(), q_ref)
+    assert not torch.equal(q_ref[0], quantize_activations(x[:1], torch.tensor(0.01))[0][0])  # the row's own scale
+    with pytest.raises(ValueError, match="one per row"):
+        quantize_activations_triton(x.to(DEVICE), scales[:3])
+
+
 def test_act_quant_chunks_many_long_rows_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rows longer than WHOLE_ROW_MAX are read in chunks by 16 warps (act_quant.row_block), at any M; the last chunk
     is partial."""

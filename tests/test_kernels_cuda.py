@@ -181,6 +181,23 @@ def test_warp_specialized_kernel_is_bit_exact(k: int, n: int, g: int, kind: str)
             assert torch.equal(got, fp32_epilogue(ref, s_x.reshape(-1, 1), dg.s1)), f"M={m} epilogue"
 
 
+@pytest.mark.parametrize("k,n,g", [(4096, 320, 128), (2048, 8448, 64)])
+def test_per_row_static_scales_are_exact(k: int, n: int, g: int) -> None:
+    """A layer whose first positions have their own static scale passes one scale per row: the one-token GEMVs
+    (the row's scale) and the act-quant kernel with the warp-specialized kernel, each with the fp32 epilogue's exact
+    result."""
+    gen = torch.Generator().manual_seed(k + n + 5)
+    dg = random_weight(n, k, g, gen)
+    kw = layout(dg)
+    for m in MS:
+        x = (torch.randn(m, k, generator=gen) * 4).half()
+        scales = torch.full((m, 1), 0.02)
+        scales[::7] = 0.5  # the rows of each sequence's first position, say
+        got = a8w4_linear(x.cuda(), kw, scales.cuda(), out_dtype=torch.float32).cpu()
+        x_q, s_x = quantize_activations(x, scales)
+        assert torch.equal(got, fp32_epilogue(int_matmul(x_q, dg.int8_weight()), s_x, dg.s1)), f"M={m}"
+
+
 def test_split_k_is_deterministic_under_concurrency() -> None:
     gen = torch.Generator().manual_seed(9)
     dg = random_weight(4096, 4096, 128, gen)

@@ -61,7 +61,7 @@ def _dynamic_scale(abs_x):
 
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, DYNAMIC: tl.constexpr,
-                      BLOCK: tl.constexpr, ON_GPU: tl.constexpr):
+                      STATIC_ROWS: tl.constexpr, BLOCK: tl.constexpr, ON_GPU: tl.constexpr):
     if ON_GPU:  # let the GEMM that consumes the codes launch now (it waits for this grid to finish: gdc_wait)
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
@@ -74,7 +74,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, 
             scale = _dynamic_scale(tl.abs(x))
             tl.store(s_ptr + row, scale)
         else:
-            scale = tl.load(s_ptr)
+            scale = tl.load(s_ptr + row * STATIC_ROWS)  # one static scale, or the row's own
         tl.store(q_row + cols, _round_clamp_s8(tl.math.div_rn(x, scale)), mask=cols < K)
     else:  # absmax pass, then a quantize pass that mostly hits L2
         if DYNAMIC:
@@ -85,7 +85,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, 
             scale = _dynamic_scale(amax)
             tl.store(s_ptr + row, scale)
         else:
-            scale = tl.load(s_ptr)
+            scale = tl.load(s_ptr + row * STATIC_ROWS)  # one static scale, or the row's own
         for i in range((K + BLOCK - 1) // BLOCK):
             c = i * BLOCK + cols
             x = tl.load(x_row + c, mask=c < K, other=0.0).to(tl.float32)
@@ -106,20 +106,26 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
     """Int8 codes ``[M, K]`` and fp32 scales of a 2-D ``x`` (fp16/bf16/fp32), as the reference computes them.
 
     Dynamic mode (``static_scale is None``) returns per-row scales ``[M, 1]``; static mode returns the given
-    scale as ``[1, 1]``, matching :func:`dgq.formats.quantize_activations`' shapes.
+    scale as ``[1, 1]``, or, given one static scale per row (``[M, 1]``: a layer whose first positions have their
+    own, :attr:`dgq.nn.QuantLinear.first_scale`), those, matching :func:`dgq.formats.quantize_activations`' shapes.
     """
     if x.dim() != 2:
         raise ValueError(f"expected a 2-D activation, got shape {list(x.shape)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     m, k = x.shape
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    per_row = static_scale is not None and static_scale.numel() > 1
     if static_scale is None:
         s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    elif per_row and static_scale.shape != (m, 1):
+        raise ValueError(f"a static activation scale is one value or one per row ([{m}, 1]), got shape "
+                         f"{list(static_scale.shape)}")
     else:
-        s = static_scale.detach().to(device=x.device, dtype=torch.float32).reshape(1, 1)
+        s = static_scale.detach().to(device=x.device, dtype=torch.float32).reshape(-1, 1).contiguous()
     block = row_block(k)
     if m:
-        _act_quant_kernel[(m,)](x, q, s, x.stride(0), q.stride(0), K=k, DYNAMIC=static_scale is None, BLOCK=block,
-                                ON_GPU=x.device.type == "cuda", num_warps=_warps(m, k, block))
+        _act_quant_kernel[(m,)](x, q, s, x.stride(0), q.stride(0), K=k, DYNAMIC=static_scale is None,
+                                STATIC_ROWS=int(per_row), BLOCK=block, ON_GPU=x.device.type == "cuda",
+                                num_warps=_warps(m, k, block))
     return q, s
 
