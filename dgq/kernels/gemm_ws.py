@@ -147,7 +147,7 @@ def _load_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_
         for u in range(pid, units, gl.num_programs(0)):
             c = _load_unit(w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready,
                            w_empty, x_empty, u, c, pre, n_tiles, m_tiles, tiles, BN, BM, SPLIT, GROUP, PERSISTENT)
-    else:  # one unit per CTA, no loop (a loop over units costs registers: ptxas spilled 28 -> 508 bytes)
+    else:  # one unit per CTA
         _load_unit(w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready,
                    w_empty, x_empty, pid, 0, pre, n_tiles, m_tiles, tiles, BN, BM, SPLIT, GROUP, PERSISTENT)
 
