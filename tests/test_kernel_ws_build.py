@@ -35,8 +35,8 @@ def compile_for_hopper(cfg: gemm_ws.WsConfig, group: int, out: str):  # noqa: AN
     swz, plain = repr(gemm_ws._nvmma(64)), repr(gemm_ws._nvmma(0))
     box = f"[{gemm_ws._scale_rows(group, cfg.bn)}, {cfg.bn}]"
     consts = {"GROUP": group, "BN": cfg.bn, "BM": cfg.bm, "STAGES": cfg.stages, "SPLIT": cfg.split,
-              "WIDEN_WARPS": cfg.widen_warps, "WIDEN_REGS": cfg.widen_regs, "EPILOGUE": out != "i32", "HAS_BIAS": True, "PDL": True,
-              "PERSISTENT": cfg.persistent > 0}
+              "WIDEN_WARPS": cfg.widen_warps, "WIDEN_REGS": cfg.widen_regs, "EPILOGUE": out != "i32",
+              "HAS_BIAS": True, "PDL": True, "PERSISTENT": cfg.persistent > 0}
     sig = {"w_desc": f"tensordesc<u8[{cfg.bn}, 64],{swz}>", "x_desc": f"tensordesc<i8[{cfg.bm}, 64],{swz}>",
            "s2_desc": f"tensordesc<i8{box},{plain}>", "zp_desc": f"tensordesc<u8{box},{plain}>",
            "sx_ptr": "*fp32", "s1_ptr": "*fp32", "bias_ptr": f"*{out}", "out_ptr": f"*{out}", "ws_ptr": "*i32",
