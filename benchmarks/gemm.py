@@ -13,9 +13,9 @@ Peers: cuBLAS FP16, ``torch._int_mm``, FP8 row-wise ``_scaled_mm``, our TMA int8
 (``w8a8_triton``: A8W4 with free widening), tinygemm W4A16, and GemLite W4A16 when the ``gemlite`` package imports.
 dgq's own rows: ``dgq`` (what ``QuantLinear`` runs, act-quant included, path by M: ``dgq.kernels.linear``) and each
 path alone from int8 activations: ``dgq_gemv`` (the register-fed GEMV, M <= 16 only: it re-reads the weight per
-token), ``dgq_gemv_tma`` (the TMA-fed GEMV, Hopper, likewise), ``dgq_ws`` (the
-warp-specialized Hopper kernel, M <= 2047), ``dgq_gemm_only`` (in-register widening), ``dgq_widen_once`` (widen + TMA
-int8 kernel).
+token), ``dgq_gemv_tma`` (the TMA-fed GEMV, Hopper, likewise), ``dgq_ws`` (the warp-specialized Hopper kernel,
+M <= 2047, to 4095 on long-K layers), ``dgq_gemm_only`` (in-register widening), ``dgq_widen_once`` (widen + TMA int8
+kernel).
 """
 
 from __future__ import annotations

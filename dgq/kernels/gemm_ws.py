@@ -146,21 +146,20 @@ def _load_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_
         c = 0  # K tiles loaded so far: the ring's slot and phase
         for u in range(pid, units, gl.num_programs(0)):
             c = _load_unit(w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready,
-                           w_empty, x_empty, u, c, pre, n_tiles, m_tiles, tiles, BN, BM, SPLIT, GROUP, PERSISTENT)
+                           w_empty, x_empty, u, c, pre, n_tiles, m_tiles, tiles, nbytes, BN, BM, SPLIT, GROUP,
+                           PERSISTENT)
     else:  # one unit per CTA
         _load_unit(w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready,
-                   w_empty, x_empty, pid, 0, pre, n_tiles, m_tiles, tiles, BN, BM, SPLIT, GROUP, PERSISTENT)
+                   w_empty, x_empty, pid, 0, pre, n_tiles, m_tiles, tiles, nbytes, BN, BM, SPLIT, GROUP, PERSISTENT)
 
 
 @gluon.jit
 def _load_unit(w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready, w_empty,
-               x_empty, u, c, pre, n_tiles, m_tiles, tiles, BN: gl.constexpr, BM: gl.constexpr, SPLIT: gl.constexpr,
-               GROUP: gl.constexpr, PERSISTENT: gl.constexpr):
+               x_empty, u, c, pre, n_tiles, m_tiles, tiles, nbytes: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr,
+               SPLIT: gl.constexpr, GROUP: gl.constexpr, PERSISTENT: gl.constexpr):
     """The loads of unit ``u``, from the ring's ``c``-th K tile on (the first ``pre`` weight tiles are in flight
-    already); returns the count after it."""
+    already; ``nbytes``: one slot's copies); returns the count after it."""
     stages: gl.constexpr = w_bufs.shape[0]
-    nbytes: gl.constexpr = (w_desc.block_type.nbytes + 2 * x_desc.block_type.nbytes + s2_desc.block_type.nbytes
-                            + zp_desc.block_type.nbytes)
     n_tile, m_tile, sid, kt0, k_tiles = _unit(u, n_tiles, m_tiles, tiles, SPLIT, PERSISTENT)
     for i in range(k_tiles):
         j = c + i  # this tile's place in the rings
@@ -488,18 +487,15 @@ def ws_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | Non
     dummy = kw.split_scratch
     ws = torch.empty((cfg.split, m, n), dtype=torch.int32, device=x.device) if cfg.split > 1 else dummy
     sx = s_x.reshape(-1).float() if epilogue else dummy
-    tiles = triton.cdiv(n, cfg.bn) * triton.cdiv(m, cfg.bm)
-    if cfg.split > 1 and tiles > dummy.numel():
-        raise AssertionError(f"{tiles} split-K tiles exceed the layer's {dummy.numel()} count slots")
-    units = tiles * cfg.split
-    grid = ((min(units, cfg.persistent * _sm_count(x.device)),) if cfg.persistent
-            else (triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm), cfg.split))
+    n_tiles, m_tiles = triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm)
+    if cfg.split > 1 and n_tiles * m_tiles > dummy.numel():
+        raise AssertionError(f"{n_tiles * m_tiles} split-K tiles exceed the layer's {dummy.numel()} count slots")
+    grid = ((min(n_tiles * m_tiles * cfg.split, cfg.persistent * _sm_count(x.device)),) if cfg.persistent
+            else (n_tiles, m_tiles, cfg.split))
     options = launch_options(x.device)
     _ws_a8w4_kernel[grid](*descriptors(x, kw, cfg), sx, kw.s1, bias if bias is not None else dummy, out, ws, dummy,
                           m, n, k, int(epilogue and sx.numel() > 1), GROUP=kw.group_size, BN=cfg.bn, BM=cfg.bm,
                           STAGES=cfg.stages, SPLIT=cfg.split, WIDEN_WARPS=cfg.widen_warps, WIDEN_REGS=cfg.widen_regs,
-                          EPILOGUE=epilogue,
-                          HAS_BIAS=bias is not None, PDL=bool(options), PERSISTENT=cfg.persistent > 0,
-                          num_warps=cfg.mma_warps,
-                          maxnreg=cfg.maxnreg, **options)
+                          EPILOGUE=epilogue, HAS_BIAS=bias is not None, PDL=bool(options),
+                          PERSISTENT=cfg.persistent > 0, num_warps=cfg.mma_warps, maxnreg=cfg.maxnreg, **options)
     return out
