@@ -143,17 +143,17 @@ def pairs(json_path: str | None, ms: list[int], shapes: list[tuple[int, int]]) -
 
 
 def _timed_with_pdl(pdl: bool, calls: list) -> float:
-    """``time_graph(calls)`` with programmatic dependent launch on or off (:data:`dgq.kernels.gemm.PDL`), restored
-    after."""
+    """``time_graph(calls)`` with programmatic dependent launch on or off (:data:`dgq.kernels.pdl.ENABLED`),
+    restored after."""
     from gemm import time_graph
 
-    from dgq.kernels import gemm
+    from dgq.kernels import pdl as launch
 
-    saved, gemm.PDL = gemm.PDL, pdl
+    saved, launch.ENABLED = launch.ENABLED, pdl
     try:
         return time_graph(calls)
     finally:
-        gemm.PDL = saved
+        launch.ENABLED = saved
 
 
 def _pair(o, cfg: WsConfig) -> torch.Tensor:

@@ -61,6 +61,13 @@ def captured(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
     return graph.replay
 
 
+# inductor's kernels launched programmatically dependent (:mod:`dgq.kernels.pdl`; generated only for CUDA devices of
+# compute capability >= 9, so a no-op elsewhere): each waits for its producer inside and lets its consumer launch
+# after its own loads, so dgq's GEMVs request their weight tiles while the norm or SiLU before them still runs.
+# H100, Llama-2-7B, batch-1 decode step, every format compiled alike (benchmarks/notes_e2e.md, session 11): DGQ
+# 360.8 -> 377.6 tok/s (387.7 with dgq's decode attention launched the same way), FP16 157.5 -> 155.6 and W8A8
+# 155.0 -> 156.6 (within their run-to-run spread: FP16 and W8A8 run cuBLAS or a GEMM that waits at its start).
+COMPILE_OPTIONS = {"triton.enable_pdl": True}
 _COMPILED: dict[tuple[int, bool], Callable] = {}  # (id(model), dynamic) -> compiled model, built once per process
 SCOPES = ("blocks", "whole")
 SCOPE = "blocks"  # what :func:`compiled` compiles (benchmarks/e2e.py --compile-scope measures both)
@@ -97,7 +104,7 @@ def _run_block(block: nn.Module, *args: object, **kwargs: object) -> object:
 def _block_code() -> Callable:
     """:func:`_run_block` compiled (at its first call, once per input kind); made on first use, as creating it
     imports the compiler, seconds that ``dgq``'s command line, which imports this module, should not pay."""
-    return torch.compile(_run_block, fullgraph=True)
+    return torch.compile(_run_block, fullgraph=True, options=COMPILE_OPTIONS)
 
 
 class SharedBlockForward:
@@ -133,7 +140,7 @@ def compiled(model: nn.Module, dynamic: bool) -> Callable:
         return model
     key = (id(model), dynamic)
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(model, fullgraph=True, dynamic=dynamic)
+        _COMPILED[key] = torch.compile(model, fullgraph=True, dynamic=dynamic, options=COMPILE_OPTIONS)
     return _COMPILED[key]
 
 

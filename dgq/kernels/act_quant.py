@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dgq.kernels.pdl import launch_options
+
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds an fp32 of magnitude <= 2**22 to even
 _MIN_SCALE = tl.constexpr(1e-8)  # the reference's clamp of the dynamic scale
 WHOLE_ROW_MAX = 4096  # rows up to this length are read once, whole; longer ones in chunks (row_block)
@@ -62,7 +64,8 @@ def _dynamic_scale(abs_x):
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, DYNAMIC: tl.constexpr,
                       STATIC_ROWS: tl.constexpr, BLOCK: tl.constexpr, ON_GPU: tl.constexpr):
-    if ON_GPU:  # let the GEMM that consumes the codes launch now (it waits for this grid to finish: gdc_wait)
+    if ON_GPU:  # launched programmatically dependent on x's producer (pdl.launch_options): wait for it; then let
+        tl.extra.cuda.gdc_wait()  # the GEMM that consumes the codes launch (it waits for this grid: gdc_wait)
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
@@ -126,6 +129,6 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
     if m:
         _act_quant_kernel[(m,)](x, q, s, x.stride(0), q.stride(0), K=k, DYNAMIC=static_scale is None,
                                 STATIC_ROWS=int(per_row), BLOCK=block, ON_GPU=x.device.type == "cuda",
-                                num_warps=_warps(m, k, block))
+                                num_warps=_warps(m, k, block), **launch_options(x.device))
     return q, s
 

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from dgq.kernels.gemm import _use_asm
+from dgq.kernels.pdl import launch_options
 
 BLOCK_N = 64  # cache positions per inner step
 BLOCK_G = 16  # query heads per KV head, padded to the smallest tensor-core tile
@@ -118,17 +119,30 @@ def _attend_step(q, k_row, v_row, ks_row, vs_row, mask_row, offs, end, stride_kn
 
 
 @triton.jit
+def _wait_then_release(PDL: tl.constexpr):
+    """With ``PDL`` (programmatic dependent launch, on CUDA) a kernel is launched while its producer still runs:
+    wait for that grid to finish, then let the next kernel launch (the merge after the split, and after the merge
+    the output projection, whose GEMV requests its weight tiles before it waits for the attention's output).  Both
+    steps are one instruction each; without them a decode step pays each kernel's launch in turn."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _decode_attention_split(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, o_ptr, lse_ptr, kv_len, chunk, steps, scale,
                             stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                             stride_sb, stride_sh, stride_mb, kv_heads, splits,
                             GROUPS: tl.constexpr, D: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_G: tl.constexpr, V_EARLY: tl.constexpr, INT8_KV: tl.constexpr,
-                            I8_CVT: tl.constexpr = 0, STAGES: tl.constexpr = 1):
+                            I8_CVT: tl.constexpr = 0, STAGES: tl.constexpr = 1, PDL: tl.constexpr = False):
     """Partial attention of the ``GROUPS`` query heads of one KV head over one chunk of the cache.
 
     ``INT8_KV``: K and V hold int8 codes with one fp32 scale per position (``ks_ptr``/``vs_ptr``, ``[B, Hkv, L]``):
     the codes widen exactly (``I8_CVT``; every int8 is exact in fp16 and bf16), K's scale multiplies the scores, V's
-    is folded into the probabilities."""
+    is folded into the probabilities.  ``PDL``: launched programmatically dependent on the producer of q, K and V
+    (see :func:`_wait_then_release`)."""
+    _wait_then_release(PDL)
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // kv_heads, pid_bh % kv_heads
     g = tl.arange(0, BLOCK_G)
@@ -165,8 +179,10 @@ def _decode_attention_split(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, o_ptr
 
 
 @triton.jit
-def _decode_attention_merge(o_ptr, lse_ptr, out_ptr, splits, D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _decode_attention_merge(o_ptr, lse_ptr, out_ptr, splits, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                            PDL: tl.constexpr = False):
     """One query head's output from its chunks' partial outputs, weighted by their log-sum-exp."""
+    _wait_then_release(PDL)
     row = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, D)
@@ -250,14 +266,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     lse = torch.empty(batch * q_heads * splits, dtype=torch.float32, device=q.device)
     ks, vs = (k_scale, v_scale) if int8_kv else (lse, lse)  # (lse: an unread stand-in)
     i8_cvt, stages = _interpretable(cfg, q.device)
+    pdl = launch_options(q.device)
     _decode_attention_split[(batch * kv_heads, splits)](
         q, k, v, ks, vs, mask if mask is not None else lse, partial, lse, kv_len, chunk, chunk // block_n, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         ks.stride(0) if int8_kv else 0, ks.stride(1) if int8_kv else 0, mask.stride(0) if mask is not None else 0,
         kv_heads, splits, GROUPS=q_heads // kv_heads, D=dim, HAS_MASK=mask is not None, BLOCK_N=block_n,
         BLOCK_G=BLOCK_G, V_EARLY=cfg["v_early"], INT8_KV=int8_kv, I8_CVT=i8_cvt, STAGES=stages,
-        num_warps=cfg["num_warps"])
+        PDL=bool(pdl), num_warps=cfg["num_warps"], **pdl)
     out = torch.empty(batch, 1, q_heads, dim, dtype=q.dtype, device=q.device)
     _decode_attention_merge[(batch * q_heads,)](partial, lse, out, splits, D=dim,
-                                                BLOCK_S=triton.next_power_of_2(splits))
+                                                BLOCK_S=triton.next_power_of_2(splits), PDL=bool(pdl), **pdl)
     return out

@@ -28,7 +28,7 @@ moves 1 byte per group instead of the 4 a precomputed int32 constant would cost 
 **Activations** arrive as int8 codes from :func:`dgq.kernels.act_quant.quantize_activations_triton` (one launch
 before the GEMM).  Quantizing inside the GEMM was built and measured (benchmarks/notes_gemm.md): every program must
 first reduce its rows' absmax over all of K, a chain of dependent L2 loads that made the decode GEMM 3-25x slower
-than the separate launch.  The GEMMs are launched *programmatically dependent* on it (:func:`launch_options`):
+than the separate launch.  The GEMMs are launched *programmatically dependent* on it (:mod:`dgq.kernels.pdl`):
 their programs become resident while it runs and wait for its codes with ``griddepcontrol.wait``, which hides the
 launch latency (3-7% at M <= 16 on the H100).
 
@@ -48,6 +48,7 @@ import triton.language as tl
 
 from dgq.errors import DGQError
 from dgq.formats import DualGrainedWeight
+from dgq.kernels.pdl import launch_options
 from dgq.packing import layout_tile, pack_tiled
 
 
@@ -281,15 +282,6 @@ _chosen_split: dict[tuple, int] = {}  # autotuning key -> SPLIT_K of the config 
 def _use_asm(device: torch.device) -> bool:
     """Inline PTX on a real GPU; plain integer arithmetic in Triton's CPU interpreter, which cannot run PTX."""
     return device.type == "cuda"
-
-
-PDL = True  # programmatic dependent launch on CUDA (benchmarks/gemm_variants.py measures it off and on)
-
-
-def launch_options(device: torch.device) -> dict:
-    """Launch options of the kernels that consume the act-quant's codes: on CUDA they launch while it still runs
-    (programmatic dependent launch) and wait for it inside (``gdc_wait``), hiding the launch latency."""
-    return {"launch_pdl": True} if PDL and device.type == "cuda" else {}
 
 
 def launch(tuned: triton.runtime.Autotuner, kernel, grid, args: tuple, meta: dict,  # noqa: ANN001

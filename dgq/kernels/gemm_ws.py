@@ -62,7 +62,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from dgq.kernels.gemm import _WIDEN_PTX, KernelWeight, launch_options, prepare_call
+from dgq.kernels.gemm import _WIDEN_PTX, KernelWeight, prepare_call
+from dgq.kernels.pdl import launch_options
 
 HALF = gl.constexpr(64)  # half of the layout's 128-wide K tile: one nibble plane, one MMA of depth 64
 A_STAGES = gl.constexpr(2)  # widened tiles in flight between the widen and MMA partitions

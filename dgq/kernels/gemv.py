@@ -30,7 +30,8 @@ import triton
 import triton.language as tl
 
 from dgq.kernels.act_quant import _dynamic_scale, _round_clamp_s8
-from dgq.kernels.gemm import KernelWeight, _use_asm, launch_options, widen_ptx
+from dgq.kernels.gemm import KernelWeight, _use_asm, widen_ptx
+from dgq.kernels.pdl import launch_options
 
 # pack=1: s2 / c * 0x01010101 of the low nibbles are $3 / $4, of the high $5 / $6 (see dgq.kernels.gemm.widen_ptx).
 _WIDEN_WORD_PTX = tl.constexpr(widen_ptx("$3", "$4", "$5", "$6"))

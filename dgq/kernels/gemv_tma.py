@@ -40,11 +40,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from dgq.kernels.act_quant import _MIN_SCALE, _RNE_MAGIC
-from dgq.kernels.gemm import KernelWeight, launch_options, prepare_call
+from dgq.kernels.gemm import KernelWeight, prepare_call
 from dgq.kernels.gemm_ws import (
     _gdc_wait, _lane_constants, _load_weight, _nvmma, _reduce_splits, _scale_rows, supported,
 )
 from dgq.kernels.gemv import _DP4A2_PTX, _WIDEN_WORD_PTX
+from dgq.kernels.pdl import launch_options
 
 HALF = gl.constexpr(64)  # packed bytes per row of one 128-wide K tile (and activation codes per nibble half)
 

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from dgq.kernels.gemm import _use_asm, launch_options
+from dgq.kernels.gemm import _use_asm
+from dgq.kernels.pdl import launch_options
 
 
 @triton.jit

@@ -1,0 +1,23 @@
+"""Programmatic dependent launch (PDL, Hopper and later): a kernel launched while the one before it in the stream
+still runs, which waits for that grid inside (``griddepcontrol.wait``, Triton's ``gdc_wait``) before it reads what
+the grid wrote.
+
+Why: a decode step is a chain of small kernels, each paying its launch and ramp-up in turn.  Launched dependent,
+a kernel's programs are resident when its producer ends, and a GEMM or GEMV requests its weight tiles (which no
+earlier kernel writes) before it waits.  A producer that calls ``gdc_launch_dependents`` lets its consumer launch
+from then on; one that does not, from its end.  Every dgq kernel launched with :func:`launch_options` waits before
+its first read of a producer's output, so the launch changes timing only, never a result.  The compiled model's
+own kernels take part through inductor's ``triton.enable_pdl`` (:data:`dgq.bench.COMPILE_OPTIONS`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+ENABLED = True  # benchmarks/gemm_ws_probe.py measures it off and on
+
+
+def launch_options(device: torch.device) -> dict:
+    """Triton launch options for a kernel that waits for its producer inside: PDL on CUDA, nothing elsewhere
+    (the CPU interpreter has no such launch)."""
+    return {"launch_pdl": True} if ENABLED and device.type == "cuda" else {}
