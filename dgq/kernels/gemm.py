@@ -349,10 +349,9 @@ def a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None =
 
 
 @triton.jit
-def _widen_kernel(w_ptr, s2_ptr, zp_ptr, out_ptr, N, stride_s, K: tl.constexpr, GROUP: tl.constexpr,
-                  TILE_K: tl.constexpr, BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr):
-    """``W_s8 [N, K]`` from the kernel layout, one K tile of BLOCK_N rows per program (same widening as the GEMM);
-    ``stride_s``: the row stride of ``s2``/``zp`` (the layer's N; a row range starts at its first column)."""
+def _widen_kernel(w_ptr, s2_ptr, zp_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr, TILE_K: tl.constexpr,
+                  BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr):
+    """``W_s8 [N, K]`` from the kernel layout, one K tile of BLOCK_N rows per program (same widening as the GEMM)."""
     pid_n, tile = tl.program_id(0), tl.program_id(1)
     HALF: tl.constexpr = TILE_K // 2
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -362,10 +361,10 @@ def _widen_kernel(w_ptr, s2_ptr, zp_ptr, out_ptr, N, stride_s, K: tl.constexpr, 
     p = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * (K // 2) + (k0 // 2 + kh)[None, :], mask=n_mask[:, None],
                 other=0)
     g_lo, g_hi = k0 // GROUP, (k0 + HALF) // GROUP
-    s_lo = tl.load(s2_ptr + g_lo * stride_s + offs_n, mask=n_mask, other=0).to(tl.int32)
-    z_lo = tl.load(zp_ptr + g_lo * stride_s + offs_n, mask=n_mask, other=0).to(tl.int32)
-    s_hi = tl.load(s2_ptr + g_hi * stride_s + offs_n, mask=n_mask, other=0).to(tl.int32)
-    z_hi = tl.load(zp_ptr + g_hi * stride_s + offs_n, mask=n_mask, other=0).to(tl.int32)
+    s_lo = tl.load(s2_ptr + g_lo * N + offs_n, mask=n_mask, other=0).to(tl.int32)
+    z_lo = tl.load(zp_ptr + g_lo * N + offs_n, mask=n_mask, other=0).to(tl.int32)
+    s_hi = tl.load(s2_ptr + g_hi * N + offs_n, mask=n_mask, other=0).to(tl.int32)
+    z_hi = tl.load(zp_ptr + g_hi * N + offs_n, mask=n_mask, other=0).to(tl.int32)
     w_lo, w_hi = _widen(p, s_lo, z_lo, s_hi, z_hi, USE_ASM)
     rows = out_ptr + offs_n.to(tl.int64)[:, None] * K
     tl.store(rows + (k0 + kh)[None, :], w_lo, mask=n_mask[:, None])
@@ -374,17 +373,9 @@ def _widen_kernel(w_ptr, s2_ptr, zp_ptr, out_ptr, N, stride_s, K: tl.constexpr, 
 
 def widen_weight(kw: KernelWeight, block_n: int = 64) -> torch.Tensor:
     """``W_s8 = s2 * (u4 - zp)`` as int8 ``[N, K]`` in one pass over the packed weight (the large-M path's first step)."""
-    out = torch.empty((kw.out_features, kw.in_features), dtype=torch.int8, device=kw.codes.device)
-    return widen_rows(kw, 0, kw.out_features, out, block_n)
-
-
-def widen_rows(kw: KernelWeight, start: int, stop: int, out: torch.Tensor, block_n: int = 64) -> torch.Tensor:
-    """Output channels ``[start, stop)`` of :func:`widen_weight` written into ``out`` (int8 ``[stop - start, K]``,
-    contiguous), which is returned."""
-    rows, k = stop - start, kw.in_features
-    if out.shape != (rows, k) or out.dtype != torch.int8 or not out.is_contiguous():
-        raise ValueError(f"widen_rows writes a contiguous int8 [{rows}, {k}], got {out.dtype}{list(out.shape)}")
-    _widen_kernel[(triton.cdiv(rows, block_n), k // kw.tile_k)](
-        kw.codes[start:stop], kw.s2t[:, start:], kw.zpt[:, start:], out, rows, kw.out_features, K=k,
-        GROUP=kw.group_size, TILE_K=kw.tile_k, BLOCK_N=block_n, USE_ASM=_use_asm(kw.codes.device))
+    n, k = kw.out_features, kw.in_features
+    out = torch.empty((n, k), dtype=torch.int8, device=kw.codes.device)
+    _widen_kernel[(triton.cdiv(n, block_n), k // kw.tile_k)](kw.codes, kw.s2t, kw.zpt, out, n, K=k,
+                                                             GROUP=kw.group_size, TILE_K=kw.tile_k, BLOCK_N=block_n,
+                                                             USE_ASM=_use_asm(kw.codes.device))
     return out

@@ -88,21 +88,15 @@ def _num_programs(device: torch.device) -> int:
 
 def int8_matmul(x_s8: torch.Tensor, w_s8: torch.Tensor, s_x: torch.Tensor, s1: torch.Tensor,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
-                config: triton.Config | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``(s_x * s1) * (x_s8 @ w_s8ᵀ) + bias`` for int8 ``x_s8 [M, K]`` and ``w_s8 [N, K]`` (K a multiple of 16),
-    into ``out`` when given (``[M, N]`` of ``out_dtype`` with unit column stride: a column range of a wider
-    output)."""
+                config: triton.Config | None = None) -> torch.Tensor:
+    """``(s_x * s1) * (x_s8 @ w_s8ᵀ) + bias`` for int8 ``x_s8 [M, K]`` and ``w_s8 [N, K]`` (K a multiple of 16)."""
     m, k = x_s8.shape
     n = w_s8.shape[0]
     if x_s8.dtype != torch.int8 or w_s8.dtype != torch.int8 or w_s8.shape[1] != k:
         raise ValueError(f"expected int8 x [M, K] and w [N, K], got {x_s8.dtype}{list(x_s8.shape)}, "
                          f"{w_s8.dtype}{list(w_s8.shape)}")
     x_s8, w_s8 = x_s8.contiguous(), w_s8.contiguous()
-    if out is None:
-        out = torch.empty((m, n), dtype=out_dtype, device=x_s8.device)
-    elif out.shape != (m, n) or out.dtype != out_dtype or out.stride(1) != 1:
-        raise ValueError(f"out must be {out_dtype}[{m}, {n}] with unit column stride, got {out.dtype}"
-                         f"{list(out.shape)} strides {out.stride()}")
+    out = torch.empty((m, n), dtype=out_dtype, device=x_s8.device)
     if m == 0:
         return out
     sx = s_x.reshape(-1).float()
