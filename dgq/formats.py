@@ -161,6 +161,14 @@ def amax_abs(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
     return torch.maximum(hi, lo.neg_())
 
 
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` from a fused gate/up output (gate the first half of the last dimension), rounded as a
+    Llama-family MLP rounds it: the SiLU in the input's dtype, then the product in it.  The input of a down
+    projection that takes the gate/up output itself (:attr:`dgq.nn.QuantLinear.swiglu_input`)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
+
+
 def quantize_activations(x: torch.Tensor, static_scale: torch.Tensor | None = None,
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 activations: per-token dynamic (``static_scale is None``) or one calibrated per-tensor scale

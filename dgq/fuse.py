@@ -23,12 +23,22 @@ static scales (``act_clip_grid`` searches them per layer) cannot fuse exactly.  
 group is checked first and any reason not to fuse raises :class:`FusionError` with the model untouched, so a user
 who asks for fused projections never gets a silently half-fused model.
 
+The MLP goes one step further: its ``down_proj(act_fn(gate) * up)`` becomes ``down_proj(gate_up)``, the down
+projection taking the fused gate/up output and forming ``silu(gate) * up`` in the kernel that quantizes its input
+(:attr:`dgq.nn.QuantLinear.swiglu_input`): one launch and one pass over the product fewer per block.  This one does
+replace the MLP's forward (an instance attribute: a bound method, which copies with the model), because the
+product is a tensor operation a hook cannot reach; it is done only where that forward is known, the families below
+with a SiLU ``act_fn``.  Same arithmetic as transformers' (the SiLU rounded to the activation dtype, then the
+product), so on the CPU the logits are bit-identical; on CUDA the kernels' exponential is Triton's, and a product
+may land one fp16 rounding away (the tests bound it).
+
 Fusion is a load-time step (:func:`dgq.load` with ``fuse=True``): a fused model's state has a new layout
 (``qkv_proj``, ``gate_up_proj``) that no dgq checkpoint uses, so :func:`dgq.save` refuses it (:func:`is_fused`).
 """
 
 from __future__ import annotations
 
+import types
 from typing import Any, Callable
 
 import torch
@@ -101,6 +111,37 @@ def _check_group(where: str, layers: list[tuple[str, nn.Module]]) -> None:
                               f"scales, so one quantized input cannot serve both; load without fuse")
 
 
+def _check_swiglu(where: str, mlp: nn.Module) -> None:
+    """Raise :class:`FusionError` unless the MLP computes ``down_proj(silu(gate) * up)`` with a dgq down projection
+    that can take the fused gate/up output."""
+    if not isinstance(getattr(mlp, "act_fn", None), _SILU):
+        raise FusionError(f"{where} has activation {type(getattr(mlp, 'act_fn', None)).__name__}; fused MLPs need "
+                          f"SiLU (SwiGLU); load without fuse")
+    down = getattr(mlp, "down_proj", None)
+    if not isinstance(down, QuantLinear):
+        raise FusionError(f"{where}.down_proj is a {type(down).__name__}; only a dgq A8W4 layer (QuantLinear) takes "
+                          f"the fused gate/up output")
+    if down.in_features != mlp.gate_proj.out_features or mlp.gate_proj.out_features != mlp.up_proj.out_features:
+        raise FusionError(f"{where}: gate {mlp.gate_proj.out_features}, up {mlp.up_proj.out_features} and "
+                          f"down_proj's input {down.in_features} wide differ")
+
+
+def _silu_classes() -> tuple[type, ...]:
+    """The modules that compute ``silu``: torch's, and transformers' own (5.x's ``ACT2FN["silu"]``)."""
+    from transformers import activations
+
+    return (nn.SiLU,) + tuple(c for c in (getattr(activations, "SiLUActivation", None),) if c is not None)
+
+
+_SILU = _silu_classes()
+
+
+def _swiglu_forward(mlp: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+    """A fused MLP's forward (bound to it): its pre-hook has already run ``gate_up_proj``; the down projection
+    forms ``silu(gate) * up`` itself."""
+    return mlp.down_proj(gate_up)
+
+
 def _fused_layer(layers: list[QuantLinear]) -> QuantLinear:
     """One :class:`QuantLinear` whose output channels are those of ``layers``, in order."""
     parts = [layer.dual_grained() for layer in layers]
@@ -117,9 +158,10 @@ def _fused_layer(layers: list[QuantLinear]) -> QuantLinear:
 
 def fuse_projections(model: nn.Module) -> nn.Module:
     """Fuse, in place, each block's q/k/v into one ``qkv_proj`` and gate/up into one ``gate_up_proj``
-    :class:`QuantLinear` (see the module docstring); returns ``model``.  Outputs are bit-identical to the
-    unfused model's.  Raises :class:`FusionError`, before changing anything, for a family other than
-    :data:`FAMILIES`, layers that are not dgq A8W4 layers, or a group that cannot share one quantized input."""
+    :class:`QuantLinear`, whose output the down projection takes (see the module docstring); returns ``model``.
+    Outputs are bit-identical to the unfused model's on the CPU.  Raises :class:`FusionError`, before changing
+    anything, for a family other than :data:`FAMILIES`, layers that are not dgq A8W4 layers, a group that cannot
+    share one quantized input, or an MLP that is not a SwiGLU over dgq layers."""
     family = getattr(getattr(model, "config", None), "model_type", None)
     if family not in FAMILIES:
         raise FusionError(f"fusing projections supports {', '.join(FAMILIES)}; this model is {family!r}")
@@ -130,6 +172,8 @@ def fuse_projections(model: nn.Module) -> nn.Module:
             parent = block.get_submodule(parent_name)
             layers = [(n, getattr(parent, n)) for n in names]
             _check_group(f"block {i} {parent_name}", layers)
+            if parent_name == "mlp":
+                _check_swiglu(f"block {i} mlp", parent)
             plan.append((parent, fused_name, names, [layer for _, layer in layers]))
     for parent, fused_name, names, layers in plan:
         parent.add_module(fused_name, _fused_layer(layers))
@@ -138,6 +182,9 @@ def fuse_projections(model: nn.Module) -> nn.Module:
             setattr(parent, name, ProjectionSlice(start, start + layer.out_features, width))
             start += layer.out_features
         parent.register_forward_pre_hook(_run_fused(fused_name), with_kwargs=True)
+        if fused_name == "gate_up_proj":
+            parent.down_proj.swiglu_input = True
+            parent.forward = types.MethodType(_swiglu_forward, parent)
     return model
 
 

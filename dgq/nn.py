@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from dgq.formats import DualGrainedWeight, int_matmul, quantize_activations
+from dgq.formats import DualGrainedWeight, int_matmul, quantize_activations, swiglu
 from dgq.packing import layout_tile, pack_tiled, pack_u4, unpack_tiled, unpack_u4
 from dgq.positions import current_first_rows
 
@@ -33,6 +33,9 @@ class QuantLinear(nn.Module):
     module is moved or cast (``_apply``), rebuilt when a buffer is replaced or written in place (the cache key).
     With ``first_scale`` (static activations only) the layer also holds ``act_scale_first``, the static scale of
     every sequence's first position; which rows those are, the enclosing decoder block says (:mod:`dgq.positions`).
+    With ``swiglu_input`` (set by :func:`dgq.fuse.fuse_projections` on a down projection, never saved) the layer
+    takes the fused gate/up output, ``2 in_features`` wide, and its input is :func:`dgq.formats.swiglu` of it: the
+    kernel that quantizes the input forms the product as it reads, so the MLP's SiLU costs no launch of its own.
     """
 
     STORED = {"codes": "weight", "s2t": "s2", "zpt": "zp"}  # buffer -> its checkpoint name (other buffers: same)
@@ -63,6 +66,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("split_scratch", torch.zeros(2 * out_features, dtype=torch.int32, device=device),
                              persistent=False)
         self._int8: tuple[tuple, torch.Tensor] | None = None
+        self.swiglu_input = False
 
     @classmethod
     def from_weight(cls, dg: DualGrainedWeight, bias: torch.Tensor | None, act_mode: ActMode,
@@ -140,7 +144,7 @@ class QuantLinear(nn.Module):
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Pure-PyTorch forward with the exact int32 accumulator (:func:`~dgq.formats.int_matmul`, an int8 GEMM on
         the CPU) and a float32 epilogue; the definition every kernel must match."""
-        x2 = x.reshape(-1, self.in_features)
+        x2 = swiglu(x.reshape(-1, 2 * self.in_features)) if self.swiglu_input else x.reshape(-1, self.in_features)
         x_q, s_x = quantize_activations(x2, self.static_scales(x2.shape[0]))
         out = int_matmul(x_q, self._int8_weight()).float().mul_(s_x).mul_(self.s1)
         if self.bias is not None:
@@ -149,18 +153,19 @@ class QuantLinear(nn.Module):
 
     def forward_kernels(self, x: torch.Tensor) -> torch.Tensor:
         """The Triton kernels through dgq's PyTorch operators (:mod:`dgq.kernels.ops`), which ``torch.compile``
-        captures without a graph break; equal to :meth:`forward_reference` bit for bit."""
+        captures without a graph break; equal to :meth:`forward_reference` bit for bit (with ``swiglu_input``, up
+        to the SiLU's exponential: :func:`dgq.kernels.act_quant.quantize_activations_triton`)."""
         from dgq.kernels import TRITON_AVAILABLE
         if not TRITON_AVAILABLE:
             raise RuntimeError("QuantLinear on CUDA needs triton for its kernels; install triton, or call "
                                "forward_reference explicitly for the slow exact path")
         from dgq.kernels.ops import quantized_linear
 
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self.in_features * (2 if self.swiglu_input else 1))
         # static scales per row where the first positions have their own: the act-quant kernel takes them as it
         # takes one (and a one-token GEMV's row has one)
         out = quantized_linear(x2, self.codes, self.s2t, self.zpt, self.s1, self.split_scratch, self.group_size,
-                               self.static_scales(x2.shape[0]), self.bias, x.dtype)
+                               self.static_scales(x2.shape[0]), self.bias, x.dtype, self.swiglu_input)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def static_scales(self, rows: int) -> torch.Tensor | None:
@@ -181,8 +186,9 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         first = ", first_scale=True" if self.first_scale else ""
+        swiglu = ", swiglu_input=True" if self.swiglu_input else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, act={self.act_mode}, bias={self.bias is not None}{first}")
+                f"group_size={self.group_size}, act={self.act_mode}, bias={self.bias is not None}{first}{swiglu}")
 
 
 class FakeQuantLinear(nn.Module):

@@ -51,14 +51,17 @@ def test_gemm_operator_passes_opcheck(m: int) -> None:
 
 
 @pytest.mark.parametrize("m,act", [(1, "dynamic"), (3, "dynamic"), (1, "static"), (3, "static")])
-def test_linear_operator_passes_opcheck(m: int, act: str) -> None:
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_linear_operator_passes_opcheck(m: int, act: str, swiglu: bool) -> None:
     """The whole-layer operator (what a compiled CUDA graph calls: act-quant and GEMM, or the GEMV quantizing
-    inside at one token) agrees with its fake implementation and equals the exact reference."""
+    inside at one token; with ``swiglu`` from a fused gate/up output) agrees with its fake implementation and
+    equals the exact reference."""
     layer = _layer(128, 256, 64, act=act, bias=True, seed=2)
-    x = torch.randn(m, 256)
+    layer.swiglu_input = swiglu
+    x = torch.randn(m, 512 if swiglu else 256)
     static = layer.act_scale if act == "static" else None
     args = (x, layer.codes, layer.s2t, layer.zpt, layer.s1, layer.split_scratch, 64, static, layer.bias,
-            torch.float32)
+            torch.float32, swiglu)
     torch.library.opcheck(torch.ops.dgq.a8w4_linear, args, test_utils=("test_schema", "test_faketensor"))
     assert torch.equal(torch.ops.dgq.a8w4_linear(*args), layer.forward_reference(x))
     assert not layer.split_scratch.any()

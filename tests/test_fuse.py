@@ -60,6 +60,30 @@ def test_one_gemm_per_shared_input():
     assert isinstance(attn.k_proj, ProjectionSlice) and attn.qkv_proj.out_features == 128 + 2 * 64
 
 
+def test_down_projection_forms_the_swiglu_product_itself():
+    """The fused MLP hands the gate/up output to down_proj, which forms silu(gate) * up in the kernel that quantizes
+    its input: the same output as the unfused MLP, and a deep copy's MLP runs its own layers."""
+    model = quantized("llama", "dgq")
+    fused = fused_copy("llama", "dgq")
+    mlp, ref = fused.model.layers[0].mlp, model.model.layers[0].mlp
+    assert mlp.down_proj.swiglu_input and "swiglu_input=True" in repr(mlp.down_proj)
+    x = torch.randn(3, ref.gate_proj.in_features)
+    seen: list[int] = []
+    mlp.down_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[-1]))
+    assert torch.equal(mlp(x), ref(x))
+    assert seen == [2 * ref.down_proj.in_features]
+    twin = copy.deepcopy(fused).model.layers[0].mlp
+    assert twin.forward.__self__ is twin and torch.equal(twin(x), ref(x))
+
+
+def test_an_mlp_that_is_not_a_swiglu_is_refused_before_anything_changes():
+    model = copy.deepcopy(quantized("llama", "dgq"))
+    model.model.layers[1].mlp.act_fn = torch.nn.GELU()
+    with pytest.raises(FusionError, match="block 1 mlp has activation GELU"):
+        fuse_projections(model)
+    assert not is_fused(model) and not model.model.layers[0].mlp.down_proj.swiglu_input
+
+
 def test_a_slice_called_on_a_hidden_state_is_refused():
     attn = fused_copy("llama", "dgq").model.layers[0].self_attn
     with pytest.raises(FusionError, match="fused output"):

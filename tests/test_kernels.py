@@ -20,7 +20,7 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the kernels cannot be tested")
 
-from dgq.formats import DualGrainedWeight, int_matmul, quantize_activations  # noqa: E402
+from dgq.formats import DualGrainedWeight, int_matmul, quantize_activations, swiglu  # noqa: E402
 from dgq.kernels import act_quant, gemv, int8_gemm, linear  # noqa: E402
 from dgq.kernels.act_quant import quantize_activations_triton  # noqa: E402
 from dgq.kernels.gemm import KernelShapeError, KernelWeight, _cfg, a8w4_matmul, tile_k_for, widen_weight  # noqa: E402
@@ -381,6 +381,26 @@ def test_act_quant_chunks_many_long_rows_exactly(monkeypatch: pytest.MonkeyPatch
     q, s = quantize_activations_triton(x.to(DEVICE))
     q_ref, s_ref = quantize_activations(x)
     assert torch.equal(s.cpu(), s_ref) and torch.equal(q.cpu(), q_ref)
+
+
+@pytest.mark.parametrize("k", [96, 5000])  # one read per row, and chunks
+@pytest.mark.parametrize("static", [False, True])
+def test_act_quant_forms_the_swiglu_product_as_it_reads(k: int, static: bool) -> None:
+    """``swiglu=True``: the codes of ``silu(gate) * up`` from a fused gate/up row ``[2K]`` (dgq.formats.swiglu's
+    rounding: the SiLU in the row's dtype, then the product).  The kernel's exponential is not torch's, so a
+    product may sit one rounding of the dtype away, and its code one step; nothing more.  fp16 only here: the CPU
+    interpreter narrows fp32 to bf16 by truncation, not to nearest as the GPU does (bf16: ``pytest -m cuda``)."""
+    gen = torch.Generator().manual_seed(k)
+    gu = (torch.randn(6, 2 * k, generator=gen) * 4).half()
+    scale = torch.tensor(0.02) if static else None
+    q, s = quantize_activations_triton(gu.to(DEVICE), scale, swiglu=True)
+    q_ref, s_ref = quantize_activations(swiglu(gu), scale)
+    assert q.shape == (6, k) and s.shape == s_ref.shape
+    assert torch.allclose(s.cpu(), s_ref, rtol=1e-2, atol=0)
+    diff = (q.cpu().int() - q_ref.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01
+    with pytest.raises(ValueError, match="even width"):
+        quantize_activations_triton(gu[:, 1:].to(DEVICE), swiglu=True)
 
 
 def test_rounding_ties_go_to_even() -> None:

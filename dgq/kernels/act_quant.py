@@ -62,8 +62,28 @@ def _dynamic_scale(abs_x):
 
 
 @triton.jit
+def _swiglu(gate, up):
+    """``silu(gate) * up`` rounded as :func:`dgq.formats.swiglu`: fp32 arithmetic, the SiLU rounded to the
+    operands' dtype, then the product (IEEE division, as torch's SiLU divides)."""
+    g = gate.to(tl.float32)
+    silu = tl.math.div_rn(g, 1.0 + tl.exp(-g)).to(gate.dtype)
+    return (silu.to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
+def _load_row(x_row, c, K: tl.constexpr, SWIGLU: tl.constexpr):
+    """Elements ``c`` of a row as fp32: the row itself, or with ``SWIGLU`` the product of its gate half (the first
+    ``K`` elements) and its up half."""
+    v = tl.load(x_row + c, mask=c < K, other=0.0)
+    if SWIGLU:
+        v = _swiglu(v, tl.load(x_row + K + c, mask=c < K, other=0.0))
+    return v.to(tl.float32)
+
+
+@triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, DYNAMIC: tl.constexpr,
-                      STATIC_ROWS: tl.constexpr, BLOCK: tl.constexpr, ON_GPU: tl.constexpr):
+                      STATIC_ROWS: tl.constexpr, BLOCK: tl.constexpr, ON_GPU: tl.constexpr,
+                      SWIGLU: tl.constexpr = False):
     if ON_GPU:  # launched programmatically dependent on x's producer (pdl.launch_options): wait for it; then let
         tl.extra.cuda.gdc_wait()  # the GEMM that consumes the codes launch (it waits for this grid: gdc_wait)
         tl.extra.cuda.gdc_launch_dependents()
@@ -72,7 +92,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, 
     q_row = q_ptr + row * stride_q
     cols = tl.arange(0, BLOCK)
     if BLOCK >= K:  # the whole row fits in registers: one read
-        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+        x = _load_row(x_row, cols, K, SWIGLU)
         if DYNAMIC:
             scale = _dynamic_scale(tl.abs(x))
             tl.store(s_ptr + row, scale)
@@ -84,14 +104,14 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, 
             amax = tl.full([BLOCK], 0.0, tl.float32)
             for i in range((K + BLOCK - 1) // BLOCK):
                 c = i * BLOCK + cols
-                amax = tl.maximum(amax, tl.abs(tl.load(x_row + c, mask=c < K, other=0.0).to(tl.float32)))
+                amax = tl.maximum(amax, tl.abs(_load_row(x_row, c, K, SWIGLU)))
             scale = _dynamic_scale(amax)
             tl.store(s_ptr + row, scale)
         else:
             scale = tl.load(s_ptr + row * STATIC_ROWS)  # one static scale, or the row's own
         for i in range((K + BLOCK - 1) // BLOCK):
             c = i * BLOCK + cols
-            x = tl.load(x_row + c, mask=c < K, other=0.0).to(tl.float32)
+            x = _load_row(x_row, c, K, SWIGLU)
             tl.store(q_row + c, _round_clamp_s8(tl.math.div_rn(x, scale)), mask=c < K)
 
 
@@ -104,9 +124,14 @@ def _warps(m: int, k: int, block: int) -> int:
     return max(1, min(16, block // 1024))
 
 
-def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | None = None
+def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | None = None, swiglu: bool = False
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Int8 codes ``[M, K]`` and fp32 scales of a 2-D ``x`` (fp16/bf16/fp32), as the reference computes them.
+
+    ``swiglu``: ``x`` is a fused gate/up output ``[M, 2K]`` and the codes are those of
+    :func:`dgq.formats.swiglu` of it, computed on the way in (one read of ``x``, no ``[M, K]`` product in memory).
+    Its SiLU's exponential is Triton's, so a code may differ by one from the reference's where the product lands
+    within an fp16 rounding of a tie.
 
     Dynamic mode (``static_scale is None``) returns per-row scales ``[M, 1]``; static mode returns the given
     scale as ``[1, 1]``, or, given one static scale per row (``[M, 1]``: a layer whose first positions have their
@@ -116,6 +141,10 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
         raise ValueError(f"expected a 2-D activation, got shape {list(x.shape)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     m, k = x.shape
+    if swiglu:
+        if k % 2:
+            raise ValueError(f"a fused gate/up input has an even width, got {k}")
+        k //= 2
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     per_row = static_scale is not None and static_scale.numel() > 1
     if static_scale is None:
@@ -129,6 +158,6 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
     if m:
         _act_quant_kernel[(m,)](x, q, s, x.stride(0), q.stride(0), K=k, DYNAMIC=static_scale is None,
                                 STATIC_ROWS=int(per_row), BLOCK=block, ON_GPU=x.device.type == "cuda",
-                                num_warps=_warps(m, k, block), **launch_options(x.device))
+                                num_warps=_warps(m, k, block), SWIGLU=swiglu, **launch_options(x.device))
     return q, s
 

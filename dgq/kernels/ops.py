@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from dgq.formats import quantize_activations
+from dgq.formats import swiglu as swiglu_product
 from dgq.kernels import decode_attention as _decode_attention
 from dgq.kernels.act_quant import quantize_activations_triton
 from dgq.kernels.gemm import KernelWeight
@@ -74,15 +75,15 @@ def _(x_s8: torch.Tensor, s_x: torch.Tensor, codes: torch.Tensor, s2t: torch.Ten
 @torch.library.custom_op("dgq::a8w4_linear", mutates_args=())
 def _a8w4_linear(x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor, s1: torch.Tensor,
                  split_scratch: torch.Tensor, group_size: int, static_scale: torch.Tensor | None,
-                 bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+                 bias: torch.Tensor | None, out_dtype: torch.dtype, swiglu: bool) -> torch.Tensor:
     return a8w4_linear(x, KernelWeight.of(codes, s2t, zpt, s1, split_scratch, group_size), static_scale, bias,
-                       out_dtype)
+                       out_dtype, swiglu)
 
 
 @_a8w4_linear.register_fake
 def _(x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor, s1: torch.Tensor,
       split_scratch: torch.Tensor, group_size: int, static_scale: torch.Tensor | None, bias: torch.Tensor | None,
-      out_dtype: torch.dtype) -> torch.Tensor:
+      out_dtype: torch.dtype, swiglu: bool) -> torch.Tensor:
     return x.new_empty((x.shape[0], codes.shape[0]), dtype=out_dtype)
 
 
@@ -161,15 +162,18 @@ def int8_linear(x: torch.Tensor, w_s8: torch.Tensor, s1: torch.Tensor, bias: tor
 
 def quantized_linear(x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor, s1: torch.Tensor,
                      split_scratch: torch.Tensor, group_size: int, static_scale: torch.Tensor | None,
-                     bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for a 2-D ``x`` from a layer's buffers (module docstring)."""
+                     bias: torch.Tensor | None, out_dtype: torch.dtype, swiglu: bool = False) -> torch.Tensor:
+    """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for a 2-D ``x`` from a layer's buffers (module docstring);
+    ``swiglu``: ``X`` is :func:`dgq.formats.swiglu` of ``x``, formed by the kernel that quantizes it."""
     if not torch.compiler.is_compiling():
         kw = KernelWeight.of(codes, s2t, zpt, s1, split_scratch, group_size)
-        return a8w4_linear(x, kw, static_scale, bias, out_dtype)
+        return a8w4_linear(x, kw, static_scale, bias, out_dtype, swiglu)
     if not ACT_QUANT_IN_GRAPH.get(x.device.type, False):
         # detached as the eager kernels' output is (no gradient flows through rounding), so that a model compiled
         # with grad mode on does not make the compiler trace a backward the operator does not have
         return torch.ops.dgq.a8w4_linear(x.detach(), codes, s2t, zpt, s1, split_scratch, group_size, static_scale, bias,
-                                         out_dtype)
+                                         out_dtype, swiglu)
+    if swiglu:  # the reference's torch operations, which the compiler fuses with the quantization below
+        x = swiglu_product(x)
     x_s8, s_x = quantize_activations(x, static_scale)
     return torch.ops.dgq.a8w4_mm(x_s8, s_x, codes, s2t, zpt, s1, split_scratch, group_size, bias, out_dtype)
