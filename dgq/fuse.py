@@ -23,14 +23,17 @@ static scales (``act_clip_grid`` searches them per layer) cannot fuse exactly.  
 group is checked first and any reason not to fuse raises :class:`FusionError` with the model untouched, so a user
 who asks for fused projections never gets a silently half-fused model.
 
-The MLP goes one step further: its ``down_proj(act_fn(gate) * up)`` becomes ``down_proj(gate_up)``, the down
-projection taking the fused gate/up output and forming ``silu(gate) * up`` in the kernel that quantizes its input
-(:attr:`dgq.nn.QuantLinear.swiglu_input`): one launch and one pass over the product fewer per block.  This one does
-replace the MLP's forward (an instance attribute: a bound method, which copies with the model), because the
-product is a tensor operation a hook cannot reach; it is done only where that forward is known, the families below
-with a SiLU ``act_fn``.  Same arithmetic as transformers' (the SiLU rounded to the activation dtype, then the
-product), so on the CPU the logits are bit-identical; on CUDA the kernels' exponential is Triton's, and a product
-may land one fp16 rounding away (the tests bound it).
+The MLP goes one step further on long inputs: from :data:`SWIGLU_MIN_TOKENS` tokens on, its
+``down_proj(act_fn(gate) * up)`` becomes ``down_proj(gate_up)``, the down projection taking the fused gate/up output
+and forming ``silu(gate) * up`` in the kernel that quantizes its input (:attr:`dgq.nn.QuantLinear.swiglu_input`):
+one launch and one pass over the product fewer per block.  Measured on the H100 (Llama-2-7B, benchmarks/notes_e2e.md,
+session 11), it paid at prefill and cost at decode, where the one-token GEMV would form the whole row's product in
+every CTA (batch 1: 389 -> 370 tok/s), so short inputs keep the compiled SiLU kernel.  This one does replace the
+MLP's forward (an instance attribute: a bound method, which copies with the model), because the product is a
+tensor operation a hook cannot reach; it is done only where that forward is known, the families below with a SiLU
+``act_fn``.  Same arithmetic as transformers' (the SiLU rounded to the activation dtype, then the product), so on
+the CPU the logits are bit-identical; on CUDA the kernel's exponential and division are the GPU's fast ones, and a
+product may land one fp16 rounding away (the tests bound it).
 
 Fusion is a load-time step (:func:`dgq.load` with ``fuse=True``): a fused model's state has a new layout
 (``qkv_proj``, ``gate_up_proj``) that no dgq checkpoint uses, so :func:`dgq.save` refuses it (:func:`is_fused`).
@@ -136,10 +139,16 @@ def _silu_classes() -> tuple[type, ...]:
 _SILU = _silu_classes()
 
 
+SWIGLU_MIN_TOKENS = 64  # below: the compiled SiLU-and-product kernel, then down_proj (measured, module docstring)
+
+
 def _swiglu_forward(mlp: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
-    """A fused MLP's forward (bound to it): its pre-hook has already run ``gate_up_proj``; the down projection
-    forms ``silu(gate) * up`` itself."""
-    return mlp.down_proj(gate_up)
+    """A fused MLP's forward (bound to it): its pre-hook has already run ``gate_up_proj``.  From
+    :data:`SWIGLU_MIN_TOKENS` tokens on, the down projection forms ``silu(gate) * up`` itself; below, the MLP's own
+    forward runs on the fused output (its slices, its ``act_fn``)."""
+    if gate_up.numel() >= SWIGLU_MIN_TOKENS * gate_up.shape[-1]:
+        return mlp.down_proj(gate_up)
+    return type(mlp).forward(mlp, gate_up)
 
 
 def _fused_layer(layers: list[QuantLinear]) -> QuantLinear:

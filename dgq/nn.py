@@ -34,8 +34,9 @@ class QuantLinear(nn.Module):
     With ``first_scale`` (static activations only) the layer also holds ``act_scale_first``, the static scale of
     every sequence's first position; which rows those are, the enclosing decoder block says (:mod:`dgq.positions`).
     With ``swiglu_input`` (set by :func:`dgq.fuse.fuse_projections` on a down projection, never saved) the layer
-    takes the fused gate/up output, ``2 in_features`` wide, and its input is :func:`dgq.formats.swiglu` of it: the
-    kernel that quantizes the input forms the product as it reads, so the MLP's SiLU costs no launch of its own.
+    also takes the fused gate/up output, ``2 in_features`` wide (told apart by that width), and its input is then
+    :func:`dgq.formats.swiglu` of it: the kernel that quantizes the input forms the product as it reads, so the
+    MLP's SiLU costs no launch and no pass of its own.
     """
 
     STORED = {"codes": "weight", "s2t": "s2", "zpt": "zp"}  # buffer -> its checkpoint name (other buffers: same)
@@ -144,7 +145,7 @@ class QuantLinear(nn.Module):
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Pure-PyTorch forward with the exact int32 accumulator (:func:`~dgq.formats.int_matmul`, an int8 GEMM on
         the CPU) and a float32 epilogue; the definition every kernel must match."""
-        x2 = swiglu(x.reshape(-1, 2 * self.in_features)) if self.swiglu_input else x.reshape(-1, self.in_features)
+        x2 = swiglu(x.reshape(-1, 2 * self.in_features)) if self._takes_gate_up(x) else x.reshape(-1, self.in_features)
         x_q, s_x = quantize_activations(x2, self.static_scales(x2.shape[0]))
         out = int_matmul(x_q, self._int8_weight()).float().mul_(s_x).mul_(self.s1)
         if self.bias is not None:
@@ -161,12 +162,17 @@ class QuantLinear(nn.Module):
                                "forward_reference explicitly for the slow exact path")
         from dgq.kernels.ops import quantized_linear
 
-        x2 = x.reshape(-1, self.in_features * (2 if self.swiglu_input else 1))
+        gate_up = self._takes_gate_up(x)
+        x2 = x.reshape(-1, self.in_features * (2 if gate_up else 1))
         # static scales per row where the first positions have their own: the act-quant kernel takes them as it
         # takes one (and a one-token GEMV's row has one)
         out = quantized_linear(x2, self.codes, self.s2t, self.zpt, self.s1, self.split_scratch, self.group_size,
-                               self.static_scales(x2.shape[0]), self.bias, x.dtype, self.swiglu_input)
+                               self.static_scales(x2.shape[0]), self.bias, x.dtype, gate_up)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _takes_gate_up(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is a fused gate/up output for this layer to form ``silu(gate) * up`` from."""
+        return self.swiglu_input and x.shape[-1] == 2 * self.in_features
 
     def static_scales(self, rows: int) -> torch.Tensor | None:
         """The static activation scale: None (dynamic), the per-tensor scalar, or with ``first_scale`` a per-row

@@ -11,7 +11,7 @@ import torch
 from dgq.api import load
 from dgq.checkpoint import CheckpointError, save
 from dgq.formats import int_matmul, quantize_activations
-from dgq.fuse import FusionError, ProjectionSlice, fuse_projections, is_fused
+from dgq.fuse import SWIGLU_MIN_TOKENS, FusionError, ProjectionSlice, fuse_projections, is_fused
 from dgq.nn import QuantLinear
 from helpers import make_tokenizer
 from test_checkpoint import logits, quantized
@@ -60,18 +60,20 @@ def test_one_gemm_per_shared_input():
     assert isinstance(attn.k_proj, ProjectionSlice) and attn.qkv_proj.out_features == 128 + 2 * 64
 
 
-def test_down_projection_forms_the_swiglu_product_itself():
-    """The fused MLP hands the gate/up output to down_proj, which forms silu(gate) * up in the kernel that quantizes
-    its input: the same output as the unfused MLP, and a deep copy's MLP runs its own layers."""
+@pytest.mark.parametrize("tokens", [3, SWIGLU_MIN_TOKENS])
+def test_down_projection_forms_the_swiglu_product_on_long_inputs(tokens):
+    """From SWIGLU_MIN_TOKENS tokens on, the fused MLP hands the gate/up output to down_proj, which forms
+    silu(gate) * up in the kernel that quantizes its input; below, the MLP's SiLU-and-product runs first.  Either
+    way the same output as the unfused MLP, and a deep copy's MLP runs its own layers."""
     model = quantized("llama", "dgq")
     fused = fused_copy("llama", "dgq")
     mlp, ref = fused.model.layers[0].mlp, model.model.layers[0].mlp
     assert mlp.down_proj.swiglu_input and "swiglu_input=True" in repr(mlp.down_proj)
-    x = torch.randn(3, ref.gate_proj.in_features)
+    x = torch.randn(tokens, ref.gate_proj.in_features)
     seen: list[int] = []
     mlp.down_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[-1]))
     assert torch.equal(mlp(x), ref(x))
-    assert seen == [2 * ref.down_proj.in_features]
+    assert seen == [ref.down_proj.in_features * (2 if tokens >= SWIGLU_MIN_TOKENS else 1)]
     twin = copy.deepcopy(fused).model.layers[0].mlp
     assert twin.forward.__self__ is twin and torch.equal(twin(x), ref(x))
 

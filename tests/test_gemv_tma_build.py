@@ -29,8 +29,7 @@ LAYERS = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672), (28672, 819
 RULE = sorted({(gemv_tma.config_for(n, k, inside), k, inside) for k, n in LAYERS for inside in (False, True)}, key=str)
 
 
-def compile_for_hopper(cfg: gemv_tma.TmaGemvConfig, k: int, group: int, fuse: bool, out: str = "fp16",  # noqa: ANN201
-                       swiglu: bool = False):
+def compile_for_hopper(cfg: gemv_tma.TmaGemvConfig, k: int, group: int, fuse: bool, out: str = "fp16"):  # noqa: ANN201
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -38,7 +37,7 @@ def compile_for_hopper(cfg: gemv_tma.TmaGemvConfig, k: int, group: int, fuse: bo
     box = f"[{gemm_ws._scale_rows(group, cfg.bn)}, {cfg.bn}]"
     consts = {"K": k, "GROUP": group, "BN": cfg.bn, "STAGES": cfg.stages, "SPLIT": cfg.split, "HAS_BIAS": True,
               "PDL": True, "FUSE": fuse, "DYNAMIC": True,
-              "XQ": gemv_tma.code_buffer_bytes(k, cfg) if fuse else 0, "SWIGLU": swiglu}
+              "XQ": gemv_tma.code_buffer_bytes(k, cfg) if fuse else 0}
     sig = {"w_desc": f"tensordesc<u8[{cfg.bn}, 64],{plain}>", "x_desc": f"tensordesc<i8[1, 128],{plain}>",
            "s2_desc": f"tensordesc<i8{box},{plain}>", "zp_desc": f"tensordesc<u8{box},{plain}>",
            "x_ptr": "*fp16" if fuse else "*i8", "sx_ptr": "*fp32", "s1_ptr": "*fp32", "bias_ptr": f"*{out}",
@@ -65,18 +64,6 @@ def test_every_rule_config_builds_for_hopper(cfg: gemv_tma.TmaGemvConfig, k: int
         head = ptx[ptx.index("griddepcontrol.wait"):]
         head = head[:head.index("bar.sync")]
         assert head.count("ld.global.v4.b32") >= k // (8 * 32 * cfg.warps) and "ld.global.b16" not in head
-
-
-@pytest.mark.parametrize("k,n", [(11008, 4096), (14336, 4096), (4096, 4096)])  # down projections, one short
-def test_swiglu_variant_builds_for_hopper(k: int, n: int) -> None:
-    """Quantizing ``silu(gate) * up`` from the fused gate/up row: both halves read in 16-byte loads before the
-    absmax's barrier, the SiLU's exponential on the special-function unit, no spills."""
-    cfg = gemv_tma.config_for(n, k, True)
-    ptx = compile_for_hopper(cfg, k, 128, True, swiglu=True).asm["ptx"]
-    assert "local" not in ptx and "ex2.approx" in ptx and "div.rn.f32" in ptx
-    head = ptx[ptx.index("griddepcontrol.wait"):]
-    head = head[:head.index("bar.sync")]
-    assert head.count("ld.global.v4.b32") >= 2 * (k // (8 * 32 * cfg.warps))
 
 
 def test_rule_keeps_the_gpu_busy_with_small_ctas() -> None:

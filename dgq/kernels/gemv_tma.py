@@ -99,30 +99,11 @@ def _round_clamp_s8(v):
 
 
 @gluon.jit
-def _swiglu(gate, up):
-    """:func:`dgq.kernels.act_quant._swiglu` in Gluon (same operations, so the same codes)."""
-    g = gate.to(gl.float32)
-    silu = gl.div_rn(g, 1.0 + gl.exp(-g)).to(gate.dtype)
-    return (silu.to(gl.float32) * up.to(gl.float32)).to(gate.dtype)
-
-
-@gluon.jit
-def _load_row(x_row, c, K: gl.constexpr, SWIGLU: gl.constexpr):
-    """Elements ``c`` of the row (or of ``silu(gate) * up`` from its halves: ``SWIGLU``), in its dtype."""
-    v = gl.load(x_row + c, mask=c < K, other=0.0)
-    if SWIGLU:
-        v = _swiglu(v, gl.load(x_row + K + c, mask=c < K, other=0.0))
-    return v
-
-
-@gluon.jit
-def _quantize_row(x_ptr, xq, sx_ptr, m, stride_x, kt0, K: gl.constexpr, DYNAMIC: gl.constexpr,
-                  SWIGLU: gl.constexpr):
+def _quantize_row(x_ptr, xq, sx_ptr, m, stride_x, kt0, K: gl.constexpr, DYNAMIC: gl.constexpr):
     """This CTA's K range of row ``m`` quantized into the shared buffer ``xq`` (int8, in the row's order: per K tile
     the 64 codes of the low nibbles, then the 64 of the high), as :mod:`dgq.kernels.act_quant` does: the row's
     scale (absmax over all of K, so every CTA finds the same) or the static one; returns the scale.  The range's
-    values are loaded together with the absmax's, before the reduction: one trip to L2, not two.  ``SWIGLU``: the
-    row is a fused gate/up output ``[2K]`` and the values quantized are ``silu(gate) * up``."""
+    values are loaded together with the absmax's, before the reduction: one trip to L2, not two."""
     warps: gl.constexpr = gl.num_warps()
     XQ: gl.constexpr = xq.shape[0]
     own_layout: gl.constexpr = gl.BlockedLayout([XQ // (32 * warps)], [32], [warps], [0])
@@ -130,13 +111,13 @@ def _quantize_row(x_ptr, xq, sx_ptr, m, stride_x, kt0, K: gl.constexpr, DYNAMIC:
     XB: gl.constexpr = 8 * 32 * warps
     x_row = x_ptr + m * stride_x
     oc = kt0 * 2 * HALF + gl.arange(0, XQ, layout=own_layout)
-    own = _load_row(x_row, oc, K, SWIGLU)
+    own = gl.load(x_row + oc, mask=oc < K, other=0.0)
     if DYNAMIC:
         cols = gl.arange(0, XB, layout=XL)
         amax = gl.full([XB], 0.0, gl.float32, XL)
         for j in gl.static_range((K + XB - 1) // XB):  # unrolled: independent loads
             c = j * XB + cols
-            amax = gl.maximum(amax, gl.abs(_load_row(x_row, c, K, SWIGLU).to(gl.float32)))
+            amax = gl.maximum(amax, gl.abs(gl.load(x_row + c, mask=c < K, other=0.0).to(gl.float32)))
         sx = gl.maximum(gl.div_rn(gl.reduce(amax, 0, _max), 127.0), _MIN_SCALE)  # act_quant._dynamic_scale
     else:
         sx = gl.load(sx_ptr)
@@ -149,7 +130,7 @@ def _quantize_row(x_ptr, xq, sx_ptr, m, stride_x, kt0, K: gl.constexpr, DYNAMIC:
 def _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, x_ptr, sx_ptr, s1_ptr,
                   bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_x, stride_sx, n0, m, sid, kt0, k_tiles,
                   K: gl.constexpr, GROUP: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  PDL: gl.constexpr, FUSE: gl.constexpr, DYNAMIC: gl.constexpr, SWIGLU: gl.constexpr):
+                  PDL: gl.constexpr, FUSE: gl.constexpr, DYNAMIC: gl.constexpr):
     """Reads each slot into registers, refills it with the tile ``stages`` ahead once every warp has read it, widens
     and multiplies; then the split-K reduction and the epilogue.  With ``FUSE`` the activation codes come from
     ``x_bufs``, this CTA's K range quantized here first (:func:`_quantize_row`)."""
@@ -168,7 +149,7 @@ def _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_
     if FUSE:
         if PDL:
             _gdc_wait()  # the activation's producer
-        sx = _quantize_row(x_ptr, x_bufs, sx_ptr, m, stride_x, kt0, K, DYNAMIC, SWIGLU)
+        sx = _quantize_row(x_ptr, x_bufs, sx_ptr, m, stride_x, kt0, K, DYNAMIC)
         xq = x_bufs._reinterpret(gl.int32, [x_bufs.shape[0] // HALF, TW], plain1)  # row 2t: tile t's low codes
     acc = gl.zeros([BN, TW], gl.int32, layout)
     for i in range(k_tiles):
@@ -218,11 +199,10 @@ def _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_
 def _tma_gemv_kernel(w_desc, x_desc, s2_desc, zp_desc, x_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
                      stride_x, stride_sx, K: gl.constexpr, GROUP: gl.constexpr, BN: gl.constexpr,
                      STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
-                     FUSE: gl.constexpr, DYNAMIC: gl.constexpr, XQ: gl.constexpr, SWIGLU: gl.constexpr = False):
-    """``FUSE``: ``x_ptr`` holds the float activations (row stride ``stride_x``; with ``SWIGLU`` a fused gate/up
-    output, of which ``silu(gate) * up`` is the input), quantized here (``DYNAMIC``: per row; else by the scale at
-    ``sx_ptr``) into ``XQ`` bytes of shared memory (:func:`code_buffer_bytes`), and ``x_desc`` is not read; else
-    ``x_desc`` describes the int8 codes and ``sx_ptr`` their scales."""
+                     FUSE: gl.constexpr, DYNAMIC: gl.constexpr, XQ: gl.constexpr):
+    """``FUSE``: ``x_ptr`` holds the float activations (row stride ``stride_x``), quantized here (``DYNAMIC``: per
+    row; else by the scale at ``sx_ptr``) into ``XQ`` bytes of shared memory (:func:`code_buffer_bytes`), and
+    ``x_desc`` is not read; else ``x_desc`` describes the int8 codes and ``sx_ptr`` their scales."""
     n0 = gl.program_id(0) * BN
     sid = gl.program_id(1)
     m = gl.program_id(2)
@@ -245,7 +225,7 @@ def _tma_gemv_kernel(w_desc, x_desc, s2_desc, zp_desc, x_ptr, sx_ptr, s1_ptr, bi
                PDL, not FUSE)
     _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, x_ptr, sx_ptr, s1_ptr,
                   bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_x, stride_sx, n0, m, sid, kt0, k_tiles, K, GROUP,
-                  SPLIT, HAS_BIAS, PDL, FUSE, DYNAMIC, SWIGLU)
+                  SPLIT, HAS_BIAS, PDL, FUSE, DYNAMIC)
 
 
 @dataclass(frozen=True)
@@ -319,24 +299,21 @@ def tma_gemv(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor, bias: torc
 
 def tma_gemv_float(x: torch.Tensor, kw: KernelWeight, static_scale: torch.Tensor | None = None,
                    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
-                   config: TmaGemvConfig | None = None, swiglu: bool = False) -> torch.Tensor:
+                   config: TmaGemvConfig | None = None) -> torch.Tensor:
     """The GEMV from float activations ``x [M, K]``, quantized inside with :mod:`dgq.kernels.act_quant`'s arithmetic
     (per row, or by ``static_scale``): :func:`tma_gemv` on that kernel's codes, bit for bit, in one launch.  Each
     CTA reads the row whole for the dynamic scale (from L2, while its first weight tiles are on their way) and
     rounds only its own K range, once, into shared memory.  It beat the act-quant + :func:`tma_gemv` on every
-    benchmark and decode layer shape (with :func:`config_for`'s ``inside`` rule; notes).  ``swiglu``: ``x`` is a
-    fused gate/up output ``[M, 2K]``, and the layer's input ``silu(gate) * up`` is formed as the kernel reads it
-    (:func:`dgq.kernels.act_quant.quantize_activations_triton`'s arithmetic), so the SiLU costs no launch."""
+    benchmark and decode layer shape (with :func:`config_for`'s ``inside`` rule; notes)."""
     _check(kw, x.device)
-    width = kw.in_features * (2 if swiglu else 1)
-    if x.dim() != 2 or x.shape[1] != width or not x.is_floating_point():
-        raise ValueError(f"x must be a float [M, {width}], got {x.dtype}{list(x.shape)}")
+    if x.dim() != 2 or x.shape[1] != kw.in_features or not x.is_floating_point():
+        raise ValueError(f"x must be a float [M, {kw.in_features}], got {x.dtype}{list(x.shape)}")
     x = x if x.stride(1) == 1 else x.contiguous()
     out = torch.empty((x.shape[0], kw.out_features), dtype=out_dtype, device=x.device)
     # dynamic: the kernel computes each row's scale and never reads sx (any fp32 tensor stands in)
     sx = kw.s1 if static_scale is None else static_scale.detach().to(device=x.device, dtype=torch.float32).reshape(1)
-    return _launch(None, x, x.stride(0), kw, sx, bias, out, config or config_for(kw.out_features, kw.in_features, True),
-                   fuse=True, dynamic=static_scale is None, swiglu=swiglu)
+    return _launch(None, x, x.stride(0), kw, sx, bias, out, config or config_for(kw.out_features, x.shape[1], True),
+                   fuse=True, dynamic=static_scale is None)
 
 
 def _check(kw: KernelWeight, device: torch.device) -> None:
@@ -348,8 +325,8 @@ def _check(kw: KernelWeight, device: torch.device) -> None:
 
 def _launch(x_s8: torch.Tensor | None, x: torch.Tensor, stride: int, kw: KernelWeight, sx: torch.Tensor,
             bias: torch.Tensor | None, out: torch.Tensor, config: TmaGemvConfig | None, fuse: bool,
-            dynamic: bool, swiglu: bool = False) -> torch.Tensor:
-    m, k = x.shape[0], kw.in_features
+            dynamic: bool) -> torch.Tensor:
+    m, k = x.shape
     n = kw.out_features
     if m == 0:
         return out
@@ -364,5 +341,5 @@ def _launch(x_s8: torch.Tensor | None, x: torch.Tensor, stride: int, kw: KernelW
                            cnt, m, n, stride if fuse else 0, 0 if fuse else stride, K=k, GROUP=kw.group_size,
                            BN=cfg.bn, STAGES=cfg.stages, SPLIT=cfg.split, HAS_BIAS=bias is not None,
                            PDL=bool(options), FUSE=fuse, DYNAMIC=dynamic, XQ=code_buffer_bytes(k, cfg) if fuse else 0,
-                           SWIGLU=swiglu, num_warps=cfg.warps, **options)
+                           num_warps=cfg.warps, **options)
     return out

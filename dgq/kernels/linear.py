@@ -74,13 +74,14 @@ def a8w4_linear(x: torch.Tensor, kw: KernelWeight, static_scale: torch.Tensor | 
     """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for a 2-D float ``x`` on CUDA, dynamic per-row or static scale;
     ``swiglu``: ``x`` is a fused gate/up output ``[M, 2K]`` and ``X`` is :func:`dgq.formats.swiglu` of it.
 
-    One token: on Hopper the TMA-fed GEMV quantizes the activation itself (``swiglu`` too), one launch; elsewhere
-    the register-fed one does so on layers of few row blocks (:func:`dgq.kernels.gemv.quantizes_inside`).
-    Otherwise the act-quant kernel (which forms the SwiGLU product as it reads), then the GEMM path for M."""
-    if x.shape[0] <= GEMV_MAX_M:
+    One token: on Hopper the TMA-fed GEMV quantizes the activation itself, one launch; elsewhere the register-fed
+    one does so on layers of few row blocks (:func:`dgq.kernels.gemv.quantizes_inside`).  Otherwise, and always
+    with ``swiglu`` (a fused MLP passes the gate/up output only from :data:`dgq.fuse.SWIGLU_MIN_TOKENS` tokens on),
+    the act-quant kernel, which forms the SwiGLU product as it reads, then the GEMM path for M."""
+    if x.shape[0] <= GEMV_MAX_M and not swiglu:
         if _hopper_kernels(kw, x.device):
-            return gemv_tma.tma_gemv_float(x, kw, static_scale, bias, out_dtype, swiglu=swiglu)
-        if not swiglu and quantizes_inside(kw.out_features, kw.in_features, kw.tile_k):
+            return gemv_tma.tma_gemv_float(x, kw, static_scale, bias, out_dtype)
+        if quantizes_inside(kw.out_features, kw.in_features, kw.tile_k):
             return a8w4_gemv_float(x, kw, static_scale, bias, out_dtype)
     x_s8, s_x = quantize_activations_triton(x, static_scale, swiglu)
     return a8w4_mm(x_s8, s_x, kw, bias, out_dtype)
