@@ -58,6 +58,20 @@ _GROUPS = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
 FAMILIES = ("llama", "mistral", "qwen2")
 
 
+def _silu_classes() -> tuple[type, ...]:
+    """The modules that compute ``silu``: torch's, and transformers' own (5.x's ``ACT2FN["silu"]``)."""
+    from transformers import activations
+
+    return (nn.SiLU,) + tuple(c for c in (getattr(activations, "SiLUActivation", None),) if c is not None)
+
+
+_SILU = _silu_classes()
+# From this many tokens on, a fused MLP's down projection forms silu(gate) * up itself (module docstring).  Measured
+# on the H100: in its first form (IEEE division; the one-token GEMV forming it too) slower at decode, 1-32 tokens;
+# in this form faster at every prefill length, 256-8192 tokens.  64 lies between, not measured.
+SWIGLU_MIN_TOKENS = 64
+
+
 class FusionError(DGQError, ValueError):
     """A model whose projections cannot be fused exactly; the message names the layer and the reason."""
 
@@ -127,19 +141,6 @@ def _check_swiglu(where: str, mlp: nn.Module) -> None:
     if down.in_features != mlp.gate_proj.out_features or mlp.gate_proj.out_features != mlp.up_proj.out_features:
         raise FusionError(f"{where}: gate {mlp.gate_proj.out_features}, up {mlp.up_proj.out_features} and "
                           f"down_proj's input {down.in_features} wide differ")
-
-
-def _silu_classes() -> tuple[type, ...]:
-    """The modules that compute ``silu``: torch's, and transformers' own (5.x's ``ACT2FN["silu"]``)."""
-    from transformers import activations
-
-    return (nn.SiLU,) + tuple(c for c in (getattr(activations, "SiLUActivation", None),) if c is not None)
-
-
-_SILU = _silu_classes()
-
-
-SWIGLU_MIN_TOKENS = 64  # below: the compiled SiLU-and-product kernel, then down_proj (measured, module docstring)
 
 
 def _swiglu_forward(mlp: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:

@@ -145,7 +145,10 @@ class QuantLinear(nn.Module):
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Pure-PyTorch forward with the exact int32 accumulator (:func:`~dgq.formats.int_matmul`, an int8 GEMM on
         the CPU) and a float32 epilogue; the definition every kernel must match."""
-        x2 = swiglu(x.reshape(-1, 2 * self.in_features)) if self._takes_gate_up(x) else x.reshape(-1, self.in_features)
+        if self._takes_gate_up(x):
+            x2 = swiglu(x.reshape(-1, 2 * self.in_features))
+        else:
+            x2 = x.reshape(-1, self.in_features)
         x_q, s_x = quantize_activations(x2, self.static_scales(x2.shape[0]))
         out = int_matmul(x_q, self._int8_weight()).float().mul_(s_x).mul_(self.s1)
         if self.bias is not None:
@@ -154,8 +157,8 @@ class QuantLinear(nn.Module):
 
     def forward_kernels(self, x: torch.Tensor) -> torch.Tensor:
         """The Triton kernels through dgq's PyTorch operators (:mod:`dgq.kernels.ops`), which ``torch.compile``
-        captures without a graph break; equal to :meth:`forward_reference` bit for bit (with ``swiglu_input``, up
-        to the SiLU's exponential: :func:`dgq.kernels.act_quant.quantize_activations_triton`)."""
+        captures without a graph break; equal to :meth:`forward_reference` bit for bit (given the gate/up output, up
+        to the SiLU's fast exponential and division: :func:`dgq.kernels.act_quant.quantize_activations_triton`)."""
         from dgq.kernels import TRITON_AVAILABLE
         if not TRITON_AVAILABLE:
             raise RuntimeError("QuantLinear on CUDA needs triton for its kernels; install triton, or call "

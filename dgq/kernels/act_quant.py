@@ -132,7 +132,7 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
     """Int8 codes ``[M, K]`` and fp32 scales of a 2-D ``x`` (fp16/bf16/fp32), as the reference computes them.
 
     ``swiglu``: ``x`` is a fused gate/up output ``[M, 2K]`` and the codes are those of
-    :func:`dgq.formats.swiglu` of it, computed on the way in (one read of ``x``, no ``[M, K]`` product in memory).
+    :func:`dgq.formats.swiglu` of it, formed as the kernel reads ``x`` (no ``[M, K]`` product in memory).
     Its SiLU's exponential and division are the GPU's fast ones (:func:`_swiglu`), so a code may differ by one from
     the reference's where a product lands within a few fp32 ulps of an fp16 rounding boundary.
 
