@@ -6,7 +6,15 @@ ncu showed it far from the copy bandwidth (M = 1024, K = 11008: 27.9 us, DRAM 26
 Every variant is checked bit-exact against the rule's output first.  Timing as ``benchmarks/gemm.py`` (cold-L2 CUDA
 graph over enough row sets to touch >= 256 MB).
 
+``--swiglu``: the same for a fused MLP's down projection, whose quantizer forms ``silu(gate) * up`` from the gate/up
+output ``[M, 2K]`` as it reads (``quantize_activations_triton(..., swiglu=True)``).  In chunks (the rule for K >
+4096) each row is read, and its product formed, twice; a whole row in registers reads and forms it once.  Prediction
+(session 11, not yet run): whole rows win at K = 11008-14336 with SwiGLU, where chunks won without it; the fewest
+bytes are then 4 + 1 per element (fp16 gate and up in, int8 out).
+
     PYTHONPATH=.:benchmarks python benchmarks/act_quant_probe.py --json $OUT/act_quant.json     # the H100
+    PYTHONPATH=.:benchmarks python benchmarks/act_quant_probe.py --swiglu --ks 11008,14336 --ms 64,256,1024,2048 \
+        --json $OUT/act_quant_swiglu.json
 """
 
 from __future__ import annotations
@@ -21,12 +29,12 @@ from dgq.kernels import act_quant
 from dgq.kernels.act_quant import quantize_activations_triton
 
 
-def _run(x: torch.Tensor, block: int, warps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    m, k = x.shape
+def _run(x: torch.Tensor, block: int, warps: int, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = x.shape[0], x.shape[1] // (2 if swiglu else 1)
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    act_quant._act_quant_kernel[(m,)](x, q, s, x.stride(0), q.stride(0), K=k, DYNAMIC=True, BLOCK=block, ON_GPU=True,
-                                      num_warps=warps)
+    act_quant._act_quant_kernel[(m,)](x, q, s, x.stride(0), q.stride(0), K=k, DYNAMIC=True, STATIC_ROWS=0,
+                                      BLOCK=block, ON_GPU=x.is_cuda, SWIGLU=swiglu, num_warps=warps)
     return q, s
 
 
@@ -41,25 +49,28 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--ms", default="256,1024,4096")
     p.add_argument("--ks", default="4096,11008,28672")
+    p.add_argument("--swiglu", action="store_true", help="rows of a fused gate/up output, 2K wide (module docstring)")
     args = p.parse_args()
     rows, failures = [], []
+    width = 2 if args.swiglu else 1
     for k in map(int, args.ks.split(",")):
         for m in map(int, args.ms.split(",")):
-            sets = [torch.randn(m, k, device="cuda", dtype=torch.float16)
-                    for _ in range(max(2, math.ceil(256e6 / (3 * m * k))))]
-            want = quantize_activations_triton(sets[0])
-            fewest = 3 * m * k  # bytes: fp16 in, int8 out
+            sets = [torch.randn(m, width * k, device="cuda", dtype=torch.float16)
+                    for _ in range(max(2, math.ceil(256e6 / ((2 * width + 1) * m * k))))]
+            want = quantize_activations_triton(sets[0], swiglu=args.swiglu)
+            fewest = (2 * width + 1) * m * k  # bytes: fp16 in (gate and up with --swiglu), int8 out
             rule = (act_quant.row_block(k), act_quant._warps(m, k, act_quant.row_block(k)))
             variants = dict.fromkeys([rule] + [(b, w) for b in (2048, 4096, 8192, triton.next_power_of_2(k))
                                                for w in (4, 8, 16)])
             line = []
             for block, warps in variants:
-                got = _run(sets[0], block, warps)
+                got = _run(sets[0], block, warps, args.swiglu)
                 if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
                     failures.append(f"M={m} K={k} block={block} warps={warps}")
                     continue
-                t = time_graph([lambda x=x, b=block, w=warps: _run(x, b, w) for x in sets])
-                rows.append({"M": m, "K": k, "block": block, "warps": warps, "ms": t, "rule": (block, warps) == rule})
+                t = time_graph([lambda x=x, b=block, w=warps: _run(x, b, w, args.swiglu) for x in sets])
+                rows.append({"M": m, "K": k, "block": block, "warps": warps, "ms": t, "rule": (block, warps) == rule,
+                             "swiglu": args.swiglu})
                 line.append(f"{block}/{warps}w {t * 1e3:.1f} us ({fewest / t / 1e6:.0f} GB/s)"
                             + (" rule" if (block, warps) == rule else ""))
             print(f"M={m} K={k}: " + ", ".join(line), flush=True)
