@@ -312,19 +312,24 @@ def _quantized_tiny_llama(act: str = "dynamic"):  # noqa: ANN202
 @pytest.mark.parametrize("act", ["dynamic", "static"])
 def test_compiled_fused_model_equals_eager(act: str) -> None:
     """The fused model compiled whole (dgq's operators) and replayed from a CUDA graph
-    gives the eager kernels' logits, at one token (the GEMV) and at 40 (the tensor-core kernel)."""
+    gives the eager kernels' logits, at one token (the GEMV), at 40 (the tensor-core kernel) and at 80, where the
+    down projection forms the SwiGLU product in its quantizer (fast exponential and division: the fused eager
+    logits equal the unfused ones to a code step, not bit for bit)."""
     from dgq.bench import captured
-    from dgq.fuse import fuse_projections
+    from dgq.fuse import SWIGLU_MIN_TOKENS, fuse_projections
 
     torch._dynamo.reset()
     model = _quantized_tiny_llama(act)
-    inputs = [torch.randint(0, 96, (1, m), device="cuda") for m in (1, 40)]
+    inputs = [torch.randint(0, 96, (1, m), device="cuda") for m in (1, 40, 80)]
     with torch.inference_mode():
         unfused = [model(ids).logits for ids in inputs]
         fuse_projections(model)
         compiled = torch.compile(model, fullgraph=True)
         for ids, want in zip(inputs, unfused):
-            assert torch.equal(model(ids).logits, want)
+            if ids.shape[1] < SWIGLU_MIN_TOKENS:
+                assert torch.equal(model(ids).logits, want)
+            else:
+                assert torch.allclose(model(ids).logits.float(), want.float(), rtol=2e-2, atol=2e-2)
             out = torch.empty_like(want)
             replay = captured(lambda: out.copy_(compiled(ids).logits))  # noqa: B023
             replay()
