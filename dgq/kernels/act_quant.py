@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dgq.kernels.pdl import launch_options
+from dgq.kernels.pdl import launch_options, wait_then_release
 
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds an fp32 of magnitude <= 2**22 to even
 _MIN_SCALE = tl.constexpr(1e-8)  # the reference's clamp of the dynamic scale
@@ -87,9 +87,7 @@ def _load_row(x_row, c, K: tl.constexpr, SWIGLU: tl.constexpr):
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, DYNAMIC: tl.constexpr,
                       STATIC_ROWS: tl.constexpr, BLOCK: tl.constexpr, ON_GPU: tl.constexpr,
                       SWIGLU: tl.constexpr = False):
-    if ON_GPU:  # launched programmatically dependent on x's producer (pdl.launch_options): wait for it; then let
-        tl.extra.cuda.gdc_wait()  # the GEMM that consumes the codes launch (it waits for this grid: gdc_wait)
-        tl.extra.cuda.gdc_launch_dependents()
+    wait_then_release(ON_GPU)  # launched dependent on x's producer; the GEMM that consumes the codes launches early
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from dgq.kernels.gemm import _use_asm
-from dgq.kernels.pdl import launch_options
+from dgq.kernels.pdl import launch_options, wait_then_release
 
 BLOCK_N = 64  # cache positions per inner step
 BLOCK_G = 16  # query heads per KV head, padded to the smallest tensor-core tile
@@ -119,17 +119,6 @@ def _attend_step(q, k_row, v_row, ks_row, vs_row, mask_row, offs, end, stride_kn
 
 
 @triton.jit
-def _wait_then_release(PDL: tl.constexpr):
-    """With ``PDL`` (programmatic dependent launch, on CUDA) a kernel is launched while its producer still runs:
-    wait for that grid to finish, then let the next kernel launch (the merge after the split, and after the merge
-    the output projection, whose GEMV requests its weight tiles before it waits for the attention's output).  Both
-    steps are one instruction each; without them a decode step pays each kernel's launch in turn."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
 def _decode_attention_split(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, o_ptr, lse_ptr, kv_len, chunk, steps, scale,
                             stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
                             stride_sb, stride_sh, stride_mb, kv_heads, splits,
@@ -141,8 +130,8 @@ def _decode_attention_split(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, o_ptr
     ``INT8_KV``: K and V hold int8 codes with one fp32 scale per position (``ks_ptr``/``vs_ptr``, ``[B, Hkv, L]``):
     the codes widen exactly (``I8_CVT``; every int8 is exact in fp16 and bf16), K's scale multiplies the scores, V's
     is folded into the probabilities.  ``PDL``: launched programmatically dependent on the producer of q, K and V
-    (see :func:`_wait_then_release`)."""
-    _wait_then_release(PDL)
+    (:func:`dgq.kernels.pdl.wait_then_release`)."""
+    wait_then_release(PDL)
     pid_bh, split = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // kv_heads, pid_bh % kv_heads
     g = tl.arange(0, BLOCK_G)
@@ -182,7 +171,7 @@ def _decode_attention_split(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, mask_ptr, o_ptr
 def _decode_attention_merge(o_ptr, lse_ptr, out_ptr, splits, D: tl.constexpr, BLOCK_S: tl.constexpr,
                             PDL: tl.constexpr = False):
     """One query head's output from its chunks' partial outputs, weighted by their log-sum-exp."""
-    _wait_then_release(PDL)
+    wait_then_release(PDL)
     row = tl.program_id(0)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, D)

@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from dgq.formats import quantize_activations
-from dgq.formats import swiglu as swiglu_product
+from dgq.formats import quantize_activations, swiglu as swiglu_product
 from dgq.kernels import decode_attention as _decode_attention
 from dgq.kernels.act_quant import quantize_activations_triton
 from dgq.kernels.gemm import KernelWeight

@@ -13,6 +13,8 @@ own kernels take part through inductor's ``triton.enable_pdl`` (:data:`dgq.bench
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 ENABLED = True  # benchmarks/gemm_ws_probe.py measures it off and on
 
@@ -21,3 +23,14 @@ def launch_options(device: torch.device) -> dict:
     """Triton launch options for a kernel that waits for its producer inside: PDL on CUDA, nothing elsewhere
     (the CPU interpreter has no such launch)."""
     return {"launch_pdl": True} if ENABLED and device.type == "cuda" else {}
+
+
+@triton.jit
+def wait_then_release(PDL: tl.constexpr):
+    """The start of a kernel launched with :func:`launch_options` that both consumes its producer's output and
+    feeds a kernel launched the same way (the act-quant, the decode attention's split and merge): wait for the
+    producer's grid, then let the consumer launch (a GEMM or GEMV after it requests its weight tiles while this one
+    runs).  One instruction each; ``PDL`` off (the CPU interpreter, which has neither) compiles to nothing."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
