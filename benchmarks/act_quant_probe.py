@@ -9,8 +9,11 @@ graph over enough row sets to touch >= 256 MB).
 ``--swiglu``: the same for a fused MLP's down projection, whose quantizer forms ``silu(gate) * up`` from the gate/up
 output ``[M, 2K]`` as it reads (``quantize_activations_triton(..., swiglu=True)``).  In chunks (the rule for K >
 4096) each row is read, and its product formed, twice; a whole row in registers reads and forms it once.  Prediction
-(session 11, not yet run): whole rows win at K = 11008-14336 with SwiGLU, where chunks won without it; the fewest
-bytes are then 4 + 1 per element (fp16 gate and up in, int8 out).
+(session 11): whole rows win at K = 11008-14336 with SwiGLU, where chunks won without it; the fewest
+bytes are then 4 + 1 per element (fp16 gate and up in, int8 out).  Measured in session 12
+(``results/act_quant_swiglu_h100_s12.json``, whole rows by 32 warps added): wrong at K = 11008, where the rule's
+chunks stay fastest at M >= 1024 (M = 2048: 69.3 us against 72.7 for the whole row by 16 warps); right at K = 14336
+(83.2 -> 76.8 us).
 
     PYTHONPATH=.:benchmarks python benchmarks/act_quant_probe.py --json $OUT/act_quant.json     # the H100
     PYTHONPATH=.:benchmarks python benchmarks/act_quant_probe.py --swiglu --ks 11008,14336 --ms 64,256,1024,2048 \
@@ -61,7 +64,7 @@ def main() -> None:
             fewest = (2 * width + 1) * m * k  # bytes: fp16 in (gate and up with --swiglu), int8 out
             rule = (act_quant.row_block(k), act_quant._warps(m, k, act_quant.row_block(k)))
             variants = dict.fromkeys([rule] + [(b, w) for b in (2048, 4096, 8192, triton.next_power_of_2(k))
-                                               for w in (4, 8, 16)])
+                                               for w in (4, 8, 16)] + [(triton.next_power_of_2(k), 32)])
             line = []
             for block, warps in variants:
                 got = _run(sets[0], block, warps, args.swiglu)

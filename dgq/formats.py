@@ -161,6 +161,24 @@ def amax_abs(x: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
     return torch.maximum(hi, lo.neg_())
 
 
+_SAME_WIDTH_INT = {torch.float16: (torch.int16, 0x7FFF), torch.bfloat16: (torch.int16, 0x7FFF),
+                   torch.float32: (torch.int32, 0x7FFFFFFF)}
+
+
+def row_absmax_bits(x: torch.Tensor) -> torch.Tensor:
+    """Each row's ``max |x|`` (last dimension, kept) as the bit pattern of ``x``'s dtype, in the integer of its width:
+    viewed back as ``x.dtype`` it is exactly the float :func:`amax_abs` gives (the sign bit cleared, the magnitudes of
+    IEEE floats order as their bit patterns do).
+
+    Why bits: a compiled graph computes this beside the kernel that produces ``x`` (an RMSNorm: the compiler fuses
+    the reduction into it) and hands it to the one-token GEMV (:attr:`dgq.nn.QuantLinear.absmax_in_graph`), whose
+    CTAs then need not read the whole row first.  The bit view pins the value to ``x`` as rounded to its dtype; a
+    float ``abs().amax()`` fused into the producer could be taken before that rounding (the compiler may drop a cast
+    inside a kernel), so the scale, and the codes, could differ from the reference's."""
+    ints, magnitude = _SAME_WIDTH_INT[x.dtype]
+    return (x.view(ints) & magnitude).amax(-1, keepdim=True)
+
+
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` from a fused gate/up output (gate the first half of the last dimension), rounded as a
     Llama-family MLP rounds it: the SiLU in the input's dtype, then the product in it.  The input of a down

@@ -35,6 +35,12 @@ tensor operation a hook cannot reach; it is done only where that forward is know
 the CPU the logits are bit-identical; on CUDA the kernel's exponential and division are the GPU's fast ones, and a
 product may land one fp16 rounding away (the tests bound it).
 
+The fused q/k/v and gate/up layers also take their one-token rows' absmax from the compiled graph
+(:attr:`dgq.nn.QuantLinear.absmax_in_graph`): their input is a norm's output, into whose kernel the compiler fuses the
+reduction, so their GEMV's CTAs skip reading the whole row (Llama-2-7B batch 1: 387.5 -> 390.9 tok/s; the down
+projection, whose input is a pointwise kernel the reduction would split in two, lost: 389 -> 386;
+benchmarks/notes_e2e.md, session 12).
+
 Fusion is a load-time step (:func:`dgq.load` with ``fuse=True``): a fused model's state has a new layout
 (``qkv_proj``, ``gate_up_proj``) that no dgq checkpoint uses, so :func:`dgq.save` refuses it (:func:`is_fused`).
 """
@@ -186,7 +192,9 @@ def fuse_projections(model: nn.Module) -> nn.Module:
                 _check_swiglu(f"block {i} mlp", parent)
             plan.append((parent, fused_name, names, [layer for _, layer in layers]))
     for parent, fused_name, names, layers in plan:
-        parent.add_module(fused_name, _fused_layer(layers))
+        fused = _fused_layer(layers)
+        fused.absmax_in_graph = True  # its input is a norm's output (dgq.nn.QuantLinear.absmax_in_graph)
+        parent.add_module(fused_name, fused)
         width, start = sum(layer.out_features for layer in layers), 0
         for name, layer in zip(names, layers):
             setattr(parent, name, ProjectionSlice(start, start + layer.out_features, width))

@@ -37,6 +37,10 @@ class QuantLinear(nn.Module):
     also takes the fused gate/up output, ``2 in_features`` wide (told apart by that width), and its input is then
     :func:`dgq.formats.swiglu` of it: the kernel that quantizes the input forms the product as it reads, so the
     MLP's SiLU costs no launch and no pass of its own.
+    With ``absmax_in_graph`` (set by :func:`dgq.fuse.fuse_projections` on the fused q/k/v and gate/up layers, whose
+    input is a norm's output; never saved) a compiled CUDA graph computes each one-token row's absmax beside the
+    norm (the compiler fuses the reduction into the norm's kernel) and hands it to the GEMV
+    (:func:`dgq.kernels.ops.quantized_linear`): the same codes, without every CTA reading the whole row first.
     """
 
     STORED = {"codes": "weight", "s2t": "s2", "zpt": "zp"}  # buffer -> its checkpoint name (other buffers: same)
@@ -68,6 +72,7 @@ class QuantLinear(nn.Module):
                              persistent=False)
         self._int8: tuple[tuple, torch.Tensor] | None = None
         self.swiglu_input = False
+        self.absmax_in_graph = False
 
     @classmethod
     def from_weight(cls, dg: DualGrainedWeight, bias: torch.Tensor | None, act_mode: ActMode,
@@ -170,7 +175,7 @@ class QuantLinear(nn.Module):
         # static scales per row where the first positions have their own: the act-quant kernel takes them as it
         # takes one (and a one-token GEMV's row has one)
         out = quantized_linear(x2, self.codes, self.s2t, self.zpt, self.s1, self.split_scratch, self.group_size,
-                               self.static_scales(x2.shape[0]), self.bias, x.dtype, gate_up)
+                               self.static_scales(x2.shape[0]), self.bias, x.dtype, gate_up, self.absmax_in_graph)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _takes_gate_up(self, x: torch.Tensor) -> bool:
@@ -196,8 +201,10 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         first = ", first_scale=True" if self.first_scale else ""
         swiglu = ", swiglu_input=True" if self.swiglu_input else ""
+        absmax = ", absmax_in_graph=True" if self.absmax_in_graph else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"group_size={self.group_size}, act={self.act_mode}, bias={self.bias is not None}{first}{swiglu}")
+                f"group_size={self.group_size}, act={self.act_mode}, bias={self.bias is not None}{first}{swiglu}"
+                f"{absmax}")
 
 
 class FakeQuantLinear(nn.Module):

@@ -18,7 +18,7 @@ pytest.importorskip("triton", reason="triton is not installed: the kernels canno
 
 from dgq.api import quantize  # noqa: E402
 from dgq.config import preset  # noqa: E402
-from dgq.formats import int_matmul, quantize_activations  # noqa: E402
+from dgq.formats import int_matmul, quantize_activations, row_absmax_bits  # noqa: E402
 from dgq.fuse import fuse_projections  # noqa: E402
 from dgq.kernels import ops  # noqa: E402
 from dgq.nn import QuantLinear  # noqa: E402
@@ -65,6 +65,16 @@ def test_linear_operator_passes_opcheck(m: int, act: str, swiglu: bool) -> None:
     torch.library.opcheck(torch.ops.dgq.a8w4_linear, args, test_utils=("test_schema", "test_faketensor"))
     assert torch.equal(torch.ops.dgq.a8w4_linear(*args), layer.forward_reference(x))
     assert not layer.split_scratch.any()
+
+
+def test_row_absmax_is_refused_where_no_gemv_takes_it() -> None:
+    """The row absmax a compiled graph may hand the layer operator is for the Hopper TMA GEMV alone; elsewhere (here
+    the CPU, which runs the reference kernels) the operator says so instead of ignoring it."""
+    layer = _layer(128, 256, 64)
+    x = torch.randn(1, 256)
+    with pytest.raises(ValueError, match="takes_row_absmax"):
+        torch.ops.dgq.a8w4_linear(x, layer.codes, layer.s2t, layer.zpt, layer.s1, layer.split_scratch, 64, None,
+                                  None, torch.float32, False, row_absmax_bits(x))
 
 
 def test_quantize_operators_pass_opcheck() -> None:

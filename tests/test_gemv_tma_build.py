@@ -29,7 +29,8 @@ LAYERS = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 28672), (28672, 819
 RULE = sorted({(gemv_tma.config_for(n, k, inside), k, inside) for k, n in LAYERS for inside in (False, True)}, key=str)
 
 
-def compile_for_hopper(cfg: gemv_tma.TmaGemvConfig, k: int, group: int, fuse: bool, out: str = "fp16"):  # noqa: ANN201
+def compile_for_hopper(cfg: gemv_tma.TmaGemvConfig, k: int, group: int, fuse: bool, out: str = "fp16",  # noqa: ANN201
+                       absmax: bool = False):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -37,10 +38,10 @@ def compile_for_hopper(cfg: gemv_tma.TmaGemvConfig, k: int, group: int, fuse: bo
     box = f"[{gemm_ws._scale_rows(group, cfg.bn)}, {cfg.bn}]"
     consts = {"K": k, "GROUP": group, "BN": cfg.bn, "STAGES": cfg.stages, "SPLIT": cfg.split, "HAS_BIAS": True,
               "PDL": True, "FUSE": fuse, "DYNAMIC": True,
-              "XQ": gemv_tma.code_buffer_bytes(k, cfg) if fuse else 0}
+              "XQ": gemv_tma.code_buffer_bytes(k, cfg) if fuse else 0, "ABSMAX": absmax}
     sig = {"w_desc": f"tensordesc<u8[{cfg.bn}, 64],{plain}>", "x_desc": f"tensordesc<i8[1, 128],{plain}>",
            "s2_desc": f"tensordesc<i8{box},{plain}>", "zp_desc": f"tensordesc<u8{box},{plain}>",
-           "x_ptr": "*fp16" if fuse else "*i8", "sx_ptr": "*fp32", "s1_ptr": "*fp32", "bias_ptr": f"*{out}",
+           "x_ptr": "*fp16" if fuse else "*i8", "sx_ptr": "*i16" if absmax else "*fp32", "s1_ptr": "*fp32", "bias_ptr": f"*{out}",
            "out_ptr": f"*{out}", "ws_ptr": "*i32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "stride_x": "i32",
            "stride_sx": "i32", **{name: "constexpr" for name in consts}}
     options = {"num_warps": cfg.warps}
@@ -64,6 +65,18 @@ def test_every_rule_config_builds_for_hopper(cfg: gemv_tma.TmaGemvConfig, k: int
         head = ptx[ptx.index("griddepcontrol.wait"):]
         head = head[:head.index("bar.sync")]
         assert head.count("ld.global.v4.b32") >= k // (8 * 32 * cfg.warps) and "ld.global.b16" not in head
+
+
+@pytest.mark.parametrize("k,n", [(4096, 12288), (4096, 22016)])  # the fused q/k/v and gate/up of Llama-2-7B
+def test_given_row_absmax_skips_the_whole_row_read(k: int, n: int) -> None:
+    """With the row's absmax given (``ABSMAX``), a CTA loads its own K range only: fewer global loads than the
+    whole-row read, no reduction barrier before the codes, and the scale still by IEEE division (the reference's)."""
+    cfg = gemv_tma.config_for(n, k, True)
+    whole, given = (compile_for_hopper(cfg, k, 128, True, absmax=a).asm["ptx"] for a in (False, True))
+    assert "local" not in given and "div.rn.f32" in given and "griddepcontrol.wait" in given
+    loads = [ptx.count("ld.global") for ptx in (whole, given)]
+    assert loads[1] < loads[0], loads
+    assert given.count("bar.sync") < whole.count("bar.sync")
 
 
 def test_rule_keeps_the_gpu_busy_with_small_ctas() -> None:

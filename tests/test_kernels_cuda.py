@@ -20,7 +20,7 @@ if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     # test_kernels (imported below) defaults the variable to "1" for the CPU suite; in this process inductor's own
     # Triton kernels, generated later by the compile tests, would then run in the interpreter
     os.environ["TRITON_INTERPRET"] = "0"
-    from dgq.formats import int_matmul, quantize_activations, swiglu
+    from dgq.formats import int_matmul, quantize_activations, row_absmax_bits, swiglu
     from dgq.kernels import gemm_ws, gemv, gemv_tma, int8_gemm
     from dgq.kernels.act_quant import quantize_activations_triton
     from dgq.kernels.gemm import _CONFIGS, KernelWeight, a8w4_matmul, regime, widen_weight
@@ -178,6 +178,10 @@ def test_tma_gemv_is_bit_exact(k: int, n: int, g: int, kind: str) -> None:
                     got = gemv_tma.tma_gemv_float(xf, kw, scale, out_dtype=dtype, config=cfg)
                     want = gemv_tma.tma_gemv(q, kw, s_x, out_dtype=dtype, config=cfg)
                     assert torch.equal(got, want), f"inside M={m} {dtype} static={scale is not None} {cfg}"
+                    if scale is None:  # the row's absmax given, as a compiled graph computes it beside the producer
+                        got = gemv_tma.tma_gemv_float(xf, kw, out_dtype=dtype, config=cfg,
+                                                      row_absmax=row_absmax_bits(xf))
+                        assert torch.equal(got, want), f"given absmax M={m} {dtype} {cfg}"
 
 
 @pytest.mark.parametrize("k,n,g", WS_SHAPES)
@@ -307,6 +311,33 @@ def _quantized_tiny_llama(act: str = "dynamic"):  # noqa: ANN202
     quantize(model, ids, preset("dgq" if act == "dynamic" else "dgq_static", group_size=64), device="cpu",
              progress=False)
     return model.cuda().half()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_absmax_in_graph_gives_the_kernels_codes(dtype: torch.dtype) -> None:
+    """A one-token layer with ``absmax_in_graph`` compiled behind an RMSNorm: the graph's absmax (fused into the
+    norm's kernel) gives the GEMV the scale its own whole-row read finds, so the output equals the eager layer on
+    the compiled norm's output bit for bit; and the compiled graph does run the GEMV with the absmax given."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(11)
+    layer = QuantLinear.from_weight(random_weight(12288, 4096, 128, gen, "random"), None, "dynamic").cuda()
+    layer.absmax_in_graph = True
+    weight = (torch.rand(4096, generator=gen) + 0.5).to(dtype).cuda()
+
+    def block(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = (h.float() * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype) * weight
+        return y, layer(y)
+
+    compiled = torch.compile(block, fullgraph=True)
+    seen = []
+    real = gemv_tma.tma_gemv_float
+    with torch.inference_mode(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(gemv_tma, "tma_gemv_float", lambda *a, **k: seen.append(k.get("row_absmax")) or real(*a, **k))
+        for seed in range(3):
+            h = (torch.randn(1, 4096, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype).cuda()
+            y, out = compiled(h)
+            assert torch.equal(out, layer(y)), f"seed {seed}"
+    assert any(a is not None for a in seen)
 
 
 @pytest.mark.parametrize("act", ["dynamic", "static"])

@@ -16,7 +16,8 @@ weights (the byte-lane identity of :data:`dgq.kernels.gemm._WIDEN_PTX`), each ag
 
 Quantizing inside (:func:`tma_gemv_float`, what a layer runs at one token): each CTA reads the whole row for the
 absmax, so every CTA finds the act-quant kernel's scale, rounds its own K range once into shared memory and reads
-its codes from there: one launch instead of two, faster on every measured layer shape (:func:`config_for`).
+its codes from there: one launch instead of two, faster on every measured layer shape (:func:`config_for`).  Where
+a compiled graph computes the row's absmax beside its producer (``row_absmax``), the CTAs skip the whole-row read.
 
 Weight tiles arrive unswizzled: a warp reads 8 rows x 64 bytes per load, one contiguous 512-byte span (no bank
 conflicts).  Long K is split across CTAs (``SPLIT``) with :mod:`dgq.kernels.gemv`'s protocol: partials stored to a
@@ -99,11 +100,14 @@ def _round_clamp_s8(v):
 
 
 @gluon.jit
-def _quantize_row(x_ptr, xq, sx_ptr, m, stride_x, kt0, K: gl.constexpr, DYNAMIC: gl.constexpr):
+def _quantize_row(x_ptr, xq, sx_ptr, m, stride_x, kt0, K: gl.constexpr, DYNAMIC: gl.constexpr,
+                  ABSMAX: gl.constexpr):
     """This CTA's K range of row ``m`` quantized into the shared buffer ``xq`` (int8, in the row's order: per K tile
     the 64 codes of the low nibbles, then the 64 of the high), as :mod:`dgq.kernels.act_quant` does: the row's
     scale (absmax over all of K, so every CTA finds the same) or the static one; returns the scale.  The range's
-    values are loaded together with the absmax's, before the reduction: one trip to L2, not two."""
+    values are loaded together with the absmax's, before the reduction: one trip to L2, not two.  With ``ABSMAX``
+    the row's absmax comes at ``sx_ptr`` (:func:`dgq.formats.row_absmax_bits`, computed by the graph beside the
+    row's producer) and the CTA reads its own range only."""
     warps: gl.constexpr = gl.num_warps()
     XQ: gl.constexpr = xq.shape[0]
     own_layout: gl.constexpr = gl.BlockedLayout([XQ // (32 * warps)], [32], [warps], [0])
@@ -112,7 +116,10 @@ def _quantize_row(x_ptr, xq, sx_ptr, m, stride_x, kt0, K: gl.constexpr, DYNAMIC:
     x_row = x_ptr + m * stride_x
     oc = kt0 * 2 * HALF + gl.arange(0, XQ, layout=own_layout)
     own = gl.load(x_row + oc, mask=oc < K, other=0.0)
-    if DYNAMIC:
+    if DYNAMIC and ABSMAX:  # the bit pattern of max|x| in x's dtype: exactly the value the loop below finds
+        amax = gl.load(sx_ptr + m).to(x_ptr.dtype.element_ty, bitcast=True).to(gl.float32)
+        sx = gl.maximum(gl.div_rn(amax, 127.0), _MIN_SCALE)  # act_quant._dynamic_scale
+    elif DYNAMIC:
         cols = gl.arange(0, XB, layout=XL)
         amax = gl.full([XB], 0.0, gl.float32, XL)
         for j in gl.static_range((K + XB - 1) // XB):  # unrolled: independent loads
@@ -130,7 +137,7 @@ def _quantize_row(x_ptr, xq, sx_ptr, m, stride_x, kt0, K: gl.constexpr, DYNAMIC:
 def _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, x_ptr, sx_ptr, s1_ptr,
                   bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_x, stride_sx, n0, m, sid, kt0, k_tiles,
                   K: gl.constexpr, GROUP: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  PDL: gl.constexpr, FUSE: gl.constexpr, DYNAMIC: gl.constexpr):
+                  PDL: gl.constexpr, FUSE: gl.constexpr, DYNAMIC: gl.constexpr, ABSMAX: gl.constexpr):
     """Reads each slot into registers, refills it with the tile ``stages`` ahead once every warp has read it, widens
     and multiplies; then the split-K reduction and the epilogue.  With ``FUSE`` the activation codes come from
     ``x_bufs``, this CTA's K range quantized here first (:func:`_quantize_row`)."""
@@ -149,7 +156,7 @@ def _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_
     if FUSE:
         if PDL:
             _gdc_wait()  # the activation's producer
-        sx = _quantize_row(x_ptr, x_bufs, sx_ptr, m, stride_x, kt0, K, DYNAMIC)
+        sx = _quantize_row(x_ptr, x_bufs, sx_ptr, m, stride_x, kt0, K, DYNAMIC, ABSMAX)
         xq = x_bufs._reinterpret(gl.int32, [x_bufs.shape[0] // HALF, TW], plain1)  # row 2t: tile t's low codes
     acc = gl.zeros([BN, TW], gl.int32, layout)
     for i in range(k_tiles):
@@ -199,10 +206,11 @@ def _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_
 def _tma_gemv_kernel(w_desc, x_desc, s2_desc, zp_desc, x_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
                      stride_x, stride_sx, K: gl.constexpr, GROUP: gl.constexpr, BN: gl.constexpr,
                      STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
-                     FUSE: gl.constexpr, DYNAMIC: gl.constexpr, XQ: gl.constexpr):
+                     FUSE: gl.constexpr, DYNAMIC: gl.constexpr, XQ: gl.constexpr, ABSMAX: gl.constexpr = False):
     """``FUSE``: ``x_ptr`` holds the float activations (row stride ``stride_x``), quantized here (``DYNAMIC``: per
-    row; else by the scale at ``sx_ptr``) into ``XQ`` bytes of shared memory (:func:`code_buffer_bytes`), and
-    ``x_desc`` is not read; else ``x_desc`` describes the int8 codes and ``sx_ptr`` their scales."""
+    row, from the row's absmax bits at ``sx_ptr`` with ``ABSMAX``; else by the scale at ``sx_ptr``) into ``XQ``
+    bytes of shared memory (:func:`code_buffer_bytes`), and ``x_desc`` is not read; else ``x_desc`` describes the
+    int8 codes and ``sx_ptr`` their scales."""
     n0 = gl.program_id(0) * BN
     sid = gl.program_id(1)
     m = gl.program_id(2)
@@ -225,7 +233,7 @@ def _tma_gemv_kernel(w_desc, x_desc, s2_desc, zp_desc, x_ptr, sx_ptr, s1_ptr, bi
                PDL, not FUSE)
     _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, x_ptr, sx_ptr, s1_ptr,
                   bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_x, stride_sx, n0, m, sid, kt0, k_tiles, K, GROUP,
-                  SPLIT, HAS_BIAS, PDL, FUSE, DYNAMIC)
+                  SPLIT, HAS_BIAS, PDL, FUSE, DYNAMIC, ABSMAX)
 
 
 @dataclass(frozen=True)
@@ -299,21 +307,32 @@ def tma_gemv(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor, bias: torc
 
 def tma_gemv_float(x: torch.Tensor, kw: KernelWeight, static_scale: torch.Tensor | None = None,
                    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
-                   config: TmaGemvConfig | None = None) -> torch.Tensor:
+                   config: TmaGemvConfig | None = None, row_absmax: torch.Tensor | None = None) -> torch.Tensor:
     """The GEMV from float activations ``x [M, K]``, quantized inside with :mod:`dgq.kernels.act_quant`'s arithmetic
     (per row, or by ``static_scale``): :func:`tma_gemv` on that kernel's codes, bit for bit, in one launch.  Each
     CTA reads the row whole for the dynamic scale (from L2, while its first weight tiles are on their way) and
     rounds only its own K range, once, into shared memory.  It beat the act-quant + :func:`tma_gemv` on every
-    benchmark and decode layer shape (with :func:`config_for`'s ``inside`` rule; notes)."""
+    benchmark and decode layer shape (with :func:`config_for`'s ``inside`` rule; notes).
+
+    ``row_absmax`` (dynamic only): each row's :func:`dgq.formats.row_absmax_bits`, already computed (a compiled
+    graph fuses it into the row's producer); the CTAs then read only their own K range, with the same result."""
     _check(kw, x.device)
     if x.dim() != 2 or x.shape[1] != kw.in_features or not x.is_floating_point():
         raise ValueError(f"x must be a float [M, {kw.in_features}], got {x.dtype}{list(x.shape)}")
     x = x if x.stride(1) == 1 else x.contiguous()
     out = torch.empty((x.shape[0], kw.out_features), dtype=out_dtype, device=x.device)
-    # dynamic: the kernel computes each row's scale and never reads sx (any fp32 tensor stands in)
-    sx = kw.s1 if static_scale is None else static_scale.detach().to(device=x.device, dtype=torch.float32).reshape(1)
+    if row_absmax is not None:
+        ints = torch.int32 if x.dtype == torch.float32 else torch.int16  # dgq.formats.row_absmax_bits' width
+        if static_scale is not None or row_absmax.dtype != ints or row_absmax.shape != (x.shape[0], 1):
+            raise ValueError(f"row_absmax is a dynamic layer's {ints}[{x.shape[0]}, 1] (dgq.formats.row_absmax_bits), "
+                             f"got {row_absmax.dtype}{list(row_absmax.shape)}"
+                             + (" with a static scale" if static_scale is not None else ""))
+        sx = row_absmax.contiguous()
+    else:  # dynamic: the kernel computes each row's scale and never reads sx (any fp32 tensor stands in)
+        sx = kw.s1 if static_scale is None else static_scale.detach().to(device=x.device,
+                                                                         dtype=torch.float32).reshape(1)
     return _launch(None, x, x.stride(0), kw, sx, bias, out, config or config_for(kw.out_features, x.shape[1], True),
-                   fuse=True, dynamic=static_scale is None)
+                   fuse=True, dynamic=static_scale is None, absmax=row_absmax is not None)
 
 
 def _check(kw: KernelWeight, device: torch.device) -> None:
@@ -325,7 +344,7 @@ def _check(kw: KernelWeight, device: torch.device) -> None:
 
 def _launch(x_s8: torch.Tensor | None, x: torch.Tensor, stride: int, kw: KernelWeight, sx: torch.Tensor,
             bias: torch.Tensor | None, out: torch.Tensor, config: TmaGemvConfig | None, fuse: bool,
-            dynamic: bool) -> torch.Tensor:
+            dynamic: bool, absmax: bool = False) -> torch.Tensor:
     m, k = x.shape
     n = kw.out_features
     if m == 0:
@@ -341,5 +360,5 @@ def _launch(x_s8: torch.Tensor | None, x: torch.Tensor, stride: int, kw: KernelW
                            cnt, m, n, stride if fuse else 0, 0 if fuse else stride, K=k, GROUP=kw.group_size,
                            BN=cfg.bn, STAGES=cfg.stages, SPLIT=cfg.split, HAS_BIAS=bias is not None,
                            PDL=bool(options), FUSE=fuse, DYNAMIC=dynamic, XQ=code_buffer_bytes(k, cfg) if fuse else 0,
-                           num_warps=cfg.warps, **options)
+                           ABSMAX=absmax, num_warps=cfg.warps, **options)
     return out

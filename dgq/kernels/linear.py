@@ -68,19 +68,31 @@ def a8w4_mm(x_s8: torch.Tensor, s_x: torch.Tensor, kw: KernelWeight, bias: torch
     return a8w4_matmul(x_s8, kw, s_x, bias, out_dtype)
 
 
+def takes_row_absmax(m: int, kw: KernelWeight, device: torch.device, dynamic: bool, swiglu: bool) -> bool:
+    """Whether :func:`a8w4_linear` runs the TMA GEMV quantizing inside, which can take each row's absmax from the
+    caller (``row_absmax``): one dynamic token on Hopper, not a gate/up output."""
+    return m <= GEMV_MAX_M and dynamic and not swiglu and _hopper_kernels(kw, device)
+
+
 def a8w4_linear(x: torch.Tensor, kw: KernelWeight, static_scale: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
-                swiglu: bool = False) -> torch.Tensor:
+                swiglu: bool = False, row_absmax: torch.Tensor | None = None) -> torch.Tensor:
     """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for a 2-D float ``x`` on CUDA, dynamic per-row or static scale;
     ``swiglu``: ``x`` is a fused gate/up output ``[M, 2K]`` and ``X`` is :func:`dgq.formats.swiglu` of it.
 
     One token: on Hopper the TMA-fed GEMV quantizes the activation itself, one launch; elsewhere the register-fed
     one does so on layers of few row blocks (:func:`dgq.kernels.gemv.quantizes_inside`).  Otherwise, and always
     with ``swiglu`` (a fused MLP passes the gate/up output only from :data:`dgq.fuse.SWIGLU_MIN_TOKENS` tokens on),
-    the act-quant kernel, which forms the SwiGLU product as it reads, then the GEMM path for M."""
+    the act-quant kernel, which forms the SwiGLU product as it reads, then the GEMM path for M.
+
+    ``row_absmax``: each row's :func:`dgq.formats.row_absmax_bits`, given only where :func:`takes_row_absmax`
+    says the TMA GEMV runs (a compiled graph computes it beside the row's producer); the result is the same."""
+    if row_absmax is not None and not takes_row_absmax(x.shape[0], kw, x.device, static_scale is None, swiglu):
+        raise ValueError("row_absmax is taken only by the TMA GEMV (one dynamic token on Hopper, no gate/up "
+                         "input): see dgq.kernels.linear.takes_row_absmax")
     if x.shape[0] <= GEMV_MAX_M and not swiglu:
         if _hopper_kernels(kw, x.device):
-            return gemv_tma.tma_gemv_float(x, kw, static_scale, bias, out_dtype)
+            return gemv_tma.tma_gemv_float(x, kw, static_scale, bias, out_dtype, row_absmax=row_absmax)
         if quantizes_inside(kw.out_features, kw.in_features, kw.tile_k):
             return a8w4_gemv_float(x, kw, static_scale, bias, out_dtype)
     x_s8, s_x = quantize_activations_triton(x, static_scale, swiglu)

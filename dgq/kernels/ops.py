@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import torch
 
-from dgq.formats import quantize_activations, swiglu as swiglu_product
+from dgq.formats import quantize_activations, row_absmax_bits, swiglu as swiglu_product
 from dgq.kernels import decode_attention as _decode_attention
 from dgq.kernels.act_quant import quantize_activations_triton
 from dgq.kernels.gemm import KernelWeight
 from dgq.kernels.int8_gemm import int8_matmul
 from dgq.kernels.kv_write import write_int8
-from dgq.kernels.linear import a8w4_linear, a8w4_mm
+from dgq.kernels.linear import a8w4_linear, a8w4_mm, takes_row_absmax
 
 # per device type, compiled: quantize with torch ops the compiler fuses into the producer (else dgq's exact kernel)
 ACT_QUANT_IN_GRAPH = {"cpu": True, "cuda": False}
@@ -74,15 +74,16 @@ def _(x_s8: torch.Tensor, s_x: torch.Tensor, codes: torch.Tensor, s2t: torch.Ten
 @torch.library.custom_op("dgq::a8w4_linear", mutates_args=())
 def _a8w4_linear(x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor, s1: torch.Tensor,
                  split_scratch: torch.Tensor, group_size: int, static_scale: torch.Tensor | None,
-                 bias: torch.Tensor | None, out_dtype: torch.dtype, swiglu: bool) -> torch.Tensor:
+                 bias: torch.Tensor | None, out_dtype: torch.dtype, swiglu: bool,
+                 row_absmax: torch.Tensor | None = None) -> torch.Tensor:
     return a8w4_linear(x, KernelWeight.of(codes, s2t, zpt, s1, split_scratch, group_size), static_scale, bias,
-                       out_dtype, swiglu)
+                       out_dtype, swiglu, row_absmax)
 
 
 @_a8w4_linear.register_fake
 def _(x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor, s1: torch.Tensor,
       split_scratch: torch.Tensor, group_size: int, static_scale: torch.Tensor | None, bias: torch.Tensor | None,
-      out_dtype: torch.dtype, swiglu: bool) -> torch.Tensor:
+      out_dtype: torch.dtype, swiglu: bool, row_absmax: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty((x.shape[0], codes.shape[0]), dtype=out_dtype)
 
 
@@ -161,17 +162,24 @@ def int8_linear(x: torch.Tensor, w_s8: torch.Tensor, s1: torch.Tensor, bias: tor
 
 def quantized_linear(x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zpt: torch.Tensor, s1: torch.Tensor,
                      split_scratch: torch.Tensor, group_size: int, static_scale: torch.Tensor | None,
-                     bias: torch.Tensor | None, out_dtype: torch.dtype, swiglu: bool = False) -> torch.Tensor:
+                     bias: torch.Tensor | None, out_dtype: torch.dtype, swiglu: bool = False,
+                     absmax_in_graph: bool = False) -> torch.Tensor:
     """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for a 2-D ``x`` from a layer's buffers (module docstring);
-    ``swiglu``: ``X`` is :func:`dgq.formats.swiglu` of ``x``, formed by the kernel that quantizes it."""
+    ``swiglu``: ``X`` is :func:`dgq.formats.swiglu` of ``x``, formed by the kernel that quantizes it.
+    ``absmax_in_graph`` (:attr:`dgq.nn.QuantLinear.absmax_in_graph`): compiled for CUDA, where the one-token TMA
+    GEMV runs, each row's absmax is computed in the graph, which fuses it into the kernel that produces ``x``."""
     if not torch.compiler.is_compiling():
         kw = KernelWeight.of(codes, s2t, zpt, s1, split_scratch, group_size)
         return a8w4_linear(x, kw, static_scale, bias, out_dtype, swiglu)
     if not ACT_QUANT_IN_GRAPH.get(x.device.type, False):
+        kw = KernelWeight.of(codes, s2t, zpt, s1, split_scratch, group_size)
+        row_absmax = None
+        if absmax_in_graph and takes_row_absmax(x.shape[0], kw, x.device, static_scale is None, swiglu):
+            row_absmax = row_absmax_bits(x.detach())
         # detached as the eager kernels' output is (no gradient flows through rounding), so that a model compiled
         # with grad mode on does not make the compiler trace a backward the operator does not have
         return torch.ops.dgq.a8w4_linear(x.detach(), codes, s2t, zpt, s1, split_scratch, group_size, static_scale, bias,
-                                         out_dtype, swiglu)
+                                         out_dtype, swiglu, row_absmax)
     if swiglu:  # the reference's torch operations, which the compiler fuses with the quantization below
         x = swiglu_product(x)
     x_s8, s_x = quantize_activations(x, static_scale)
