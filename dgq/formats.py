@@ -179,6 +179,11 @@ def row_absmax_bits(x: torch.Tensor) -> torch.Tensor:
     return (x.view(ints) & magnitude).amax(-1, keepdim=True)
 
 
+def absmax_bits_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The integer dtype :func:`row_absmax_bits` returns for activations of ``dtype``."""
+    return _SAME_WIDTH_INT[dtype][0]
+
+
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` from a fused gate/up output (gate the first half of the last dimension), rounded as a
     Llama-family MLP rounds it: the SiLU in the input's dtype, then the product in it.  The input of a down

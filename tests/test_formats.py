@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 
 from dgq.formats import (
-    INT8_MAX, DualGrainedWeight, FormatError, amax_abs, exact_matmul, group_minmax, int_matmul, quantize_activations,
-    to_dual_grained,
+    INT8_MAX, DualGrainedWeight, FormatError, absmax_bits_dtype, amax_abs, exact_matmul, group_minmax, int_matmul,
+    quantize_activations, row_absmax_bits, to_dual_grained,
 )
 from dgq.packing import pack_u4, unpack_u4
 
@@ -157,3 +157,17 @@ def test_quant_linear_cpu_forward_is_the_format_definition(k):
     acc = exact_matmul(x_s8.float(), dg.int8_weight().float().t()).float()
     expect = (acc * s_x * dg.s1 + bias).reshape(2, 5, 48)
     assert torch.equal(layer(x), expect)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_row_absmax_bits_are_the_rows_absmax(dtype: torch.dtype) -> None:
+    """The bit patterns a compiled graph hands the one-token GEMV, viewed back as floats, are each row's max |x|
+    exactly: rows of mixed signs over ten decades, a zero row, an all-negative row, an infinity."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(6, 333, generator=gen) * torch.logspace(-6, 4, 333)).to(dtype)
+    x[2] = 0
+    x[3] = -x[3].abs()
+    x[4, 7] = -float("inf")
+    bits = row_absmax_bits(x)
+    assert bits.dtype == absmax_bits_dtype(dtype) and bits.shape == (6, 1)
+    assert torch.equal(bits.view(dtype).float(), amax_abs(x.float(), -1, keepdim=True))

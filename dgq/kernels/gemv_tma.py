@@ -40,6 +40,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
+from dgq.formats import absmax_bits_dtype
 from dgq.kernels.act_quant import _MIN_SCALE, _RNE_MAGIC
 from dgq.kernels.gemm import KernelWeight, prepare_call
 from dgq.kernels.gemm_ws import (
@@ -322,7 +323,7 @@ def tma_gemv_float(x: torch.Tensor, kw: KernelWeight, static_scale: torch.Tensor
     x = x if x.stride(1) == 1 else x.contiguous()
     out = torch.empty((x.shape[0], kw.out_features), dtype=out_dtype, device=x.device)
     if row_absmax is not None:
-        ints = torch.int32 if x.dtype == torch.float32 else torch.int16  # dgq.formats.row_absmax_bits' width
+        ints = absmax_bits_dtype(x.dtype)
         if static_scale is not None or row_absmax.dtype != ints or row_absmax.shape != (x.shape[0], 1):
             raise ValueError(f"row_absmax is a dynamic layer's {ints}[{x.shape[0]}, 1] (dgq.formats.row_absmax_bits), "
                              f"got {row_absmax.dtype}{list(row_absmax.shape)}"
