@@ -41,8 +41,8 @@ def compile_for_hopper(cfg: gemv_tma.TmaGemvConfig, k: int, group: int, fuse: bo
               "XQ": gemv_tma.code_buffer_bytes(k, cfg) if fuse else 0, "ABSMAX": absmax}
     sig = {"w_desc": f"tensordesc<u8[{cfg.bn}, 64],{plain}>", "x_desc": f"tensordesc<i8[1, 128],{plain}>",
            "s2_desc": f"tensordesc<i8{box},{plain}>", "zp_desc": f"tensordesc<u8{box},{plain}>",
-           "x_ptr": "*fp16" if fuse else "*i8", "sx_ptr": "*i16" if absmax else "*fp32", "s1_ptr": "*fp32", "bias_ptr": f"*{out}",
-           "out_ptr": f"*{out}", "ws_ptr": "*i32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "stride_x": "i32",
+           "x_ptr": "*fp16" if fuse else "*i8", "sx_ptr": "*i16" if absmax else "*fp32", "s1_ptr": "*fp32",
+           "bias_ptr": f"*{out}", "out_ptr": f"*{out}", "ws_ptr": "*i32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "stride_x": "i32",
            "stride_sx": "i32", **{name: "constexpr" for name in consts}}
     options = {"num_warps": cfg.warps}
     # the specialization the launcher gives 16-byte-aligned pointers and multiples of 16 (so loads can be vectorized)

@@ -172,10 +172,11 @@ def quantized_linear(x: torch.Tensor, codes: torch.Tensor, s2t: torch.Tensor, zp
         kw = KernelWeight.of(codes, s2t, zpt, s1, split_scratch, group_size)
         return a8w4_linear(x, kw, static_scale, bias, out_dtype, swiglu)
     if not ACT_QUANT_IN_GRAPH.get(x.device.type, False):
-        kw = KernelWeight.of(codes, s2t, zpt, s1, split_scratch, group_size)
         row_absmax = None
-        if absmax_in_graph and takes_row_absmax(x.shape[0], kw, x.device, static_scale is None, swiglu):
-            row_absmax = row_absmax_bits(x.detach())
+        if absmax_in_graph:  # which kernel the operator will run decides whether the graph computes the absmax
+            kw = KernelWeight.of(codes, s2t, zpt, s1, split_scratch, group_size)
+            if takes_row_absmax(x.shape[0], kw, x.device, static_scale is None, swiglu):
+                row_absmax = row_absmax_bits(x.detach())
         # detached as the eager kernels' output is (no gradient flows through rounding), so that a model compiled
         # with grad mode on does not make the compiler trace a backward the operator does not have
         return torch.ops.dgq.a8w4_linear(x.detach(), codes, s2t, zpt, s1, split_scratch, group_size, static_scale, bias,
