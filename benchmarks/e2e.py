@@ -40,6 +40,7 @@ from dgq.config import QuantConfig
 from dgq.embedding import QuantEmbedding, quantize_embedding_matrix, untie_head
 from dgq.formats import INT4_MAX, INT8_MAX, group_minmax, to_dual_grained
 from dgq.fuse import fuse_projections
+from dgq.int8_rows import int8_head, int8_input_embedding
 from dgq.kernels.ops import int8_linear
 from dgq.nn import QuantLinear
 from dgq.search import naive_channel_scale, rtn_group_scales
@@ -115,17 +116,22 @@ def dgq_embedding(embedding: nn.Embedding) -> QuantEmbedding:
 
 
 def convert(model: nn.Module, fmt: str, fuse: bool = True, head: bool = False, embedding: bool = False,
-            ) -> nn.Module:
+            int8_rows: tuple[bool, bool] = (False, False)) -> nn.Module:
     """Replace every decoder linear of ``model`` in place by the ``fmt`` layer (DGQ's projections fused); for the
-    DGQ formats, with ``head`` the LM head too and with ``embedding`` the input embedding in 4 bits."""
+    DGQ formats, with ``head`` the LM head too and with ``embedding`` the input embedding in 4 bits, and with
+    ``int8_rows`` = (head, embedding) those in int8 rows (:mod:`dgq.int8_rows`)."""
     if fmt == "fp16":
         return model
-    if fmt.startswith("dgq") and (head or embedding):
+    if fmt.startswith("dgq") and (head or embedding or any(int8_rows)):
         untie_head(model)
         if head:
             model.lm_head = dgq_linear(model.lm_head, fmt.removeprefix("dgq_"))
         if embedding:
             model.set_input_embeddings(dgq_embedding(model.get_input_embeddings()))
+        if int8_rows[0]:
+            int8_head(model)
+        if int8_rows[1]:
+            int8_input_embedding(model)
         torch.cuda.empty_cache()
     make: Callable[[nn.Linear], nn.Module] = {
         "w8a8": W8A8Linear, "w4a16": W4A16Linear,
@@ -173,7 +179,7 @@ def measure(name: str, fmt: str, args: argparse.Namespace) -> list[dict]:
 
     start = time.perf_counter()
     model = convert(build(name), fmt, fuse=not args.no_fuse, head=args.quantize_head,
-                    embedding=args.quantize_embedding)
+                    embedding=args.quantize_embedding, int8_rows=(args.int8_head, args.int8_embedding))
     if args.attention == "dgq":
         use_decode_attention(model)
     gc.collect()
@@ -181,16 +187,19 @@ def measure(name: str, fmt: str, args: argparse.Namespace) -> list[dict]:
     base = dict(model=name, format=fmt, weight_bytes=wb, resident_bytes=resident, fused=not args.no_fuse,
                 compile_scope=args.compile_scope, attention=args.attention, act_quant=args.act_quant,
                 kv_cache=args.kv_cache, quantize_head=args.quantize_head and fmt.startswith("dgq"),
-                quantize_embedding=args.quantize_embedding and fmt.startswith("dgq"))
+                quantize_embedding=args.quantize_embedding and fmt.startswith("dgq"),
+                int8_head=args.int8_head and fmt.startswith("dgq"),
+                int8_embedding=args.int8_embedding and fmt.startswith("dgq"))
     print(f"{name} {fmt}: built in {time.perf_counter() - start:.0f} s, weights {wb / 2**30:.2f} GiB, "
           f"allocated {resident / 2**30:.2f} GiB", flush=True)
     for mode in args.prefill_modes.split(","):
         for batch, seqlen in [(1, int(s)) for s in args.seqlens.split(",")] + [(8, 1024)] * args.batched_prefill:
             start = time.perf_counter()
-            ms, peak = prefill(model, batch, seqlen, vocab, args.repeats, mode)
+            ms, peak, steady = prefill(model, batch, seqlen, vocab, args.repeats, mode)
             record({**base, "phase": "prefill", "mode": mode, "batch": batch, "seqlen": seqlen, "ms": ms,
-                         "peak_mem_bytes": peak})
+                    "peak_mem_bytes": peak, "steady_peak_mem_bytes": steady})
             print(f"  prefill {mode} b{batch} s{seqlen}: {ms:.2f} ms, peak {peak / 2**30:.2f} GiB "
+                  f"(steady {steady / 2**30:.3f}) "
                   f"({time.perf_counter() - start:.0f} s incl. compile/capture)", flush=True)
     for mode in args.decode_modes.split(","):
         for batch in [int(b) for b in args.decode_batches.split(",")]:
@@ -253,6 +262,10 @@ def main() -> None:
                         help="DGQ formats: the LM head as an A8W4 layer too (other formats keep it in fp16)")
     parser.add_argument("--quantize-embedding", action="store_true",
                         help="DGQ formats: the input embedding in 4 bits with group scales (dgq.embedding)")
+    parser.add_argument("--int8-head", action="store_true",
+                        help="DGQ formats: the LM head as int8 rows, weight-only (dgq.int8_rows)")
+    parser.add_argument("--int8-embedding", action="store_true",
+                        help="DGQ formats: the input embedding as int8 rows (dgq.int8_rows)")
     parser.add_argument("--out", default="results/e2e_h100.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -278,7 +291,8 @@ def main() -> None:
                    "--batched-prefill", str(args.batched_prefill)] + ["--profile"] * args.profile \
                 + ["--no-fuse"] * args.no_fuse + ["--compile-scope", args.compile_scope, "--attention", args.attention,
                                               "--act-quant", args.act_quant, "--kv-cache", args.kv_cache] \
-                + ["--quantize-head"] * args.quantize_head + ["--quantize-embedding"] * args.quantize_embedding
+                + ["--quantize-head"] * args.quantize_head + ["--quantize-embedding"] * args.quantize_embedding \
+                + ["--int8-head"] * args.int8_head + ["--int8-embedding"] * args.int8_embedding
             code = subprocess.run(cmd).returncode
             if part.exists():
                 rows += json.loads(part.read_text())

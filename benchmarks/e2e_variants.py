@@ -9,7 +9,9 @@ Each variant replaces one thing in this process only, before anything is compile
   end (as shipped they release it at their start);
 * ``aq_late``: the same for the activation quantizer;
 * ``noabsmax``: the fused q/k/v and gate/up GEMVs read their row for its absmax themselves (before session 12);
-* ``down_absmax``: the down projection's one-token GEMV is handed its row's absmax from the graph as well.
+* ``down_absmax``: the down projection's one-token GEMV is handed its row's absmax from the graph as well;
+* ``per_layer_length``: the decode steps' float KV cache is transformers' ``StaticCache``, whose every layer counts
+  and advances its own length (before session 13: one more 1-element kernel per layer and step).
 
     PYTHONPATH=. python benchmarks/e2e_variants.py noabsmax --models llama2-7b --formats dgq_dynamic \
         --seqlens 2048 --batched-prefill 0 --decode-batches 1 --out results/x.json
@@ -26,7 +28,7 @@ from pathlib import Path
 import triton
 import triton.language as tl
 
-VARIANTS = ("none", "nomerge", "attn_late", "aq_late", "noabsmax", "down_absmax")
+VARIANTS = ("none", "nomerge", "attn_late", "aq_late", "noabsmax", "down_absmax", "per_layer_length")
 
 
 @triton.jit
@@ -69,6 +71,12 @@ def apply(variants: list[str]) -> None:
             return model
 
         fuse.fuse_projections = fuse_with_down
+    if "per_layer_length" in variants:
+        from transformers import StaticCache
+
+        from dgq import kv_cache
+
+        kv_cache.float_static_cache = StaticCache  # what dgq.bench.DecodeStep imports at each call
 
 
 def main() -> None:

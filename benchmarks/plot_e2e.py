@@ -72,10 +72,12 @@ def main() -> None:
 
 
 def series(row: dict) -> str:
-    """A row's series: its format, and how its decode steps attended when not the benchmark's default (dgq's
-    kernel over an fp16 cache): ``, int8 KV`` (dgq.kv_cache), ``, SDPA``."""
-    return row["format"] + (", int8 KV" if row.get("kv_cache") == "int8" else "") + (
-        ", SDPA" if row.get("attention") == "sdpa" else "")
+    """A row's series: its format, ``, int8 head+emb`` (or ``head``, ``emb``) where its LM head and embedding are
+    int8 rows (dgq.int8_rows), and how its decode steps attended when not the benchmark's default (dgq's kernel over an fp16
+    cache): ``, int8 KV`` (dgq.kv_cache), ``, SDPA``."""
+    rows8 = "+".join(name for name, key in (("head", "int8_head"), ("emb", "int8_embedding")) if row.get(key))
+    return row["format"] + (f", int8 {rows8}" if rows8 else "") + (
+        ", int8 KV" if row.get("kv_cache") == "int8" else "") + (", SDPA" if row.get("attention") == "sdpa" else "")
 
 
 def profile_table(profiles: list[dict], rows: list[dict]) -> str:
@@ -110,23 +112,23 @@ def profile_table(profiles: list[dict], rows: list[dict]) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """Every row of the run as the Markdown table BENCHMARKS.md shows."""
     def get(r_model: str, fmt: str, phase: str, batch: int, seqlen: int, key: str) -> float | None:
-        return next((r[key] for r in rows if (r["model"], series(r), r["phase"], r["batch"], r["seqlen"])
+        return next((r.get(key) for r in rows if (r["model"], series(r), r["phase"], r["batch"], r["seqlen"])
                      == (r_model, fmt, phase, batch, seqlen)), None)
 
     def cell(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
     lines = ["| model | format | 256 | 512 | 1024 | 2048 | 4096 | 8x1024 | decode b1 | b8 | b32 | weights GiB | "
-             "peak@2048 GiB |", "|" + "---|" * 13]
+             "peak@2048 GiB | steady peak@2048 GiB |", "|" + "---|" * 14]
     for model in dict.fromkeys(r["model"] for r in rows):
         for fmt in dict.fromkeys(series(r) for r in rows if r["model"] == model):
             pre = [get(model, fmt, "prefill", 1, s, "ms") for s in (256, 512, 1024, 2048, 4096)]
             pre.append(get(model, fmt, "prefill", 8, 1024, "ms"))
             dec = [get(model, fmt, "decode", b, 1024, "tokens_per_s") for b in (1, 8, 32)]
             weights = next(r["weight_bytes"] for r in rows if (r["model"], series(r)) == (model, fmt))
-            peak = get(model, fmt, "prefill", 1, 2048, "peak_mem_bytes")
+            peaks = [get(model, fmt, "prefill", 1, 2048, key) for key in ("peak_mem_bytes", "steady_peak_mem_bytes")]
             cells = [cell(v, ".1f") for v in pre] + [cell(v, ".0f") for v in dec]
-            cells += [f"{weights / 2**30:.2f}", cell(None if peak is None else peak / 2**30, ".2f")]
+            cells += [f"{weights / 2**30:.2f}"] + [cell(None if p is None else p / 2**30, ".2f") for p in peaks]
             lines.append(f"| {model} | {fmt} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

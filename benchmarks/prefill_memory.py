@@ -8,6 +8,8 @@ over the whole run, which cannot say whether the weights, the activations or a o
 
     PYTHONPATH=.:benchmarks python benchmarks/prefill_memory.py --formats dgq_dynamic,w8a8 --seqlen 2048 \
         --out results/prefill_memory_h100.json
+
+``--int8-rows`` gives the DGQ formats the int8 LM head and input embedding (W8A8 keeps both in fp16).
 """
 
 from __future__ import annotations
@@ -47,14 +49,14 @@ def _live_at_peak(trace: list[dict]) -> tuple[int, dict[int, dict]]:
     return best, best_live
 
 
-def measure(model_name: str, fmt: str, seqlen: int) -> dict:
+def measure(model_name: str, fmt: str, seqlen: int, int8_rows: bool) -> dict:
     import e2e
 
     from dgq import bench
     from dgq.attention import use_decode_attention
 
     torch._dynamo.config.recompile_limit = 512
-    model = use_decode_attention(e2e.convert(e2e.build(model_name), fmt))
+    model = use_decode_attention(e2e.convert(e2e.build(model_name), fmt, int8_rows=(int8_rows, int8_rows)))
     gc.collect()
     torch.cuda.empty_cache()
     resident = torch.cuda.memory_allocated()
@@ -79,7 +81,8 @@ def measure(model_name: str, fmt: str, seqlen: int) -> dict:
     for event in blocks.values():
         by_site[_where(event)] += event["size"]
         count[_where(event)] += 1
-    return {"model": model_name, "format": fmt, "seqlen": seqlen, "resident_bytes": resident,
+    return {"model": model_name, "format": fmt, "seqlen": seqlen, "int8_rows": int8_rows and fmt.startswith("dgq"),
+            "resident_bytes": resident,
             "first_call_peak_bytes": first, "replay_peak_bytes": steady, "transient_peak_bytes": over,
             "live_at_peak": [{"site": site, "bytes": size, "blocks": count[site]}
                              for site, size in by_site.most_common(12)]}
@@ -90,18 +93,21 @@ def main() -> None:
     p.add_argument("--model", default="llama2-7b")
     p.add_argument("--formats", default="dgq_dynamic,w8a8")
     p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--int8-rows", action="store_true",
+                   help="DGQ formats: the LM head and the input embedding as int8 rows (dgq.int8_rows)")
     p.add_argument("--out", required=True)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("error: benchmarks/prefill_memory.py needs a CUDA GPU")
     if args.child:  # one format per process, so one cannot hold memory the next one's peak would count
-        print(json.dumps(measure(args.model, args.formats, args.seqlen)))
+        print(json.dumps(measure(args.model, args.formats, args.seqlen, args.int8_rows)))
         return
     rows = []
     for fmt in args.formats.split(","):
         done = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--formats", fmt,
-                               "--seqlen", str(args.seqlen), "--out", args.out], capture_output=True, text=True)
+                               "--seqlen", str(args.seqlen), "--out", args.out] + ["--int8-rows"] * args.int8_rows,
+                              capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"error: {fmt} failed:\n{done.stderr[-2000:]}")
         row = json.loads(done.stdout.strip().splitlines()[-1])

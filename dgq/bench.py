@@ -19,10 +19,13 @@ from __future__ import annotations
 import functools
 import statistics
 from collections import defaultdict
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from dgq.kv_cache import KV
 
 DECODE_MODES = ("compiled", "graph")
 KV_CACHES = ("fp16", "int8")  # the model's dtype, or dgq.kv_cache's int8 codes with per-position scales
@@ -81,18 +84,42 @@ class LayerCache:
     ``self._modules['self_attn'].layer_idx == 0`` fails on the next block, and every block compiles its own graph
     (also with ``allow_unspec_int_on_nn_module``: indexing a list with the int specializes it again).  This view
     is chosen outside the compiled code, by the block's position, and ignores the index it is given, so the traced
-    code reads the same attributes of whichever layer it is handed."""
+    code reads the same attributes of whichever layer it is handed.
+
+    For the same reason a layer sharing its cache's length (:class:`dgq.kv_cache.SharedLengthStaticLayer`) is not
+    traced through its ``update``: that branches on the Python flag ``advances``, true in the last layer alone, so
+    dynamo would guard on it and compile the last block a second graph.  The traced code calls the layer's
+    ``write`` (the same for every layer; the count untouched), and :class:`SharedBlockForward` calls
+    :meth:`advance` after the compiled block, eagerly: one add per forward, outside the block's graph (a step's
+    CUDA graph captures it with the embedding and the head)."""
 
     def __init__(self, cache: object, index: int) -> None:
+        from dgq.kv_cache import SharedLengthStaticLayer
+
         layers = getattr(cache, "layers", ())
         if index >= len(layers):  # a cache that appends its layers lazily (DynamicCache) holds none to hand out yet
             raise ValueError(f"a compiled block needs a KV cache whose layers already exist (StaticCache); "
                              f"{type(cache).__name__} has {len(layers)}, block {index} needs its own")
         self.layer = layers[index]
+        self.shares_length = isinstance(self.layer, SharedLengthStaticLayer)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: object,
-               **kwargs: object) -> tuple[torch.Tensor, torch.Tensor]:
+               **kwargs: object) -> tuple[KV, KV]:
+        if self.shares_length:
+            return self.layer.write(key_states, value_states)
         return self.layer.update(key_states, value_states, *args, **kwargs)
+
+    def place(self, device: torch.device) -> None:
+        """Before the block: the shared length moved to ``device`` (:meth:`dgq.kv_cache.SharedLength.on`) here,
+        outside the compiled code.  Layers first used inside it would otherwise trace the move in the first block
+        and not in the next, and dynamo would compile each its own graph."""
+        if self.shares_length:
+            self.layer.length.on(device)
+
+    def advance(self, kv_length: int) -> None:
+        """After the block: the shared length advanced by ``kv_length`` if this layer is the one advancing it."""
+        if self.shares_length:
+            self.layer.advance(kv_length)
 
 
 def _run_block(block: nn.Module, *args: object, **kwargs: object) -> object:
@@ -108,15 +135,22 @@ def _block_code() -> Callable:
 
 
 class SharedBlockForward:
-    """A block's ``forward`` replaced by the shared compiled :func:`_run_block`, with its own :class:`LayerCache`."""
+    """A block's ``forward`` replaced by the shared compiled :func:`_run_block`, with its own :class:`LayerCache`,
+    whose shared length it places before the block and advances after it (:class:`LayerCache` says why not
+    inside)."""
 
     def __init__(self, block: nn.Module, index: int) -> None:
         self.block, self.index = block, index
 
     def __call__(self, *args: object, **kwargs: object) -> object:
-        if kwargs.get("past_key_values") is not None:
-            kwargs["past_key_values"] = LayerCache(kwargs["past_key_values"], self.index)
-        return _block_code()(self.block, *args, **kwargs)
+        if kwargs.get("past_key_values") is None:
+            return _block_code()(self.block, *args, **kwargs)
+        hidden_states = args[0] if args else kwargs["hidden_states"]  # [B, new tokens, D]: what the block caches
+        cache = kwargs["past_key_values"] = LayerCache(kwargs["past_key_values"], self.index)
+        cache.place(hidden_states.device)
+        out = _block_code()(self.block, *args, **kwargs)
+        cache.advance(hidden_states.shape[-2])
+        return out
 
 
 def compiled(model: nn.Module, dynamic: bool) -> Callable:
@@ -156,9 +190,14 @@ def causal_mask(batch: int, seqlen: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def prefill(model: nn.Module, batch: int, seqlen: int, vocab: int, repeats: int,
-            mode: str = "graph") -> tuple[float, int]:
-    """Median ms of one forward over ``batch x seqlen`` random tokens (last position's logits only), and the
-    peak memory it reached."""
+            mode: str = "graph") -> tuple[float, int, int]:
+    """Median ms of one forward over ``batch x seqlen`` random tokens (last position's logits only), the peak memory
+    from the first call on, and the steady peak of the timed calls alone.
+
+    The two peaks differ by what only a first call holds: compilation, the capture, and the benchmark buffers of
+    Triton's autotuner (a 256 MiB L2-flush buffer per tuning, in every format with a tuned Triton kernel), which a
+    server pays once at warm-up and which is not the format's memory; the steady peak is what every later prefill of
+    this length needs."""
     if mode not in PREFILL_MODES:
         raise ValueError(f"prefill mode {mode!r}; choose from {', '.join(PREFILL_MODES)}")
     ids = torch.randint(0, vocab, (batch, seqlen), device="cuda")
@@ -167,8 +206,13 @@ def prefill(model: nn.Module, batch: int, seqlen: int, vocab: int, repeats: int,
     step = lambda: forward(ids, attention_mask=mask, use_cache=False, logits_to_keep=1)  # noqa: E731
     torch.cuda.reset_peak_memory_stats()
     run = captured(step) if mode == "graph" else step
+    run()
+    torch.cuda.synchronize()
+    first = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     ms = timed(run, repeats)
-    return ms, torch.cuda.max_memory_allocated()
+    steady = torch.cuda.max_memory_allocated()
+    return ms, max(first, steady), steady
 
 
 class DecodeStep:
@@ -180,15 +224,14 @@ class DecodeStep:
 
     def __init__(self, model: nn.Module, batch: int, context: int, vocab: int, mode: str = "compiled",
                  capture: bool = True, steps: int = 64, kv_cache: str = "fp16") -> None:
-        from transformers import StaticCache
-
-        from dgq.kv_cache import Int8StaticCache
+        from dgq.kv_cache import Int8StaticCache, float_static_cache
 
         if mode not in DECODE_MODES:
             raise ValueError(f"decode mode {mode!r}; choose from {', '.join(DECODE_MODES)}")
         if kv_cache not in KV_CACHES:
             raise ValueError(f"KV cache {kv_cache!r}; choose from {', '.join(KV_CACHES)}")
-        cache = Int8StaticCache if kv_cache == "int8" else StaticCache  # int8: the model must use dgq.attention
+        # one length counter for all layers, advanced once per step; int8: the model must use dgq.attention
+        cache = Int8StaticCache if kv_cache == "int8" else float_static_cache
         self.cache = cache(config=model.config, max_cache_len=context + steps)
         ids = torch.randint(0, vocab, (batch, context), device="cuda")
         model(ids, past_key_values=self.cache, cache_position=torch.arange(context, device="cuda"),

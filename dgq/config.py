@@ -68,6 +68,11 @@ class QuantConfig:
                of ``group_size`` columns (:mod:`dgq.embedding`), quantized before calibration so that the blocks
                calibrate on its rows.  On a tied model it saves memory only together with ``quantize_head`` (alone,
                the head keeps the float matrix).
+    int8_head: store the LM head as int8 codes with one float scale per output row (:mod:`dgq.int8_rows`), read by
+               a weight-only kernel on CUDA: half the float head's bytes, which every decode step reads whole.
+               Exclusive with ``quantize_head``.  A tied head gets its own copy.
+    int8_embedding: store the input embedding the same way (one int8 code per weight, one scale per token's row),
+               quantized before calibration.  Exclusive with ``quantize_embedding``.
     act_first_scale: static activations: a second calibrated per-tensor scale for the first position of every
                sequence (the attention sink, whose activations in SmolLM2 are far from every other token's), the
                first scale for all others; each searched on its own tokens.  Which rows are first comes from the
@@ -110,6 +115,8 @@ class QuantConfig:
     act_sample_sink_weight: float = 0.0
     quantize_head: bool = False
     quantize_embedding: bool = False
+    int8_head: bool = False
+    int8_embedding: bool = False
     act_first_scale: bool = False
 
     def __post_init__(self) -> None:
@@ -160,9 +167,13 @@ class QuantConfig:
                               f"{self.act_sample_sink} and {self.act_sample_sink_weight}")
         if self.act_sample_sink and self.act_clip_grid == 1:
             raise ConfigError("act_sample_sink weighs tokens of the static scale search; it needs act_clip_grid > 1")
-        if (self.quantize_head or self.quantize_embedding) and not self.quantizes_weights:
-            raise ConfigError("quantize_head and quantize_embedding need a weight format (weight 'none' quantizes "
-                              "nothing)")
+        if (self.quantize_head or self.quantize_embedding or self.int8_head or self.int8_embedding) \
+                and not self.quantizes_weights:
+            raise ConfigError("quantize_head, quantize_embedding, int8_head and int8_embedding need a weight format "
+                              "(weight 'none' quantizes nothing)")
+        if (self.int8_head and self.quantize_head) or (self.int8_embedding and self.quantize_embedding):
+            raise ConfigError("the head and the embedding each take one format: int8_head excludes quantize_head, "
+                              "int8_embedding excludes quantize_embedding")
         if self.act_first_scale and (self.act != "static" or self.weight != "dual" or self.act_clip_grid == 1
                                      or self.act_sample_sink):
             raise ConfigError("act_first_scale gives the first position its own static scale: it needs act 'static', "

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from dgq.config import ConfigError, QuantConfig
-from dgq.formats import INT4_MAX, FormatError
+from dgq.formats import INT4_MAX, FormatError, relative_error
 from dgq.search import rtn_group_scales, search_group_clip
 
 
@@ -140,12 +140,6 @@ def quantize_embedding_matrix(weight: torch.Tensor, config: QuantConfig) -> Quan
     return QuantEmbedding.from_codes(u4.to(torch.uint8), zp.to(torch.uint8), scale)
 
 
-def embedding_error(weight: torch.Tensor, module: QuantEmbedding) -> float:
-    """``||E - Ê||² / ||E||²``: what the 4-bit embedding loses, for the calibration report."""
-    w = weight.detach().float()
-    return float((w - module.dequantize().float()).pow(2).sum() / w.pow(2).sum().clamp(min=1e-30))
-
-
 def untie_head(model: nn.Module) -> bool:
     """Give the LM head its own copy of a matrix it shares with the input embedding; returns whether it did.
 
@@ -155,7 +149,7 @@ def untie_head(model: nn.Module) -> bool:
     """
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     weight = getattr(embedding, "weight", None)
-    if weight is None or head.weight is not weight:
+    if weight is None or getattr(head, "weight", None) is not weight:  # (a quantized head has no float weight)
         return False
     head.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
     model.config.tie_word_embeddings = False
@@ -190,6 +184,6 @@ def quantize_input_embedding(model: nn.Module, config: QuantConfig, device: torc
     untie_head(model)
     weight = model.get_input_embeddings().weight
     module = quantize_embedding_matrix(weight.to(device or weight.device), config)
-    error = embedding_error(weight.to(module.scale.device), module)
+    error = relative_error(weight.to(module.scale.device), module.dequantize())
     model.set_input_embeddings(module.to(weight.device))
     return error

@@ -10,9 +10,12 @@
   and zero point shift together, ``(q - zp)`` and hence every weight is unchanged.  A model quantized with
   ``quantize_head`` or ``quantize_embedding`` is refused: the scheme has no 4-bit embedding, and the head would
   have to leave the ``ignore`` list for a layer type readers do not quantize.
+  An int8 LM head or embedding (``int8_head``, ``int8_embedding``) is written dequantized in ``dtype`` (the head
+  in the ``ignore`` list): the readers have no weight-only int8 embedding, and one rounding of ``q * s`` costs the
+  same relative error as the group scales'.
 * ``fake-fp16``: an ordinary checkpoint whose Linear weights are the dequantized ones (``s1 * W_s8``), loadable by
   ``AutoModelForCausalLM.from_pretrained``.  It reproduces the quantized weights but not the int8 activations.
-  A 4-bit input embedding is written dequantized too.
+  A 4-bit or int8 input embedding and an int8 head are written dequantized too.
 
 See docs/format.md for the tensor names.  Output directories are written atomically, as checkpoints are.
 """
@@ -31,6 +34,7 @@ from dgq.embedding import QuantEmbedding
 from dgq.errors import DGQError
 from dgq.formats import DualGrainedWeight
 from dgq.hf import quant_config, tied_keys
+from dgq.int8_rows import Int8Linear, Int8Rows
 from dgq.nn import FakeQuantLinear, QuantLinear
 
 FORMATS = ("compressed-tensors", "fake-fp16")
@@ -82,9 +86,16 @@ def _compressed_tensors_module(module: QuantLinear, dtype: torch.dtype) -> dict[
 def _dequantized_module(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     if isinstance(module, QuantLinear):
         return {"weight": module.dual_grained().dequantize(dtype)}
-    if isinstance(module, QuantEmbedding):
+    if isinstance(module, (QuantEmbedding, Int8Rows)):
         return {"weight": module.dequantize().to(dtype)}
     return {"weight": module.weight.to(dtype)}
+
+
+def _compressed_or_float(module: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A dual-grained layer in ``pack-quantized``; an int8 head or embedding dequantized (the head is in the
+    ``ignore`` list), as compressed-tensors has no per-row weight-only int8 embedding."""
+    return _compressed_tensors_module(module, dtype) if isinstance(module, QuantLinear) \
+        else _dequantized_module(module, dtype)
 
 
 def _export_state(model: nn.Module, convert: Callable[[nn.Module, torch.dtype], dict[str, torch.Tensor]],
@@ -95,7 +106,7 @@ def _export_state(model: nn.Module, convert: Callable[[nn.Module, torch.dtype], 
     cannot turn one shared tensor into two copies.
     """
     quantized = {name: m for name, m in model.named_modules()
-                 if isinstance(m, (QuantLinear, FakeQuantLinear, QuantEmbedding))}
+                 if isinstance(m, (QuantLinear, FakeQuantLinear, QuantEmbedding, Int8Rows))}
     tied = tied_keys(model)
     state = {k: t for k, t in model.state_dict().items() if k not in tied}
     out: dict[str, torch.Tensor] = {}
@@ -118,7 +129,7 @@ def _act_args(act: str) -> dict[str, Any]:
 def compressed_tensors_config(model: nn.Module) -> dict[str, Any]:
     """The ``quantization_config`` block vLLM / compressed-tensors read for this dual-grained model."""
     config = quant_config(model)
-    ignore = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    ignore = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Int8Linear))]
     weights = {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group",
                "group_size": config.group_size, "dynamic": False, "actorder": None}
     scheme = {"targets": ["Linear"], "weights": weights, "input_activations": _act_args(config.act),
@@ -172,7 +183,7 @@ def export(path_or_model: str | Path | nn.Module, out: str | Path, format: str, 
     config["dtype"] = str(dtype).removeprefix("torch.")
     if format == "compressed-tensors":
         _check_dual(model)
-        state = _export_state(model, _compressed_tensors_module, dtype)
+        state = _export_state(model, _compressed_or_float, dtype)
         config["quantization_config"] = compressed_tensors_config(model)
     else:
         quant_config(model)  # refuses a model dgq did not quantize

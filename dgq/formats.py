@@ -238,3 +238,9 @@ def int_matmul(x_s8: torch.Tensor, w_s8: torch.Tensor) -> torch.Tensor:
     if x_s8.device.type == "cpu" and x_s8.shape[-1] > 1:  # torch 2.13's CPU _int_mm returns zeros for K = 1
         return torch._int_mm(x_s8.contiguous(), w_s8.t())
     return exact_matmul(x_s8.float(), w_s8.float().t()).to(torch.int32)
+
+
+def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
+    """``||W - Ŵ||² / ||W||²`` in float32: what a stored matrix loses, for the calibration report."""
+    w = weight.detach().float()
+    return float((w - approx.float()).pow(2).sum() / w.pow(2).sum().clamp(min=1e-30))

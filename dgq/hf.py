@@ -34,11 +34,14 @@ from dgq.embedding import QuantEmbedding
 from dgq.errors import DGQError
 from dgq.formats import FormatError
 from dgq.fuse import is_fused
+from dgq.int8_rows import Int8Embedding, Int8Linear, Int8Rows
 from dgq.nn import FakeQuantLinear, QuantLinear
 
 QUANT_METHOD = "dgq"
 FORMAT_VERSION = 2
-MODULE_TYPES = {"dgq": QuantLinear, "fake": FakeQuantLinear, "embedding": QuantEmbedding}
+MODULE_TYPES = {"dgq": QuantLinear, "fake": FakeQuantLinear, "embedding": QuantEmbedding, "int8_linear": Int8Linear,
+                "int8_embedding": Int8Embedding}
+EMBEDDING_TYPES = ("embedding", "int8_embedding")  # the module types that replace an nn.Embedding
 
 
 class CheckpointError(DGQError, ValueError):
@@ -87,8 +90,9 @@ class DGQConfig(QuantizationConfigMixin):
         """The config of ``model`` after quantizing it with ``config``."""
         modules = {name: {"type": "dgq" if isinstance(m, QuantLinear) else "fake", "act": m.act_mode}
                    for name, m in model.named_modules() if isinstance(m, (QuantLinear, FakeQuantLinear))}
-        modules |= {name: {"type": "embedding", "act": "none"}
-                    for name, m in model.named_modules() if isinstance(m, QuantEmbedding)}
+        kinds = {cls: kind for kind, cls in MODULE_TYPES.items() if kind not in ("dgq", "fake")}
+        modules |= {name: {"type": kinds[type(m)], "act": "none"}
+                    for name, m in model.named_modules() if type(m) in kinds}
         for name, entry in modules.items():  # only where used, so every other checkpoint's config is unchanged
             if getattr(model.get_submodule(name), "first_scale", False):
                 entry["first_scale"] = True
@@ -104,6 +108,10 @@ def _skeleton(linear: nn.Module, entry: dict[str, str], group_size: int) -> nn.M
     meta = torch.device("meta")
     if entry["type"] == "embedding":  # stored in its own layout: its buffers are the checkpoint's tensors
         return QuantEmbedding(linear.num_embeddings, linear.embedding_dim, group_size, linear.weight.dtype, meta)
+    if entry["type"] in ("int8_linear", "int8_embedding"):
+        rows = MODULE_TYPES[entry["type"]](*linear.weight.shape, linear.weight.dtype, meta)  # [rows, cols] both
+        rows.skeleton_buffers()
+        return rows
     bias = getattr(linear, "bias", None)
     if entry["type"] == "dgq":
         module = QuantLinear(linear.in_features, linear.out_features, group_size, entry["act"], bias is not None,
@@ -121,8 +129,8 @@ def _skeleton(linear: nn.Module, entry: dict[str, str], group_size: int) -> nn.M
 
 def _restore_layout(model: nn.Module) -> None:
     for module in model.modules():
-        if isinstance(module, QuantLinear) and "weight" in module._buffers:
-            module.load_stored(*(module._buffers.pop(stored) for stored in QuantLinear.STORED.values()))
+        if isinstance(module, (QuantLinear, Int8Rows)) and "weight" in module._buffers:
+            module.load_stored(*(module._buffers.pop(stored) for stored in module.STORED.values()))
 
 
 def stored_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -132,11 +140,11 @@ def stored_state(model: nn.Module) -> dict[str, torch.Tensor]:
     if is_fused(model):
         raise CheckpointError("this model has fused projections (dgq.load(..., fuse=True)), a load-time layout "
                               "that is never saved; save the model loaded without fuse")
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, Int8Rows))}
     state = {}
     for key, tensor in model.state_dict().items():
         owner, _, leaf = key.rpartition(".")
-        if owner in layers and leaf in QuantLinear.STORED:
+        if owner in layers and leaf in layers[owner].STORED:
             continue
         state[key] = tensor
     for name, layer in layers.items():
@@ -154,6 +162,8 @@ def _format_keys(model: nn.Module) -> set[str]:
             keys.add(f"{name}.act_scale")
         elif isinstance(module, QuantEmbedding):
             keys |= {f"{name}.weight", f"{name}.zp"}
+        elif isinstance(module, Int8Rows):
+            keys.add(f"{name}.weight")
     return keys
 
 
@@ -218,12 +228,12 @@ def _local_files(path: str) -> list[str]:
 
 def validate(model: nn.Module) -> None:
     """Every ``QuantLinear``'s dual-grained invariants (codes, scales, int8 range) and every ``QuantEmbedding``'s
-    format; raises :class:`CheckpointError`."""
+    and int8-rows module's format; raises :class:`CheckpointError`."""
     for name, module in model.named_modules():
         try:
             if isinstance(module, QuantLinear):
                 module.dual_grained().validate(name)
-            elif isinstance(module, QuantEmbedding):
+            elif isinstance(module, (QuantEmbedding, Int8Rows)):
                 module.validate(name)
         except FormatError as exc:
             raise CheckpointError(str(exc)) from None
@@ -285,7 +295,7 @@ class DGQHfQuantizer(HfQuantizer):
             except AttributeError:
                 raise CheckpointError(f"quantization_config names module {name}, which the model does not have") \
                     from None
-            expected = nn.Embedding if entry["type"] == "embedding" else nn.Linear
+            expected = nn.Embedding if entry["type"] in EMBEDDING_TYPES else nn.Linear
             if not isinstance(linear, expected):
                 raise CheckpointError(f"quantization_config module {name} is a {entry['type']!r} module, but the model "
                                       f"has a {type(linear).__name__} there, not an {expected.__name__}")

@@ -132,3 +132,28 @@ def write_zeroshot_dir(root: Path) -> Path:
     (z / "winogrande" / "dev-labels.lst").write_text("".join(f"{y}\n" for *_, y in _WINOGRANDE))
     jsonl(z / "lambada_openai" / "lambada_test.jsonl", [{"text": t} for t in _LAMBADA])
     return root
+
+
+def assert_loads_back_bit_identical(model: torch.nn.Module, folder: Path, prompt: torch.Tensor) -> None:
+    """``model`` saved to ``folder/ckpt`` loads back through ``dgq.load`` and ``from_pretrained`` with the same
+    settings, head and embedding classes, state (every tensor's dtype and bits) and logits on ``prompt``; saved again,
+    the files are byte-identical."""
+    from transformers import AutoModelForCausalLM
+
+    from dgq.checkpoint import SINGLE_FILE, load, save
+    from dgq.hf import quant_config
+
+    save(model, folder / "ckpt", tokenizer=make_tokenizer())
+    for loaded in (load(folder / "ckpt"), AutoModelForCausalLM.from_pretrained(folder / "ckpt")):
+        assert quant_config(loaded) == quant_config(model)
+        assert type(loaded.get_output_embeddings()) is type(model.get_output_embeddings())
+        assert type(loaded.get_input_embeddings()) is type(model.get_input_embeddings())
+        ours, theirs = model.state_dict(), loaded.state_dict()
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
+        with torch.no_grad():
+            assert torch.equal(loaded(prompt).logits, model(prompt).logits)
+    save(load(folder / "ckpt"), folder / "again", tokenizer=make_tokenizer())
+    for name in (SINGLE_FILE, "config.json"):
+        assert (folder / "again" / name).read_bytes() == (folder / "ckpt" / name).read_bytes(), name

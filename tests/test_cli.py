@@ -42,7 +42,7 @@ def test_quantize_save_eval_roundtrip(model_dir, data_dir, tmp_path):
     table = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(table) if line.startswith("method"))
     row = table[header + 2].split()
-    assert row[:4] == ["dgq", "W4A8", "128", "dynamic"]
+    assert row[:4] == ["dgq_gptq", "W4A8", "128", "dynamic"]  # the default method at 4 sequences
     after = float(row[5])
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "dgq" and qc["settings"]["nsamples"] == 4
@@ -149,7 +149,22 @@ def test_gptq_flag(model_dir, data_dir, tmp_path):
     proc = run_cli("quantize", str(model_dir), "--out", str(tmp_path / "q"), "--gptq", *common)
     assert proc.returncode == 0, proc.stderr
     settings = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["settings"]
-    assert settings["method"] == "dgq" and settings["gptq"] and settings["act_order"]
+    assert settings["method"] == "dgq_gptq" and settings["gptq"] and settings["act_order"]  # the default at 2
     proc = run_cli("quantize", str(model_dir), "--out", str(tmp_path / "w8"), "--method", "w8a8_smoothquant",
                    "--gptq", *common)
     _assert_one_line_error(proc, "gptq chooses 4-bit codes")
+
+
+def test_the_default_method_follows_the_calibration_budget(model_dir, data_dir, tmp_path):
+    """Without ``--method``: the best preset measured at the budget (dgq.api.default_method), said in the log."""
+    from dgq.api import default_method
+
+    assert (default_method(128), default_method(500), default_method(127), default_method(12)) == \
+        ("dgq_gptaq", "dgq_gptaq", "dgq_gptq", "dgq_gptq")
+    common = ["--seqlen", "64", "--device", "cpu", "--data-dir", str(data_dir)]
+    proc = run_cli("quantize", str(model_dir), "--out", str(tmp_path / "q"), "--nsamples", "2", *common)
+    assert proc.returncode == 0, proc.stderr
+    assert "method dgq_gptq (default for 2 sequences)" in proc.stdout
+    proc = run_cli("quantize", str(model_dir), "--out", str(tmp_path / "m"), "--nsamples", "2", "--method", "dgq",
+                   *common)
+    assert proc.returncode == 0 and "method dgq ·" in proc.stdout

@@ -14,15 +14,14 @@ import torch
 from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
 
 from dgq.api import quantize
-from dgq.checkpoint import SINGLE_FILE, CheckpointError, load, save
+from dgq.checkpoint import CheckpointError, load, save
 from dgq.cli import main
 from dgq.config import ConfigError, QuantConfig, preset
 from dgq.embedding import QuantEmbedding, pack_rows, quantize_embedding_matrix, unpack_rows
 from dgq.export import ExportError, export
 from dgq.formats import FormatError
-from dgq.hf import quant_config
 from dgq.nn import QuantLinear
-from helpers import VOCAB, make_model, make_tokenizer
+from helpers import VOCAB, assert_loads_back_bit_identical, make_model, make_tokenizer
 
 PROMPT = torch.arange(3, 3 + 2 * 12).reshape(2, 12) % VOCAB
 HEAD, EMB, BOTH = (("quantize_head",), ("quantize_embedding",), ("quantize_head", "quantize_embedding"))
@@ -106,22 +105,10 @@ def test_round_trip_is_bit_identical(family, method, options, tmp_path):
     assert isinstance(head, QuantLinear) == ("quantize_head" in options)
     assert isinstance(embedding, QuantEmbedding) == ("quantize_embedding" in options)
     assert not model.config.tie_word_embeddings  # whichever was quantized, the two are apart now
-    save(model, tmp_path / "ckpt", tokenizer=make_tokenizer())
+    assert_loads_back_bit_identical(model, tmp_path, PROMPT)
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     settings = config["quantization_config"]["settings"]
     assert all(settings[name] == (name in options) for name in ("quantize_head", "quantize_embedding"))
-    for loaded in (load(tmp_path / "ckpt"), AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")):
-        assert quant_config(loaded) == quant_config(model)
-        assert type(loaded.get_output_embeddings()) is type(head)
-        assert type(loaded.get_input_embeddings()) is type(embedding)
-        ours, theirs = model.state_dict(), loaded.state_dict()
-        assert ours.keys() == theirs.keys()
-        for key in ours:
-            assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
-        assert torch.equal(logits(loaded), logits(model))
-    save(load(tmp_path / "ckpt"), tmp_path / "again", tokenizer=make_tokenizer())
-    for name in (SINGLE_FILE, "config.json"):
-        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "ckpt" / name).read_bytes(), name
 
 
 def test_tied_model_keeps_the_float_side_it_does_not_quantize():

@@ -1,10 +1,11 @@
 """dgq's kernels as PyTorch operators, so that ``torch.compile`` and CUDA graphs capture a whole model step.
 
-Six operators (``torch.library.custom_op``, each with a fake implementation that gives the output's shape and
+Seven operators (``torch.library.custom_op``, each with a fake implementation that gives the output's shape and
 dtype without running anything): ``dgq::a8w4_linear`` (a whole A8W4 layer from float activations, dynamic or static
 scale: what :func:`dgq.kernels.linear.a8w4_linear` runs), ``dgq::quantize_activations`` (dynamic, per token: the
 W8A8 peer's), ``dgq::a8w4_mm`` (the GEMM paths of :mod:`dgq.kernels.linear` on int8 codes), ``dgq::int8_mm`` (the
-int8 GEMM on an int8 weight: W8A8 layers, the benchmarks' peer), ``dgq::decode_attention``
+int8 GEMM on an int8 weight: W8A8 layers, the benchmarks' peer), ``dgq::int8_rows_linear`` (the int8 LM head,
+weight-only: :class:`dgq.int8_rows.Int8Linear`), ``dgq::decode_attention``
 (:mod:`dgq.attention`) and ``dgq::write_kv_int8`` (:mod:`dgq.kv_cache`'s update on CUDA, which mutates the cache
 in place and says so).  To the compiler each is one opaque call with no Python inside the captured graph; a CUDA
 graph replays their kernels.
@@ -40,6 +41,7 @@ from dgq.kernels import decode_attention as _decode_attention
 from dgq.kernels.act_quant import quantize_activations_triton
 from dgq.kernels.gemm import KernelWeight
 from dgq.kernels.int8_gemm import int8_matmul
+from dgq.kernels.int8_rows import int8_rows_matmul
 from dgq.kernels.kv_write import write_int8
 from dgq.kernels.linear import a8w4_linear, a8w4_mm, takes_row_absmax
 
@@ -97,6 +99,24 @@ def _int8_mm(x_s8: torch.Tensor, s_x: torch.Tensor, w_s8: torch.Tensor, s1: torc
 def _(x_s8: torch.Tensor, s_x: torch.Tensor, w_s8: torch.Tensor, s1: torch.Tensor, bias: torch.Tensor | None,
       out_dtype: torch.dtype) -> torch.Tensor:
     return x_s8.new_empty((x_s8.shape[0], w_s8.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("dgq::int8_rows_linear", mutates_args=())
+def _int8_rows_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return int8_rows_matmul(x, codes, scale)
+
+
+@_int8_rows_linear.register_fake
+def _(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], codes.shape[0]))
+
+
+def int8_rows_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """:func:`dgq.kernels.int8_rows.int8_rows_matmul` (the int8 LM head): called directly eagerly, as an operator
+    compiled."""
+    if not torch.compiler.is_compiling():
+        return int8_rows_matmul(x, codes, scale)
+    return torch.ops.dgq.int8_rows_linear(x, codes, scale)
 
 
 @torch.library.custom_op("dgq::decode_attention", mutates_args=())
