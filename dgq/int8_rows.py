@@ -19,6 +19,8 @@ the codes are ``[rows, cols]``, each row contiguous for the kernel's and the gat
 
 from __future__ import annotations
 
+from typing import Self
+
 import torch
 from torch import nn
 
@@ -56,7 +58,7 @@ class Int8Rows(nn.Module):
         self.register_buffer("scale", torch.ones(rows, dtype=dtype, device=device))
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor) -> "Int8Rows":
+    def from_weight(cls, weight: torch.Tensor) -> Self:
         """The module holding the float matrix ``weight`` ``[rows, cols]`` as int8 rows, where ``weight`` is."""
         module = cls(*weight.shape, weight.dtype, weight.device)
         module.codes, module.scale = quantize_rows_int8(weight)
@@ -106,7 +108,7 @@ class Int8Linear(Int8Rows):
     out_features = property(lambda self: self.rows)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear) -> Self:
         if linear.bias is not None:
             raise ValueError("the int8 head takes a bias-free linear layer")
         return cls.from_weight(linear.weight)
