@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from dgq.api import evaluate, quantize
-from dgq.checkpoint import save
 from dgq.config import preset
 from dgq.data import data_root
 from dgq.eval.zeroshot import TASKS, zeroshot
