@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from dgq import bench
+from dgq import bench, int8_rows
 from dgq.api import ATTENTIONS
 from dgq.attention import use_decode_attention
 from dgq.bench import DecodeStep, breakdown, compiled, decode, prefill
@@ -40,7 +40,6 @@ from dgq.config import QuantConfig
 from dgq.embedding import QuantEmbedding, quantize_embedding_matrix, untie_head
 from dgq.formats import INT4_MAX, INT8_MAX, group_minmax, to_dual_grained
 from dgq.fuse import fuse_projections
-from dgq.int8_rows import int8_head, int8_input_embedding
 from dgq.kernels.ops import int8_linear
 from dgq.nn import QuantLinear
 from dgq.search import naive_channel_scale, rtn_group_scales
@@ -116,22 +115,22 @@ def dgq_embedding(embedding: nn.Embedding) -> QuantEmbedding:
 
 
 def convert(model: nn.Module, fmt: str, fuse: bool = True, head: bool = False, embedding: bool = False,
-            int8_rows: tuple[bool, bool] = (False, False)) -> nn.Module:
+            int8_head: bool = False, int8_embedding: bool = False) -> nn.Module:
     """Replace every decoder linear of ``model`` in place by the ``fmt`` layer (DGQ's projections fused); for the
     DGQ formats, with ``head`` the LM head too and with ``embedding`` the input embedding in 4 bits, and with
-    ``int8_rows`` = (head, embedding) those in int8 rows (:mod:`dgq.int8_rows`)."""
+    ``int8_head`` / ``int8_embedding`` those as int8 rows (:mod:`dgq.int8_rows`)."""
     if fmt == "fp16":
         return model
-    if fmt.startswith("dgq") and (head or embedding or any(int8_rows)):
+    if fmt.startswith("dgq") and (head or embedding or int8_head or int8_embedding):
         untie_head(model)
         if head:
             model.lm_head = dgq_linear(model.lm_head, fmt.removeprefix("dgq_"))
         if embedding:
             model.set_input_embeddings(dgq_embedding(model.get_input_embeddings()))
-        if int8_rows[0]:
-            int8_head(model)
-        if int8_rows[1]:
-            int8_input_embedding(model)
+        if int8_head:
+            int8_rows.int8_head(model)
+        if int8_embedding:
+            int8_rows.int8_input_embedding(model)
         torch.cuda.empty_cache()
     make: Callable[[nn.Linear], nn.Module] = {
         "w8a8": W8A8Linear, "w4a16": W4A16Linear,
@@ -179,7 +178,7 @@ def measure(name: str, fmt: str, args: argparse.Namespace) -> list[dict]:
 
     start = time.perf_counter()
     model = convert(build(name), fmt, fuse=not args.no_fuse, head=args.quantize_head,
-                    embedding=args.quantize_embedding, int8_rows=(args.int8_head, args.int8_embedding))
+                    embedding=args.quantize_embedding, int8_head=args.int8_head, int8_embedding=args.int8_embedding)
     if args.attention == "dgq":
         use_decode_attention(model)
     gc.collect()

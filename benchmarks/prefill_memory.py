@@ -56,7 +56,8 @@ def measure(model_name: str, fmt: str, seqlen: int, int8_rows: bool) -> dict:
     from dgq.attention import use_decode_attention
 
     torch._dynamo.config.recompile_limit = 512
-    model = use_decode_attention(e2e.convert(e2e.build(model_name), fmt, int8_rows=(int8_rows, int8_rows)))
+    model = use_decode_attention(e2e.convert(e2e.build(model_name), fmt, int8_head=int8_rows,
+                                                 int8_embedding=int8_rows))
     gc.collect()
     torch.cuda.empty_cache()
     resident = torch.cuda.memory_allocated()

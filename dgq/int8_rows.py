@@ -19,12 +19,13 @@ the codes are ``[rows, cols]``, each row contiguous for the kernel's and the gat
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Callable, Self
 
 import torch
 from torch import nn
 
 from dgq.config import ConfigError
+from dgq.embedding import untie_head
 from dgq.formats import INT8_MAX, FormatError, relative_error
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -160,27 +161,25 @@ def check_int8_options(model: nn.Module, head: bool, embedding: bool) -> None:
 def int8_head(model: nn.Module) -> tuple[str, float]:
     """Replace ``model``'s LM head by its :class:`Int8Linear`, in place (a head tied to the embedding first gets
     its own copy: :func:`dgq.embedding.untie_head`).  Returns the head's name and relative squared error."""
-    from dgq.embedding import untie_head
-
     check_int8_options(model, head=True, embedding=False)
     untie_head(model)
     linear = model.get_output_embeddings()
-    module = Int8Linear.from_linear(linear)
-    model.set_output_embeddings(module)
-    name = next(n for n, m in model.named_modules() if m is module)
-    return name, relative_error(linear.weight, module.dequantize())
+    return _replaced(model, linear.weight, Int8Linear.from_linear(linear), model.set_output_embeddings)
 
 
 @torch.no_grad()
 def int8_input_embedding(model: nn.Module) -> tuple[str, float]:
     """Replace ``model``'s input embedding by its :class:`Int8Embedding`, in place; a head that shared its matrix
     keeps the float one.  Returns the embedding's name and relative squared error."""
-    from dgq.embedding import untie_head
-
     check_int8_options(model, head=False, embedding=True)
     untie_head(model)
-    embedding = model.get_input_embeddings()
-    module = Int8Embedding.from_weight(embedding.weight)
-    model.set_input_embeddings(module)
+    weight = model.get_input_embeddings().weight
+    return _replaced(model, weight, Int8Embedding.from_weight(weight), model.set_input_embeddings)
+
+
+def _replaced(model: nn.Module, weight: torch.Tensor, module: Int8Rows,
+              install: Callable[[nn.Module], None]) -> tuple[str, float]:
+    """``module`` installed in ``model`` in place of the float ``weight``'s module; its name and relative error."""
+    install(module)
     name = next(n for n, m in model.named_modules() if m is module)
-    return name, relative_error(embedding.weight, module.dequantize())
+    return name, relative_error(weight, module.dequantize())

@@ -172,6 +172,12 @@ class Int8StaticLayer(SharedLengthStaticLayer):
         return (self.keys, self.key_scales), (self.values, self.value_scales)
 
 
+def full_attention_only(cache: StaticCache) -> bool:
+    """Whether every layer of transformers' ``cache`` attends to the whole sequence (no sliding-window layer): the
+    models whose layers can share one length."""
+    return all(type(layer) is StaticLayer for layer in cache.layers)
+
+
 class SharedLengthStaticCache(StaticCache):
     """transformers' ``StaticCache`` whose layers (:attr:`layer_class`) share one :class:`SharedLength`, advanced
     by the last layer alone: between forwards the cache and every layer report the cached length, inside one the
@@ -184,7 +190,7 @@ class SharedLengthStaticCache(StaticCache):
 
     def __init__(self, config: object, max_cache_len: int, **kwargs: object) -> None:
         super().__init__(config=config, max_cache_len=max_cache_len, **kwargs)
-        if any(type(layer) is not StaticLayer for layer in self.layers):
+        if not full_attention_only(self):
             raise ConfigError(self.refusal.format(kinds=", ".join(sorted({type(x).__name__ for x in self.layers}))))
         length, last = SharedLength(), len(self.layers) - 1
         self.layers = [self.layer_class(max_cache_len, length, advances=i == last) for i in range(last + 1)]
@@ -194,10 +200,8 @@ def float_static_cache(config: object, max_cache_len: int) -> StaticCache:
     """The float static cache of a decode step: :class:`SharedLengthStaticCache` where every layer attends to the
     whole sequence; transformers' ``StaticCache`` (a length per layer, one more kernel per layer and step) for a model
     with sliding-window layers, whose rolling windows the shared-length cache does not implement."""
-    cache = StaticCache(config=config, max_cache_len=max_cache_len)
-    if all(type(layer) is StaticLayer for layer in cache.layers):
-        return SharedLengthStaticCache(config=config, max_cache_len=max_cache_len)
-    return cache
+    cache = StaticCache(config=config, max_cache_len=max_cache_len)  # (its layers allocate lazily: nothing held)
+    return SharedLengthStaticCache(config=config, max_cache_len=max_cache_len) if full_attention_only(cache) else cache
 
 
 class Int8StaticCache(SharedLengthStaticCache):

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from helpers import make_tokenizer, write_data_dir
+from helpers import make_model, make_tokenizer, write_data_dir
 
 
 def pytest_configure(config):
@@ -36,3 +36,12 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama saved as a Hugging Face directory with its tokenizer: what ``dgq quantize`` reads."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama").save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -157,3 +160,13 @@ def assert_loads_back_bit_identical(model: torch.nn.Module, folder: Path, prompt
     save(load(folder / "ckpt"), folder / "again", tokenizer=make_tokenizer())
     for name in (SINGLE_FILE, "config.json"):
         assert (folder / "again" / name).read_bytes() == (folder / "ckpt" / name).read_bytes(), name
+
+
+def load_without_dgq(folder: Path) -> subprocess.CompletedProcess:
+    """``AutoModelForCausalLM.from_pretrained(folder)`` in a fresh interpreter that never imports dgq (and asserts it
+    did not): what a user without dgq installed would get from a dgq checkpoint."""
+
+    code = ("import sys; from transformers import AutoModelForCausalLM; "
+            "AutoModelForCausalLM.from_pretrained(sys.argv[1]); assert 'dgq' not in sys.modules")
+    return subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120,
+                          cwd=folder.parent, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})

@@ -19,7 +19,7 @@ from dgq.formats import DualGrainedWeight
 from dgq.hf import DGQConfig, mark_quantized, quant_config
 from dgq.models import adapter_for
 from dgq.nn import FakeQuantLinear, QuantLinear
-from helpers import VOCAB, make_model, make_tokenizer
+from helpers import VOCAB, load_without_dgq, make_model, make_tokenizer
 
 CASES = [("llama", "w4a8_rtn_dg"), ("opt", "w4a8_rtn"), ("gemma3", "dgq_static"), ("qwen2", "w8a8_smoothquant")]
 PROMPT = torch.arange(3, 3 + 2 * 12).reshape(2, 12) % VOCAB
@@ -89,14 +89,7 @@ def test_from_pretrained_and_save_pretrained_are_dgq_load_and_save(family, metho
 def test_without_import_dgq_transformers_refuses_dual_grained_checkpoints(root):
     """A fresh interpreter that never imports dgq: transformers skips the unknown quant_method and builds float
     Linear layers, and the packed codes stored as ``P.weight`` ([in/2, out] uint8) fail its size check."""
-    import subprocess
-    import sys
-
-    path = saved("llama", "w4a8_rtn_dg", root)
-    code = ("import sys; from transformers import AutoModelForCausalLM; "
-            "AutoModelForCausalLM.from_pretrained(sys.argv[1]); assert 'dgq' not in sys.modules")
-    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=120,
-                          cwd=root, env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    proc = load_without_dgq(saved("llama", "w4a8_rtn_dg", root))
     assert proc.returncode != 0
     assert "Unknown quantization type, got dgq" in proc.stderr
     assert "self_attn.q_proj.weight" in proc.stderr and "MISMATCH" in proc.stderr

@@ -21,7 +21,7 @@ from dgq.embedding import QuantEmbedding, pack_rows, quantize_embedding_matrix, 
 from dgq.export import ExportError, export
 from dgq.formats import FormatError
 from dgq.nn import QuantLinear
-from helpers import VOCAB, assert_loads_back_bit_identical, make_model, make_tokenizer
+from helpers import VOCAB, assert_loads_back_bit_identical, load_without_dgq, make_model, make_tokenizer
 
 PROMPT = torch.arange(3, 3 + 2 * 12).reshape(2, 12) % VOCAB
 HEAD, EMB, BOTH = (("quantize_head",), ("quantize_embedding",), ("quantize_head", "quantize_embedding"))
@@ -179,14 +179,8 @@ def test_a_4bit_embedding_without_dgq_is_refused_not_randomised(tmp_path):
     """A fresh interpreter that never imports dgq builds a float embedding: the codes, stored as ``weight``
     ([num, dim / 2] uint8), fail its size check (as the linears' codes do), so transformers refuses the checkpoint
     instead of filling the embedding with random values."""
-    import os
-    import subprocess
-
     save(quantized("llama", "dgq", EMB), tmp_path / "ckpt", tokenizer=make_tokenizer())
-    code = ("import sys; from transformers import AutoModelForCausalLM; "
-            "AutoModelForCausalLM.from_pretrained(sys.argv[1]); assert 'dgq' not in sys.modules")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ckpt")], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    proc = load_without_dgq(tmp_path / "ckpt")
     assert proc.returncode != 0
     assert "model.embed_tokens.weight" in proc.stderr and "MISMATCH" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("RuntimeError: You set `ignore_mismatched_sizes`")
@@ -219,12 +213,9 @@ def test_a_model_the_options_cannot_serve_is_refused_untouched(build, option, me
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_cli_flags_and_help(tmp_path, data_dir, capsys):
-    path = tmp_path / "model"
-    make_model("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
+def test_cli_flags_and_help(model_dir, tmp_path, data_dir, capsys):
     common = ["--nsamples", "2", "--seqlen", "32", "--device", "cpu", "--data-dir", str(data_dir)]
-    assert main(["quantize", str(path), "--out", str(tmp_path / "q"), "--quantize-head", "--quantize-embedding",
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "q"), "--quantize-head", "--quantize-embedding",
                  *common]) == 0
     loaded = load(tmp_path / "q")
     assert isinstance(loaded.lm_head, QuantLinear) and isinstance(loaded.get_input_embeddings(), QuantEmbedding)

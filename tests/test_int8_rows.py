@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -25,7 +24,9 @@ from dgq.export import export  # noqa: E402
 from dgq.formats import FormatError  # noqa: E402
 from dgq.int8_rows import Int8Embedding, Int8Linear, quantize_rows_int8  # noqa: E402
 from dgq.nn import QuantLinear  # noqa: E402
-from helpers import VOCAB, assert_loads_back_bit_identical, make_model, make_tokenizer  # noqa: E402
+from helpers import (  # noqa: E402
+    VOCAB, assert_loads_back_bit_identical, load_without_dgq, make_model, make_tokenizer,
+)
 
 PROMPT = torch.arange(3, 3 + 2 * 12).reshape(2, 12) % VOCAB
 BOTH = ("int8_head", "int8_embedding")
@@ -140,10 +141,7 @@ def test_int8_codes_without_dgq_are_refused_not_read_as_floats(tmp_path):
     """The codes are stored transposed under ``weight`` ([dim, vocab] int8): a fresh interpreter that never
     imports dgq builds float modules and fails their size check, instead of loading codes as float weights."""
     save(quantized("llama", BOTH), tmp_path / "ckpt", tokenizer=make_tokenizer())
-    code = ("import sys; from transformers import AutoModelForCausalLM; "
-            "AutoModelForCausalLM.from_pretrained(sys.argv[1]); assert 'dgq' not in sys.modules")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ckpt")], capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    proc = load_without_dgq(tmp_path / "ckpt")
     assert proc.returncode != 0
     assert "model.embed_tokens.weight" in proc.stderr and "lm_head.weight" in proc.stderr
     assert "MISMATCH" in proc.stderr
@@ -213,18 +211,15 @@ def test_a_checkpoint_with_a_broken_code_is_refused(tmp_path):
         load(tmp_path / "ckpt")
 
 
-def test_cli_flags_and_help(tmp_path, data_dir, capsys):
-    path = tmp_path / "model"
-    make_model("llama").save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
+def test_cli_flags_and_help(model_dir, tmp_path, data_dir, capsys):
     common = ["--nsamples", "2", "--seqlen", "32", "--device", "cpu", "--data-dir", str(data_dir)]
-    assert main(["quantize", str(path), "--out", str(tmp_path / "q"), "--int8-head", "--int8-embedding",
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "q"), "--int8-head", "--int8-embedding",
                  *common]) == 0
     loaded = load(tmp_path / "q")
     assert type(loaded.lm_head) is Int8Linear and type(loaded.get_input_embeddings()) is Int8Embedding
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, QuantLinear)
     capsys.readouterr()
-    assert main(["quantize", str(path), "--out", str(tmp_path / "bad"), "--int8-head", "--quantize-head",
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "bad"), "--int8-head", "--quantize-head",
                  *common]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "int8_head excludes quantize_head" in err[0] and not (tmp_path / "bad").exists()
@@ -239,8 +234,8 @@ def test_e2e_gives_dgq_the_rows_and_keeps_fp16_elsewhere():
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
     import e2e
 
-    model = e2e.convert(make_model("llama").half(), "dgq_dynamic", fuse=False, int8_rows=(True, True))
+    model = e2e.convert(make_model("llama").half(), "dgq_dynamic", fuse=False, int8_head=True, int8_embedding=True)
     assert type(model.lm_head) is Int8Linear and type(model.get_input_embeddings()) is Int8Embedding
     assert model.lm_head.scale.dtype == torch.float16
-    w8a8 = e2e.convert(make_model("llama").half(), "w8a8", int8_rows=(True, True))
+    w8a8 = e2e.convert(make_model("llama").half(), "w8a8", int8_head=True, int8_embedding=True)
     assert type(w8a8.lm_head) is torch.nn.Linear and type(w8a8.get_input_embeddings()) is torch.nn.Embedding
