@@ -194,14 +194,14 @@ def measure(name: str, fmt: str, args: argparse.Namespace) -> list[dict]:
     for mode in args.prefill_modes.split(","):
         for batch, seqlen in [(1, int(s)) for s in args.seqlens.split(",")] + [(8, 1024)] * args.batched_prefill:
             start = time.perf_counter()
-            ms, peak, steady = prefill(model, batch, seqlen, vocab, args.repeats, mode)
+            ms, peak, warm = prefill(model, batch, seqlen, vocab, args.repeats, mode)
             record({**base, "phase": "prefill", "mode": mode, "batch": batch, "seqlen": seqlen, "ms": ms,
-                    "peak_mem_bytes": peak, "steady_peak_mem_bytes": steady})
+                    "peak_mem_bytes": peak, "warm_peak_mem_bytes": warm})
             print(f"  prefill {mode} b{batch} s{seqlen}: {ms:.2f} ms, peak {peak / 2**30:.2f} GiB "
-                  f"(steady {steady / 2**30:.3f}) "
+                  f"(warm {warm / 2**30:.3f}) "
                   f"({time.perf_counter() - start:.0f} s incl. compile/capture)", flush=True)
     for mode in args.decode_modes.split(","):
-        for batch in [int(b) for b in args.decode_batches.split(",")]:
+        for batch in [int(b) for b in args.decode_batches.split(",") if b]:
             start = time.perf_counter()
             tps, peak = decode(model, batch, 1024, args.decode_steps, vocab, mode, args.kv_cache)
             record({**base, "phase": "decode", "mode": mode, "batch": batch, "seqlen": 1024,
@@ -239,7 +239,7 @@ def main() -> None:
     parser.add_argument("--models", default="llama2-7b,llama3-8b")
     parser.add_argument("--formats", default=",".join(FORMATS))
     parser.add_argument("--seqlens", default="256,512,1024,2048,4096")
-    parser.add_argument("--decode-batches", default="1,8,32")
+    parser.add_argument("--decode-batches", default="1,8,32", help="comma list; empty: no decode")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--decode-steps", type=int, default=50)
     parser.add_argument("--decode-modes", default="compiled", help="comma list of dgq.bench.DECODE_MODES")

@@ -11,7 +11,9 @@ Each variant replaces one thing in this process only, before anything is compile
 * ``noabsmax``: the fused q/k/v and gate/up GEMVs read their row for its absmax themselves (before session 12);
 * ``down_absmax``: the down projection's one-token GEMV is handed its row's absmax from the graph as well;
 * ``per_layer_length``: the decode steps' float KV cache is transformers' ``StaticCache``, whose every layer counts
-  and advances its own length (before session 13: one more 1-element kernel per layer and step).
+  and advances its own length (before session 13: one more 1-element kernel per layer and step);
+* ``whole_widen``: the large-M path widens the whole weight before its int8 GEMM, and that GEMM's autotuner picks
+  its config at every M (before session 14).
 
     PYTHONPATH=. python benchmarks/e2e_variants.py noabsmax --models llama2-7b --formats dgq_dynamic \
         --seqlens 2048 --batched-prefill 0 --decode-batches 1 --out results/x.json
@@ -28,7 +30,7 @@ from pathlib import Path
 import triton
 import triton.language as tl
 
-VARIANTS = ("none", "nomerge", "attn_late", "aq_late", "noabsmax", "down_absmax", "per_layer_length")
+VARIANTS = ("none", "nomerge", "attn_late", "aq_late", "noabsmax", "down_absmax", "per_layer_length", "whole_widen")
 
 
 @triton.jit
@@ -77,6 +79,11 @@ def apply(variants: list[str]) -> None:
         from dgq import kv_cache
 
         kv_cache.float_static_cache = StaticCache  # what dgq.bench.DecodeStep imports at each call
+    if "whole_widen" in variants:
+        from dgq.kernels import int8_gemm, linear
+
+        linear.WIDEN_CHUNK_BYTES = 1 << 40  # read at each call
+        int8_gemm.LARGE_M = 1 << 40
 
 
 def main() -> None:

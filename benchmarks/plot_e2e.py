@@ -119,14 +119,14 @@ def markdown_table(rows: list[dict]) -> str:
         return "-" if v is None else format(v, fmt)
 
     lines = ["| model | format | 256 | 512 | 1024 | 2048 | 4096 | 8x1024 | decode b1 | b8 | b32 | weights GiB | "
-             "peak@2048 GiB | steady peak@2048 GiB |", "|" + "---|" * 14]
+             "peak@2048 GiB | warm peak@2048 GiB |", "|" + "---|" * 14]
     for model in dict.fromkeys(r["model"] for r in rows):
         for fmt in dict.fromkeys(series(r) for r in rows if r["model"] == model):
             pre = [get(model, fmt, "prefill", 1, s, "ms") for s in (256, 512, 1024, 2048, 4096)]
             pre.append(get(model, fmt, "prefill", 8, 1024, "ms"))
             dec = [get(model, fmt, "decode", b, 1024, "tokens_per_s") for b in (1, 8, 32)]
             weights = next(r["weight_bytes"] for r in rows if (r["model"], series(r)) == (model, fmt))
-            peaks = [get(model, fmt, "prefill", 1, 2048, key) for key in ("peak_mem_bytes", "steady_peak_mem_bytes")]
+            peaks = [get(model, fmt, "prefill", 1, 2048, key) for key in ("peak_mem_bytes", "warm_peak_mem_bytes")]
             cells = [cell(v, ".1f") for v in pre] + [cell(v, ".0f") for v in dec]
             cells += [f"{weights / 2**30:.2f}"] + [cell(None if p is None else p / 2**30, ".2f") for p in peaks]
             lines.append(f"| {model} | {fmt} | " + " | ".join(cells) + " |")

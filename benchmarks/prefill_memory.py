@@ -1,6 +1,7 @@
-"""Where a prefill's peak memory goes: the peak of the first call (warm-up: compilation, autotuning) and of the
-captured graph's replays, and what is live at the first call's peak beyond the weights, by the source line that
-allocated it (``torch.cuda.memory`` history).  The model and format are ``benchmarks/e2e.py``'s; the prefill is
+"""Where a prefill's peak memory goes: the peak of the warm-up calls (compilation, autotuning), of the CUDA graph's
+capture (the weights and the graph's memory pool) and of its replays (which allocate nothing, so they miss the
+pool), and what is live at the highest of them beyond the weights, by the source line that allocated it
+(``torch.cuda.memory`` history).  The model and format are ``benchmarks/e2e.py``'s; the prefill is
 :func:`dgq.bench.prefill`'s (compiled blocks, one CUDA graph, last position's logits), in inference mode.
 
 Why: issue 12's target compares peak memory at 2048 tokens with W8A8's, and ``e2e.py``'s figure is a single maximum
@@ -67,14 +68,18 @@ def measure(model_name: str, fmt: str, seqlen: int, int8_rows: bool) -> dict:
     torch.cuda.memory._record_memory_history(max_entries=400_000)
     torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
-        replay = bench.captured(lambda: forward(ids, attention_mask=mask, use_cache=False, logits_to_keep=1))
+        step = lambda: forward(ids, attention_mask=mask, use_cache=False, logits_to_keep=1)  # noqa: E731
+        bench.warm_up(step)
         first = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        replay = bench.capture(step)
         torch.cuda.synchronize()
+        captured = torch.cuda.max_memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         for _ in range(3):
             replay()
         torch.cuda.synchronize()
-    steady = torch.cuda.max_memory_allocated()
+    replayed = torch.cuda.max_memory_allocated()
     snapshot = torch.cuda.memory._snapshot()
     torch.cuda.memory._record_memory_history(enabled=None)
     over, blocks = _live_at_peak(snapshot["device_traces"][torch.cuda.current_device()])
@@ -84,7 +89,8 @@ def measure(model_name: str, fmt: str, seqlen: int, int8_rows: bool) -> dict:
         count[_where(event)] += 1
     return {"model": model_name, "format": fmt, "seqlen": seqlen, "int8_rows": int8_rows and fmt.startswith("dgq"),
             "resident_bytes": resident,
-            "first_call_peak_bytes": first, "replay_peak_bytes": steady, "transient_peak_bytes": over,
+            "warm_up_peak_bytes": first, "capture_peak_bytes": captured, "replay_peak_bytes": replayed,
+            "transient_peak_bytes": over,
             "live_at_peak": [{"site": site, "bytes": size, "blocks": count[site]}
                              for site, size in by_site.most_common(12)]}
 
@@ -114,8 +120,9 @@ def main() -> None:
         row = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(row)
         gib = 2 ** 30
-        print(f"{fmt}: resident {row['resident_bytes'] / gib:.3f} GiB, first call peak "
-              f"{row['first_call_peak_bytes'] / gib:.3f}, replay peak {row['replay_peak_bytes'] / gib:.3f}", flush=True)
+        print(f"{fmt}: resident {row['resident_bytes'] / gib:.3f} GiB, warm-up peak "
+              f"{row['warm_up_peak_bytes'] / gib:.3f}, capture peak {row['capture_peak_bytes'] / gib:.3f}, replay peak "
+              f"{row['replay_peak_bytes'] / gib:.3f}", flush=True)
         for site in row["live_at_peak"][:5]:
             print(f"    {site['bytes'] / 2**20:8.1f} MiB  {site['site']}", flush=True)
     tmp = Path(args.out).with_suffix(".tmp")

@@ -462,9 +462,9 @@ def bench(path: str | Path, seqlens: list[int], decode_batches: list[int], conte
     vocab = model.config.vocab_size
     rows: list[dict[str, Any]] = []
     for seqlen in seqlens:
-        ms, peak, steady = prefill(model, 1, seqlen, vocab, repeats, prefill_mode)
+        ms, peak, warm = prefill(model, 1, seqlen, vocab, repeats, prefill_mode)
         rows.append({"phase": "prefill", "batch": 1, "seqlen": seqlen, "ms": ms, "peak_bytes": peak,
-                     "steady_peak_bytes": steady, "mode": prefill_mode, **fused})
+                     "warm_peak_bytes": warm, "mode": prefill_mode, **fused})
     for batch in decode_batches:
         tps, peak = decode(model, batch, context, decode_steps, vocab, decode_mode, kv_cache)
         rows.append({"phase": "decode", "batch": batch, "seqlen": context, "tokens_per_s": tps,

@@ -48,20 +48,30 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def captured(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
-    """``fn`` (no arguments, fixed input tensors) captured in a CUDA graph; returns the replay.  Warm-up calls run
-    first, outside the graph: autotuning, compilation and lazy allocations happen there."""
+def warm_up(fn: Callable[[], object], calls: int = 3) -> None:
+    """``fn`` called ``calls`` times on a side stream, as a capture wants: autotuning, compilation and lazy
+    allocations happen here, outside the graph."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(warmup):
+        for _ in range(calls):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
+
+
+def capture(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` (no arguments, fixed input tensors, warmed up) captured in a CUDA graph; returns the replay."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
     return graph.replay
+
+
+def captured(fn: Callable[[], object], warmup: int = 3) -> Callable[[], None]:
+    """``fn`` warmed up (:func:`warm_up`) and captured (:func:`capture`); returns the replay."""
+    warm_up(fn, warmup)
+    return capture(fn)
 
 
 # inductor's kernels launched programmatically dependent (:mod:`dgq.kernels.pdl`; generated only for CUDA devices of
@@ -192,12 +202,13 @@ def causal_mask(batch: int, seqlen: int) -> torch.Tensor:
 def prefill(model: nn.Module, batch: int, seqlen: int, vocab: int, repeats: int,
             mode: str = "graph") -> tuple[float, int, int]:
     """Median ms of one forward over ``batch x seqlen`` random tokens (last position's logits only), the peak memory
-    from the first call on, and the steady peak of the timed calls alone.
+    from the first call on, and the peak of one prefill once warm.
 
-    The two peaks differ by what only a first call holds: compilation, the capture, and the benchmark buffers of
-    Triton's autotuner (a 256 MiB L2-flush buffer per tuning, in every format with a tuned Triton kernel), which a
-    server pays once at warm-up and which is not the format's memory; the steady peak is what every later prefill of
-    this length needs."""
+    The two peaks differ by what only the first calls hold: compilation and autotuning (Triton's autotuner allocates
+    a 256 MiB L2-flush buffer per tuning), which a server pays once at warm-up.  The warm peak is what every later
+    prefill of this length needs: in ``graph`` mode the peak while the graph is captured (the weights and the graph's
+    own memory pool, which its replays reuse without allocating, so a peak taken over replays would miss it);
+    otherwise the peak of the timed calls."""
     if mode not in PREFILL_MODES:
         raise ValueError(f"prefill mode {mode!r}; choose from {', '.join(PREFILL_MODES)}")
     ids = torch.randint(0, vocab, (batch, seqlen), device="cuda")
@@ -205,14 +216,22 @@ def prefill(model: nn.Module, batch: int, seqlen: int, vocab: int, repeats: int,
     forward = model if mode == "eager" else compiled(model, dynamic=True)
     step = lambda: forward(ids, attention_mask=mask, use_cache=False, logits_to_keep=1)  # noqa: E731
     torch.cuda.reset_peak_memory_stats()
-    run = captured(step) if mode == "graph" else step
-    run()
-    torch.cuda.synchronize()
-    first = torch.cuda.max_memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    ms = timed(run, repeats)
-    steady = torch.cuda.max_memory_allocated()
-    return ms, max(first, steady), steady
+    if mode == "graph":
+        warm_up(step)
+        first = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run = capture(step)
+        torch.cuda.synchronize()
+        warm = torch.cuda.max_memory_allocated()
+        ms = timed(run, repeats)
+    else:
+        step()
+        torch.cuda.synchronize()
+        first = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        ms = timed(step, repeats)
+        warm = torch.cuda.max_memory_allocated()
+    return ms, max(first, warm), warm
 
 
 class DecodeStep:
