@@ -1,7 +1,7 @@
 """The prefill int8 GEMM: ``out = (s_x * s1) * (X_s8 @ W_s8ᵀ)`` with both tiles brought by the TMA copy engine.
 
-At large M the A8W4 weight is widened to int8 (:func:`dgq.kernels.gemm.widen_weight`, in chunks of output rows:
-:func:`dgq.kernels.linear.widen_once_matmul`) and this kernel multiplies.  Both operands are
+At large M the A8W4 weight is widened to int8 once per call (:func:`dgq.kernels.gemm.widen_weight`, one pass at
+copy bandwidth: 5-30% of this kernel's time at M = 4096-1024) and this kernel multiplies.  Both operands are
 K-contiguous (``X_s8 [M, K]``, ``W_s8 [N, K]``), which is what the int8 tensor-core instruction (wgmma) needs from
 shared memory; tensor descriptors let the copy engine fill the software pipeline's shared-memory stages without address arithmetic in the warps, and a persistent
 grid of one program per SM walks the output tiles in GROUP_M-row bands so the weight tiles a band shares stay in L2.
@@ -75,13 +75,13 @@ def _cfg(bm: int, bn: int, bk: int, warps: int, stages: int) -> triton.Config:
 CONFIGS = [_cfg(*c) for c in [(128, 256, 128, 8, 3), (256, 128, 128, 8, 3), (128, 128, 128, 8, 4),
                               (128, 128, 128, 4, 4), (64, 256, 128, 4, 4), (128, 256, 128, 8, 4),
                               (256, 128, 128, 8, 4)]]
-# From LARGE_M tokens on, one config: the autotuner chose it for all five shapes at M = 1024, 4096 and 8192 (16 of
-# 20 picks; the other 4 the same tile with 3 stages; results/gemm_variants_h100.json), and it was the fastest of
-# the seven on every prefill shape of the Llama models at 2048-8192 tokens, whole and in widening chunks
-# (benchmarks/widen_chunks_probe.py).  Fixed, a prefill compiles one variant per shape and never runs the
-# autotuner, whose timing allocates a 256 MiB L2-flush buffer: it was the largest transient of a first prefill
-# (BENCHMARKS.md, issue 12's peak memory).  Fewer tokens keep the autotuner (only the W8A8 peer and other GPUs'
-# paths run this kernel there).
+# From LARGE_M tokens on, one config: the autotuner chose it for all five benchmark shapes at M = 1024, 4096 and
+# 8192 (16 of 20 picks, the other 4 the same tile with 3 stages; results/gemm_variants_h100.json), and on the
+# prefill layers of Llama-2-7B and Llama-3-8B (fused and unfused) at 2048 and 8192 tokens it was the fastest of the
+# seven or within 1.1% of it (benchmarks/int8_configs_probe.py, results/e2e_h100_s14/).  Fixed, a prefill compiles
+# one variant per shape and never runs the autotuner, whose timing allocates a 256 MiB L2-flush buffer: the largest
+# transient of a first prefill (BENCHMARKS.md, issue 12's peak memory).  Fewer tokens keep the autotuner (only the
+# W8A8 peer and other GPUs' paths run this kernel there).
 LARGE_M = 1024
 LARGE_M_CONFIG = CONFIGS[5]
 
@@ -97,22 +97,15 @@ def _num_programs(device: torch.device) -> int:
 
 def int8_matmul(x_s8: torch.Tensor, w_s8: torch.Tensor, s_x: torch.Tensor, s1: torch.Tensor,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
-                config: triton.Config | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``(s_x * s1) * (x_s8 @ w_s8ᵀ) + bias`` for int8 ``x_s8 [M, K]`` and ``w_s8 [N, K]`` (K a multiple of 16).
-
-    ``out``: write into this ``[M, N]`` tensor of ``out_dtype`` whose rows may be strided but whose columns are
-    contiguous (a column slice of a wider output, as the chunked widening fills it)."""
+                config: triton.Config | None = None) -> torch.Tensor:
+    """``(s_x * s1) * (x_s8 @ w_s8ᵀ) + bias`` for int8 ``x_s8 [M, K]`` and ``w_s8 [N, K]`` (K a multiple of 16)."""
     m, k = x_s8.shape
     n = w_s8.shape[0]
     if x_s8.dtype != torch.int8 or w_s8.dtype != torch.int8 or w_s8.shape[1] != k:
         raise ValueError(f"expected int8 x [M, K] and w [N, K], got {x_s8.dtype}{list(x_s8.shape)}, "
                          f"{w_s8.dtype}{list(w_s8.shape)}")
     x_s8, w_s8 = x_s8.contiguous(), w_s8.contiguous()
-    if out is None:
-        out = torch.empty((m, n), dtype=out_dtype, device=x_s8.device)
-    elif out.dtype != out_dtype or tuple(out.shape) != (m, n) or (n > 1 and out.stride(1) != 1):
-        raise ValueError(f"out must be {out_dtype} [{m}, {n}] with contiguous columns, got "
-                         f"{out.dtype}{list(out.shape)} strides {out.stride()}")
+    out = torch.empty((m, n), dtype=out_dtype, device=x_s8.device)
     if m == 0:
         return out
     sx = s_x.reshape(-1).float()

@@ -16,8 +16,7 @@ Each was measured against the others on an H100 (``benchmarks/gemm.py``, ``bench
   tensor-core kernel (:mod:`dgq.kernels.gemm`).
 * M >= :data:`WIDEN_MIN_M` (on Hopper, long-K layers from :data:`dgq.kernels.gemm_ws.MAX_M_LONG_K` + 1 on: its
   :func:`~dgq.kernels.gemm_ws.takes`): the weight is widened to int8 once per call (one pass over it) and the
-  TMA-fed int8 kernel (:mod:`dgq.kernels.int8_gemm`) multiplies, a chunk of output rows at a time
-  (:func:`widen_once_matmul`).  At M = 2048 (int8 codes in, session 10) that
+  TMA-fed int8 kernel (:mod:`dgq.kernels.int8_gemm`) multiplies.  At M = 2048 (int8 codes in, session 10) that
   took 0.0676 / 0.1944 / 0.1607 / 0.8893 / 0.8653 ms on the five benchmark shapes against 0.0700 / 0.2038 / 0.1498 /
   0.8949 / 0.7436 for the warp-specialized kernel's persistent 256-token tiles, which widen each weight tile again
   per 256 tokens: widen-once wins the K = 4096 shapes, the warp-specialized kernel the long-K ones (11008 x 4096,
@@ -45,7 +44,6 @@ else:  # Triton < 3.5: no Gluon, so no warp-specialized kernel and no TMA GEMV
 
 GEMV_MAX_M = 1  # measured: the GEMV wins at M = 1 only
 WIDEN_MIN_M = 2048  # measured: widen-once wins at M = 2048 on two shapes, ties on two (above); gemm_ws.MAX_M matches
-WIDEN_CHUNK_BYTES = 64 << 20  # the most widened rows held at once (module constant: the probe varies it)
 
 
 def _hopper_kernels(kw: KernelWeight, device: torch.device) -> bool:
@@ -61,47 +59,13 @@ def a8w4_mm(x_s8: torch.Tensor, s_x: torch.Tensor, kw: KernelWeight, bias: torch
     if m <= GEMV_MAX_M:
         return (gemv_tma.tma_gemv if ws else a8w4_gemv)(x_s8, kw, s_x, bias, out_dtype)
     if m >= WIDEN_MIN_M and not (ws and gemm_ws.takes(m, kw.in_features, kw.out_features)):
-        return widen_once_matmul(x_s8, s_x, kw, bias, out_dtype)
+        return int8_matmul(x_s8, widen_weight(kw), s_x, kw.s1, bias, out_dtype)
     if ws:
         return gemm_ws.ws_a8w4_matmul(x_s8, kw, s_x, bias, out_dtype)
     if gemm_ws is None and torch.cuda.get_device_capability(x_s8.device)[0] == 9:
         warnings.warn("this Triton has no Gluon: A8W4 layers with 2..2047 tokens run the in-register kernel, about "
                       "0.7x the speed of the warp-specialized one on Hopper (install triton>=3.6)", stacklevel=2)
     return a8w4_matmul(x_s8, kw, s_x, bias, out_dtype)
-
-
-def widen_chunk_rows(n: int, k: int, chunk_bytes: int | None = None) -> int:
-    """Output rows per widening chunk: the layer cut into as few equal chunks as keep each within ``chunk_bytes`` of
-    int8 ``[rows, k]`` (default :data:`WIDEN_CHUNK_BYTES`), rounded up to the int8 GEMM's 256-row tile, at most ``n``.
-
-    Few chunks because each one costs a serialized launch pair (the next widening overwrites the buffer the last GEMM
-    read, so it waits for that GEMM to end): in ``benchmarks/widen_chunks_probe.py`` on the H100, 16 MiB chunks made
-    Llama-2-7B's gate/up 3.5-4% slower at 2048 and 8192 tokens, and 1280-row chunks of a K = 11008 layer (80 tiles
-    each for 132 SMs) 1.8x slower at 2048 tokens.  No L2 gain showed at any size."""
-    chunks = -(-n * k // (chunk_bytes or WIDEN_CHUNK_BYTES))
-    rows = -(-n // chunks)
-    return min(n, -(-rows // 256) * 256)
-
-
-def widen_once_matmul(x_s8: torch.Tensor, s_x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None,
-                      out_dtype: torch.dtype = torch.float16, chunk_bytes: int | None = None) -> torch.Tensor:
-    """The large-M path: the weight widened to int8 and multiplied by the int8 GEMM, a chunk of output rows at a
-    time (:func:`widen_chunk_rows`), every chunk widened into the same buffer.
-
-    Why chunks: the whole widened weight is a transient as large as the layer's int8 weight (86 MiB for Llama-2-7B's
-    fused gate/up, 112 MiB for Llama-3-8B's), the largest of a DGQ prefill once the int8 GEMM's autotuner is gone
-    (:data:`dgq.kernels.int8_gemm.LARGE_M`); two chunks halve it for one more launch pair."""
-    n, k = kw.out_features, kw.in_features
-    out = torch.empty((x_s8.shape[0], n), dtype=out_dtype, device=x_s8.device)
-    rows = widen_chunk_rows(n, k, chunk_bytes)
-    buffer = torch.empty((rows, k), dtype=torch.int8, device=x_s8.device)
-    for start in range(0, n, rows):
-        chunk = range(start, min(start + rows, n))
-        w_s8 = widen_weight(kw, rows=chunk, out=buffer[:len(chunk)])
-        int8_matmul(x_s8, w_s8, s_x, kw.s1[chunk.start:chunk.stop],
-                    None if bias is None else bias[chunk.start:chunk.stop], out_dtype,
-                    out=out[:, chunk.start:chunk.stop])
-    return out
 
 
 def takes_row_absmax(m: int, kw: KernelWeight, device: torch.device, dynamic: bool, swiglu: bool) -> bool:

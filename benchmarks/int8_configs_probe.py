@@ -1,18 +1,18 @@
-"""The large-M path (widen the A8W4 weight to int8, then the int8 GEMM) whole or a chunk of output rows at a time,
-and which int8 GEMM config to fix for large M, on the prefill shapes of Llama-2-7B and Llama-3-8B.
+"""Which int8 GEMM config to fix for large M (:data:`dgq.kernels.int8_gemm.LARGE_M_CONFIG`), on the prefill
+layers of Llama-2-7B and Llama-3-8B, and what their widening costs.
 
-Why: the whole widened weight is a transient as large as the layer's int8 weight (86 MiB for Llama-2-7B's fused
-gate/up), and the widening was 3.05 of a 37.7 ms DGQ prefill at 2048 tokens (BENCHMARKS.md, session 12's profile).
-Widened a chunk at a time into one buffer, the rows the GEMM reads next were just written and may still be in L2;
-the GEMM runs on narrower layers (more partial waves).  The int8 GEMM's autotuner allocates a 256 MiB L2-flush
-buffer on a prefill's first call; a fixed config for large M removes it, if one config is fastest everywhere.
+Why: the int8 GEMM's autotuner allocates a 256 MiB L2-flush buffer on a prefill's first call, the largest
+transient of a DGQ prefill (issue 12's peak memory); a fixed config removes it if one config is fastest everywhere.
 
-Per (model layer, M): each of the int8 GEMM's configs on the whole widened weight (the rule's marked), then
-:func:`dgq.kernels.linear.widen_once_matmul` at several chunk sizes (0 = the whole weight in one chunk), each checked
-bit-identical to the whole-weight path first, timed as CUDA-graph replays over three operand sets (the timing of
-``benchmarks/gemm.py``).  ``--json`` writes the rows.
+Per (layer, M): each of the int8 GEMM's configs on the widened weight (the rule's marked), then the whole large-M
+path (widen + GEMM, :func:`dgq.kernels.linear.a8w4_mm`) and the widening alone, timed as CUDA-graph replays over
+three operand sets (the timing of ``benchmarks/gemm.py``).  ``--json`` writes the rows.
 
-    PYTHONPATH=.:benchmarks python benchmarks/widen_chunks_probe.py --json $OUT/widen_chunks.json   # the H100
+Session 14 ran this script at commit a6967dc, as ``benchmarks/widen_chunks_probe.py``, with the widening also cut
+into chunks of output rows (``results/e2e_h100_s14/call{1,2}/widen_chunks*.json``): every chunk size was as slow as
+the whole or slower (each chunk adds a launch pair and its own last partial wave), so chunks were not kept.
+
+    PYTHONPATH=.:benchmarks python benchmarks/int8_configs_probe.py --json $OUT/int8_configs.json   # the H100
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from dgq.packing import pack_tiled
 LAYERS = [("l2_qkv", 4096, 12288), ("l2_o", 4096, 4096), ("l2_gate_up", 4096, 22016), ("l2_down", 11008, 4096),
           ("l2_up_unfused", 4096, 11008), ("l3_qkv", 4096, 6144), ("l3_gate_up", 4096, 28672),
           ("l3_down", 14336, 4096)]
-CHUNKS_MIB = (0, 8, 16, 32, 64)
 SETS = 3
 
 
@@ -44,8 +43,7 @@ def kernel_weight(n: int, k: int, group: int = 128) -> KernelWeight:
     lo, hi = (zp - reach).clamp(min=0), (zp + reach).clamp(max=15)
     lo, hi = lo.repeat_interleave(group, 1), hi.repeat_interleave(group, 1)
     u4 = (lo + (torch.rand(n, k, device="cuda") * (hi - lo + 1)).floor().clamp(max=hi - lo)).to(torch.uint8)
-    tile = 128
-    return KernelWeight.of(pack_tiled(u4, tile), s2.t().contiguous().to(torch.int8),
+    return KernelWeight.of(pack_tiled(u4, 128), s2.t().contiguous().to(torch.int8),
                            zp.t().contiguous().to(torch.uint8), torch.rand(n, device="cuda") * 1e-3 + 1e-4,
                            torch.zeros(2 * n, dtype=torch.int32, device="cuda"), group)
 
@@ -58,7 +56,7 @@ def main() -> None:
     parser.add_argument("--ms", default="2048,4096,8192")
     parser.add_argument("--layers", default=",".join(name for name, _, _ in LAYERS))
     args = parser.parse_args()
-    rows, failures = [], []
+    rows = []
     wanted = args.layers.split(",")
     for name, k, n in [layer for layer in LAYERS if layer[0] in wanted]:
         torch.manual_seed(0)
@@ -85,29 +83,16 @@ def main() -> None:
             print(f"{name} K={k} N={n} M={m}: int8 GEMM rule {rule_us:.1f} us, best config {best[0]} "
                   f"{best[1]:.1f} us ({rule_us / best[1]:.3f}x)", flush=True)
             del w8
-            ref = linear.widen_once_matmul(acts[0][0], acts[0][1], weights[0], chunk_bytes=1 << 40)
-            times = {}
-            for mib in CHUNKS_MIB:
-                chunk = (1 << 40) if mib == 0 else (mib << 20)
-                got = linear.widen_once_matmul(acts[0][0], acts[0][1], weights[0], chunk_bytes=chunk)
-                if not torch.equal(got, ref):
-                    failures.append(f"{name} M={m} chunk {mib} MiB: differs from the whole-weight path")
-                    continue
-                calls = [lambda a=a, kw=kw, chunk=chunk: linear.widen_once_matmul(a[0], a[1], kw, chunk_bytes=chunk)
-                         for a, kw in zip(acts, weights)]
-                us = time_graph(calls) * 1e3
-                times[mib] = us
-                rows.append({**base, "kernel": "widen_once", "chunk_mib": mib,
-                             "chunk_rows": linear.widen_chunk_rows(n, k, chunk), "us": us})
-            print("  widen-once by chunk: " + ", ".join(f"{'whole' if c == 0 else f'{c} MiB'} {t:.1f} us"
-                                                       for c, t in times.items()), flush=True)
+            whole_us = time_graph([lambda a=a, kw=kw: linear.a8w4_mm(a[0], a[1], kw)
+                                   for a, kw in zip(acts, weights)]) * 1e3
+            rows.append({**base, "kernel": "a8w4_mm", "us": whole_us})
+            print(f"  a8w4_mm (widen + this GEMM; the warp-specialized kernel on long K) {whole_us:.1f} us", flush=True)
             widen_us = time_graph([lambda kw=kw: widen_weight(kw) for kw in weights]) * 1e3
             rows.append({**base, "kernel": "widen_whole", "us": widen_us})
             print(f"  the whole widening alone {widen_us:.1f} us", flush=True)
             del acts
         del weights
         torch.cuda.empty_cache()
-    print("FAILURES:" if failures else "every chunking bit-identical", *failures, sep="\n")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f)
