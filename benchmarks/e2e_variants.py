@@ -12,8 +12,9 @@ Each variant replaces one thing in this process only, before anything is compile
 * ``down_absmax``: the down projection's one-token GEMV is handed its row's absmax from the graph as well;
 * ``per_layer_length``: the decode steps' float KV cache is transformers' ``StaticCache``, whose every layer counts
   and advances its own length (before session 13: one more 1-element kernel per layer and step);
-* ``autotuned_int8``: the int8 GEMM's autotuner picks its config at every M (before session 14; session 14's
-  calls ran it as ``whole_widen``, which also undid the widening in chunks tried then, at commit a6967dc).
+* ``autotuned_int8``: the int8 GEMM's autotuner picks its config at every M (before session 14; session 14's first
+  calls ran it as ``whole_widen``, which also undid the fixed-size widening chunks tried then, commit a6967dc);
+* ``whole_widen``: the large-M path widens every layer whole, never in chunks (before session 14).
 
     PYTHONPATH=. python benchmarks/e2e_variants.py noabsmax --models llama2-7b --formats dgq_dynamic \
         --seqlens 2048 --batched-prefill 0 --decode-batches 1 --out results/x.json
@@ -30,7 +31,7 @@ from pathlib import Path
 import triton
 import triton.language as tl
 
-VARIANTS = ("none", "nomerge", "attn_late", "aq_late", "noabsmax", "down_absmax", "per_layer_length", "autotuned_int8")
+VARIANTS = ("none", "nomerge", "attn_late", "aq_late", "noabsmax", "down_absmax", "per_layer_length", "autotuned_int8", "whole_widen")
 
 
 @triton.jit
@@ -83,6 +84,10 @@ def apply(variants: list[str]) -> None:
         from dgq.kernels import int8_gemm
 
         int8_gemm.LARGE_M = 1 << 40  # read at each call
+    if "whole_widen" in variants:
+        from dgq.kernels import linear
+
+        linear.WIDEN_CHUNK_BYTES = 1 << 40  # read at each call
 
 
 def main() -> None:

@@ -110,6 +110,58 @@ def test_widen_and_int8_gemm_are_exact(m: int, n: int, k: int, g: int, bm: int, 
     assert torch.equal(out.cpu(), fp32_epilogue(int_matmul(x, dg.int8_weight()), s_x, dg.s1))
 
 
+def test_widening_a_range_of_rows_is_a_slice_of_the_whole() -> None:
+    gen = torch.Generator().manual_seed(11)
+    dg = random_weight(200, 256, 64, gen, "extreme")
+    kw = kernel_weight(dg)
+    whole = widen_weight(kw)
+    buffer = torch.full((80, 256), 99, dtype=torch.int8, device=DEVICE)
+    for rows in (range(0, 64), range(70, 150), range(130, 200), range(200, 200)):
+        got = widen_weight(kw, rows=rows, out=buffer[:len(rows)])
+        assert torch.equal(got.cpu(), whole[rows.start:rows.stop].cpu())
+        assert got.data_ptr() == buffer.data_ptr() or not len(rows)
+    with pytest.raises(ValueError, match="step-1 range"):
+        widen_weight(kw, rows=range(150, 250))
+    with pytest.raises(ValueError, match="contiguous int8"):
+        widen_weight(kw, rows=range(0, 64), out=buffer[:32])
+
+
+def test_widen_once_in_chunks_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The large-M path in chunks (here of 256 rows: whole waves and the byte budget lowered) equals the exact
+    reference: every chunk's rows land in their own output columns, with their own channel scales and bias, the
+    last chunk a tail."""
+    config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}, num_warps=4, num_stages=1)
+    fn, calls = linear.int8_matmul, []
+    monkeypatch.setattr(linear, "int8_matmul", lambda *a, **kw: calls.append(a[1].shape[0]) or
+                        fn(*a, **kw, config=config))
+    monkeypatch.setattr(linear, "whole_wave_rows", lambda m, device: 256)
+    gen = torch.Generator().manual_seed(3)
+    dg, x = random_weight(600, 128, 64, gen, "extreme"), random_acts(5, 128, gen)
+    s_x, b = torch.rand(5, 1, generator=gen) * 0.05 + 1e-3, torch.randn(600, generator=gen)
+    out = linear.widen_once_matmul(x.to(DEVICE), s_x.to(DEVICE), kernel_weight(dg), b.to(DEVICE), torch.float32,
+                                   chunk_bytes=300 * 128)
+    assert calls == [256, 256, 88]
+    assert torch.equal(out.cpu(), fp32_epilogue(int_matmul(x, dg.int8_weight()), s_x, dg.s1, b))
+
+
+def test_widening_chunks_are_whole_waves_within_their_budget() -> None:
+    wave = 8448  # 33 tiles of 256 rows: with 16 or 64 token tiles, whole waves of 132 programs (an H100)
+    assert linear.widen_chunk_rows(22016, 4096, wave) == 8448  # Llama-2 gate/up, 86 MiB: 33 MiB chunks
+    assert linear.widen_chunk_rows(12288, 4096, wave) == 12288  # 48 MiB: whole
+    assert linear.widen_chunk_rows(57344, 8192, wave) == 8448  # 70B gate/up, 448 MiB: chunks of 66 MiB
+    assert linear.widen_chunk_rows(57344, 8192, wave, chunk_bytes=1 << 30) == 57344
+    assert linear.widen_chunk_rows(22016, 4096, 33792) == 22016  # one wave's rows are the whole layer
+
+
+def test_whole_wave_rows_fill_every_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(int8_gemm, "_num_programs", lambda device: 132)
+    for m in (2048, 3000, 8192, 2100):
+        rows = int8_gemm.whole_wave_rows(m, torch.device(DEVICE))
+        tiles = -(-m // 128) * rows // 256
+        assert rows % 256 == 0 and tiles % 132 == 0
+    assert int8_gemm.whole_wave_rows(2048, torch.device(DEVICE)) == 8448
+
+
 # (M, N, K, group): an N tail, more K tiles than some configs' splits cover (masked tiles), two groups per K tile, and
 # K tiles of 64 (K = 192, as SmolLM2's 576).
 GEMV_CASES = [(1, 40, 256, 64), (3, 72, 384, 128), (2, 64, 192, 64)]

@@ -71,19 +71,30 @@ def test_every_config_is_bit_exact(k: int, n: int, g: int, kind: str) -> None:
 
 
 @pytest.mark.parametrize("m", [2048, 2100])
-def test_large_m_path_is_bit_exact(m: int) -> None:
+def test_large_m_path_is_bit_exact(m: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """From WIDEN_MIN_M tokens a8w4_linear widens the weight (inline PTX) and runs the int8 GEMM's fixed large-M
-    config (no autotuning): the exact reference, bit for bit, with an N that is no multiple of the 256-row tile."""
+    config (no autotuning): the exact reference, bit for bit, with an N that is no multiple of the 256-row tile;
+    the same in chunks of 256 and 512 rows widened into one buffer, with and without a bias."""
     from dgq.kernels import linear
 
     assert m >= linear.WIDEN_MIN_M and m >= int8_gemm.LARGE_M
     gen = torch.Generator().manual_seed(m)
     k, n = 4096, 1000
     dg = random_weight(n, k, 128, gen, "extreme")
+    kw = layout(dg)
     x = (torch.randn(m, k, generator=gen) * 3).half()
     x_q, s_x = quantize_activations(x)
-    out = a8w4_linear(x.cuda(), layout(dg), out_dtype=torch.float32)
-    assert torch.equal(out.cpu(), fp32_epilogue(int_matmul(x_q, dg.int8_weight()), s_x, dg.s1))
+    want = fp32_epilogue(int_matmul(x_q, dg.int8_weight()), s_x, dg.s1)
+    assert torch.equal(a8w4_linear(x.cuda(), kw, out_dtype=torch.float32).cpu(), want)
+    b = torch.randn(n, generator=gen).cuda()
+    with_bias = linear.widen_once_matmul(x_q.cuda(), s_x.cuda(), kw, b, torch.float32)
+    for wave in (256, 512):
+        monkeypatch.setattr(linear, "whole_wave_rows", lambda m, device, _w=wave: _w)
+        got = linear.widen_once_matmul(x_q.cuda(), s_x.cuda(), kw, None, torch.float32, chunk_bytes=wave * k)
+        assert torch.equal(got.cpu(), want), f"chunks of {wave} rows"
+        # with a bias the GPU's epilogue may fuse the last multiply-add: compare with the unchunked path
+        got = linear.widen_once_matmul(x_q.cuda(), s_x.cuda(), kw, b, torch.float32, chunk_bytes=wave * k)
+        assert torch.equal(got, with_bias), f"chunks of {wave} rows, bias"
 
 
 @pytest.mark.parametrize("k,n,g", SHAPES)

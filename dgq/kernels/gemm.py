@@ -349,13 +349,15 @@ def a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None =
 
 
 @triton.jit
-def _widen_kernel(w_ptr, s2_ptr, zp_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.constexpr, TILE_K: tl.constexpr,
-                  BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr):
-    """``W_s8 [N, K]`` from the kernel layout, one K tile of BLOCK_N rows per program (same widening as the GEMM)."""
+def _widen_kernel(w_ptr, s2_ptr, zp_ptr, out_ptr, N, ROW0, ROWS, K: tl.constexpr, GROUP: tl.constexpr,
+                  TILE_K: tl.constexpr, BLOCK_N: tl.constexpr, USE_ASM: tl.constexpr):
+    """Rows ``ROW0 .. ROW0 + ROWS`` of ``W_s8 [N, K]`` from the kernel layout into ``out [ROWS, K]``, one K tile of
+    BLOCK_N rows per program (same widening as the GEMM)."""
     pid_n, tile = tl.program_id(0), tl.program_id(1)
     HALF: tl.constexpr = TILE_K // 2
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    local = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = local < ROWS
+    offs_n = ROW0 + local
     kh = tl.arange(0, HALF)
     k0 = tile * TILE_K
     p = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * (K // 2) + (k0 // 2 + kh)[None, :], mask=n_mask[:, None],
@@ -366,16 +368,28 @@ def _widen_kernel(w_ptr, s2_ptr, zp_ptr, out_ptr, N, K: tl.constexpr, GROUP: tl.
     s_hi = tl.load(s2_ptr + g_hi * N + offs_n, mask=n_mask, other=0).to(tl.int32)
     z_hi = tl.load(zp_ptr + g_hi * N + offs_n, mask=n_mask, other=0).to(tl.int32)
     w_lo, w_hi = _widen(p, s_lo, z_lo, s_hi, z_hi, USE_ASM)
-    rows = out_ptr + offs_n.to(tl.int64)[:, None] * K
+    rows = out_ptr + local.to(tl.int64)[:, None] * K
     tl.store(rows + (k0 + kh)[None, :], w_lo, mask=n_mask[:, None])
     tl.store(rows + (k0 + HALF + kh)[None, :], w_hi, mask=n_mask[:, None])
 
 
-def widen_weight(kw: KernelWeight, block_n: int = 64) -> torch.Tensor:
-    """``W_s8 = s2 * (u4 - zp)`` as int8 ``[N, K]`` in one pass over the packed weight (the large-M path's first step)."""
+def widen_weight(kw: KernelWeight, block_n: int = 64, rows: range | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """``W_s8 = s2 * (u4 - zp)`` as int8 ``[N, K]`` in one pass over the packed weight (the large-M path's first
+    step); ``rows`` (a step-1 range) widens those output rows alone, into ``out`` (int8 ``[len(rows), K]``,
+    contiguous) when given."""
     n, k = kw.out_features, kw.in_features
-    out = torch.empty((n, k), dtype=torch.int8, device=kw.codes.device)
-    _widen_kernel[(triton.cdiv(n, block_n), k // kw.tile_k)](kw.codes, kw.s2t, kw.zpt, out, n, K=k,
-                                                             GROUP=kw.group_size, TILE_K=kw.tile_k, BLOCK_N=block_n,
-                                                             USE_ASM=_use_asm(kw.codes.device))
+    rows = range(n) if rows is None else rows
+    if rows.step != 1 or not 0 <= rows.start <= rows.stop <= n:
+        raise ValueError(f"rows {rows} is not a step-1 range inside the weight's {n} rows")
+    shape = (len(rows), k)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.int8, device=kw.codes.device)
+    elif out.dtype != torch.int8 or tuple(out.shape) != shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous int8 tensor of shape {list(shape)}, got "
+                         f"{out.dtype}{list(out.shape)}")
+    if len(rows):
+        _widen_kernel[(triton.cdiv(len(rows), block_n), k // kw.tile_k)](
+            kw.codes, kw.s2t, kw.zpt, out, n, rows.start, len(rows), K=k, GROUP=kw.group_size, TILE_K=kw.tile_k,
+            BLOCK_N=block_n, USE_ASM=_use_asm(kw.codes.device))
     return out

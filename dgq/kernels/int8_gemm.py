@@ -9,6 +9,8 @@ grid of one program per SM walks the output tiles in GROUP_M-row bands so the we
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -89,6 +91,16 @@ LARGE_M_CONFIG = CONFIGS[5]
 _tuned = triton.autotune(CONFIGS, key=["M_BUCKET", "N", "K", "HAS_BIAS", "NUM_PROGRAMS"])(_int8_gemm_kernel)
 
 
+def whole_wave_rows(m: int, device: torch.device) -> int:
+    """The fewest output rows whose tiles of :data:`LARGE_M_CONFIG` for ``m`` tokens fill whole waves of the
+    persistent grid (one program per SM): a layer cut into chunks of a multiple of this many rows runs as many waves
+    as the whole layer, plus one partial wave at most for its last chunk, as the whole layer does."""
+    bm, bn = LARGE_M_CONFIG.kwargs["BLOCK_M"], LARGE_M_CONFIG.kwargs["BLOCK_N"]
+    programs = _num_programs(device)
+    m_tiles = triton.cdiv(m, bm)
+    return programs // math.gcd(programs, m_tiles) * bn
+
+
 def _num_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -97,15 +109,22 @@ def _num_programs(device: torch.device) -> int:
 
 def int8_matmul(x_s8: torch.Tensor, w_s8: torch.Tensor, s_x: torch.Tensor, s1: torch.Tensor,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
-                config: triton.Config | None = None) -> torch.Tensor:
-    """``(s_x * s1) * (x_s8 @ w_s8ᵀ) + bias`` for int8 ``x_s8 [M, K]`` and ``w_s8 [N, K]`` (K a multiple of 16)."""
+                config: triton.Config | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``(s_x * s1) * (x_s8 @ w_s8ᵀ) + bias`` for int8 ``x_s8 [M, K]`` and ``w_s8 [N, K]`` (K a multiple of 16).
+
+    ``out``: write into this ``[M, N]`` tensor of ``out_dtype`` whose rows may be strided but whose columns are
+    contiguous (a column slice of a wider output, as the chunked widening fills it)."""
     m, k = x_s8.shape
     n = w_s8.shape[0]
     if x_s8.dtype != torch.int8 or w_s8.dtype != torch.int8 or w_s8.shape[1] != k:
         raise ValueError(f"expected int8 x [M, K] and w [N, K], got {x_s8.dtype}{list(x_s8.shape)}, "
                          f"{w_s8.dtype}{list(w_s8.shape)}")
     x_s8, w_s8 = x_s8.contiguous(), w_s8.contiguous()
-    out = torch.empty((m, n), dtype=out_dtype, device=x_s8.device)
+    if out is None:
+        out = torch.empty((m, n), dtype=out_dtype, device=x_s8.device)
+    elif out.dtype != out_dtype or tuple(out.shape) != (m, n) or (n > 1 and out.stride(1) != 1):
+        raise ValueError(f"out must be {out_dtype} [{m}, {n}] with contiguous columns, got "
+                         f"{out.dtype}{list(out.shape)} strides {out.stride()}")
     if m == 0:
         return out
     sx = s_x.reshape(-1).float()

@@ -16,7 +16,8 @@ Each was measured against the others on an H100 (``benchmarks/gemm.py``, ``bench
   tensor-core kernel (:mod:`dgq.kernels.gemm`).
 * M >= :data:`WIDEN_MIN_M` (on Hopper, long-K layers from :data:`dgq.kernels.gemm_ws.MAX_M_LONG_K` + 1 on: its
   :func:`~dgq.kernels.gemm_ws.takes`): the weight is widened to int8 once per call (one pass over it) and the
-  TMA-fed int8 kernel (:mod:`dgq.kernels.int8_gemm`) multiplies.  At M = 2048 (int8 codes in, session 10) that
+  TMA-fed int8 kernel (:mod:`dgq.kernels.int8_gemm`) multiplies; a layer whose widened weight would pass
+  :data:`WIDEN_CHUNK_BYTES` a chunk of output rows at a time (:func:`widen_once_matmul`).  At M = 2048 (int8 codes in, session 10) that
   took 0.0676 / 0.1944 / 0.1607 / 0.8893 / 0.8653 ms on the five benchmark shapes against 0.0700 / 0.2038 / 0.1498 /
   0.8949 / 0.7436 for the warp-specialized kernel's persistent 256-token tiles, which widen each weight tile again
   per 256 tokens: widen-once wins the K = 4096 shapes, the warp-specialized kernel the long-K ones (11008 x 4096,
@@ -35,7 +36,7 @@ import warnings
 from dgq.kernels.act_quant import quantize_activations_triton
 from dgq.kernels.gemm import KernelWeight, a8w4_matmul, widen_weight
 from dgq.kernels.gemv import a8w4_gemv, a8w4_gemv_float, quantizes_inside
-from dgq.kernels.int8_gemm import int8_matmul
+from dgq.kernels.int8_gemm import int8_matmul, whole_wave_rows
 
 if importlib.util.find_spec("triton.experimental.gluon") is not None:
     from dgq.kernels import gemm_ws, gemv_tma
@@ -44,6 +45,7 @@ else:  # Triton < 3.5: no Gluon, so no warp-specialized kernel and no TMA GEMV
 
 GEMV_MAX_M = 1  # measured: the GEMV wins at M = 1 only
 WIDEN_MIN_M = 2048  # measured: widen-once wins at M = 2048 on two shapes, ties on two (above); gemm_ws.MAX_M matches
+WIDEN_CHUNK_BYTES = 64 << 20  # the most widened rows held at once, where whole waves allow (widen_chunk_rows)
 
 
 def _hopper_kernels(kw: KernelWeight, device: torch.device) -> bool:
@@ -59,13 +61,51 @@ def a8w4_mm(x_s8: torch.Tensor, s_x: torch.Tensor, kw: KernelWeight, bias: torch
     if m <= GEMV_MAX_M:
         return (gemv_tma.tma_gemv if ws else a8w4_gemv)(x_s8, kw, s_x, bias, out_dtype)
     if m >= WIDEN_MIN_M and not (ws and gemm_ws.takes(m, kw.in_features, kw.out_features)):
-        return int8_matmul(x_s8, widen_weight(kw), s_x, kw.s1, bias, out_dtype)
+        return widen_once_matmul(x_s8, s_x, kw, bias, out_dtype)
     if ws:
         return gemm_ws.ws_a8w4_matmul(x_s8, kw, s_x, bias, out_dtype)
     if gemm_ws is None and torch.cuda.get_device_capability(x_s8.device)[0] == 9:
         warnings.warn("this Triton has no Gluon: A8W4 layers with 2..2047 tokens run the in-register kernel, about "
                       "0.7x the speed of the warp-specialized one on Hopper (install triton>=3.6)", stacklevel=2)
     return a8w4_matmul(x_s8, kw, s_x, bias, out_dtype)
+
+
+def widen_chunk_rows(n: int, k: int, wave_rows: int, chunk_bytes: int | None = None) -> int:
+    """Output rows per widening chunk: the whole layer (``n``) if its int8 ``[n, k]`` fits ``chunk_bytes`` (default
+    :data:`WIDEN_CHUNK_BYTES`); else the most multiples of ``wave_rows`` (:func:`whole_wave_rows`) that fit, at
+    least one, and the whole layer if that is not fewer rows.
+
+    Whole waves because every chunk is a launch of its own: in ``benchmarks/widen_chunks_probe.py`` (commit a6967dc,
+    H100) chunks of a fixed byte size made Llama-2-7B's gate/up 3.5-6% slower at 2048 and 8192 tokens, each chunk's
+    last partial wave costing a full one; a multiple of whole waves leaves only the extra launches."""
+    budget = (chunk_bytes or WIDEN_CHUNK_BYTES) // k
+    if n <= budget:
+        return n
+    return min(n, max(1, budget // wave_rows) * wave_rows)
+
+
+def widen_once_matmul(x_s8: torch.Tensor, s_x: torch.Tensor, kw: KernelWeight, bias: torch.Tensor | None = None,
+                      out_dtype: torch.dtype = torch.float16, chunk_bytes: int | None = None) -> torch.Tensor:
+    """The large-M path: the weight widened to int8 and multiplied by the int8 GEMM, in chunks of output rows
+    (:func:`widen_chunk_rows`) where the whole widened weight would pass ``chunk_bytes``, every chunk widened into
+    the same buffer.
+
+    Why chunks: the widened weight is a transient as large as the layer's int8 weight, 86 MiB for Llama-2-7B's fused
+    gate/up, the largest of a DGQ prefill once the int8 GEMM's autotuner is gone (issue 12's peak memory); in chunks
+    of whole waves it is 33 MiB there, for two more launch pairs."""
+    n, k = kw.out_features, kw.in_features
+    rows = widen_chunk_rows(n, k, whole_wave_rows(x_s8.shape[0], x_s8.device), chunk_bytes)
+    if rows == n:
+        return int8_matmul(x_s8, widen_weight(kw), s_x, kw.s1, bias, out_dtype)
+    out = torch.empty((x_s8.shape[0], n), dtype=out_dtype, device=x_s8.device)
+    buffer = torch.empty((rows, k), dtype=torch.int8, device=x_s8.device)
+    for start in range(0, n, rows):
+        chunk = range(start, min(start + rows, n))
+        w_s8 = widen_weight(kw, rows=chunk, out=buffer[:len(chunk)])
+        int8_matmul(x_s8, w_s8, s_x, kw.s1[chunk.start:chunk.stop],
+                    None if bias is None else bias[chunk.start:chunk.stop], out_dtype,
+                    out=out[:, chunk.start:chunk.stop])
+    return out
 
 
 def takes_row_absmax(m: int, kw: KernelWeight, device: torch.device, dynamic: bool, swiglu: bool) -> bool:
