@@ -66,6 +66,28 @@ def default_method(nsamples: int) -> str:
     return "dgq_gptaq" if nsamples >= CUDA_NSAMPLES else "dgq_gptq"
 
 
+HEAD_EMBEDDING_OPTIONS = ("quantize_head", "quantize_embedding", "int8_head", "int8_embedding")
+
+
+def default_head_embedding(model: nn.Module) -> dict[str, bool]:
+    """The head and embedding settings when none is asked for: both as int8 rows (:mod:`dgq.int8_rows`) where the
+    model allows both, else both kept in float.
+
+    Why both by default: halved bytes at a cost perplexity does not see when the embedding is quantized after
+    calibration (SmolLM2-135M, the README's job: 21.909 -> 21.914; RESULTS.md), a 7B model's weights 0.244 GiB
+    smaller, and a decode step that reads half the head (H100, Llama-2-7B: 2.49x -> 2.52x FP16 at batch 1;
+    BENCHMARKS.md).  Why both or neither: on a model whose head shares the embedding's matrix (SmolLM2, Gemma3) the
+    int8 head alone would add its copy beside the float matrix, while both together replace the shared float
+    matrix by two int8 ones of the same bytes.  Reads only module types, so it runs on a meta-device skeleton."""
+    from dgq.int8_rows import check_int8_options
+
+    try:
+        check_int8_options(model, head=True, embedding=True)
+    except ConfigError:  # e.g. Gemma3's scaled embedding, a head with a bias: both stay in float
+        return {"int8_head": False, "int8_embedding": False}
+    return {"int8_head": True, "int8_embedding": True}
+
+
 def check_model(model: nn.Module, config: QuantConfig) -> None:
     """Validate every layer that will be quantized before any work starts, so errors come in seconds."""
     adapter = adapter_for(model)
@@ -180,6 +202,9 @@ def quantize_pretrained(model: str, out: str | Path, method: str | None = None, 
         source, hf_config, skeleton = validate.model_structure(model, config.seqlen)
         config = config.with_(group_size=validate.group_size_for(skeleton, group_size,
                                                                  grouped=config.weight in ("dual", "group")))
+        asked_rows = any(name in settings for name in HEAD_EMBEDDING_OPTIONS)
+        if not asked_rows and config.quantizes_weights:
+            config = config.with_(**default_head_embedding(skeleton))
         check_options(skeleton, config)
         tokenizer = load_tokenizer(source)
         validate.vocabulary_fits(tokenizer, hf_config)
@@ -189,9 +214,11 @@ def quantize_pretrained(model: str, out: str | Path, method: str | None = None, 
         why = "paper setting" if nsamples == CUDA_NSAMPLES else "as asked" if asked_nsamples else \
             f"CPU default; --nsamples {CUDA_NSAMPLES} for the paper setting"
         chosen = "" if asked_method else f" (default for {nsamples} sequences)"
+        rows = _head_embedding_label(config) + ("" if asked_rows else " (default)")
         log(f"model {source.display_name} · method {config.method}{chosen} · "
             f"W{config.weight_bits}A{config.act_bits} · "
-            f"group {config.group_size} · act {config.act} · calibration {nsamples} x {config.seqlen} tokens ({why})")
+            f"group {config.group_size} · act {config.act} · calibration {nsamples} x {config.seqlen} tokens ({why})"
+            f" · head/embedding {rows}")
         fp_model = load_weights(source, hf_config)
         validate.finite_weights(fp_model)
         before = evaluate(fp_model, tokenizer, datasets=datasets, windows=windows, seqlen=config.seqlen,
@@ -208,6 +235,15 @@ def quantize_pretrained(model: str, out: str | Path, method: str | None = None, 
         pending.discard()
         raise
     return QuantizeRun(config, Path(out), source, result.seconds, before, after)
+
+
+def _head_embedding_label(config: QuantConfig) -> str:
+    """How the settings store the LM head and the input embedding, for the log line."""
+    def one(four_bit: bool, int8: bool) -> str:
+        return "4-bit" if four_bit else "int8" if int8 else "float"
+
+    return (f"{one(config.quantize_head, config.int8_head)}/"
+            f"{one(config.quantize_embedding, config.int8_embedding)}")
 
 
 def save(model: nn.Module, out: str | Path, tokenizer: Any = None, overwrite: bool = False,

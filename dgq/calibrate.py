@@ -6,10 +6,13 @@
    per-channel max; smoothing scales are folded into the block; every consumer linear is quantized from the
    statistics (``H`` and the maxima transform exactly under the scales, so no second pass is needed); then the
    QUANTIZED block produces the next block's inputs, so later blocks calibrate on what they will really see.
-3. Options around the blocks: with ``quantize_embedding`` or ``int8_embedding`` the input embedding is quantized
-   first (so every block calibrates on the rows it will really get), and with ``quantize_head`` the LM head is
-   quantized last, from the statistics of the final norm's output on the quantized model's last hidden states
-   (:func:`quantize_head`); ``int8_head`` needs no statistics (:mod:`dgq.int8_rows`).
+3. Options around the blocks: with ``quantize_embedding`` the input embedding is quantized first (so every block
+   calibrates on the rows it will really get: the 4-bit rounding is large), and with ``quantize_head`` the LM head
+   is quantized last, from the statistics of the final norm's output on the quantized model's last hidden states
+   (:func:`quantize_head`).  ``int8_head`` and ``int8_embedding`` need no statistics and are applied last
+   (:mod:`dgq.int8_rows`): the int8 embedding's rounding is small (SmolLM2-135M's float model: +0.02% perplexity),
+   and calibrating the blocks on its rows cost more than that (README's job: 22.115 against 21.914 after;
+   RESULTS.md, "An int8 LM head and embedding").
 4. With ``float_target`` (asymmetric calibration) the float model's block inputs travel beside the quantized ones,
    and each statistics pass also collects ``Xᵀ(X_fp - X)``, so that every linear is fitted to the float model's
    outputs rather than to its own float outputs on drifted inputs (:func:`dgq.gptq.float_output_target`).
@@ -314,8 +317,6 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
     if config.quantize_embedding:
         embedding = _name_of(model, model.get_input_embeddings())
         report.layers.append(LayerReport(embedding, quantize_input_embedding(model, config, device), None))
-    elif config.int8_embedding:
-        report.layers.append(LayerReport(*int8_input_embedding(model), None))
     inputs = capture_block_inputs(model, adapter, samples, config.calib_batch, device)
     blocks = adapter.blocks(model)
     if config.act_first_scale:  # its layers ask their block which rows are first positions, here and at inference
@@ -353,6 +354,8 @@ def quantize_blocks(model: nn.Module, adapter: Adapter, samples: torch.Tensor, c
         report.layers.append(quantize_head(model, adapter, hidden, hidden_fp, config, device))
     elif config.int8_head:  # weight-only, one scale per row: no statistics needed
         report.layers.append(LayerReport(*int8_head(model), None))
+    if config.int8_embedding:
+        report.layers.append(LayerReport(*int8_input_embedding(model), None))
     return report
 
 

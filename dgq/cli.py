@@ -40,8 +40,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                 ("act", "percentile", "sq_alpha", "clip_grid", "clip_min", "s1_grid") if getattr(args, name) is not None}
     if args.gptq:
         settings.update(gptq=True, act_order=True)
-    settings.update({name: True for name in ("quantize_head", "quantize_embedding", "int8_head", "int8_embedding")
-                     if getattr(args, name)})
+    settings.update({name: True for name in ("quantize_head", "quantize_embedding") if getattr(args, name)})
+    settings.update({name: getattr(args, name) for name in ("int8_head", "int8_embedding")
+                     if getattr(args, name) is not None})
     run = api.quantize_pretrained(
         args.model, args.out, args.method, group_size=args.group_size, nsamples=args.nsamples, device=args.device,
         eval_datasets=_names(args.eval), windows=args.windows, data_dir=args.data_dir, overwrite=args.overwrite,
@@ -150,13 +151,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.244 -> ~0.064 GiB) at a cost in perplexity (RESULTS.md); on a model whose head shares the "
                         "embedding (SmolLM2) the head keeps the float matrix, so it saves memory only with "
                         "--quantize-head; off by default")
-    q.add_argument("--int8-head", action="store_true",
+    q.add_argument("--int8-head", action=argparse.BooleanOptionalAction, default=None,
                    help="store the LM head as int8 codes with one scale per output row, read by a weight-only "
                         "kernel: half the float head's bytes (Llama-2-7B: 0.244 -> 0.122 GiB), which every decode "
-                        "step reads (RESULTS.md gives its perplexity cost); not with --quantize-head")
-    q.add_argument("--int8-embedding", action="store_true",
-                   help="store the input embedding as int8 codes with one scale per token row (half its bytes); "
-                        "not with --quantize-embedding")
+                        "step reads; not with --quantize-head.  Default, when no head or embedding option is given: "
+                        "int8 head and int8 embedding both, where the model allows both (a bias-free linear head, "
+                        "a plain embedding), else both in float (dgq.api.default_head_embedding); naming any of "
+                        "these options stores exactly what is named, the rest in float")
+    q.add_argument("--int8-embedding", action=argparse.BooleanOptionalAction, default=None,
+                   help="store the input embedding as int8 codes with one scale per token row (half its bytes), "
+                        "quantized after calibration; not with --quantize-embedding; default: see --int8-head")
     q.add_argument("--act", choices=["dynamic", "static"], default=None,
                    help="int8 activations per token (dynamic) or per tensor with a calibrated scale (static)")
     q.add_argument("--percentile", type=float, default=None,

@@ -72,7 +72,9 @@ class QuantConfig:
                a weight-only kernel on CUDA: half the float head's bytes, which every decode step reads whole.
                Exclusive with ``quantize_head``.  A tied head gets its own copy.
     int8_embedding: store the input embedding the same way (one int8 code per weight, one scale per token's row),
-               quantized before calibration.  Exclusive with ``quantize_embedding``.
+               quantized after calibration (:mod:`dgq.calibrate`).  Exclusive with ``quantize_embedding``.
+               Both int8 options are off in the presets; ``dgq quantize`` turns both on where the model allows
+               (:func:`dgq.api.default_head_embedding`).
     act_first_scale: static activations: a second calibrated per-tensor scale for the first position of every
                sequence (the attention sink, whose activations in SmolLM2 are far from every other token's), the
                first scale for all others; each searched on its own tokens.  Which rows are first comes from the

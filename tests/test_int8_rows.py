@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from dgq.api import quantize  # noqa: E402
+from dgq import api  # noqa: E402
 from dgq.checkpoint import SINGLE_FILE, CheckpointError, load, save  # noqa: E402
 from dgq.cli import main  # noqa: E402
 from dgq.config import ConfigError, preset  # noqa: E402
@@ -147,17 +148,16 @@ def test_int8_codes_without_dgq_are_refused_not_read_as_floats(tmp_path):
     assert "MISMATCH" in proc.stderr
 
 
-def test_head_option_changes_only_the_head():
-    """The int8 head needs no statistics: every other tensor is what the run without it gives."""
-    off, on = quantized("llama", ()).state_dict(), quantized("llama", ("int8_head",)).state_dict()
+@pytest.mark.parametrize("option,keys", [
+    ("int8_head", {"lm_head.weight", "lm_head.codes", "lm_head.scale"}),
+    ("int8_embedding", {"model.embed_tokens.weight", "model.embed_tokens.codes", "model.embed_tokens.scale"}),
+])
+def test_each_option_changes_only_its_matrix(option, keys):
+    """Both are applied after calibration and need no statistics: every other tensor is what the run without
+    them gives."""
+    off, on = quantized("llama", ()).state_dict(), quantized("llama", (option,)).state_dict()
     changed = {k for k in off.keys() | on.keys() if k not in off or k not in on or not torch.equal(off[k], on[k])}
-    assert changed == {"lm_head.weight", "lm_head.codes", "lm_head.scale"}
-
-
-def test_the_embedding_is_quantized_before_calibration():
-    off, on = quantized("llama", ()), quantized("llama", ("int8_embedding",))
-    q = "model.layers.0.self_attn.q_proj"
-    assert not torch.equal(off.get_submodule(q).s1, on.get_submodule(q).s1)
+    assert changed == keys
 
 
 def test_both_export_formats_write_the_rows_dequantized(tmp_path):
@@ -226,7 +226,26 @@ def test_cli_flags_and_help(model_dir, tmp_path, data_dir, capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--int8-head" in text and "--int8-embedding" in text and "0.244 -> 0.122 GiB" in text
+    assert "--int8-head" in text and "--no-int8-embedding" in text and "0.244 -> 0.122 GiB" in text
+
+
+def test_cli_default_is_both_int8_where_the_model_allows(model_dir, tmp_path, data_dir, capsys):
+    """No head or embedding option: both int8 (said in the log line); ``--no-int8-*`` or any option named: exactly
+    what is named; a model that cannot take both (Gemma3's scaled embedding) keeps both in float."""
+    common = ["--nsamples", "2", "--seqlen", "32", "--device", "cpu", "--data-dir", str(data_dir)]
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "d"), *common]) == 0
+    assert "head/embedding int8/int8 (default)" in capsys.readouterr().out
+    loaded = load(tmp_path / "d")
+    assert type(loaded.lm_head) is Int8Linear and type(loaded.get_input_embeddings()) is Int8Embedding
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "f"), "--no-int8-head", "--no-int8-embedding",
+                 *common]) == 0
+    assert "head/embedding float/float\n" in capsys.readouterr().out
+    loaded = load(tmp_path / "f")
+    assert type(loaded.lm_head) is torch.nn.Linear and type(loaded.get_input_embeddings()) is torch.nn.Embedding
+    assert main(["quantize", str(model_dir), "--out", str(tmp_path / "h"), "--int8-head", *common]) == 0
+    assert "head/embedding int8/float\n" in capsys.readouterr().out
+    assert api.default_head_embedding(make_model("gemma3")) == {"int8_head": False, "int8_embedding": False}
+    assert api.default_head_embedding(make_model("llama")) == {"int8_head": True, "int8_embedding": True}
 
 
 def test_e2e_gives_dgq_the_rows_and_keeps_fp16_elsewhere():
