@@ -9,8 +9,9 @@ path (widen + GEMM, :func:`dgq.kernels.linear.a8w4_mm`) and the widening alone, 
 three operand sets (the timing of ``benchmarks/gemm.py``).  ``--json`` writes the rows.
 
 Session 14 ran this script at commit a6967dc, as ``benchmarks/widen_chunks_probe.py``, with the widening also cut
-into chunks of output rows (``results/e2e_h100_s14/call{1,2}/widen_chunks*.json``): every chunk size was as slow as
-the whole or slower (each chunk adds a launch pair and its own last partial wave), so chunks were not kept.
+into chunks of a fixed byte size (``results/e2e_h100_s14/call{1,2}/widen_chunks*.json``): every size was as slow as
+the whole or slower (each chunk adds a launch pair and its own last partial wave).  What was kept cuts only layers
+past 64 MiB widened, in chunks of whole waves (:func:`dgq.kernels.linear.widen_chunk_rows`), measured end to end.
 
     PYTHONPATH=.:benchmarks python benchmarks/int8_configs_probe.py --json $OUT/int8_configs.json   # the H100
 """
