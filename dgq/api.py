@@ -75,8 +75,8 @@ def default_head_embedding(model: nn.Module) -> dict[str, bool]:
 
     Why both by default: halved bytes at a cost perplexity does not see when the embedding is quantized after
     calibration (SmolLM2-135M, the README's job: 21.909 -> 21.914; RESULTS.md), a 7B model's weights 0.244 GiB
-    smaller, and a decode step that reads half the head (H100, Llama-2-7B: 2.49x -> 2.52x FP16 at batch 1;
-    BENCHMARKS.md).  Why both or neither: on a model whose head shares the embedding's matrix (SmolLM2, Gemma3) the
+    smaller, and a decode step that reads half the head (H100, Llama-2-7B: 2.48-2.49x -> 2.50-2.54x FP16 at batch
+    1; BENCHMARKS.md).  Why both or neither: on a model whose head shares the embedding's matrix (SmolLM2, Gemma3) the
     int8 head alone would add its copy beside the float matrix, while both together replace the shared float
     matrix by two int8 ones of the same bytes.  Reads only module types, so it runs on a meta-device skeleton."""
     from dgq.int8_rows import check_int8_options
@@ -172,7 +172,8 @@ def quantize_pretrained(model: str, out: str | Path, method: str | None = None, 
     :func:`default_method` for the calibration budget) and save it to ``out``.
 
     ``settings`` override :class:`QuantConfig` fields (``act``, ``seqlen``, ``seed``, ``calib_data``, search
-    grids, …).  ``group_size`` defaults to the largest of 128, 64 that divides the layer widths, ``nsamples`` to
+    grids, …); unless one of :data:`HEAD_EMBEDDING_OPTIONS` is among them, the LM head and the input embedding
+    follow :func:`default_head_embedding`.  ``group_size`` defaults to the largest of 128, 64 that divides the layer widths, ``nsamples`` to
     :func:`default_nsamples`; a default applies only when the argument is absent (``None``), never for 0.  With
     ``eval_datasets``, perplexity is measured before and after (``windows`` per dataset) and recorded in the model
     card.  Everything that can be checked is checked before the weights are read, in order of cost
