@@ -81,6 +81,17 @@ def test_modules_compute_their_definition():
         Int8Linear.from_linear(torch.nn.Linear(96, 40))
 
 
+def test_the_reference_head_in_chunks_is_the_whole_product(monkeypatch):
+    """The CPU head widens its codes a chunk of rows at a time; the products are the whole matrix's to float32
+    rounding (each output is the same dot product; BLAS may order its sum by the chunk's width)."""
+    head = Int8Linear.from_linear(torch.nn.Linear(96, 40, bias=False))
+    x = torch.randn(5, 96)
+    whole = head(x)
+    monkeypatch.setattr(Int8Linear, "REFERENCE_CHUNK_ROWS", 16)  # chunks of 16, 16 and 8 rows
+    torch.testing.assert_close(head(x), whole, rtol=1e-5, atol=1e-6)
+    assert head(x.half()).dtype == torch.float16
+
+
 def test_format_is_validated():
     head = Int8Linear.from_linear(torch.nn.Linear(96, 40, bias=False))
     head.validate("h")
