@@ -26,7 +26,6 @@ import torch
 from dgq.kernels import int8_gemm, linear
 from dgq.kernels.act_quant import quantize_activations_triton
 from dgq.kernels.gemm import KernelWeight, widen_weight
-from dgq.packing import pack_tiled
 
 # (name, K, N): the layers that take the large-M path at these M (a long-K layer from 4096 tokens on: gemm_ws.takes),
 # fused as dgq.load fuses them, and the W8A8 peer's unfused ones
@@ -36,21 +35,8 @@ LAYERS = [("l2_qkv", 4096, 12288), ("l2_o", 4096, 4096), ("l2_gate_up", 4096, 22
 SETS = 3
 
 
-def kernel_weight(n: int, k: int, group: int = 128) -> KernelWeight:
-    """A random weight in the kernel layout that the format allows (codes within each group's safe window)."""
-    s2 = torch.randint(1, 128, (n, k // group), device="cuda")
-    zp = torch.randint(0, 16, (n, k // group), device="cuda")
-    reach = torch.div(127, s2, rounding_mode="floor")
-    lo, hi = (zp - reach).clamp(min=0), (zp + reach).clamp(max=15)
-    lo, hi = lo.repeat_interleave(group, 1), hi.repeat_interleave(group, 1)
-    u4 = (lo + (torch.rand(n, k, device="cuda") * (hi - lo + 1)).floor().clamp(max=hi - lo)).to(torch.uint8)
-    return KernelWeight.of(pack_tiled(u4, 128), s2.t().contiguous().to(torch.int8),
-                           zp.t().contiguous().to(torch.uint8), torch.rand(n, device="cuda") * 1e-3 + 1e-4,
-                           torch.zeros(2 * n, dtype=torch.int32, device="cuda"), group)
-
-
 def main() -> None:
-    from gemm import time_graph  # benchmarks/gemm.py: same timing method
+    from gemm import make_weight, time_graph  # benchmarks/gemm.py: same random weights and timing method
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the rows here")
@@ -61,7 +47,7 @@ def main() -> None:
     wanted = args.layers.split(",")
     for name, k, n in [layer for layer in LAYERS if layer[0] in wanted]:
         torch.manual_seed(0)
-        weights = [kernel_weight(n, k) for _ in range(SETS)]
+        weights = [KernelWeight.from_dual_grained(make_weight(n, k, 128)) for _ in range(SETS)]
         for m in [int(v) for v in args.ms.split(",")]:
             acts = [quantize_activations_triton(torch.randn(m, k, device="cuda").half()) for _ in range(SETS)]
             w8 = [widen_weight(kw) for kw in weights]

@@ -49,18 +49,24 @@ def _decode(forward: torch.nn.Module, cache: StaticCache) -> tuple[list[torch.Te
     return logits, lengths
 
 
-def test_the_float_cache_equals_transformers_static_cache():
-    """Prefill and steps through :class:`SharedLengthStaticCache` give transformers' ``StaticCache``'s logits and
-    keys and values bit for bit (every layer wrote at the length before the forward), and the same lengths."""
-    model = _model(int8=False)
-    want_cache = StaticCache(config=model.config, max_cache_len=MAX_LEN)
+def _assert_same_decoding(model, want_cache, cache, buffers: tuple[str, ...]) -> None:  # noqa: ANN001
+    """``model`` decodes the same logits and lengths through ``cache`` as through ``want_cache``, and leaves every
+    layer's ``buffers`` the same, bit for bit."""
     want, want_lengths = _decode(model, want_cache)
-    cache = SharedLengthStaticCache(config=model.config, max_cache_len=MAX_LEN)
     got, lengths = _decode(model, cache)
     assert want_lengths == lengths == LENGTHS
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     for layer, want_layer in zip(cache.layers, want_cache.layers, strict=True):
-        assert torch.equal(layer.keys, want_layer.keys) and torch.equal(layer.values, want_layer.values)
+        for name in buffers:
+            assert torch.equal(getattr(layer, name), getattr(want_layer, name)), name
+
+
+def test_the_float_cache_equals_transformers_static_cache():
+    """Prefill and steps through :class:`SharedLengthStaticCache` give transformers' ``StaticCache``'s logits and
+    keys and values bit for bit (every layer wrote at the length before the forward), and the same lengths."""
+    model = _model(int8=False)
+    _assert_same_decoding(model, StaticCache(config=model.config, max_cache_len=MAX_LEN),
+                          SharedLengthStaticCache(config=model.config, max_cache_len=MAX_LEN), ("keys", "values"))
 
 
 def test_the_int8_cache_equals_one_whose_layers_count_their_own_length():
@@ -70,15 +76,10 @@ def test_the_int8_cache_equals_one_whose_layers_count_their_own_length():
     model = _model(int8=True)
     want_cache = Int8StaticCache(config=model.config, max_cache_len=MAX_LEN)
     want_cache.layers = [Int8StaticLayer(MAX_LEN, SharedLength(), advances=True) for _ in range(LAYERS)]
-    want, want_lengths = _decode(model, want_cache)
     cache = Int8StaticCache(config=model.config, max_cache_len=MAX_LEN)
-    got, lengths = _decode(model, cache)
-    assert want_lengths == lengths == LENGTHS
-    assert all(torch.equal(g, w) for g, w in zip(got, want))
-    for layer, want_layer in zip(cache.layers, want_cache.layers, strict=True):
+    _assert_same_decoding(model, want_cache, cache, ("keys", "values", "key_scales", "value_scales"))
+    for layer in cache.layers:
         assert layer.keys.dtype == torch.int8 and layer.key_scales[:, :, :PROMPT + STEPS].gt(0).all()
-        for name in ("keys", "values", "key_scales", "value_scales"):
-            assert torch.equal(getattr(layer, name), getattr(want_layer, name)), name
 
 
 @pytest.mark.parametrize("cache_class", [SharedLengthStaticCache, Int8StaticCache])

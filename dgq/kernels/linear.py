@@ -76,7 +76,7 @@ def widen_chunk_rows(n: int, k: int, wave_rows: int, chunk_bytes: int | None = N
     least one, and the whole layer if that is not fewer rows.
 
     Whole waves because every chunk is a launch of its own: in ``benchmarks/widen_chunks_probe.py`` (commit a6967dc,
-    H100) chunks of a fixed byte size made Llama-2-7B's gate/up 3.5-6% slower at 2048 and 8192 tokens, each chunk's
+    H100) chunks of a fixed byte size made Llama-2-7B's gate/up 3-9% slower at 2048 and 8192 tokens, each chunk's
     last partial wave costing a full one; a multiple of whole waves leaves only the extra launches."""
     budget = (chunk_bytes or WIDEN_CHUNK_BYTES) // k
     if n <= budget:
@@ -95,8 +95,6 @@ def widen_once_matmul(x_s8: torch.Tensor, s_x: torch.Tensor, kw: KernelWeight, b
     of whole waves it is 33 MiB there, for two more launch pairs."""
     n, k = kw.out_features, kw.in_features
     rows = widen_chunk_rows(n, k, whole_wave_rows(x_s8.shape[0], x_s8.device), chunk_bytes)
-    if rows == n:
-        return int8_matmul(x_s8, widen_weight(kw), s_x, kw.s1, bias, out_dtype)
     out = torch.empty((x_s8.shape[0], n), dtype=out_dtype, device=x_s8.device)
     buffer = torch.empty((rows, k), dtype=torch.int8, device=x_s8.device)
     for start in range(0, n, rows):
