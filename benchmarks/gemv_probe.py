@@ -151,6 +151,10 @@ def tma_variants(kind: str = "plain") -> list:
     warps for the kernel that quantizes inside (whose reading of the row stalls the ring)."""
     from dgq.kernels.gemv_tma import TmaGemvConfig as C
 
+    if kind == "tiled":  # each K tile's codes one contiguous span (gemv_tma.tile_codes) against the row-major codes
+        return [C(bn, st, sp, w, tiled) for bn, st, sp, w in ((64, 4, 1, 4), (64, 4, 2, 4), (64, 8, 2, 4),
+                                                          (128, 4, 1, 4), (128, 4, 2, 4), (128, 4, 8, 8))
+                for tiled in (0, 64, 256)]
     if kind == "inside":
         return [C(bn, st, sp, w) for bn, w in ((64, 4), (128, 8)) for st in (4, 8) for sp in (2, 4, 8)]
     if kind == "sweep":
@@ -160,7 +164,24 @@ def tma_variants(kind: str = "plain") -> list:
 
 
 def _tma_name(c) -> str:
-    return f"bn{c.bn}_st{c.stages}_sp{c.split}_w{c.warps}"
+    return f"bn{c.bn}_st{c.stages}_sp{c.split}_w{c.warps}" + (f"_t{c.tiled}" if c.tiled else "")
+
+
+_TILED: dict = {}
+
+
+def _kw(kw, cfg):
+    """``kw`` as config ``cfg`` reads it: its codes stored tile by tile where ``cfg.tiled`` (one copy per weight)."""
+    if not cfg.tiled:
+        return kw
+    import dataclasses
+
+    from dgq.kernels.gemv_tma import tile_codes
+
+    key = (id(kw), cfg.bn)
+    if key not in _TILED:
+        _TILED[key] = (kw, dataclasses.replace(kw, codes=tile_codes(kw.codes, cfg.bn)))
+    return _TILED[key][1]
 
 
 def tma_exactness(failures: list[str], kind: str) -> None:
@@ -180,10 +201,13 @@ def tma_exactness(failures: list[str], kind: str) -> None:
                 for static in (None, torch.tensor(0.02)):
                     q, s_x = quantize_activations_triton(x, static)
                     want = gemv.a8w4_gemv(q, kw, s_x, bias.to(dtype), dtype)
-                    for cfg in [config_for(n, k), *tma_variants(kind)[::3]]:
-                        for name, got in (("codes", tma_gemv(q, kw, s_x, bias.to(dtype), dtype, config=cfg)),
-                                          ("inside", tma_gemv_float(x, kw, static, bias.to(dtype), dtype, config=cfg))):
-                            if not torch.equal(got, want) or kw.split_scratch.any():
+                    for cfg in [config_for(n, k), *tma_variants(kind)[2 if kind == "tiled" else 0::3]]:
+                        if n % cfg.bn and cfg.tiled:
+                            continue  # tile_codes needs whole tiles
+                        kc = _kw(kw, cfg)
+                        for name, got in (("codes", tma_gemv(q, kc, s_x, bias.to(dtype), dtype, config=cfg)),
+                                          ("inside", tma_gemv_float(x, kc, static, bias.to(dtype), dtype, config=cfg))):
+                            if not torch.equal(got, want) or kc.split_scratch.any():
                                 failures.append(f"tma {name} K={k} N={n} g={g} M={m} {dtype} "
                                                 f"{'static' if static is not None else 'dynamic'} {_tma_name(cfg)}")
 
@@ -212,7 +236,8 @@ def tma_probe(json_path: str | None, kind: str, shapes: str) -> None:
     rows, failures = [], []
     tma_exactness(failures, kind)
     print_failures(failures)
-    for k, n in dict.fromkeys(SHAPES + DECODE_SHAPES if shapes == "all" else SHAPES):
+    order = {"all": SHAPES + DECODE_SHAPES, "benchmark": SHAPES, "70b-first": SHAPES[3:] + SHAPES[:3]}[shapes]
+    for k, n in dict.fromkeys(order):
         sets = operand_sets(k, n)
         for o in sets:
             o.set_acts(1)
@@ -222,14 +247,15 @@ def tma_probe(json_path: str | None, kind: str, shapes: str) -> None:
         calls = {"fp16": lambda o: o.x16 @ o.w16.t(), "gemv_alone": lambda o: gemv.a8w4_gemv(o.x_s8, o.kw, o.s_x),
                  "dispatch": lambda o: a8w4_linear(o.x16, o.kw), "dispatch_s8": _session8_dispatch,
                  "act_quant+tma": lambda o: _two_launches(o, tma_gemv),
-                 "tma_inside": lambda o: tma_gemv_float(o.x16, o.kw)}
+                 "tma_inside": lambda o: tma_gemv_float(o.x16, o.kw),
+                 "read_sum": lambda o: o.kw.codes.view(torch.int64).sum()}  # a plain read of the codes: the ceiling
         for c in tma_variants(kind):
             if kind != "inside":
-                calls[_tma_name(c)] = lambda o, c=c: tma_gemv(o.x_s8, o.kw, o.s_x, config=c)
-            calls["in_" + _tma_name(c)] = lambda o, c=c: tma_gemv_float(o.x16, o.kw, config=c)
+                calls[_tma_name(c)] = lambda o, c=c: tma_gemv(o.x_s8, _kw(o.kw, c), o.s_x, config=c)
+            calls["in_" + _tma_name(c)] = lambda o, c=c: tma_gemv_float(o.x16, _kw(o.kw, c), config=c)
         times = {}
         for name, fn in calls.items():
-            exact = name not in ("fp16", "gemv_alone")
+            exact = name not in ("fp16", "gemv_alone", "read_sum")
             if exact and not torch.equal(fn(o), want):
                 failures.append(f"K={k} N={n} {name}")
                 continue
@@ -241,7 +267,7 @@ def tma_probe(json_path: str | None, kind: str, shapes: str) -> None:
         wbytes = o.kw.codes.numel() + 2 * o.kw.s2t.numel()
         best = min(((t, name) for name, t in times.items() if name.startswith("bn")), default=(math.nan, "-"))
         best_in = min((t, name) for name, t in times.items() if name.startswith("in_"))
-        show = ["gemv_alone", "dispatch_s8", "dispatch", "act_quant+tma", "tma_inside"]
+        show = ["read_sum", "gemv_alone", "dispatch_s8", "dispatch", "act_quant+tma", "tma_inside"]
         print(f"K={k} N={n}: fp16 {times['fp16'] * 1e3:.1f} us; "
               + ", ".join(f"{name} {times[name] * 1e3:.1f} us ({wbytes / times[name] / 1e9:.2f} TB/s)"
                           for name in show if name in times)
@@ -258,9 +284,9 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true", help="time quantizing inside against two launches")
     parser.add_argument("--decode", action="store_true",
                         help="the decode step's layer shapes: each path at one token (instead of the other parts)")
-    parser.add_argument("--tma", choices=["plain", "sweep", "inside"], default=None,
+    parser.add_argument("--tma", choices=["plain", "sweep", "inside", "tiled"], default=None,
                         help="the GEMV fed by bulk tensor copies: its variants of this kind (instead of the rest)")
-    parser.add_argument("--tma-shapes", choices=["all", "benchmark"], default="all")
+    parser.add_argument("--tma-shapes", choices=["all", "benchmark", "70b-first"], default="all")
     args = parser.parse_args()
     if args.tma:
         tma_probe(args.json, args.tma, args.tma_shapes)

@@ -58,8 +58,25 @@ def _add(a, b):
 
 
 @gluon.jit
+def _load_w(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP: gl.constexpr,
+            TILES: gl.constexpr, TILED: gl.constexpr):
+    """K tile ``kt`` of rows ``n0..`` into slot ``s``; ``TILED``: the codes are stored tile by tile
+    (:func:`tile_codes`), so the tile is one contiguous span, rows ``(n0 / BN * TILES + kt) * span..`` of the
+    descriptor's ``[-1, width]`` view (the slot's bytes land in the same order whatever the width)."""
+    if TILED:
+        bn: gl.constexpr = s2_bufs.shape[2]
+        span: gl.constexpr = w_bufs.shape[1]  # rows of the [-1, width] view per tile
+        tma.async_copy_global_to_shared(w_desc, [(n0 // bn * TILES + kt) * span, 0], bar, w_bufs.index(s))
+        tma.async_copy_global_to_shared(s2_desc, [kt * 2 * HALF // GROUP, n0], bar, s2_bufs.index(s))
+        tma.async_copy_global_to_shared(zp_desc, [kt * 2 * HALF // GROUP, n0], bar, zp_bufs.index(s))
+    else:
+        _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP)
+
+
+@gluon.jit
 def _fill_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, n0, m, kt0, k_tiles,
-               GROUP: gl.constexpr, PDL: gl.constexpr, X_TMA: gl.constexpr):
+               GROUP: gl.constexpr, PDL: gl.constexpr, X_TMA: gl.constexpr, TILES: gl.constexpr,
+               TILED: gl.constexpr):
     """Fills the ring's first slots: the weight tiles before waiting for the act-quant, the codes after it (``X_TMA``;
     else the kernel quantizes the activation itself)."""
     stages: gl.constexpr = w_bufs.shape[0]
@@ -67,7 +84,8 @@ def _fill_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_buf
                             + (x_desc.block_type.nbytes if X_TMA else 0))
     for i in range(gl.minimum(k_tiles, stages)):  # the weight does not depend on the act-quant: request it first
         mbarrier.expect(ready.index(i), nbytes)
-        _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, ready.index(i), i, n0, kt0 + i, GROUP)
+        _load_w(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, ready.index(i), i, n0, kt0 + i, GROUP, TILES,
+                TILED)
     if X_TMA:
         if PDL:
             _gdc_wait()
@@ -77,12 +95,12 @@ def _fill_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_buf
 
 @gluon.jit
 def _refill(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, bar, s, n0, m, kt,
-            GROUP: gl.constexpr, X_TMA: gl.constexpr):
+            GROUP: gl.constexpr, X_TMA: gl.constexpr, TILES: gl.constexpr, TILED: gl.constexpr):
     """Arms slot ``s``'s barrier for the bytes it will receive and copies K tile ``kt`` into the slot."""
     nbytes: gl.constexpr = (w_desc.block_type.nbytes + s2_desc.block_type.nbytes + zp_desc.block_type.nbytes
                             + (x_desc.block_type.nbytes if X_TMA else 0))
     mbarrier.expect(bar, nbytes)
-    _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP)
+    _load_w(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP, TILES, TILED)
     if X_TMA:
         tma.async_copy_global_to_shared(x_desc, [m, kt * 2 * HALF], bar, x_bufs.index(s))
 
@@ -138,12 +156,13 @@ def _quantize_row(x_ptr, xq, sx_ptr, m, stride_x, kt0, K: gl.constexpr, DYNAMIC:
 def _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, x_ptr, sx_ptr, s1_ptr,
                   bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_x, stride_sx, n0, m, sid, kt0, k_tiles,
                   K: gl.constexpr, GROUP: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  PDL: gl.constexpr, FUSE: gl.constexpr, DYNAMIC: gl.constexpr, ABSMAX: gl.constexpr):
+                  PDL: gl.constexpr, FUSE: gl.constexpr, DYNAMIC: gl.constexpr, ABSMAX: gl.constexpr,
+                  TILED: gl.constexpr):
     """Reads each slot into registers, refills it with the tile ``stages`` ahead once every warp has read it, widens
     and multiplies; then the split-K reduction and the epilogue.  With ``FUSE`` the activation codes come from
     ``x_bufs``, this CTA's K range quantized here first (:func:`_quantize_row`)."""
     stages: gl.constexpr = w_bufs.shape[0]
-    BN: gl.constexpr = w_bufs.shape[1]
+    BN: gl.constexpr = s2_bufs.shape[2]  # (the weight slot's shape is the descriptor's box)
     srows: gl.constexpr = s2_bufs.shape[1]
     HI_ROW: gl.constexpr = 1 if GROUP == 64 else 0  # the high nibbles' scale row in a slot
     TW: gl.constexpr = HALF // 4  # 32-bit words per row of a tile
@@ -179,7 +198,7 @@ def _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_
         gl.thread_barrier()  # every warp has read slot s
         if i + stages < k_tiles:
             _refill(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready.index(s), s, n0, m,
-                    kt0 + i + stages, GROUP, not FUSE)
+                    kt0 + i + stages, GROUP, not FUSE, K // (2 * HALF), TILED)
         c_lo, c_hi = _lane_constants(s_lo, z_lo, s_hi, z_hi)
         w_lo, w_hi = gl.inline_asm_elementwise(
             _WIDEN_WORD_PTX, "=r,=r,r,r,r,r,r",
@@ -207,7 +226,8 @@ def _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_
 def _tma_gemv_kernel(w_desc, x_desc, s2_desc, zp_desc, x_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
                      stride_x, stride_sx, K: gl.constexpr, GROUP: gl.constexpr, BN: gl.constexpr,
                      STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
-                     FUSE: gl.constexpr, DYNAMIC: gl.constexpr, XQ: gl.constexpr, ABSMAX: gl.constexpr = False):
+                     FUSE: gl.constexpr, DYNAMIC: gl.constexpr, XQ: gl.constexpr, ABSMAX: gl.constexpr = False,
+                     TILED: gl.constexpr = False):
     """``FUSE``: ``x_ptr`` holds the float activations (row stride ``stride_x``), quantized here (``DYNAMIC``: per
     row, from the row's absmax bits at ``sx_ptr`` with ``ABSMAX``; else by the scale at ``sx_ptr``) into ``XQ``
     bytes of shared memory (:func:`code_buffer_bytes`), and ``x_desc`` is not read; else ``x_desc`` describes the
@@ -220,7 +240,7 @@ def _tma_gemv_kernel(w_desc, x_desc, s2_desc, zp_desc, x_ptr, sx_ptr, s1_ptr, bi
     kt0 = sid * PER
     k_tiles = gl.maximum(gl.minimum(PER, TILES - kt0), 0)
     srows: gl.constexpr = s2_desc.block_type.shape[0]
-    w_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, HALF], w_desc.layout)
+    w_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES] + w_desc.block_type.shape, w_desc.layout)
     if FUSE:  # this CTA's codes, whole
         x_bufs = gl.allocate_shared_memory(gl.int8, [XQ], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     else:
@@ -231,10 +251,10 @@ def _tma_gemv_kernel(w_desc, x_desc, s2_desc, zp_desc, x_ptr, sx_ptr, s1_ptr, bi
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
     _fill_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, n0, m, kt0, k_tiles, GROUP,
-               PDL, not FUSE)
+               PDL, not FUSE, TILES, TILED)
     _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, x_ptr, sx_ptr, s1_ptr,
                   bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_x, stride_sx, n0, m, sid, kt0, k_tiles, K, GROUP,
-                  SPLIT, HAS_BIAS, PDL, FUSE, DYNAMIC, ABSMAX)
+                  SPLIT, HAS_BIAS, PDL, FUSE, DYNAMIC, ABSMAX, TILED)
 
 
 @dataclass(frozen=True)
@@ -245,6 +265,7 @@ class TmaGemvConfig:
     stages: int
     split: int
     warps: int = 4
+    tiled: int = 0  # probe: the codes stored tile by tile (tile_codes), each K tile read as [-1, tiled] bytes
 
 
 MAX_ROWS = 768 * 64  # CTAs x rows: measured, the fastest variants ran 256-768 CTAs of 64 rows or 224 of 128
@@ -276,6 +297,13 @@ def config_for(n: int, k: int, inside: bool = False) -> TmaGemvConfig:
     return TmaGemvConfig(bn, 4, split)
 
 
+def tile_codes(codes: torch.Tensor, bn: int) -> torch.Tensor:
+    """``codes [N, K/2]`` rearranged tile by tile (``[N/bn, K/128, bn, 64]`` in memory, returned as ``[N, K/2]``):
+    what :class:`TmaGemvConfig` ``tiled`` reads (probe)."""
+    n, half = codes.shape
+    return codes.reshape(n // bn, bn, half // HALF.value, HALF.value).transpose(1, 2).contiguous().reshape(n, half)
+
+
 def code_buffer_bytes(k: int, cfg: TmaGemvConfig) -> int:
     """Shared memory for one CTA's activation codes when the kernel quantizes them: its K range, rounded up to a
     power of two (Gluon's shared buffers) and to at least one step of the quantizing loop (8 codes per thread)."""
@@ -289,7 +317,11 @@ def descriptors(kw: KernelWeight, cfg: TmaGemvConfig, x_s8: torch.Tensor | None)
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     box = [_scale_rows(kw.group_size, cfg.bn), cfg.bn]
-    w = TensorDescriptor.from_tensor(kw.codes, [cfg.bn, HALF.value], _nvmma(0))
+    if cfg.tiled:
+        w = TensorDescriptor.from_tensor(kw.codes.reshape(-1, cfg.tiled), [cfg.bn * HALF.value // cfg.tiled, cfg.tiled],
+                                         _nvmma(0))
+    else:
+        w = TensorDescriptor.from_tensor(kw.codes, [cfg.bn, HALF.value], _nvmma(0))
     return (w, w if x_s8 is None else TensorDescriptor.from_tensor(x_s8, [1, 2 * HALF.value], _nvmma(0)),
             TensorDescriptor.from_tensor(kw.s2t, box, _nvmma(0)), TensorDescriptor.from_tensor(kw.zpt, box, _nvmma(0)))
 
@@ -361,5 +393,5 @@ def _launch(x_s8: torch.Tensor | None, x: torch.Tensor, stride: int, kw: KernelW
                            cnt, m, n, stride if fuse else 0, 0 if fuse else stride, K=k, GROUP=kw.group_size,
                            BN=cfg.bn, STAGES=cfg.stages, SPLIT=cfg.split, HAS_BIAS=bias is not None,
                            PDL=bool(options), FUSE=fuse, DYNAMIC=dynamic, XQ=code_buffer_bytes(k, cfg) if fuse else 0,
-                           ABSMAX=absmax, num_warps=cfg.warps, **options)
+                           ABSMAX=absmax, TILED=cfg.tiled > 0, num_warps=cfg.warps, **options)
     return out
