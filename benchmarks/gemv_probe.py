@@ -151,10 +151,11 @@ def tma_variants(kind: str = "plain") -> list:
     warps for the kernel that quantizes inside (whose reading of the row stalls the ring)."""
     from dgq.kernels.gemv_tma import TmaGemvConfig as C
 
-    if kind == "tiled":  # each K tile's codes one contiguous span (gemv_tma.tile_codes) against the row-major codes
-        return [C(bn, st, sp, w, tiled) for bn, st, sp, w in ((64, 4, 1, 4), (64, 4, 2, 4), (64, 8, 2, 4),
-                                                          (128, 4, 1, 4), (128, 4, 2, 4), (128, 4, 8, 8))
-                for tiled in (0, 64, 256)]
+    if kind == "rule":  # the measured rule against the one before it (rings of 4 one-tile slots), per shape
+        return []
+    if kind == "slots":  # K tiles per slot (one bulk-copy request of 64 x kt bytes per row) and ring depth
+        return [C(bn, st, sp, w, kt) for bn, sp, w in ((64, 2, 4), (64, 4, 4), (128, 1, 4), (128, 8, 8))
+                for kt, st in ((1, 4), (2, 2), (2, 4), (4, 2))]
     if kind == "inside":
         return [C(bn, st, sp, w) for bn, w in ((64, 4), (128, 8)) for st in (4, 8) for sp in (2, 4, 8)]
     if kind == "sweep":
@@ -163,25 +164,17 @@ def tma_variants(kind: str = "plain") -> list:
     return [C(64, 4, sp) for sp in (1, 2, 4, 8)] + [C(128, 4, sp) for sp in (1, 2, 4)]
 
 
-def _tma_name(c) -> str:
-    return f"bn{c.bn}_st{c.stages}_sp{c.split}_w{c.warps}" + (f"_t{c.tiled}" if c.tiled else "")
-
-
-_TILED: dict = {}
-
-
-def _kw(kw, cfg):
-    """``kw`` as config ``cfg`` reads it: its codes stored tile by tile where ``cfg.tiled`` (one copy per weight)."""
-    if not cfg.tiled:
-        return kw
+def _session9_rule(n: int, k: int, inside: bool):
+    """:func:`dgq.kernels.gemv_tma.config_for` as session 9 left it: rings of 4 slots of one K tile each."""
     import dataclasses
 
-    from dgq.kernels.gemv_tma import tile_codes
+    from dgq.kernels.gemv_tma import config_for
 
-    key = (id(kw), cfg.bn)
-    if key not in _TILED:
-        _TILED[key] = (kw, dataclasses.replace(kw, codes=tile_codes(kw.codes, cfg.bn)))
-    return _TILED[key][1]
+    return dataclasses.replace(config_for(n, k, inside), stages=4, kt=1)
+
+
+def _tma_name(c) -> str:
+    return f"bn{c.bn}_st{c.stages}_sp{c.split}_w{c.warps}" + (f"_kt{c.kt}" if c.kt > 1 else "")
 
 
 def tma_exactness(failures: list[str], kind: str) -> None:
@@ -192,7 +185,9 @@ def tma_exactness(failures: list[str], kind: str) -> None:
     from dgq.kernels.gemm import KernelWeight
     from dgq.kernels.gemv_tma import config_for, tma_gemv, tma_gemv_float
 
-    for k, n, g in ((4096, 4096, 64), (1152, 512, 128), (1152, 192, 64), (11008, 4096, 128)):
+    variants = tma_variants(kind)
+    picked = [c for c in variants if c.kt > 1][::2] if kind == "slots" else variants[::3]
+    for k, n, g in ((4096, 4096, 64), (1152, 512, 128), (1152, 192, 64), (11008, 4096, 128), (4096, 1024, 256)):
         kw = KernelWeight.from_dual_grained(make_weight(n, k, g))
         bias = torch.randn(n, device="cuda").half()
         for m in (1, 3):
@@ -201,13 +196,10 @@ def tma_exactness(failures: list[str], kind: str) -> None:
                 for static in (None, torch.tensor(0.02)):
                     q, s_x = quantize_activations_triton(x, static)
                     want = gemv.a8w4_gemv(q, kw, s_x, bias.to(dtype), dtype)
-                    for cfg in [config_for(n, k), *tma_variants(kind)[2 if kind == "tiled" else 0::3]]:
-                        if n % cfg.bn and cfg.tiled:
-                            continue  # tile_codes needs whole tiles
-                        kc = _kw(kw, cfg)
-                        for name, got in (("codes", tma_gemv(q, kc, s_x, bias.to(dtype), dtype, config=cfg)),
-                                          ("inside", tma_gemv_float(x, kc, static, bias.to(dtype), dtype, config=cfg))):
-                            if not torch.equal(got, want) or kc.split_scratch.any():
+                    for cfg in [config_for(n, k), *picked]:
+                        for name, got in (("codes", tma_gemv(q, kw, s_x, bias.to(dtype), dtype, config=cfg)),
+                                          ("inside", tma_gemv_float(x, kw, static, bias.to(dtype), dtype, config=cfg))):
+                            if not torch.equal(got, want) or kw.split_scratch.any():
                                 failures.append(f"tma {name} K={k} N={n} g={g} M={m} {dtype} "
                                                 f"{'static' if static is not None else 'dynamic'} {_tma_name(cfg)}")
 
@@ -248,11 +240,14 @@ def tma_probe(json_path: str | None, kind: str, shapes: str) -> None:
                  "dispatch": lambda o: a8w4_linear(o.x16, o.kw), "dispatch_s8": _session8_dispatch,
                  "act_quant+tma": lambda o: _two_launches(o, tma_gemv),
                  "tma_inside": lambda o: tma_gemv_float(o.x16, o.kw),
+                 "s9_rule_codes": lambda o: tma_gemv(o.x_s8, o.kw, o.s_x, config=_session9_rule(n, k, False)),
+                 "s9_rule_inside": lambda o: tma_gemv_float(o.x16, o.kw, config=_session9_rule(n, k, True)),
+                 "rule_codes": lambda o: tma_gemv(o.x_s8, o.kw, o.s_x),
                  "read_sum": lambda o: o.kw.codes.view(torch.int64).sum()}  # a plain read of the codes: the ceiling
         for c in tma_variants(kind):
             if kind != "inside":
-                calls[_tma_name(c)] = lambda o, c=c: tma_gemv(o.x_s8, _kw(o.kw, c), o.s_x, config=c)
-            calls["in_" + _tma_name(c)] = lambda o, c=c: tma_gemv_float(o.x16, _kw(o.kw, c), config=c)
+                calls[_tma_name(c)] = lambda o, c=c: tma_gemv(o.x_s8, o.kw, o.s_x, config=c)
+            calls["in_" + _tma_name(c)] = lambda o, c=c: tma_gemv_float(o.x16, o.kw, config=c)
         times = {}
         for name, fn in calls.items():
             exact = name not in ("fp16", "gemv_alone", "read_sum")
@@ -266,8 +261,9 @@ def tma_probe(json_path: str | None, kind: str, shapes: str) -> None:
                  for name, t in times.items()]
         wbytes = o.kw.codes.numel() + 2 * o.kw.s2t.numel()
         best = min(((t, name) for name, t in times.items() if name.startswith("bn")), default=(math.nan, "-"))
-        best_in = min((t, name) for name, t in times.items() if name.startswith("in_"))
-        show = ["read_sum", "gemv_alone", "dispatch_s8", "dispatch", "act_quant+tma", "tma_inside"]
+        best_in = min(((t, name) for name, t in times.items() if name.startswith("in_")), default=(math.nan, "-"))
+        show = ["read_sum", "gemv_alone", "dispatch_s8", "dispatch", "act_quant+tma", "tma_inside", "s9_rule_inside",
+                "rule_codes", "s9_rule_codes"]
         print(f"K={k} N={n}: fp16 {times['fp16'] * 1e3:.1f} us; "
               + ", ".join(f"{name} {times[name] * 1e3:.1f} us ({wbytes / times[name] / 1e9:.2f} TB/s)"
                           for name in show if name in times)
@@ -284,7 +280,7 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true", help="time quantizing inside against two launches")
     parser.add_argument("--decode", action="store_true",
                         help="the decode step's layer shapes: each path at one token (instead of the other parts)")
-    parser.add_argument("--tma", choices=["plain", "sweep", "inside", "tiled"], default=None,
+    parser.add_argument("--tma", choices=["plain", "sweep", "inside", "slots", "rule"], default=None,
                         help="the GEMV fed by bulk tensor copies: its variants of this kind (instead of the rest)")
     parser.add_argument("--tma-shapes", choices=["all", "benchmark", "70b-first"], default="all")
     args = parser.parse_args()

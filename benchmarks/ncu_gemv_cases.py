@@ -6,8 +6,10 @@ called three times after nothing else, so ``-s 2 -c 1`` profiles the third call 
         python benchmarks/ncu_gemv_cases.py w70b_inside
 
 Cases: ``<shape>_<how>`` with shape ``w70b`` (8192 x 28672), ``d70b`` (28672 x 8192), ``mlp`` (4096 x 11008) and
-how ``inside`` (the rule's config quantizing inside), ``codes`` (the rule's config from int8 codes) or ``tiled``
-(the inside rule's config on codes stored tile by tile and read in 256-byte rows, :func:`dgq.kernels.gemv_tma.tile_codes`).
+how ``inside`` (the rule's config quantizing inside), ``codes`` (the rule's config from int8 codes) or ``kt2`` /
+``kt4`` (the inside rule's config with 2 / 4 K tiles per ring slot, a ring of 2 slots at 4).  Session 15's first
+profiles (``results/ncu_s15/*tiled*``) ran this script at commit d9f1a29, whose ``tiled`` case read codes stored
+tile by tile.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 import torch
 
 from dgq.kernels.act_quant import quantize_activations_triton
-from dgq.kernels.gemv_tma import config_for, tile_codes, tma_gemv, tma_gemv_float
+from dgq.kernels.gemv_tma import config_for, tma_gemv, tma_gemv_float
 
 SHAPES = {"w70b": (8192, 28672), "d70b": (28672, 8192), "mlp": (4096, 11008)}  # (K, N)
 
@@ -33,9 +35,9 @@ def main() -> None:
     o.set_acts(1)
     cfg = config_for(n, k, inside=how != "codes")
     kw = o.kw
-    if how == "tiled":
-        cfg = dataclasses.replace(cfg, tiled=256)
-        kw = dataclasses.replace(kw, codes=tile_codes(kw.codes, cfg.bn))
+    if how.startswith("kt"):
+        kt = int(how[2:])
+        cfg = dataclasses.replace(cfg, kt=kt, stages=2 if kt == 4 else cfg.stages)
     q, s = quantize_activations_triton(o.x16)
     for _ in range(3):
         out = tma_gemv(q, kw, s, config=cfg) if how == "codes" else tma_gemv_float(o.x16, kw, config=cfg)

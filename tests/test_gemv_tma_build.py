@@ -35,11 +35,11 @@ def compile_for_hopper(cfg: gemv_tma.TmaGemvConfig, k: int, group: int, fuse: bo
     from triton.experimental.gluon._runtime import GluonASTSource
 
     plain = repr(gemm_ws._nvmma(0))
-    box = f"[{gemm_ws._scale_rows(group, cfg.bn)}, {cfg.bn}]"
+    box = f"[{gemv_tma.slot_scale_rows(group, cfg)}, {cfg.bn}]"
     consts = {"K": k, "GROUP": group, "BN": cfg.bn, "STAGES": cfg.stages, "SPLIT": cfg.split, "HAS_BIAS": True,
               "PDL": True, "FUSE": fuse, "DYNAMIC": True,
               "XQ": gemv_tma.code_buffer_bytes(k, cfg) if fuse else 0, "ABSMAX": absmax}
-    sig = {"w_desc": f"tensordesc<u8[{cfg.bn}, 64],{plain}>", "x_desc": f"tensordesc<i8[1, 128],{plain}>",
+    sig = {"w_desc": f"tensordesc<u8[{cfg.bn}, {64 * cfg.kt}],{plain}>", "x_desc": f"tensordesc<i8[1, 128],{plain}>",
            "s2_desc": f"tensordesc<i8{box},{plain}>", "zp_desc": f"tensordesc<u8{box},{plain}>",
            "x_ptr": "*fp16" if fuse else "*i8", "sx_ptr": "*i16" if absmax else "*fp32", "s1_ptr": "*fp32",
            "bias_ptr": f"*{out}", "out_ptr": f"*{out}", "ws_ptr": "*i32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "stride_x": "i32",
@@ -80,19 +80,20 @@ def test_given_row_absmax_skips_the_whole_row_read(k: int, n: int) -> None:
 
 
 def test_rule_keeps_the_gpu_busy_with_small_ctas() -> None:
-    c = gemv_tma.config_for
-    assert c(4096, 4096) == gemv_tma.TmaGemvConfig(64, 4, 4)  # 64 tiles x 4; 8 would leave 4 K tiles per CTA
-    assert c(4096, 11008) == gemv_tma.TmaGemvConfig(64, 4, 8)  # long K: 86 tiles -> 10-11 per CTA
-    assert c(11008, 4096) == gemv_tma.TmaGemvConfig(64, 4, 4)  # 172 tiles x 4 = 688 CTAs
-    assert c(22016, 4096) == gemv_tma.TmaGemvConfig(64, 4, 2)
-    assert c(28672, 8192) == gemv_tma.TmaGemvConfig(128, 4, 1)  # wide: 128 rows, unsplit
+    c, C = gemv_tma.config_for, gemv_tma.TmaGemvConfig
+    assert c(4096, 4096) == C(64, 2, 4, kt=2)  # 64 tiles x 4; 8 would leave 4 K tiles per CTA
+    assert c(4096, 11008) == C(64, 2, 8, kt=2)  # long K: 86 tiles -> 10-11 per CTA, slots of 2
+    assert c(11008, 4096) == C(64, 2, 4, kt=2)  # 172 tiles x 4 = 688 CTAs
+    assert c(22016, 4096) == C(64, 2, 2, kt=4)  # 16 K tiles per split: slots of 4
+    assert c(28672, 8192) == C(128, 2, 1, kt=4)  # wide: 128 rows, unsplit
     for k, n in LAYERS:
         cfg = c(n, k)
         assert k // 128 // cfg.split >= gemv_tma.MIN_SPLIT_TILES or cfg.split == 1
-    # quantizing inside: long rows on narrow layers take wider CTAs with 8 warps to read the row; wide layers split less
-    assert c(4096, 11008, True) == c(8192, 28672, True) == gemv_tma.TmaGemvConfig(128, 4, 8, 8)
-    assert c(28672, 8192, True) == gemv_tma.TmaGemvConfig(64, 4, 2)
-    assert c(4096, 4096, True) == c(4096, 4096) and c(11008, 4096, True) == c(11008, 4096)
+    # quantizing inside: long rows on narrow layers take wider CTAs with 8 warps to read the row; wide layers split
+    # less; slots of 2 K tiles (the CTA's codes take shared memory too)
+    assert c(4096, 11008, True) == c(8192, 28672, True) == C(128, 2, 8, 8, kt=2)
+    assert c(28672, 8192, True) == C(64, 2, 2, kt=2)
+    assert c(4096, 4096, True) == C(64, 2, 4, kt=2) and c(11008, 4096, True) == C(64, 2, 4, kt=2)
 
 
 def test_code_buffer_is_a_power_of_two_holding_the_ctas_range() -> None:
@@ -100,6 +101,10 @@ def test_code_buffer_is_a_power_of_two_holding_the_ctas_range() -> None:
     assert gemv_tma.code_buffer_bytes(11008, cfg) == 2048  # 11 tiles of 128 codes
     assert gemv_tma.code_buffer_bytes(4096, gemv_tma.TmaGemvConfig(64, 4, 4)) == 1024
     assert gemv_tma.code_buffer_bytes(28672, gemv_tma.TmaGemvConfig(128, 4, 1)) == 32768
+    # splits of whole slots: 86 tiles in 8 splits of 4-tile slots is 12 tiles each (the last takes 2)
+    assert gemv_tma.split_tiles(11008, gemv_tma.TmaGemvConfig(64, 2, 8, kt=4)) == 12
+    assert gemv_tma.code_buffer_bytes(11008, gemv_tma.TmaGemvConfig(64, 2, 8, kt=4)) == 2048
+    assert gemv_tma.split_tiles(1152, gemv_tma.TmaGemvConfig(64, 2, 3, kt=4)) == 4
 
 
 def test_layers_it_cannot_take_are_refused_clearly() -> None:

@@ -172,8 +172,11 @@ WS_CONFIGS = sorted({gemm_ws.config_for(m, n) for m in (16, 32, 64, 256, 1023) f
 
 TMA_SHAPES = [(4096, 320, 128), (1024, 256, 64), (2048, 8448, 256), (28672, 256, 128), (1152, 192, 64)]
 TMA_CONFIGS = [gemv_tma.TmaGemvConfig(bn, 4, sp) for bn, sp in ((64, 1), (64, 2), (64, 8), (128, 1), (128, 4))] + [
-    gemv_tma.TmaGemvConfig(256, 8, 2, 8), gemv_tma.TmaGemvConfig(64, 4, 3)] \
-    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else []  # + 8 warps, a split of 3
+    gemv_tma.TmaGemvConfig(256, 8, 2, 8), gemv_tma.TmaGemvConfig(64, 4, 3), gemv_tma.TmaGemvConfig(64, 2, 2, kt=2),
+    gemv_tma.TmaGemvConfig(128, 2, 1, kt=4), gemv_tma.TmaGemvConfig(64, 2, 3, kt=4),
+    gemv_tma.TmaGemvConfig(128, 2, 8, 8, kt=2)] \
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else []
+# + 8 warps, a split of 3, and slots of 2 and 4 K tiles (a K not a multiple of the slot: the last slot part past K)
 
 
 @pytest.mark.parametrize("k,n,g", TMA_SHAPES)

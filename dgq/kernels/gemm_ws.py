@@ -63,6 +63,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from dgq.kernels.gemm import _WIDEN_PTX, KernelWeight, prepare_call
+from dgq.kernels.gemv import _WIDEN_WORD_PTX
 from dgq.kernels.pdl import launch_options
 
 HALF = gl.constexpr(64)  # half of the layout's 128-wide K tile: one nibble plane, one MMA of depth 64
@@ -76,12 +77,22 @@ def _gdc_wait():
 
 
 @gluon.jit
-def _lane_constants(s_lo, z_lo, s_hi, z_hi):
-    """The byte-lane widening's additive constants ``(128 - s2 * zp) * 0x01010101`` of both nibble halves (int32),
-    for :data:`dgq.kernels.gemm._WIDEN_PTX` and its one-word form in the GEMVs."""
+def _widen(p, s_lo, z_lo, s_hi, z_hi, WORDS: gl.constexpr):
+    """Packed codes ``p`` (rows of a tile) widened to int8 weights of both nibble halves by the byte-lane identity:
+    ``s2 * u4 + (128 - s2 * zp) * 0x01010101``, then ``xor 0x80808080``, with the row's group scales and zero points
+    (int32 ``[rows]``).  ``WORDS``: ``p`` holds 32-bit words and the halves come back as words of four weights (the
+    GEMVs' ``dp4a`` operands, :data:`dgq.kernels.gemv._WIDEN_WORD_PTX`); else ``p`` holds bytes and the halves come
+    back as int8 tensors of its shape (the MMA's operands, :data:`dgq.kernels.gemm._WIDEN_PTX`)."""
     c_lo = ((128 - s_lo * z_lo).to(gl.uint32, bitcast=True) * 0x01010101).to(gl.int32, bitcast=True)
     c_hi = ((128 - s_hi * z_hi).to(gl.uint32, bitcast=True) * 0x01010101).to(gl.int32, bitcast=True)
-    return c_lo, c_hi
+    args = [p, gl.expand_dims(s_lo, 1), gl.expand_dims(c_lo, 1), gl.expand_dims(s_hi, 1), gl.expand_dims(c_hi, 1)]
+    if WORDS:
+        lo, hi = gl.inline_asm_elementwise(_WIDEN_WORD_PTX, "=r,=r,r,r,r,r,r", args, dtype=(gl.int32, gl.int32),
+                                           is_pure=True, pack=1)
+    else:
+        lo, hi = gl.inline_asm_elementwise(_WIDEN_PTX, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r", args,
+                                           dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+    return lo, hi
 
 
 @gluon.jit
@@ -220,12 +231,7 @@ def _widen_unit(w_bufs, s2v, zpv, alo_bufs, ahi_bufs, load_ready, w_empty, a_rea
         z_hi = zpv.index(s * srows + HI_ROW).load(rows).to(gl.int32)
         fence_async_shared()  # these generic-proxy reads, then the slot's next TMA write
         mbarrier.arrive(w_empty.index(s), count=1)
-        c_lo, c_hi = _lane_constants(s_lo, z_lo, s_hi, z_hi)
-        w_lo, w_hi = gl.inline_asm_elementwise(
-            _WIDEN_PTX, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
-            [p, gl.expand_dims(s_lo, 1), gl.expand_dims(c_lo, 1), gl.expand_dims(s_hi, 1),
-             gl.expand_dims(c_hi, 1)],
-            dtype=(gl.int8, gl.int8), is_pure=True, pack=4)
+        w_lo, w_hi = _widen(p, s_lo, z_lo, s_hi, z_hi, False)
         mbarrier.wait(a_empty.index(a), ((j // a_stages) & 1) ^ 1)
         alo_bufs.index(a).store(w_lo)
         ahi_bufs.index(a).store(w_hi)

@@ -2,13 +2,15 @@
 
 Why a second GEMV: :mod:`dgq.kernels.gemv` keeps the weight it has requested in registers, two chunks per program,
 so the bytes in flight are bounded by the register file.  On the H100 it was latency-bound (ncu on 4096 x 11008:
-DRAM 45%, 16% occupancy, 118 registers).  Here one thread of each CTA issues bulk copies of ``[BN, 64]``-byte weight
-tiles (one 128-wide K tile of packed codes), the tile's group scales and zero points (and, from codes, its 128
-activation codes) into a ring of ``STAGES`` slots, each completing on its own mbarrier; the warps read a slot into
-registers, meet at a barrier, refill the slot with the tile ``STAGES`` ahead, and compute while the copies run.
-Bytes in flight per CTA are ``STAGES x BN x 64``, whatever the registers (45 of them).  Measured against the
-register GEMV (``benchmarks/gemv_probe.py --tma``, BENCHMARKS.md): 11.3 against 12.9 us on 4096 x 11008, 49 against
-63 us on 8192 x 28672, equal on 4096 x 4096 (launch and ramp).
+DRAM 45%, 16% occupancy, 118 registers).  Here one thread of each CTA issues bulk copies of ``[BN, 64 KT]``-byte
+weight boxes (``KT`` 128-wide K tiles of packed codes), their group scales and zero points (and, from codes, the
+activation codes) into a ring of ``STAGES`` slots, each completing on its own mbarrier; the warps read a slot,
+meet at a barrier, refill the slot with the tiles ``STAGES`` slots ahead, and compute while the copies run.  Bytes
+in flight per CTA are ``STAGES x BN x 64 KT``, whatever the registers.  Measured against the register GEMV
+(``benchmarks/gemv_probe.py --tma``, BENCHMARKS.md): 11.3 against 12.9 us on 4096 x 11008, 49 against 63 us on
+8192 x 28672, equal on 4096 x 4096 (launch and ramp).  Slots of 2-4 K tiles (session 15) make each weight row's
+request 128-256 bytes instead of 64, which DRAM serves faster: 8192 x 28672 from codes 46 us, 2.6 TB/s, as fast as
+``torch.sum`` reads the same bytes (:func:`config_for`).
 
 The arithmetic is :mod:`dgq.kernels.gemv`'s: each 32-bit word of packed codes widened to two words of four int8
 weights (the byte-lane identity of :data:`dgq.kernels.gemm._WIDEN_PTX`), each against its activation word with one
@@ -19,8 +21,9 @@ absmax, so every CTA finds the act-quant kernel's scale, rounds its own K range 
 its codes from there: one launch instead of two, faster on every measured layer shape (:func:`config_for`).  Where
 a compiled graph computes the row's absmax beside its producer (``row_absmax``), the CTAs skip the whole-row read.
 
-Weight tiles arrive unswizzled: a warp reads 8 rows x 64 bytes per load, one contiguous 512-byte span (no bank
-conflicts).  Long K is split across CTAs (``SPLIT``) with :mod:`dgq.kernels.gemv`'s protocol: partials stored to a
+Weight tiles arrive unswizzled: a warp reads 8 rows x 64 bytes of one K tile per load (one contiguous 512-byte
+span at ``KT = 1``; with wider slots the rows are 128-256 bytes apart, so the load takes 2x the shared-memory
+wavefronts: not what bounds this kernel, whose DRAM is the limit).  Long K is split across CTAs (``SPLIT``) with :mod:`dgq.kernels.gemv`'s protocol: partials stored to a
 per-call buffer, one acq_rel arrival per CTA on the layer's own counter, the last split adds and rearms it.
 
 The weight tiles of the first slots are requested before ``griddepcontrol.wait`` (the kernel launches
@@ -44,9 +47,9 @@ from dgq.formats import absmax_bits_dtype
 from dgq.kernels.act_quant import _MIN_SCALE, _RNE_MAGIC
 from dgq.kernels.gemm import KernelWeight, prepare_call
 from dgq.kernels.gemm_ws import (
-    _gdc_wait, _lane_constants, _load_weight, _nvmma, _reduce_splits, _scale_rows, supported,
+    _gdc_wait, _load_weight, _nvmma, _reduce_splits, _scale_rows, _widen, supported,
 )
-from dgq.kernels.gemv import _DP4A2_PTX, _WIDEN_WORD_PTX
+from dgq.kernels.gemv import _DP4A2_PTX
 from dgq.kernels.pdl import launch_options
 
 HALF = gl.constexpr(64)  # packed bytes per row of one 128-wide K tile (and activation codes per nibble half)
@@ -58,51 +61,43 @@ def _add(a, b):
 
 
 @gluon.jit
-def _load_w(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP: gl.constexpr,
-            TILES: gl.constexpr, TILED: gl.constexpr):
-    """K tile ``kt`` of rows ``n0..`` into slot ``s``; ``TILED``: the codes are stored tile by tile
-    (:func:`tile_codes`), so the tile is one contiguous span, rows ``(n0 / BN * TILES + kt) * span..`` of the
-    descriptor's ``[-1, width]`` view (the slot's bytes land in the same order whatever the width)."""
-    if TILED:
-        bn: gl.constexpr = s2_bufs.shape[2]
-        span: gl.constexpr = w_bufs.shape[1]  # rows of the [-1, width] view per tile
-        tma.async_copy_global_to_shared(w_desc, [(n0 // bn * TILES + kt) * span, 0], bar, w_bufs.index(s))
-        tma.async_copy_global_to_shared(s2_desc, [kt * 2 * HALF // GROUP, n0], bar, s2_bufs.index(s))
-        tma.async_copy_global_to_shared(zp_desc, [kt * 2 * HALF // GROUP, n0], bar, zp_bufs.index(s))
-    else:
-        _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP)
-
-
-@gluon.jit
-def _fill_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, n0, m, kt0, k_tiles,
-               GROUP: gl.constexpr, PDL: gl.constexpr, X_TMA: gl.constexpr, TILES: gl.constexpr,
-               TILED: gl.constexpr):
+def _fill_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, n0, m, kt0, slots,
+               GROUP: gl.constexpr, PDL: gl.constexpr, X_TMA: gl.constexpr):
     """Fills the ring's first slots: the weight tiles before waiting for the act-quant, the codes after it (``X_TMA``;
     else the kernel quantizes the activation itself)."""
     stages: gl.constexpr = w_bufs.shape[0]
+    KT: gl.constexpr = w_desc.block_type.shape[1] // HALF  # K tiles per slot
     nbytes: gl.constexpr = (w_desc.block_type.nbytes + s2_desc.block_type.nbytes + zp_desc.block_type.nbytes
-                            + (x_desc.block_type.nbytes if X_TMA else 0))
-    for i in range(gl.minimum(k_tiles, stages)):  # the weight does not depend on the act-quant: request it first
+                            + (KT * x_desc.block_type.nbytes if X_TMA else 0))
+    for i in range(gl.minimum(slots, stages)):  # the weight does not depend on the act-quant: request it first
         mbarrier.expect(ready.index(i), nbytes)
-        _load_w(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, ready.index(i), i, n0, kt0 + i, GROUP, TILES,
-                TILED)
+        _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, ready.index(i), i, n0, kt0 + i * KT, GROUP)
     if X_TMA:
         if PDL:
             _gdc_wait()
-        for i in range(gl.minimum(k_tiles, stages)):
-            tma.async_copy_global_to_shared(x_desc, [m, (kt0 + i) * 2 * HALF], ready.index(i), x_bufs.index(i))
+        for i in range(gl.minimum(slots, stages)):
+            _load_codes(x_desc, x_bufs, ready.index(i), i, m, kt0 + i * KT, KT)
+
+
+@gluon.jit
+def _load_codes(x_desc, x_bufs, bar, s, m, kt, KT: gl.constexpr):
+    """Token ``m``'s activation codes of K tiles ``kt..kt+KT-1`` into slot ``s`` (one 128-code box per tile: a box
+    is at most 256 wide)."""
+    for j in gl.static_range(KT):
+        tma.async_copy_global_to_shared(x_desc, [m, (kt + j) * 2 * HALF], bar, x_bufs.index(s * KT + j))
 
 
 @gluon.jit
 def _refill(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, bar, s, n0, m, kt,
-            GROUP: gl.constexpr, X_TMA: gl.constexpr, TILES: gl.constexpr, TILED: gl.constexpr):
-    """Arms slot ``s``'s barrier for the bytes it will receive and copies K tile ``kt`` into the slot."""
+            GROUP: gl.constexpr, X_TMA: gl.constexpr):
+    """Arms slot ``s``'s barrier for the bytes it will receive and copies the K tiles from ``kt`` into the slot."""
+    KT: gl.constexpr = w_desc.block_type.shape[1] // HALF
     nbytes: gl.constexpr = (w_desc.block_type.nbytes + s2_desc.block_type.nbytes + zp_desc.block_type.nbytes
-                            + (x_desc.block_type.nbytes if X_TMA else 0))
+                            + (KT * x_desc.block_type.nbytes if X_TMA else 0))
     mbarrier.expect(bar, nbytes)
-    _load_w(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP, TILES, TILED)
+    _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP)
     if X_TMA:
-        tma.async_copy_global_to_shared(x_desc, [m, kt * 2 * HALF], bar, x_bufs.index(s))
+        _load_codes(x_desc, x_bufs, bar, s, m, kt, KT)
 
 
 @gluon.jit
@@ -156,13 +151,13 @@ def _quantize_row(x_ptr, xq, sx_ptr, m, stride_x, kt0, K: gl.constexpr, DYNAMIC:
 def _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, x_ptr, sx_ptr, s1_ptr,
                   bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_x, stride_sx, n0, m, sid, kt0, k_tiles,
                   K: gl.constexpr, GROUP: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr,
-                  PDL: gl.constexpr, FUSE: gl.constexpr, DYNAMIC: gl.constexpr, ABSMAX: gl.constexpr,
-                  TILED: gl.constexpr):
-    """Reads each slot into registers, refills it with the tile ``stages`` ahead once every warp has read it, widens
-    and multiplies; then the split-K reduction and the epilogue.  With ``FUSE`` the activation codes come from
+                  PDL: gl.constexpr, FUSE: gl.constexpr, DYNAMIC: gl.constexpr, ABSMAX: gl.constexpr):
+    """Reads each slot's K tiles, refills the slot with the tiles ``stages`` slots ahead once every warp has read it,
+    widens and multiplies; then the split-K reduction and the epilogue.  With ``FUSE`` the activation codes come from
     ``x_bufs``, this CTA's K range quantized here first (:func:`_quantize_row`)."""
     stages: gl.constexpr = w_bufs.shape[0]
-    BN: gl.constexpr = s2_bufs.shape[2]  # (the weight slot's shape is the descriptor's box)
+    BN: gl.constexpr = w_bufs.shape[1]
+    KT: gl.constexpr = w_bufs.shape[2] // HALF  # K tiles per slot
     srows: gl.constexpr = s2_bufs.shape[1]
     HI_ROW: gl.constexpr = 1 if GROUP == 64 else 0  # the high nibbles' scale row in a slot
     TW: gl.constexpr = HALF // 4  # 32-bit words per row of a tile
@@ -178,34 +173,36 @@ def _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_
             _gdc_wait()  # the activation's producer
         sx = _quantize_row(x_ptr, x_bufs, sx_ptr, m, stride_x, kt0, K, DYNAMIC, ABSMAX)
         xq = x_bufs._reinterpret(gl.int32, [x_bufs.shape[0] // HALF, TW], plain1)  # row 2t: tile t's low codes
+    else:
+        x_words = x_bufs._reinterpret(gl.int32, [2 * x_bufs.shape[0], TW], plain1)  # row 2b: box b's low codes
     acc = gl.zeros([BN, TW], gl.int32, layout)
-    for i in range(k_tiles):
+    for i in range(gl.cdiv(k_tiles, KT)):  # slot by slot; a slot's tiles past K arrive zero-filled and add nothing
         s = i % stages
+        kt = kt0 + i * KT
         mbarrier.wait(ready.index(s), (i // stages) & 1)
-        p = w_bufs.index(s)._reinterpret(gl.int32, [BN, TW], plain2).load(layout)
-        if FUSE:
-            x_lo = gl.expand_dims(xq.index(2 * i).load(cols), 0)
-            x_hi = gl.expand_dims(xq.index(2 * i + 1).load(cols), 0)
-        else:
-            x_words = x_bufs.index(s)._reinterpret(gl.int32, [2, TW], plain1)  # row 0: the low nibbles' codes
-            x_lo = gl.expand_dims(x_words.index(0).load(cols), 0)
-            x_hi = gl.expand_dims(x_words.index(1).load(cols), 0)
-        s_lo = s2v.index(s * srows).load(rows).to(gl.int32)
-        z_lo = zpv.index(s * srows).load(rows).to(gl.int32)
-        s_hi = s2v.index(s * srows + HI_ROW).load(rows).to(gl.int32)
-        z_hi = zpv.index(s * srows + HI_ROW).load(rows).to(gl.int32)
-        fence_async_shared()  # these generic-proxy reads, then the slot's next bulk copy
-        gl.thread_barrier()  # every warp has read slot s
-        if i + stages < k_tiles:
-            _refill(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready.index(s), s, n0, m,
-                    kt0 + i + stages, GROUP, not FUSE, K // (2 * HALF), TILED)
-        c_lo, c_hi = _lane_constants(s_lo, z_lo, s_hi, z_hi)
-        w_lo, w_hi = gl.inline_asm_elementwise(
-            _WIDEN_WORD_PTX, "=r,=r,r,r,r,r,r",
-            [p, gl.expand_dims(s_lo, 1), gl.expand_dims(c_lo, 1), gl.expand_dims(s_hi, 1), gl.expand_dims(c_hi, 1)],
-            dtype=(gl.int32, gl.int32), is_pure=True, pack=1)
-        acc = gl.inline_asm_elementwise(_DP4A2_PTX, "=r,r,r,r,r,r", [w_lo, x_lo, acc, w_hi, x_hi], dtype=gl.int32,
-                                        is_pure=True, pack=1)
+        words = w_bufs.index(s)._reinterpret(gl.int32, [BN, KT * TW], plain2)
+        for j in gl.static_range(KT):
+            p = words.slice(j * TW, TW, 1).load(layout)
+            if FUSE:
+                x_lo = gl.expand_dims(xq.index(2 * (i * KT + j)).load(cols), 0)
+                x_hi = gl.expand_dims(xq.index(2 * (i * KT + j) + 1).load(cols), 0)
+            else:
+                x_lo = gl.expand_dims(x_words.index(2 * (s * KT + j)).load(cols), 0)
+                x_hi = gl.expand_dims(x_words.index(2 * (s * KT + j) + 1).load(cols), 0)
+            row = s * srows + ((kt + j) * 2 * HALF) // GROUP - (kt * 2 * HALF) // GROUP  # tile j's group in the slot
+            s_lo = s2v.index(row).load(rows).to(gl.int32)
+            z_lo = zpv.index(row).load(rows).to(gl.int32)
+            s_hi = s2v.index(row + HI_ROW).load(rows).to(gl.int32)
+            z_hi = zpv.index(row + HI_ROW).load(rows).to(gl.int32)
+            if j == KT - 1:  # the slot's last reads: then it is refilled while this tile is computed
+                fence_async_shared()  # these generic-proxy reads, then the slot's next bulk copy
+                gl.thread_barrier()  # every warp has read slot s
+                if (i + stages) * KT < k_tiles:
+                    _refill(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready.index(s), s,
+                            n0, m, kt + stages * KT, GROUP, not FUSE)
+            w_lo, w_hi = _widen(p, s_lo, z_lo, s_hi, z_hi, True)
+            acc = gl.inline_asm_elementwise(_DP4A2_PTX, "=r,r,r,r,r,r", [w_lo, x_lo, acc, w_hi, x_hi],
+                                            dtype=gl.int32, is_pure=True, pack=1)
     total = gl.reduce(acc, 1, _add)  # [BN] (not gl.sum: the CPU tests build this under the interpreter's patches)
     offs_n = n0 + gl.arange(0, BN, layout=rows)
     n_mask = offs_n < N
@@ -226,8 +223,7 @@ def _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_
 def _tma_gemv_kernel(w_desc, x_desc, s2_desc, zp_desc, x_ptr, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N,
                      stride_x, stride_sx, K: gl.constexpr, GROUP: gl.constexpr, BN: gl.constexpr,
                      STAGES: gl.constexpr, SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
-                     FUSE: gl.constexpr, DYNAMIC: gl.constexpr, XQ: gl.constexpr, ABSMAX: gl.constexpr = False,
-                     TILED: gl.constexpr = False):
+                     FUSE: gl.constexpr, DYNAMIC: gl.constexpr, XQ: gl.constexpr, ABSMAX: gl.constexpr = False):
     """``FUSE``: ``x_ptr`` holds the float activations (row stride ``stride_x``), quantized here (``DYNAMIC``: per
     row, from the row's absmax bits at ``sx_ptr`` with ``ABSMAX``; else by the scale at ``sx_ptr``) into ``XQ``
     bytes of shared memory (:func:`code_buffer_bytes`), and ``x_desc`` is not read; else ``x_desc`` describes the
@@ -236,7 +232,8 @@ def _tma_gemv_kernel(w_desc, x_desc, s2_desc, zp_desc, x_ptr, sx_ptr, s1_ptr, bi
     sid = gl.program_id(1)
     m = gl.program_id(2)
     TILES: gl.constexpr = K // (2 * HALF)
-    PER: gl.constexpr = (TILES + SPLIT - 1) // SPLIT
+    KT: gl.constexpr = w_desc.block_type.shape[1] // HALF  # K tiles per slot
+    PER: gl.constexpr = ((TILES + SPLIT - 1) // SPLIT + KT - 1) // KT * KT  # whole slots, so splits never overlap
     kt0 = sid * PER
     k_tiles = gl.maximum(gl.minimum(PER, TILES - kt0), 0)
     srows: gl.constexpr = s2_desc.block_type.shape[0]
@@ -244,28 +241,28 @@ def _tma_gemv_kernel(w_desc, x_desc, s2_desc, zp_desc, x_ptr, sx_ptr, s1_ptr, bi
     if FUSE:  # this CTA's codes, whole
         x_bufs = gl.allocate_shared_memory(gl.int8, [XQ], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     else:
-        x_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, 1, 2 * HALF], x_desc.layout)
+        x_bufs = gl.allocate_shared_memory(gl.int8, [STAGES * KT, 1, 2 * HALF], x_desc.layout)
     s2_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, srows, BN], s2_desc.layout)
     zp_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, srows, BN], zp_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-    _fill_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, n0, m, kt0, k_tiles, GROUP,
-               PDL, not FUSE, TILES, TILED)
+    _fill_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, n0, m, kt0,
+               gl.cdiv(k_tiles, KT), GROUP, PDL, not FUSE)
     _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, x_ptr, sx_ptr, s1_ptr,
                   bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_x, stride_sx, n0, m, sid, kt0, k_tiles, K, GROUP,
-                  SPLIT, HAS_BIAS, PDL, FUSE, DYNAMIC, ABSMAX, TILED)
+                  SPLIT, HAS_BIAS, PDL, FUSE, DYNAMIC, ABSMAX)
 
 
 @dataclass(frozen=True)
 class TmaGemvConfig:
-    """Weight rows per CTA, ring slots (one 128-wide K tile each), K splits, warps."""
+    """Weight rows per CTA, ring slots, K splits, warps, 128-wide K tiles per slot."""
 
     bn: int
     stages: int
     split: int
     warps: int = 4
-    tiled: int = 0  # probe: the codes stored tile by tile (tile_codes), each K tile read as [-1, tiled] bytes
+    kt: int = 1  # 128-wide K tiles per slot: each row's bytes of a slot, 64 x kt, come in one bulk-copy request
 
 
 MAX_ROWS = 768 * 64  # CTAs x rows: measured, the fastest variants ran 256-768 CTAs of 64 rows or 224 of 128
@@ -273,41 +270,52 @@ MIN_SPLIT_TILES = 8  # measured: no split left fewer than 8 K tiles per CTA amon
 
 
 def config_for(n: int, k: int, inside: bool = False) -> TmaGemvConfig:
-    """The measured rule (H100, cold-L2 graph replays over the benchmark's and the decode step's ten shapes,
-    ``benchmarks/gemv_probe.py --tma``, notes).
+    """The measured rule (H100, cold-L2 graph replays, ``benchmarks/gemv_probe.py --tma``, notes).
 
-    From codes: small CTAs (64 rows, a ring of 4 K tiles: 16 KB in flight, about 19 KB of shared memory) on layers
-    up to 24576 outputs, 128 rows beyond; K split in powers of two up to 8 while the CTAs' rows stay within
-    :data:`MAX_ROWS` and each keeps :data:`MIN_SPLIT_TILES` tiles.  Rings of 8 were slower than 4 on eight of ten
-    shapes; a loader warp (warp-specialized) won on none of five (code at b85dc05).
+    Rows and splits (session 9, the benchmark's and the decode step's ten shapes): from codes, small CTAs (64 rows)
+    on layers up to 24576 outputs, 128 rows beyond; K split in powers of two up to 8 while the CTAs' rows stay within
+    :data:`MAX_ROWS` and each keeps :data:`MIN_SPLIT_TILES` tiles.  Quantizing inside (``inside``), every CTA first
+    reads the whole row for its absmax, so long rows want fewer, wider CTAs with more warps to read them: on
+    K >= 8192 with N <= 8192, 128 rows, 8 warps, K in 8; on wide layers 64 rows in 2 splits.  A loader warp
+    (warp-specialized) won on none of five shapes (code at b85dc05).
 
-    Quantizing inside (``inside``), every CTA first reads the whole row for its absmax while only its ring's first
-    tiles are in flight, so long rows want fewer, wider CTAs with more warps to read them: on K >= 8192 with
-    N <= 8192, 128 rows, 8 warps, K in 8 (11008 x 4096: 12.9 against 14.1 us with the codes' rule; 28672 x 8192:
-    52.1 against 56.8); on wide layers 64 rows in 2 splits (8192 x 28672: 50.5 against 52.5)."""
+    Slots (session 15, ``--tma slots``): a ring of 2 slots of several K tiles beat 4 slots of one on the five
+    benchmark shapes.  The bytes in flight are alike; what changes is the bulk copies' request per weight row, 64
+    bytes per K tile: two or four tiles a slot make it 128 or 256 bytes, which DRAM serves faster (8192 x 28672 from
+    codes: 45.8 against 49.4 us; the same codes stored tile by tile, 4 KB contiguous per tile but still 64-byte
+    rows, gained about half as much: ``results/gemv_tiled_h100_s15.json``).  From codes 4 tiles a
+    slot where a split has 16 K tiles or more, else 2 (``--tma rule``: 4 lost 1-1.2 us on the K = 4096 layers split
+    into 8-tile ranges); quantizing inside 2, whose CTAs also hold their K range of codes in shared memory
+    (8192 x 28672: 48.1 against 51.1 us; against the rings of 4 one-tile slots, the new rule won on all ten shapes
+    by 1-5%)."""
     if inside and k >= 8192 and n <= 8192:
-        return TmaGemvConfig(128, 4, 8, 8)
+        return TmaGemvConfig(128, 2, 8, 8, kt=2)
     if inside and n > 24576:
-        return TmaGemvConfig(64, 4, 2)
+        return TmaGemvConfig(64, 2, 2, kt=2)
     bn = 64 if n <= 24576 else 128
     tiles, k_tiles = triton.cdiv(n, bn), k // 128
     split = 1
     while split < 8 and tiles * split * 2 * bn <= MAX_ROWS and k_tiles // (split * 2) >= MIN_SPLIT_TILES:
         split *= 2
-    return TmaGemvConfig(bn, 4, split)
-
-
-def tile_codes(codes: torch.Tensor, bn: int) -> torch.Tensor:
-    """``codes [N, K/2]`` rearranged tile by tile (``[N/bn, K/128, bn, 64]`` in memory, returned as ``[N, K/2]``):
-    what :class:`TmaGemvConfig` ``tiled`` reads (probe)."""
-    n, half = codes.shape
-    return codes.reshape(n // bn, bn, half // HALF.value, HALF.value).transpose(1, 2).contiguous().reshape(n, half)
+    return TmaGemvConfig(bn, 2, split, kt=4 if not inside and k_tiles // split >= 16 else 2)
 
 
 def code_buffer_bytes(k: int, cfg: TmaGemvConfig) -> int:
-    """Shared memory for one CTA's activation codes when the kernel quantizes them: its K range, rounded up to a
-    power of two (Gluon's shared buffers) and to at least one step of the quantizing loop (8 codes per thread)."""
-    return triton.next_power_of_2(max(triton.cdiv(k // 128, cfg.split) * 128, 8 * 32 * cfg.warps))
+    """Shared memory for one CTA's activation codes when the kernel quantizes them: its K range (whole slots, as the
+    kernel splits K), rounded up to a power of two (Gluon's shared buffers) and to at least one step of the
+    quantizing loop (8 codes per thread)."""
+    return triton.next_power_of_2(max(split_tiles(k, cfg) * 128, 8 * 32 * cfg.warps))
+
+
+def split_tiles(k: int, cfg: TmaGemvConfig) -> int:
+    """128-wide K tiles per split: an even share, rounded up to whole slots (the kernel's ``PER``)."""
+    return triton.cdiv(triton.cdiv(k // 128, cfg.split), cfg.kt) * cfg.kt
+
+
+def slot_scale_rows(group: int, cfg: TmaGemvConfig) -> int:
+    """Rows of ``s2t``/``zpt`` per slot: the groups of its ``kt`` K tiles (2 per tile at g = 64, at most 1 per tile
+    beyond), and :func:`dgq.kernels.gemm_ws._scale_rows`' 128-byte minimum."""
+    return max(_scale_rows(group, cfg.bn), (2 if group == 64 else 1) * cfg.kt)
 
 
 def descriptors(kw: KernelWeight, cfg: TmaGemvConfig, x_s8: torch.Tensor | None) -> tuple:
@@ -316,12 +324,8 @@ def descriptors(kw: KernelWeight, cfg: TmaGemvConfig, x_s8: torch.Tensor | None)
     in, unread), and the tile's group scales and zero points (rows of ``s2t``/``zpt``)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    box = [_scale_rows(kw.group_size, cfg.bn), cfg.bn]
-    if cfg.tiled:
-        w = TensorDescriptor.from_tensor(kw.codes.reshape(-1, cfg.tiled), [cfg.bn * HALF.value // cfg.tiled, cfg.tiled],
-                                         _nvmma(0))
-    else:
-        w = TensorDescriptor.from_tensor(kw.codes, [cfg.bn, HALF.value], _nvmma(0))
+    box = [slot_scale_rows(kw.group_size, cfg), cfg.bn]
+    w = TensorDescriptor.from_tensor(kw.codes, [cfg.bn, HALF.value * cfg.kt], _nvmma(0))
     return (w, w if x_s8 is None else TensorDescriptor.from_tensor(x_s8, [1, 2 * HALF.value], _nvmma(0)),
             TensorDescriptor.from_tensor(kw.s2t, box, _nvmma(0)), TensorDescriptor.from_tensor(kw.zpt, box, _nvmma(0)))
 
@@ -393,5 +397,5 @@ def _launch(x_s8: torch.Tensor | None, x: torch.Tensor, stride: int, kw: KernelW
                            cnt, m, n, stride if fuse else 0, 0 if fuse else stride, K=k, GROUP=kw.group_size,
                            BN=cfg.bn, STAGES=cfg.stages, SPLIT=cfg.split, HAS_BIAS=bias is not None,
                            PDL=bool(options), FUSE=fuse, DYNAMIC=dynamic, XQ=code_buffer_bytes(k, cfg) if fuse else 0,
-                           ABSMAX=absmax, TILED=cfg.tiled > 0, num_warps=cfg.warps, **options)
+                           ABSMAX=absmax, num_warps=cfg.warps, **options)
     return out
