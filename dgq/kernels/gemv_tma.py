@@ -23,8 +23,9 @@ a compiled graph computes the row's absmax beside its producer (``row_absmax``),
 
 Weight tiles arrive unswizzled: a warp reads 8 rows x 64 bytes of one K tile per load (one contiguous 512-byte
 span at ``KT = 1``; with wider slots the rows are 128-256 bytes apart, so the load takes 2x the shared-memory
-wavefronts: not what bounds this kernel, whose DRAM is the limit).  Long K is split across CTAs (``SPLIT``) with :mod:`dgq.kernels.gemv`'s protocol: partials stored to a
-per-call buffer, one acq_rel arrival per CTA on the layer's own counter, the last split adds and rearms it.
+wavefronts: not what bounds this kernel, whose DRAM is the limit).  Long K is split across CTAs (``SPLIT``) with
+:mod:`dgq.kernels.gemv`'s protocol: partials stored to a per-call buffer, one acq_rel arrival per CTA on the layer's
+own counter, the last split adds and rearms it.
 
 The weight tiles of the first slots are requested before ``griddepcontrol.wait`` (the kernel launches
 programmatically dependent on the activation's producer), the activation after it.  Needs sm_90, 128-wide K tiles, a
