@@ -68,16 +68,26 @@ def _fill_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_buf
     else the kernel quantizes the activation itself)."""
     stages: gl.constexpr = w_bufs.shape[0]
     KT: gl.constexpr = w_desc.block_type.shape[1] // HALF  # K tiles per slot
-    nbytes: gl.constexpr = (w_desc.block_type.nbytes + s2_desc.block_type.nbytes + zp_desc.block_type.nbytes
-                            + (KT * x_desc.block_type.nbytes if X_TMA else 0))
     for i in range(gl.minimum(slots, stages)):  # the weight does not depend on the act-quant: request it first
-        mbarrier.expect(ready.index(i), nbytes)
-        _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, ready.index(i), i, n0, kt0 + i * KT, GROUP)
+        _arm_and_load_weight(w_desc, x_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, ready.index(i), i, n0,
+                             kt0 + i * KT, GROUP, X_TMA)
     if X_TMA:
         if PDL:
             _gdc_wait()
         for i in range(gl.minimum(slots, stages)):
             _load_codes(x_desc, x_bufs, ready.index(i), i, m, kt0 + i * KT, KT)
+
+
+@gluon.jit
+def _arm_and_load_weight(w_desc, x_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt,
+                         GROUP: gl.constexpr, X_TMA: gl.constexpr):
+    """Arms slot ``s``'s barrier for every byte the slot will receive (with ``X_TMA`` the activation codes too, which
+    :func:`_load_codes` copies) and copies the weight tiles from ``kt``, their scales and zero points into it."""
+    KT: gl.constexpr = w_desc.block_type.shape[1] // HALF
+    nbytes: gl.constexpr = (w_desc.block_type.nbytes + s2_desc.block_type.nbytes + zp_desc.block_type.nbytes
+                            + (KT * x_desc.block_type.nbytes if X_TMA else 0))
+    mbarrier.expect(bar, nbytes)
+    _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP)
 
 
 @gluon.jit
@@ -92,13 +102,9 @@ def _load_codes(x_desc, x_bufs, bar, s, m, kt, KT: gl.constexpr):
 def _refill(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, bar, s, n0, m, kt,
             GROUP: gl.constexpr, X_TMA: gl.constexpr):
     """Arms slot ``s``'s barrier for the bytes it will receive and copies the K tiles from ``kt`` into the slot."""
-    KT: gl.constexpr = w_desc.block_type.shape[1] // HALF
-    nbytes: gl.constexpr = (w_desc.block_type.nbytes + s2_desc.block_type.nbytes + zp_desc.block_type.nbytes
-                            + (KT * x_desc.block_type.nbytes if X_TMA else 0))
-    mbarrier.expect(bar, nbytes)
-    _load_weight(w_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP)
+    _arm_and_load_weight(w_desc, x_desc, s2_desc, zp_desc, w_bufs, s2_bufs, zp_bufs, bar, s, n0, kt, GROUP, X_TMA)
     if X_TMA:
-        _load_codes(x_desc, x_bufs, bar, s, m, kt, KT)
+        _load_codes(x_desc, x_bufs, bar, s, m, kt, w_desc.block_type.shape[1] // HALF)
 
 
 @gluon.jit
@@ -320,9 +326,10 @@ def slot_scale_rows(group: int, cfg: TmaGemvConfig) -> int:
 
 
 def descriptors(kw: KernelWeight, cfg: TmaGemvConfig, x_s8: torch.Tensor | None) -> tuple:
-    """The four TMA descriptors of one call, all unswizzled: weight codes ``[BN, 64]`` bytes, one token's 128 codes
-    of a K tile (``x_s8 is None``: the kernel quantizes the activation itself, and the weight's descriptor stands
-    in, unread), and the tile's group scales and zero points (rows of ``s2t``/``zpt``)."""
+    """The four TMA descriptors of one call, all unswizzled: weight codes ``[BN, 64 kt]`` bytes (a slot's ``kt``
+    K tiles), one token's 128 codes of a K tile (``x_s8 is None``: the kernel quantizes the activation itself, and
+    the weight's descriptor stands in, unread), and the slot's group scales and zero points (rows of
+    ``s2t``/``zpt``, :func:`slot_scale_rows`)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     box = [slot_scale_rows(kw.group_size, cfg), cfg.bn]
