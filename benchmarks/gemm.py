@@ -14,7 +14,8 @@ Peers: cuBLAS FP16, ``torch._int_mm``, FP8 row-wise ``_scaled_mm``, our TMA int8
 dgq's own rows: ``dgq`` (what ``QuantLinear`` runs, act-quant included, path by M: ``dgq.kernels.linear``) and each
 path alone from int8 activations: ``dgq_gemv`` (the register-fed GEMV, M <= 16 only: it re-reads the weight per
 token), ``dgq_gemv_tma`` (the TMA-fed GEMV, Hopper, likewise), ``dgq_ws`` (the warp-specialized Hopper kernel,
-M <= 2047, to 4095 on long-K layers), ``dgq_gemm_only`` (in-register widening), ``dgq_widen_once`` (widen + TMA int8
+M <= 2047, to 4095 on long-K layers), ``dgq_pp`` (the ping-pong Hopper kernel, where its rule takes the layer: from
+65 tokens), ``dgq_gemm_only`` (in-register widening), ``dgq_widen_once`` (widen + TMA int8
 kernel).
 """
 
@@ -32,7 +33,7 @@ from typing import Callable, Iterator
 import torch
 
 from dgq.formats import DualGrainedWeight, int_matmul, quantize_activations
-from dgq.kernels import gemm, gemm_ws, gemv, gemv_tma, int8_gemm, linear
+from dgq.kernels import gemm, gemm_pp, gemm_ws, gemv, gemv_tma, int8_gemm, linear
 from dgq.kernels.act_quant import quantize_activations_triton
 from dgq.kernels.gemm import KernelWeight, a8w4_matmul, widen_weight
 from dgq.kernels.gemv import a8w4_gemv
@@ -45,7 +46,7 @@ GROUP = 128
 TOUCH_BYTES = 256e6  # bytes each timed graph touches at least (~5x the H100's 50 MB L2)
 PEAK_INT8_TOPS, PEAK_FP16_TFLOPS = 1979.0, 989.0  # H100 SXM dense datasheet
 KERNELS = ["fp16", "int_mm", "w8a8_triton", "w4a16_tinygemm", "w4a16_gemlite", "fp8_rowwise", "dgq", "dgq_gemv",
-           "dgq_gemv_tma", "dgq_ws", "dgq_gemm_only", "dgq_widen_once"]  # dgq: one of the last five (dgq.kernels.linear)
+           "dgq_gemv_tma", "dgq_ws", "dgq_pp", "dgq_gemm_only", "dgq_widen_once"]  # dgq: one of the last six
 
 
 def make_weight(n: int, k: int, g: int) -> DualGrainedWeight:
@@ -127,6 +128,7 @@ def kernel_call(name: str, o: Operands) -> Callable[[], torch.Tensor]:
         "dgq_gemv": lambda: a8w4_gemv(o.x_s8, o.kw, o.s_x),
         "dgq_gemv_tma": lambda: gemv_tma.tma_gemv(o.x_s8, o.kw, o.s_x),
         "dgq_ws": lambda: gemm_ws.ws_a8w4_matmul(o.x_s8, o.kw, o.s_x),
+        "dgq_pp": lambda: gemm_pp.pp_a8w4_matmul(o.x_s8, o.kw, o.s_x),
         "dgq_gemm_only": lambda: a8w4_matmul(o.x_s8, o.kw, o.s_x),  # in-register widening at every M
         "dgq_widen_once": lambda: int8_matmul(o.x_s8, widen_weight(o.kw), o.s_x, o.dg.s1),
     }
@@ -138,7 +140,12 @@ def chosen_config(name: str, m: int, k: int, n: int) -> object:
     if name == "dgq":  # the benchmark's shapes are all ones the Gluon kernels take (on Hopper)
         if m <= linear.GEMV_MAX_M:
             return gemv_tma.config_for(n, k, inside=True)  # the one-token path quantizes inside
-        name = "dgq_widen_once" if m >= linear.WIDEN_MIN_M and not gemm_ws.takes(m, k, n) else "dgq_ws"
+        if gemm_pp.config_for(m, n) is not None:
+            name = "dgq_pp"
+        else:
+            name = "dgq_widen_once" if m >= linear.WIDEN_MIN_M and not gemm_ws.takes(m, k, n) else "dgq_ws"
+    if name == "dgq_pp":
+        return gemm_pp.config_for(m, n)
     if name == "dgq_ws":
         return gemm_ws.config_for(m, n)
     if name == "dgq_gemv":
@@ -153,7 +160,7 @@ def call_bytes(name: str, m: int, k: int, n: int) -> float:
     """Fewest bytes one call must move (weights, activations in, output)."""
     w = {"fp16": 2.0, "int_mm": 1.0, "w8a8_triton": 1.0, "fp8_rowwise": 1.0}.get(name, 0.5 + 2 / GROUP) * n * k
     x = m * k * (1 if name in ("int_mm", "w8a8_triton", "fp8_rowwise", "dgq_gemv", "dgq_gemv_tma", "dgq_ws",
-                               "dgq_gemm_only", "dgq_widen_once") else 2)
+                               "dgq_pp", "dgq_gemm_only", "dgq_widen_once") else 2)
     return w + x + m * n * (4 if name == "int_mm" else 2)
 
 
@@ -261,6 +268,8 @@ def main() -> None:
                     continue  # one weight pass per token: not a path for M > 1 (dgq.kernels.linear)
                 if name == "dgq_ws" and not gemm_ws.takes(m, k, n):
                     continue  # widen-once serves these (dgq.kernels.linear)
+                if name == "dgq_pp" and gemm_pp.config_for(m, n) is None:
+                    continue  # too few tiles: the warp-specialized kernel serves these
                 use = sets[:min(n_sets, max(2, math.ceil(TOUCH_BYTES / call_bytes(name, m, k, n))))]
                 try:
                     ms_ = time_graph([kernel_call(name, o) for o in use])

@@ -19,7 +19,7 @@ from dgq.kernels.act_quant import quantize_activations_triton
 from dgq.kernels.gemm import a8w4_matmul, widen_weight
 from dgq.kernels.gemm_ws import WsConfig, config_for, ws_a8w4_matmul
 from dgq.kernels.int8_gemm import int8_matmul
-from dgq.kernels.linear import a8w4_linear, a8w4_mm
+from dgq.kernels.linear import a8w4_linear, a8w4_mm, widen_once_matmul
 
 # (bn, bm, stages, split, widen_regs, maxnreg) around the rule: ring depth (bytes in flight), K splits (per-tile
 # arrival), 64/128-row tiles, 1-2 CTAs per SM (maxnreg 80: two fit).
@@ -114,6 +114,9 @@ def pairs(json_path: str | None, ms: list[int], shapes: list[tuple[int, int]]) -
                 times["int8_ready"] = time_graph([lambda o=o, w=w: int8_matmul(o.x_s8, w, o.s_x, o.kw.s1)
                                                   for o, w in zip(sets, w8)])
                 times["dispatch_codes_in"] = time_graph([lambda o=o: a8w4_mm(o.x_s8, o.s_x, o.kw) for o in sets])
+                times["widen_once_unchunked"] = time_graph([lambda o=o: widen_once_matmul(o.x_s8, o.s_x, o.kw,
+                                                                                          chunk_bytes=1 << 62)
+                                                            for o in sets])
                 del w8
                 for pdl in (True, False):
                     times[f"linear pdl={int(pdl)}"] = _timed_with_pdl(pdl, [lambda o=o: a8w4_linear(o.x16, o.kw)

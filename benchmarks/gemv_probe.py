@@ -151,7 +151,7 @@ def tma_variants(kind: str = "plain") -> list:
     warps for the kernel that quantizes inside (whose reading of the row stalls the ring)."""
     from dgq.kernels.gemv_tma import TmaGemvConfig as C
 
-    if kind == "rule":  # the measured rule against the one before it (rings of 4 one-tile slots), per shape
+    if kind in ("rule", "prelude"):  # rule: against session 9's rule, per shape; prelude: what quantizing inside costs
         return []
     if kind == "slots":  # K tiles per slot (one bulk-copy request of 64 x kt bytes per row) and ring depth
         return [C(bn, st, sp, w, kt) for bn, sp, w in ((64, 2, 4), (64, 4, 4), (128, 1, 4), (128, 8, 8))
@@ -171,6 +171,19 @@ def _session9_rule(n: int, k: int, inside: bool):
     from dgq.kernels.gemv_tma import config_for
 
     return dataclasses.replace(config_for(n, k, inside), stages=4, kt=1)
+
+
+def _prelude_calls(n: int, k: int, sets: list) -> dict:
+    """What the kernel quantizing inside spends before its ring turns, in parts: the rule's inside config given each
+    row's absmax (``row_absmax``: the CTAs read their own K range only, no whole-row read and reduction), and the
+    same config from int8 codes (no quantizing at all); all three give the dispatch's result bit for bit."""
+    from dgq.formats import row_absmax_bits
+    from dgq.kernels.gemv_tma import config_for, tma_gemv, tma_gemv_float
+
+    inside = config_for(n, k, True)
+    amax = {id(o): row_absmax_bits(o.x16) for o in sets}
+    return {"in_rule_absmax_given": lambda o: tma_gemv_float(o.x16, o.kw, row_absmax=amax[id(o)]),
+            "codes_inside_cfg": lambda o: tma_gemv(o.x_s8, o.kw, o.s_x, config=inside)}
 
 
 def _tma_name(c) -> str:
@@ -244,6 +257,8 @@ def tma_probe(json_path: str | None, kind: str, shapes: str) -> None:
                  "s9_rule_inside": lambda o: tma_gemv_float(o.x16, o.kw, config=_session9_rule(n, k, True)),
                  "rule_codes": lambda o: tma_gemv(o.x_s8, o.kw, o.s_x),
                  "read_sum": lambda o: o.kw.codes.view(torch.int64).sum()}  # a plain read of the codes: the ceiling
+        if kind == "prelude":  # the rule's inside config with the row's absmax given, and from codes
+            calls.update(_prelude_calls(n, k, sets))
         for c in tma_variants(kind):
             if kind != "inside":
                 calls[_tma_name(c)] = lambda o, c=c: tma_gemv(o.x_s8, o.kw, o.s_x, config=c)
@@ -263,7 +278,7 @@ def tma_probe(json_path: str | None, kind: str, shapes: str) -> None:
         best = min(((t, name) for name, t in times.items() if name.startswith("bn")), default=(math.nan, "-"))
         best_in = min(((t, name) for name, t in times.items() if name.startswith("in_")), default=(math.nan, "-"))
         show = ["read_sum", "gemv_alone", "dispatch_s8", "dispatch", "act_quant+tma", "tma_inside", "s9_rule_inside",
-                "rule_codes", "s9_rule_codes"]
+                "rule_codes", "s9_rule_codes", "in_rule_absmax_given", "codes_inside_cfg"]
         print(f"K={k} N={n}: fp16 {times['fp16'] * 1e3:.1f} us; "
               + ", ".join(f"{name} {times[name] * 1e3:.1f} us ({wbytes / times[name] / 1e9:.2f} TB/s)"
                           for name in show if name in times)
@@ -280,7 +295,7 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true", help="time quantizing inside against two launches")
     parser.add_argument("--decode", action="store_true",
                         help="the decode step's layer shapes: each path at one token (instead of the other parts)")
-    parser.add_argument("--tma", choices=["plain", "sweep", "inside", "slots", "rule"], default=None,
+    parser.add_argument("--tma", choices=["plain", "sweep", "inside", "slots", "rule", "prelude"], default=None,
                         help="the GEMV fed by bulk tensor copies: its variants of this kind (instead of the rest)")
     parser.add_argument("--tma-shapes", choices=["all", "benchmark", "70b-first"], default="all")
     args = parser.parse_args()

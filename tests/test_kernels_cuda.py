@@ -21,7 +21,7 @@ if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     # Triton kernels, generated later by the compile tests, would then run in the interpreter
     os.environ["TRITON_INTERPRET"] = "0"
     from dgq.formats import int_matmul, quantize_activations, row_absmax_bits, swiglu
-    from dgq.kernels import gemm_ws, gemv, gemv_tma, int8_gemm
+    from dgq.kernels import gemm_pp, gemm_ws, gemv, gemv_tma, int8_gemm
     from dgq.kernels.act_quant import quantize_activations_triton
     from dgq.kernels.gemm import _CONFIGS, KernelWeight, a8w4_matmul, regime, widen_weight
     from dgq.kernels.linear import a8w4_linear
@@ -236,6 +236,51 @@ def test_warp_specialized_kernel_is_bit_exact(k: int, n: int, g: int, kind: str)
         for s_x in (torch.rand(m, 1, generator=gen) * 0.05 + 1e-3, torch.tensor(0.02)):
             got = gemm_ws.ws_a8w4_matmul(x.cuda(), kw, s_x.cuda(), out_dtype=torch.float32).cpu()
             assert torch.equal(got, fp32_epilogue(ref, s_x.reshape(-1, 1), dg.s1)), f"M={m} epilogue"
+
+
+PP_CONFIGS = [None, *(gemm_pp.PpConfig(bm, st) for bm, st in ((256, 4), (128, 6), (256, 5)))] \
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else []
+
+
+@pytest.mark.parametrize("k,n,g", WS_SHAPES)
+@pytest.mark.parametrize("kind", ["random", "extreme"])
+def test_ping_pong_kernel_is_bit_exact(k: int, n: int, g: int, kind: str) -> None:
+    """The ping-pong kernel's rule and pinned configs from 1 token (a tile almost all padding) to 2600 (several
+    units per CTA at N = 8448): int32 accumulators equal to ``int_matmul``, the fp32 epilogue's exact result with
+    per-token and static scales, and its fp16 / bf16 outputs with a bias equal to the warp-specialized kernel's."""
+    gen = torch.Generator().manual_seed(k + n + 7)
+    dg = random_weight(n, k, g, gen, kind)
+    kw = layout(dg)
+    bias = torch.randn(n, generator=gen).cuda()
+    for m in (1, 17, 255, 1000, 2600):
+        x = random_acts(m, k, gen, kind)
+        if kind == "random" and m > 2:
+            x[m // 3] = 0  # a zero row
+        ref = int_matmul(x, dg.int8_weight())
+        xc = x.cuda()
+        for cfg in PP_CONFIGS:
+            assert torch.equal(gemm_pp.pp_a8w4_matmul(xc, kw, out_dtype=None, config=cfg).cpu(), ref), f"M={m} {cfg}"
+            for s_x in (torch.rand(m, 1, generator=gen) * 0.05 + 1e-3, torch.tensor(0.02)):
+                got = gemm_pp.pp_a8w4_matmul(xc, kw, s_x.cuda(), out_dtype=torch.float32, config=cfg).cpu()
+                assert torch.equal(got, fp32_epilogue(ref, s_x.reshape(-1, 1), dg.s1)), f"M={m} {cfg} epilogue"
+            s_x = (torch.rand(m, 1, generator=gen) * 0.05 + 1e-3).cuda()
+            for dtype in (torch.float16, torch.bfloat16):
+                got = gemm_pp.pp_a8w4_matmul(xc, kw, s_x, bias.to(dtype), dtype, config=cfg)
+                want = gemm_ws.ws_a8w4_matmul(xc, kw, s_x, bias.to(dtype), dtype)
+                assert torch.equal(got, want), f"M={m} {cfg} {dtype} with bias"
+
+
+def test_many_tokens_on_a_wide_layer_take_the_ping_pong_kernel() -> None:
+    """The dispatch's rule on the GPU: 1500 tokens of a layer of 66 tile rows go to the ping-pong kernel, and the
+    layer's output equals the exact reference up to the output's rounding (the act-quant in front)."""
+    gen = torch.Generator().manual_seed(21)
+    dg = random_weight(8448, 2048, 128, gen)
+    kw = layout(dg)
+    x = torch.randn(1500, 2048, generator=gen).half()
+    assert gemm_pp.config_for(1500, 8448) == gemm_pp.PpConfig(256, 4)
+    got = a8w4_linear(x.cuda(), kw, out_dtype=torch.float32).cpu()
+    q, s_x = quantize_activations(x)
+    assert torch.equal(got, fp32_epilogue(int_matmul(q, dg.int8_weight()), s_x, dg.s1))
 
 
 @pytest.mark.parametrize("k,n,g", [(4096, 320, 128), (2048, 8448, 64)])

@@ -9,13 +9,18 @@ Each was measured against the others on an H100 (``benchmarks/gemm.py``, ``bench
   the act-quant + itself on every benchmark and decode shape (``benchmarks/gemv_probe.py --tma``, notes).
 * M = 1 elsewhere: the register-fed GEMV (:mod:`dgq.kernels.gemv`), quantizing inside on layers of few row blocks
   (:func:`dgq.kernels.gemv.quantizes_inside`).
-* 1 < M <= :data:`dgq.kernels.gemm_ws.MAX_M` on Hopper: the warp-specialized kernel (:mod:`dgq.kernels.gemm_ws`),
+* From :data:`dgq.kernels.gemm_pp.MIN_M` tokens on Hopper, wherever its tiles fill the GPU
+  (:func:`dgq.kernels.gemm_pp.config_for`): the ping-pong kernel (:mod:`dgq.kernels.gemm_pp`), whose two MMA
+  warpgroups widen into the tensor-core instruction's registers and take turns on the tensor cores.  In session 16
+  it beat the warp-specialized kernel and widen-once on all five benchmark shapes at M = 1024, 2048 and 4096
+  (1.16-1.44x the previous dispatch), and on the three it takes at M = 256.
+* Other 1 < M <= :data:`dgq.kernels.gemm_ws.MAX_M` on Hopper: the warp-specialized kernel (:mod:`dgq.kernels.gemm_ws`),
   whose widening runs in its own warps beside the MMA.
 * The same M on another GPU, or a layer that kernel does not take (:func:`dgq.kernels.gemm_ws.supported`: K tiles of
   64, odd groups, N not a multiple of 64), or a Triton without Gluon (warned once on Hopper): the in-register
   tensor-core kernel (:mod:`dgq.kernels.gemm`).
-* M >= :data:`WIDEN_MIN_M` (on Hopper, long-K layers from :data:`dgq.kernels.gemm_ws.MAX_M_LONG_K` + 1 on: its
-  :func:`~dgq.kernels.gemm_ws.takes`): the weight is widened to int8 once per call (one pass over it) and the
+* M >= :data:`WIDEN_MIN_M` where neither Hopper kernel takes the layer (on Hopper only layers too narrow to fill
+  the GPU with tiles): the weight is widened to int8 once per call (one pass over it) and the
   TMA-fed int8 kernel (:mod:`dgq.kernels.int8_gemm`) multiplies; a layer whose widened weight would pass
   :data:`WIDEN_CHUNK_BYTES` a chunk of output rows at a time (:func:`widen_once_matmul`).  At M = 2048 (int8 codes in, session 10) that
   took 0.0676 / 0.1944 / 0.1607 / 0.8893 / 0.8653 ms on the five benchmark shapes against 0.0700 / 0.2038 / 0.1498 /
@@ -39,9 +44,9 @@ from dgq.kernels.gemv import a8w4_gemv, a8w4_gemv_float, quantizes_inside
 from dgq.kernels.int8_gemm import int8_matmul, whole_wave_rows
 
 if importlib.util.find_spec("triton.experimental.gluon") is not None:
-    from dgq.kernels import gemm_ws, gemv_tma
-else:  # Triton < 3.5: no Gluon, so no warp-specialized kernel and no TMA GEMV
-    gemm_ws = gemv_tma = None
+    from dgq.kernels import gemm_pp, gemm_ws, gemv_tma
+else:  # Triton < 3.5: no Gluon, so no warp-specialized or ping-pong kernel and no TMA GEMV
+    gemm_pp = gemm_ws = gemv_tma = None
 
 GEMV_MAX_M = 1  # measured: the GEMV wins at M = 1 only
 WIDEN_MIN_M = 2048  # measured: widen-once wins at M = 2048 on two shapes, ties on two (above); gemm_ws.MAX_M matches
@@ -60,6 +65,9 @@ def a8w4_mm(x_s8: torch.Tensor, s_x: torch.Tensor, kw: KernelWeight, bias: torch
     ws = _hopper_kernels(kw, x_s8.device)
     if m <= GEMV_MAX_M:
         return (gemv_tma.tma_gemv if ws else a8w4_gemv)(x_s8, kw, s_x, bias, out_dtype)
+    pp = gemm_pp.config_for(m, kw.out_features) if ws else None
+    if pp is not None:
+        return gemm_pp.pp_a8w4_matmul(x_s8, kw, s_x, bias, out_dtype, config=pp)
     if m >= WIDEN_MIN_M and not (ws and gemm_ws.takes(m, kw.in_features, kw.out_features)):
         return widen_once_matmul(x_s8, s_x, kw, bias, out_dtype)
     if ws:

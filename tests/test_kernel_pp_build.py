@@ -1,0 +1,79 @@
+"""The ping-pong Hopper GEMM (:mod:`dgq.kernels.gemm_pp`) built for sm_90a on this machine, and its rule.
+
+Gluon kernels do not run in Triton's CPU interpreter: the CPU suite checks that every config the rule picks compiles
+(Triton ships ``ptxas``) with two register-operand MMA warpgroups that take registers from the load warp, within the
+H100's shared memory and without spilling registers to local memory in the fp16 / bf16 epilogues; bit-exactness on
+the GPU: ``tests/test_kernels_cuda.py`` (``pytest -m cuda``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton import, as the other kernel tests (shared process)
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
+
+import triton  # noqa: E402
+
+from dgq.kernels import gemm_pp, gemm_ws  # noqa: E402
+
+H100_SHARED = 227 * 1024
+RULE_CONFIGS = sorted({c for m in (65, 256, 1024, 8192) for n in (4096, 8192, 11008, 28672)
+                       if (c := gemm_pp.config_for(m, n)) is not None}, key=str)
+
+
+def compile_for_hopper(cfg: gemm_pp.PpConfig, group: int, out: str):  # noqa: ANN201 - a triton CompiledKernel
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    bn = gemm_pp.BN
+    swz, plain = repr(gemm_ws._nvmma(64)), repr(gemm_ws._nvmma(0))
+    box = f"[{gemm_ws._scale_rows(group, bn)}, {bn}]"
+    consts = {"GROUP": group, "BN": bn, "BM": cfg.bm, "STAGES": cfg.stages, "EPILOGUE": out != "i32",
+              "HAS_BIAS": True, "PDL": True, "MMA_REGS": gemm_pp.MMA_REGS}
+    sig = {"w_desc": f"tensordesc<u8[{bn}, 64],{swz}>", "x_desc": f"tensordesc<i8[{cfg.bm}, 64],{swz}>",
+           "s2_desc": f"tensordesc<i8{box},{plain}>", "zp_desc": f"tensordesc<u8{box},{plain}>",
+           "sx_ptr": "*fp32", "s1_ptr": "*fp32", "bias_ptr": f"*{out}", "out_ptr": f"*{out}", "ws_ptr": "*i32",
+           "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_sx": "i32",
+           **{name: "constexpr" for name in consts}}
+    return triton.compile(GluonASTSource(gemm_pp._pp_a8w4_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, "maxnreg": gemm_pp.MAXNREG})
+
+
+def spill_bytes(ptx: str, tmp_path) -> int:  # noqa: ANN001
+    """Bytes ptxas spills to local memory for this PTX (its ``-v`` report)."""
+    src = tmp_path / "k.ptx"
+    src.write_text(ptx)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
+    report = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(src), "-o", str(tmp_path / "k.cubin")],
+                            capture_output=True, text=True, check=True).stderr
+    return sum(int(b) for b in re.findall(r"(\d+) bytes spill stores", report))
+
+
+def test_rule_picks_ping_pong_tiles_where_they_fill_the_gpu() -> None:
+    assert gemm_pp.config_for(64, 28672) is None  # the warp-specialized kernel's small tiles
+    assert gemm_pp.config_for(65, 11008) == gemm_pp.config_for(8192, 4096) == gemm_pp.PpConfig(256, 4)
+    assert gemm_pp.config_for(256, 11008) == gemm_pp.PpConfig(256, 4)  # 86 tiles of 256 tokens
+    assert gemm_pp.config_for(256, 8192) == gemm_pp.PpConfig(128, 6)  # 64 of 256, 128 of 128 tokens
+    assert gemm_pp.config_for(256, 4096) is None  # 64 tiles even of 128 tokens: too few
+    assert gemm_pp.config_for(1024, 4096) == gemm_pp.PpConfig(256, 4)
+    assert gemm_pp.PpConfig(256, 4) in RULE_CONFIGS and gemm_pp.PpConfig(128, 6) in RULE_CONFIGS
+
+
+@pytest.mark.parametrize("cfg", RULE_CONFIGS, ids=str)
+@pytest.mark.parametrize("group,out", [(128, "fp16"), (64, "bf16"), (128, "i32")])
+def test_every_rule_config_builds_for_hopper(cfg: gemm_pp.PpConfig, group: int, out: str, tmp_path) -> None:
+    kernel = compile_for_hopper(cfg, group, out)
+    ptx = kernel.asm["ptx"]
+    mmas = [line for line in ptx.splitlines() if "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in line]
+    # the weight operand from four registers, the activations from a shared-memory descriptor: "}, {%r..x4}, %rd"
+    assert mmas and all(re.search(r"\}, \{%r\d+,%r\d+,%r\d+,%r\d+\}, %rd\d+", line) for line in mmas)
+    assert f"setmaxnreg.inc.sync.aligned.u32 \t{gemm_pp.MMA_REGS}" in ptx and "griddepcontrol.wait" in ptx
+    assert kernel.metadata.shared <= H100_SHARED
+    if out != "i32":  # the int32 output (tests only) spills in its layout conversion; the float epilogues must not
+        assert spill_bytes(ptx, tmp_path) == 0
