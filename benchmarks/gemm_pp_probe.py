@@ -15,6 +15,7 @@ import json
 import torch
 
 from dgq.kernels.gemm_pp import PpConfig, pp_a8w4_matmul
+from dgq.kernels.gemm_pp import config_for as pp_rule
 from dgq.kernels.gemm_ws import config_for, ws_a8w4_matmul
 from dgq.kernels.linear import a8w4_mm, widen_once_matmul
 
@@ -22,13 +23,19 @@ from dgq.kernels.linear import a8w4_mm, widen_once_matmul
 # order barrier (results/gemm_pp_probe_s16.json, "_free"): equal within 2% at M <= 1024, up to 13% slower at
 # M = 2048 / 4096 on 8192 x 28672, so the kernel always takes turns.
 VARIANTS = [PpConfig(256, 4), PpConfig(256, 5), PpConfig(128, 6)]
+# --splits: K splits for the layers whose tiles alone leave SMs idle (M <= 256 on the N = 4096 / 8192 layers)
+# and 64-token tiles unsplit at M = 256 (four times the tiles of the 256-token ones; session 16's last call)
+SPLIT_VARIANTS = {64: [PpConfig(64, 8, s) for s in (2, 4)],
+                  256: [PpConfig(256, 4, 2), PpConfig(128, 6, 2), PpConfig(128, 6, 4), PpConfig(64, 8, 4),
+                        PpConfig(64, 8, 1), PpConfig(64, 6, 1)]}
 
 
 def _name(cfg: PpConfig) -> str:
-    return f"pp_bm{cfg.bm}_st{cfg.stages}"
+    return f"pp_bm{cfg.bm}_st{cfg.stages}" + (f"_sp{cfg.split}" if cfg.split > 1 else "")
 
 
-def _exact(o, m: int, cfg: PpConfig, bias: torch.Tensor | None = None) -> bool:
+def _exact(o, m: int, cfg: PpConfig, bias: torch.Tensor | None = None,
+           dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16)) -> bool:
     pad = torch.zeros(max(m, 32), o.kw.in_features, dtype=torch.int8, device="cuda")
     pad[:m] = o.x_s8
     want = torch._int_mm(pad, o.w8.t())[:m]
@@ -36,10 +43,10 @@ def _exact(o, m: int, cfg: PpConfig, bias: torch.Tensor | None = None) -> bool:
         return False
     return all(torch.equal(pp_a8w4_matmul(o.x_s8, o.kw, o.s_x, bias, dt, config=cfg),
                            ws_a8w4_matmul(o.x_s8, o.kw, o.s_x, bias, dt))
-               for dt in (torch.float32, torch.float16, torch.bfloat16))
+               for dt in dtypes)
 
 
-def small_layers(failures: list[str]) -> None:
+def small_layers(failures: list[str], variants: list[PpConfig]) -> None:
     """Group 64 and 128, token counts that leave partial tiles, a bias: what the timed shapes do not reach."""
     from gemm import Operands, make_weight
 
@@ -48,7 +55,7 @@ def small_layers(failures: list[str]) -> None:
         for m in (1, 17, 255, 1000, 1500):
             o.set_acts(m)
             bias = torch.randn(n, device="cuda").half()
-            for cfg in VARIANTS:
+            for cfg in variants:
                 try:
                     ok = _exact(o, m, cfg, bias)
                 except Exception as e:  # noqa: BLE001 - a variant that cannot build or launch is reported
@@ -62,26 +69,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default=None)
     parser.add_argument("--ms", default="256,1024,2048,4096")
+    parser.add_argument("--splits", action="store_true",
+                        help="the K-split (and 64-token) variants at M = 64 and 256 instead (--ms: of those)")
     args = parser.parse_args()
     from gemm import SHAPES, operand_sets, print_failures, time_graph
 
     rows, failures = [], []
-    small_layers(failures)
+    ms = [int(v) for v in args.ms.split(",")]
+    if args.splits:
+        ms = [m for m in ms if m in SPLIT_VARIANTS] or sorted(SPLIT_VARIANTS)
+    if not args.splits:  # (each variant compiles per group, dtype and bias: ~10 s each; the split one's in pytest -m cuda)
+        small_layers(failures, VARIANTS)
     print_failures(failures)
     for k, n in SHAPES:
         sets = operand_sets(k, n)
-        for m in [int(v) for v in args.ms.split(",")]:
+        for m in ms:
             for o in sets:
                 o.set_acts(m)
             o = sets[0]
             times = {"fp16": time_graph([lambda o=o: o.x16 @ o.w16.t() for o in sets]),
                      "dispatch": time_graph([lambda o=o: a8w4_mm(o.x_s8, o.s_x, o.kw) for o in sets]),
-                     "ws_rule": time_graph([lambda o=o: ws_a8w4_matmul(o.x_s8, o.kw, o.s_x) for o in sets]),
-                     "widen_once": time_graph([lambda o=o: widen_once_matmul(o.x_s8, o.s_x, o.kw) for o in sets])}
-            for cfg in VARIANTS:
+                     "ws_rule": time_graph([lambda o=o: ws_a8w4_matmul(o.x_s8, o.kw, o.s_x) for o in sets])}
+            if m >= 1024:
+                times["widen_once"] = time_graph([lambda o=o: widen_once_matmul(o.x_s8, o.s_x, o.kw) for o in sets])
+            for cfg in SPLIT_VARIANTS[m] if args.splits else VARIANTS:
                 name = _name(cfg)
+                dtypes = (torch.float16,) if args.splits else (torch.float32, torch.float16, torch.bfloat16)
                 try:
-                    ok = _exact(o, m, cfg)
+                    ok = _exact(o, m, cfg, dtypes=dtypes)
                 except Exception as e:  # noqa: BLE001
                     failures.append(f"K={k} N={n} M={m} {name}: {type(e).__name__}: {str(e)[:160]}")
                     continue
@@ -90,10 +105,10 @@ def main() -> None:
                     continue
                 times[name] = time_graph([lambda o=o, c=cfg: pp_a8w4_matmul(o.x_s8, o.kw, o.s_x, config=c)
                                           for o in sets])
-                if not _exact(o, m, cfg):
+                if not _exact(o, m, cfg, dtypes=dtypes):
                     failures.append(f"K={k} N={n} M={m} {name}: not exact after replays")
             rows += [{"K": k, "N": n, "M": m, "kernel": name, "ms": t} for name, t in times.items()]
-            print(f"K={k} N={n} M={m} (ws {config_for(m, n)}): "
+            print(f"K={k} N={n} M={m} (ws {config_for(m, n)}, pp {pp_rule(m, n)}): "
                   + ", ".join(f"{name} {t * 1e3:.1f}" for name, t in times.items()) + " us", flush=True)
             if args.json:
                 with open(args.json, "w") as f:

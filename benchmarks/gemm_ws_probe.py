@@ -24,12 +24,10 @@ from dgq.kernels.linear import a8w4_linear, a8w4_mm, widen_once_matmul
 # (bn, bm, stages, split, widen_regs, maxnreg) around the rule: ring depth (bytes in flight), K splits (per-tile
 # arrival), 64/128-row tiles, 1-2 CTAs per SM (maxnreg 80: two fit).
 W = WsConfig
-# Session 10: persistent grids (one CTA per SM walks the tiles, so the next tile's loads and widening run during the
-# epilogue), and eight widening warps at M = 256.  Also measured then and dropped (notes_gemm.md, session 10, and
-# results/gemm_ws_probe_h100_s10_*.json): 256-row tiles, two CTAs per SM with 64-token tiles, K splits at M = 256, and
-# eight widening warps on the 256-token tile (640 threads: more than 512 launch at 112 registers)
-P = dict(persistent=1)
-BIG_P = W(128, 256, 4, 1, 96, 128, 8, **P)
+# Session 10 also measured persistent grids and 256-token tiles with two MMA warpgroups here (the rule from then to
+# session 16: results/gemm_ws_probe_h100_s10_*.json); session 16's ping-pong kernel (benchmarks/gemm_pp_probe.py)
+# took those regimes and the kernel lost both forms (code at a174f4e).  Dropped before: 256-row tiles, two CTAs per
+# SM with 64-token tiles, K splits at M = 256, eight widening warps.
 # the act-quant + GEMM pair per M: the rule's configs and their neighbours in registers (1 or 2 CTAs per SM)
 PAIR_CONFIGS = {16: [W(64, 16, 6, s, 80, 80) for s in (1, 2, 4)] + [W(128, 16, 4, s, 80, 80) for s in (1, 2)],
                 # decode at batch 17-32: 32-token tiles, more K splits, two CTAs per SM
@@ -37,18 +35,14 @@ PAIR_CONFIGS = {16: [W(64, 16, 6, s, 80, 80) for s in (1, 2, 4)] + [W(128, 16, 4
                 + [W(128, 32, 4, s, 80, 80) for s in (1, 2)] + [W(64, 64, 6, s, 80, 80) for s in (2, 4)],
                 64: [W(128, 64, 4, 1), W(128, 64, 4, 1, 80, 80), W(128, 64, 4, 2), W(128, 64, 4, 2, 80, 80),
                      W(64, 64, 6, 1, 80, 80), W(64, 64, 6, 2, 80, 80)],
-                256: [W(64, 128, 6, 1), W(128, 128, 6, 1, 128), W(64, 256, 4, 1), W(128, 256, 4, 1, 96, 128, 8)],
-                8192: [BIG_P, W(128, 256, 4, 1, 96, 128, 8)]}
+                8192: [W(64, 128, 6, 1), W(128, 128, 6, 1, 128), W(64, 256, 4, 1)]}
 CANDIDATES = {16: [W(64, 16, st, s, 80, 80) for st in (6, 10) for s in (1, 2, 4)]
               + [W(128, 16, st, s, 80, 80) for st in (4, 6) for s in (1, 2)]
               + [W(128, 16, 6, s) for s in (1, 2, 3)] + [W(64, 16, 10, s) for s in (1, 2)],
               64: [W(64, 64, st, s, 80, 80) for st in (6, 8) for s in (1, 2, 4)]
               + [W(128, 64, st, s) for st in (4, 6) for s in (1, 2)] + [W(128, 64, 4, s, 80, 80) for s in (1, 2)],
-              256: [W(64, 128, 6, 1), W(128, 128, 6, 1, 128), BIG_P, W(64, 128, 6, 1, 96, 128, widen_warps=8),
-                    W(128, 128, 6, 1, 96, 128, widen_warps=8)],
-              2047: [W(128, 256, 4, 1, 96, 128, 8), BIG_P],
-              # beyond MAX_M: against widen-once + the int8 GEMM (the "dgq_path" column there)
-              8192: [W(128, 256, 4, 1, 96, 128, 8), BIG_P, W(128, 128, 6, 1, 96, 128, 8, **P)]}
+              # beyond M = 64 the layers too narrow for the ping-pong kernel (against widen-once past MAX_M)
+              8192: [W(64, 128, 6, 1), W(128, 128, 6, 1, 128), W(64, 128, 6, 1, 96, 128, widen_warps=8)]}
 
 
 def measure(json_path: str | None, ms: list[int], shapes: list[tuple[int, int]]) -> None:

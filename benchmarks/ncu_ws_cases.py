@@ -1,5 +1,6 @@
-"""Nsight Compute targets for the warp-specialized kernel: one pinned config on one shape, called after warm-up, so
-``-s 2 -c 1`` (skip the warm-up launches) profiles one call.  The cases of BENCHMARKS.md "Where the time goes at
+"""Nsight Compute targets for the warp-specialized and ping-pong kernels: one pinned config on one shape, called after
+warm-up, so ``-s 2 -c 1`` (skip the warm-up launches) profiles one call (``-k regex:_pp_a8w4_kernel`` for the
+``pp_*`` cases, session 16).  The cases of BENCHMARKS.md "Where the time goes at
 M >= 256" (session 10):
 
     ncu --target-processes all -k regex:_ws_a8w4_kernel -s 2 -c 1 --section SpeedOfLight --section WarpStateStats \\
@@ -14,18 +15,18 @@ import sys
 import torch
 
 from dgq.kernels.gemm import widen_weight
+from dgq.kernels.gemm_pp import PpConfig, pp_a8w4_matmul
 from dgq.kernels.gemm_ws import WsConfig as W
 from dgq.kernels.gemm_ws import ws_a8w4_matmul
 from dgq.kernels.int8_gemm import int8_matmul
 
 CASES = {  # name: (M, K, N, config)
     "m256": (256, 4096, 4096, W(64, 128, 6, 1)),
-    "m256_wide": (256, 4096, 4096, W(256, 128, 4, 1, 96, 128, 8)),
     "m256w8": (256, 4096, 4096, W(64, 128, 6, 1, 96, 128, widen_warps=8)),
-    "m1024": (1024, 4096, 4096, W(128, 256, 4, 1, 96, 128, 8, persistent=1)),
-    "m1024_wide": (1024, 4096, 4096, W(256, 128, 4, 1, 96, 128, 8)),
-    "m4096": (4096, 4096, 11008, W(128, 256, 4, 1, 96, 128, 8, persistent=1)),
+    "m1024": (1024, 4096, 4096, W(128, 128, 6, 1, 128)),  # session 10 profiled its 256-token tiles (code at a174f4e)
     "m4096_int8": (4096, 4096, 11008, None),  # widen-once's int8 GEMM on the widened weight (-k _int8_gemm_kernel)
+    "pp_m1024": (1024, 4096, 4096, PpConfig(256, 4)),
+    "pp_m256": (256, 4096, 11008, PpConfig(256, 4)),
 }
 
 
@@ -40,6 +41,8 @@ def main() -> None:
     for _ in range(3):
         if cfg is None:
             int8_matmul(o.x_s8, w8, o.s_x, o.kw.s1)
+        elif isinstance(cfg, PpConfig):
+            pp_a8w4_matmul(o.x_s8, o.kw, o.s_x, config=cfg)
         else:
             ws_a8w4_matmul(o.x_s8, o.kw, o.s_x, config=cfg)
     torch.cuda.synchronize()

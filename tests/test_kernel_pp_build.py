@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from dgq.kernels import gemm_pp, gemm_ws  # noqa: E402
 
 H100_SHARED = 227 * 1024
-RULE_CONFIGS = sorted({c for m in (65, 256, 1024, 8192) for n in (4096, 8192, 11008, 28672)
+RULE_CONFIGS = sorted({c for m in (33, 64, 65, 256, 1024, 8192) for n in (4096, 8192, 11008, 28672)
                        if (c := gemm_pp.config_for(m, n)) is not None}, key=str)
 
 
@@ -34,7 +34,7 @@ def compile_for_hopper(cfg: gemm_pp.PpConfig, group: int, out: str):  # noqa: AN
     bn = gemm_pp.BN
     swz, plain = repr(gemm_ws._nvmma(64)), repr(gemm_ws._nvmma(0))
     box = f"[{gemm_ws._scale_rows(group, bn)}, {bn}]"
-    consts = {"GROUP": group, "BN": bn, "BM": cfg.bm, "STAGES": cfg.stages, "EPILOGUE": out != "i32",
+    consts = {"GROUP": group, "BN": bn, "BM": cfg.bm, "STAGES": cfg.stages, "SPLIT": cfg.split, "EPILOGUE": out != "i32",
               "HAS_BIAS": True, "PDL": True, "MMA_REGS": gemm_pp.MMA_REGS}
     sig = {"w_desc": f"tensordesc<u8[{bn}, 64],{swz}>", "x_desc": f"tensordesc<i8[{cfg.bm}, 64],{swz}>",
            "s2_desc": f"tensordesc<i8{box},{plain}>", "zp_desc": f"tensordesc<u8{box},{plain}>",
@@ -57,12 +57,16 @@ def spill_bytes(ptx: str, tmp_path) -> int:  # noqa: ANN001
 
 def test_rule_picks_ping_pong_tiles_where_they_fill_the_gpu() -> None:
     assert gemm_pp.config_for(64, 28672) is None  # the warp-specialized kernel's small tiles
+    assert gemm_pp.config_for(32, 4096) is None and gemm_pp.config_for(64, 11008) is None  # 86 tiles: no split
+    assert gemm_pp.config_for(33, 4096) == gemm_pp.config_for(64, 4096) == gemm_pp.PpConfig(64, 8, 4)  # 32 tiles
+    assert gemm_pp.config_for(64, 8192) == gemm_pp.PpConfig(64, 8, 2)  # 64 tiles x 4 > 132 SMs
+    assert gemm_pp.config_for(64, 4096, sms=78) == gemm_pp.PpConfig(64, 8, 2)
     assert gemm_pp.config_for(65, 11008) == gemm_pp.config_for(8192, 4096) == gemm_pp.PpConfig(256, 4)
     assert gemm_pp.config_for(256, 11008) == gemm_pp.PpConfig(256, 4)  # 86 tiles of 256 tokens
     assert gemm_pp.config_for(256, 8192) == gemm_pp.PpConfig(128, 6)  # 64 of 256, 128 of 128 tokens
     assert gemm_pp.config_for(256, 4096) is None  # 64 tiles even of 128 tokens: too few
     assert gemm_pp.config_for(1024, 4096) == gemm_pp.PpConfig(256, 4)
-    assert gemm_pp.PpConfig(256, 4) in RULE_CONFIGS and gemm_pp.PpConfig(128, 6) in RULE_CONFIGS
+    assert len(RULE_CONFIGS) == 4  # 256 and 128 tokens unsplit, 64 split in 2 and 4
 
 
 @pytest.mark.parametrize("cfg", RULE_CONFIGS, ids=str)
@@ -70,7 +74,8 @@ def test_rule_picks_ping_pong_tiles_where_they_fill_the_gpu() -> None:
 def test_every_rule_config_builds_for_hopper(cfg: gemm_pp.PpConfig, group: int, out: str, tmp_path) -> None:
     kernel = compile_for_hopper(cfg, group, out)
     ptx = kernel.asm["ptx"]
-    mmas = [line for line in ptx.splitlines() if "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8" in line]
+    instr = f"wgmma.mma_async.sync.aligned.m64n{min(cfg.bm, 128)}k32.s32.s8.s8"
+    mmas = [line for line in ptx.splitlines() if instr in line]
     # the weight operand from four registers, the activations from a shared-memory descriptor: "}, {%r..x4}, %rd"
     assert mmas and all(re.search(r"\}, \{%r\d+,%r\d+,%r\d+,%r\d+\}, %rd\d+", line) for line in mmas)
     assert f"setmaxnreg.inc.sync.aligned.u32 \t{gemm_pp.MMA_REGS}" in ptx and "griddepcontrol.wait" in ptx

@@ -163,11 +163,9 @@ def test_swiglu_input_is_formed_as_the_reference_forms_it(k: int, n: int, g: int
 WS_SHAPES = [(4096, 320, 128), (1024, 256, 64), (2048, 8448, 256)]  # (K, N, group) the warp-specialized kernel takes
 WS_CONFIGS = sorted({gemm_ws.config_for(m, n) for m in (16, 32, 64, 256, 1023) for n in (4096, 8192, 11008, 28672)},
                     key=str) + [gemm_ws.WsConfig(128, 64, 4, 3), gemm_ws.WsConfig(64, 16, 6, 3, 80, 80),
-                                gemm_ws.WsConfig(64, 16, 6, 3, 80, 80, persistent=1),
-                                gemm_ws.WsConfig(128, 256, 4, 1, 96, 128, 8, persistent=1),
-                                gemm_ws.WsConfig(256, 128, 4, 1, 96, 128, 8, persistent=1)] \
+                                gemm_ws.WsConfig(128, 64, 4, 2), gemm_ws.WsConfig(128, 128, 6, 1, 128)] \
     if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else []
-# + splits of three, and persistent grids (at N = 8448 and M >= 255 the CTAs take several tiles each, split or not)
+# + splits of three and two (a split the ping-pong kernel now takes at 33-64 tokens), and 128-token tiles
 
 
 TMA_SHAPES = [(4096, 320, 128), (1024, 256, 64), (2048, 8448, 256), (28672, 256, 128), (1152, 192, 64)]
@@ -238,15 +236,16 @@ def test_warp_specialized_kernel_is_bit_exact(k: int, n: int, g: int, kind: str)
             assert torch.equal(got, fp32_epilogue(ref, s_x.reshape(-1, 1), dg.s1)), f"M={m} epilogue"
 
 
-PP_CONFIGS = [None, *(gemm_pp.PpConfig(bm, st) for bm, st in ((256, 4), (128, 6), (256, 5)))] \
+PP_CONFIGS = [None, *(gemm_pp.PpConfig(*c) for c in ((256, 4), (128, 6), (64, 8, 2), (64, 8, 4)))] \
     if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else []
 
 
 @pytest.mark.parametrize("k,n,g", WS_SHAPES)
 @pytest.mark.parametrize("kind", ["random", "extreme"])
 def test_ping_pong_kernel_is_bit_exact(k: int, n: int, g: int, kind: str) -> None:
-    """The ping-pong kernel's rule and pinned configs from 1 token (a tile almost all padding) to 2600 (several
-    units per CTA at N = 8448): int32 accumulators equal to ``int_matmul``, the fp32 epilogue's exact result with
+    """The ping-pong kernel's rule and pinned configs, split in K too, from 1 token (a tile almost all padding) to
+    2600 (several units per CTA at N = 8448): int32 accumulators equal to ``int_matmul`` (split: the counts left
+    zeroed), the fp32 epilogue's exact result with
     per-token and static scales, and its fp16 / bf16 outputs with a bias equal to the warp-specialized kernel's."""
     gen = torch.Generator().manual_seed(k + n + 7)
     dg = random_weight(n, k, g, gen, kind)
@@ -260,6 +259,7 @@ def test_ping_pong_kernel_is_bit_exact(k: int, n: int, g: int, kind: str) -> Non
         xc = x.cuda()
         for cfg in PP_CONFIGS:
             assert torch.equal(gemm_pp.pp_a8w4_matmul(xc, kw, out_dtype=None, config=cfg).cpu(), ref), f"M={m} {cfg}"
+            assert not kw.split_scratch.any(), f"M={m} {cfg}: split-K counts left armed"
             for s_x in (torch.rand(m, 1, generator=gen) * 0.05 + 1e-3, torch.tensor(0.02)):
                 got = gemm_pp.pp_a8w4_matmul(xc, kw, s_x.cuda(), out_dtype=torch.float32, config=cfg).cpu()
                 assert torch.equal(got, fp32_epilogue(ref, s_x.reshape(-1, 1), dg.s1)), f"M={m} {cfg} epilogue"

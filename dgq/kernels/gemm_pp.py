@@ -1,18 +1,26 @@
-"""Probe: an A8W4 GEMM whose two MMA warpgroups widen their own weight rows into the ``wgmma`` register operand and
-take turns on the tensor cores (ping-pong), so one widens while the other's MMAs run.
+"""The A8W4 GEMM on Hopper from 65 tokens (and at 33-64 on layers of few tiles, split in K): two MMA warpgroups widen
+their own weight rows into the ``wgmma`` register operand and take turns on the tensor cores (ping-pong), so one
+widens while the other's MMAs run.
 
-Why: at M >= 1024 the warp-specialized kernel (:mod:`dgq.kernels.gemm_ws`) is bound by shared memory (ncu, session
+Why: at M >= 1024 the warp-specialized kernel (:mod:`dgq.kernels.gemm_ws`) was bound by shared memory (ncu, session
 10: L1/TEX 64-70% busy, tensor pipe about half): per 128-wide K tile of a 128 x 256 tile its widen warps write the
 int8 weight to shared memory and the MMAs read it back (32 KB of 160).  Widening into registers removes that
 traffic, but in session 10 one warpgroup could not overlap its widening with its own MMAs exactly: nothing keeps an
 asynchronous MMA's A registers live until its wait, and ptxas reused them (``gemm_rs`` at df6fa75: a race).  Here
 each warpgroup waits for its own MMAs before it widens again (exact by construction), and the overlap comes from the
 other warpgroup: an order barrier makes them issue their MMAs in turn, so while warpgroup 0's MMAs run, warpgroup 1
-widens, and the other way round.
+widens, and the other way round.  Measured on the H100 (``benchmarks/gemm_pp_probe.py``, BENCHMARKS.md GEMM run 9):
+1.16-1.43x the earlier dispatch at M = 1024, 1.06-1.58x at 2048-4096; 1.55-1.69x cuBLAS FP16 at M >= 1024 with the
+act-quant, from 1.30-1.57x.
 
 Partitions: warpgroup 0 (the default partition) and warpgroup 1 (a worker) each own 64 of the tile's 128 weight rows
-and a ``[64, BM]`` int32 accumulator; one load warp fills :func:`dgq.kernels.gemm_ws._load_part`'s ring (both
-warpgroups release each slot: its barriers count two arrivals).  Persistent grid of one CTA per SM, no K split.
+and a ``[64, BM]`` int32 accumulator (240 registers each, taken from the load warp's); one load warp fills
+:func:`dgq.kernels.gemm_ws._load_part`'s ring (both warpgroups release each slot: its barriers count two arrivals).
+Persistent grid of one CTA per SM over units of an output tile and a K split (weight rows fastest).  The epilogue
+scales in the accumulator's layout and converts the rounded fp16 / bf16 tile for coalesced stores (converting the
+int32 tile first spilled 8 KB).  K splits use the warp-specialized kernel's exact reduction, each warpgroup counting
+its own arrivals.  Same layers as that kernel (:func:`dgq.kernels.gemm_ws.supported`); ``pytest -m cuda`` checks it
+bit-exact, the CPU suite builds the rule's configs for sm_90a.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from dgq.kernels.gemm import KernelWeight, prepare_call
 from dgq.kernels.gemm_ws import (
-    HALF, WsConfig, _epilogue, _gdc_wait, _load_part, _sm_count, _unit, _widen, descriptors,
+    HALF, WsConfig, _epilogue, _gdc_wait, _load_part, _load_ring, _reduce_splits, _sm_count, _unit, _widen, descriptors,
 )
 from dgq.kernels.pdl import launch_options
 
@@ -42,8 +50,8 @@ ROWS = gl.constexpr(64)  # weight rows per warpgroup: one wgmma's M
 @gluon.jit
 def _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, my_turn, their_turn, sx_ptr,
              s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, u, c, n_tiles, m_tiles, tiles,
-             BM: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
-             HI_ROW: gl.constexpr, WG: gl.constexpr):
+             BM: gl.constexpr, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr,
+             PDL: gl.constexpr, HI_ROW: gl.constexpr, WG: gl.constexpr):
     """Unit ``u``'s K tiles (the rings' ``c``-th on) for this warpgroup's 64 weight rows, then its epilogue."""
     stages: gl.constexpr = xlo_bufs.shape[0]
     srows: gl.constexpr = s2v.shape[0] // stages
@@ -54,7 +62,7 @@ def _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty,
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=4)
     rows: gl.constexpr = gl.SliceLayout(1, a_layout)
     r0: gl.constexpr = WG * ROWS
-    n_tile, m_tile, sid, kt0, k_tiles = _unit(u, n_tiles, m_tiles, tiles, 1, True)
+    n_tile, m_tile, sid, kt0, k_tiles = _unit(u, n_tiles, m_tiles, tiles, SPLIT, True)
     acc = gl.zeros((ROWS, BM), gl.int32, acc_layout)
     for i in range(k_tiles):
         j = c + i
@@ -77,25 +85,33 @@ def _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty,
         mbarrier.arrive(x_empty.index(s), count=1)
     if PDL:
         _gdc_wait()  # the epilogue reads the act-quant's scales
+    tile = (m_tile * n_tiles + n_tile) * 2 + WG  # each warpgroup's rows count their own split-K arrivals
     if EPILOGUE:
-        _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n_tile * bn + r0, m_tile * BM,
-                         HAS_BIAS)
+        _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tile * bn + r0,
+                         m_tile * BM, sid, tile, SPLIT, HAS_BIAS)
     else:
         _epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tile * bn + r0,
-                  m_tile * BM, sid, m_tile * n_tiles + n_tile, BM, 1, EPILOGUE, HAS_BIAS)
+                  m_tile * BM, sid, tile, BM, SPLIT, EPILOGUE, HAS_BIAS)
     return c + k_tiles
 
 
 @gluon.jit
-def _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0, HAS_BIAS: gl.constexpr):
+def _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n0, m0, sid, tile,
+                     SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr):
     """``(acc * s_x) * s1 (+ bias)`` in fp32 in the accumulator's own layout (in place: no second register copy of
-    the tile), rounded to the output dtype, and only then moved to a store-friendly layout (half the bytes)."""
+    the tile), rounded to the output dtype, and only then moved to a store-friendly layout (half the bytes).  Split
+    (``SPLIT > 1``), the exact reduction of :func:`dgq.kernels.gemm_ws._reduce_splits` first, in the same layout:
+    the split that arrives last stores."""
     bn: gl.constexpr = acc.shape[0]
     BM: gl.constexpr = acc.shape[1]
     acc_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     acc_cols: gl.constexpr = gl.SliceLayout(0, acc.type.layout)
     an = n0 + gl.arange(0, bn, layout=acc_rows)
     am = m0 + gl.arange(0, BM, layout=acc_cols)
+    if SPLIT > 1:
+        inside = gl.expand_dims(am < M, 0) & gl.expand_dims(an < N, 1)
+        acc, own = _reduce_splits(acc, ws_ptr, cnt_ptr, gl.expand_dims(am, 0) * N + gl.expand_dims(an, 1), inside,
+                                  sid, tile, M * N, SPLIT)
     sx = gl.load(sx_ptr + am * stride_sx, mask=am < M, other=0.0)
     s1 = gl.load(s1_ptr + an, mask=an < N, other=0.0)
     val = acc.to(gl.float32) * gl.expand_dims(sx, 0) * gl.expand_dims(s1, 1)
@@ -106,14 +122,16 @@ def _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0
     offs_n = n0 + gl.arange(0, bn, layout=gl.SliceLayout(1, out_layout))
     offs_m = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, out_layout))
     mask = gl.expand_dims(offs_m < M, 0) & gl.expand_dims(offs_n < N, 1)
+    if SPLIT > 1:
+        mask = mask & gl.convert_layout(own, out_layout)
     gl.store(out_ptr + gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1), res, mask=mask)
 
 
 @gluon.jit
 def _pp_mma_part(w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns, sx_ptr, s1_ptr,
                  bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, units,
-                 BM: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
-                 HI_ROW: gl.constexpr, WG: gl.constexpr):
+                 BM: gl.constexpr, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr,
+                 PDL: gl.constexpr, HI_ROW: gl.constexpr, WG: gl.constexpr):
     stages: gl.constexpr = w_bufs.shape[0]
     srows: gl.constexpr = s2_bufs.shape[1]
     bn: gl.constexpr = w_bufs.shape[1]
@@ -124,75 +142,82 @@ def _pp_mma_part(w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_emp
     for u in range(gl.program_id(0), units, gl.num_programs(0)):
         c = _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns.index(WG),
                      turns.index(1 - WG), sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, u, c,
-                     n_tiles, m_tiles, tiles, BM, EPILOGUE, HAS_BIAS, PDL, HI_ROW, WG)
+                     n_tiles, m_tiles, tiles, BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, HI_ROW, WG)
 
 
 @gluon.jit
 def _pp_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
                     stride_sx, GROUP: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
-                    EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr, MMA_REGS: gl.constexpr):
+                    SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
+                    MMA_REGS: gl.constexpr):
     gl.static_assert(BN == 2 * ROWS, "two warpgroups of 64 weight rows")
     n_tiles = gl.cdiv(N, BN)
     m_tiles = gl.cdiv(M, BM)
     tiles = K // (2 * HALF)
-    units = n_tiles * m_tiles
-    srows: gl.constexpr = s2_desc.block_type.shape[0]
-    w_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, HALF], w_desc.layout)
-    xlo_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BM, HALF], x_desc.layout)
-    xhi_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BM, HALF], x_desc.layout)
-    s2_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, srows, BN], s2_desc.layout)
-    zp_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, srows, BN], zp_desc.layout)
-    load_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    w_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    x_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    units = n_tiles * m_tiles * SPLIT  # a CTA takes units pid, pid + grid, ... (weight rows fastest)
+    w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready, w_empty, x_empty = _load_ring(
+        w_desc, x_desc, s2_desc, zp_desc, STAGES, 2)  # both warpgroups release each slot
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(load_ready.index(i), count=1)
-        mbarrier.init(w_empty.index(i), count=2)  # both warpgroups read each slot
-        mbarrier.init(x_empty.index(i), count=2)
     for i in gl.static_range(2):
         mbarrier.init(turns.index(i), count=1)
     hi_row: gl.constexpr = 1 if GROUP == 64 else 0
     gl.warp_specialize([
         (_pp_mma_part, (w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns, sx_ptr,
                         s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, units,
-                        BM, EPILOGUE, HAS_BIAS, PDL, hi_row, 0)),
+                        BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, hi_row, 0)),
         (_pp_mma_part, (w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns, sx_ptr,
                         s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, units,
-                        BM, EPILOGUE, HAS_BIAS, PDL, hi_row, 1)),
+                        BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, hi_row, 1)),
         (_load_part, (w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready,
-                      w_empty, x_empty, n_tiles, m_tiles, tiles, units, BN, BM, 1, GROUP, PDL, True)),
+                      w_empty, x_empty, n_tiles, m_tiles, tiles, units, BN, BM, SPLIT, GROUP, PDL, True)),
     ], [4, 1], [MMA_REGS, 24])
 
 
 @dataclass(frozen=True)
 class PpConfig:
-    """Tokens per tile (two 128-wide MMAs at 256) and ring slots; the tile always has 128 weight rows."""
+    """Tokens per tile (two 128-wide MMAs at 256) and ring slots, K splits; the tile always has 128 weight rows."""
 
     bm: int = 256
     stages: int = 4
+    split: int = 1
 
 
 BN = 128  # weight rows per CTA: two warpgroups of ROWS
 MAXNREG = 168  # at launch: 12 warps (two MMA warpgroups, the load warp's warpgroup) x 32 x 168 <= 64K registers
 MMA_REGS = 240  # then each MMA warpgroup takes 240 (its 64 x 256 int32 accumulator is 128) and the load warp 24
-MIN_M = 65  # up to 64 tokens the warp-specialized kernel's small tiles (gemm_ws.config_for) serve
+MIN_M = 65  # from here the unsplit tiles; below, split tiles only (the warp-specialized kernel's small tiles else)
+SPLIT_M = (33, 64)  # token counts where 64-token tiles split in K won on the layers of few tiles (measured at 64)
 BIG_TILE_MIN_CTAS = 80  # measured (session 16): 86 tiles of 256 tokens won at M = 256 (4096 x 11008), 64 lost
 SMALL_TILE_MIN_CTAS = 100  # 128-token tiles: 128 won at M = 256 (28672 x 8192), 64 lost (the N = 4096 layers)
 
 
-def config_for(m: int, n: int) -> PpConfig | None:
-    """The measured rule (``benchmarks/gemm_pp_probe.py``, session 16, notes): from :data:`MIN_M` tokens, 256-token
-    tiles where they make at least :data:`BIG_TILE_MIN_CTAS` CTAs, else 128-token tiles (6 slots) where those make
-    :data:`SMALL_TILE_MIN_CTAS`; else ``None``: too few tiles to fill the GPU, where the warp-specialized kernel's
-    64-row tiles won (M = 256 on 4096 x 4096: 17.1 against 19.7 us)."""
+def config_for(m: int, n: int, sms: int = 132) -> PpConfig | None:
+    """The measured rule (``benchmarks/gemm_pp_probe.py``, session 16, notes), ``None`` where the warp-specialized
+    kernel (:func:`dgq.kernels.gemm_ws.config_for`) serves:
+
+    * from :data:`MIN_M` tokens, 256-token tiles where they make at least :data:`BIG_TILE_MIN_CTAS` CTAs, else
+      128-token tiles (6 slots) where those make :data:`SMALL_TILE_MIN_CTAS`; fewer tiles than that leave SMs idle,
+      and there the warp-specialized kernel's 64-row tiles won (M = 256 on 4096 x 4096: 17.1 against 19.7 us).  K
+      splits lost at M = 256 everywhere but one layer (the partial sums' traffic; ``--splits``);
+    * 33 to 64 tokens (:data:`SPLIT_M`) on layers of at most half as many 128-row tiles as SMs: 64-token tiles, K
+      split in 2 or 4 while the CTAs fit one wave.  At M = 64: 11008 x 4096 20.1 against 28.5 us, 28672 x 8192 58.3
+      against 69.9, 4096 x 4096 14.9 against 15.2 (split 2: 13.6); unsplit wide layers stay with the warp-specialized
+      kernel (4096 x 11008: 21.5 against 25.9 split in 2)."""
+    tiles = n // BN
+    if SPLIT_M[0] <= m <= SPLIT_M[1] and 2 * tiles <= sms:
+        return PpConfig(64, 8, 4 if 4 * tiles <= sms else 2)
     if m < MIN_M:
         return None
-    if triton.cdiv(m, 256) * (n // BN) >= BIG_TILE_MIN_CTAS:
+    if triton.cdiv(m, 256) * tiles >= BIG_TILE_MIN_CTAS:
         return PpConfig(256, 4)
-    if triton.cdiv(m, 128) * (n // BN) >= SMALL_TILE_MIN_CTAS:
+    if triton.cdiv(m, 128) * tiles >= SMALL_TILE_MIN_CTAS:
         return PpConfig(128, 6)
     return None
+
+
+def rule(m: int, n: int, device: torch.device) -> PpConfig | None:
+    """:func:`config_for` for the GPU at ``device`` (its SM count)."""
+    return config_for(m, n, _sm_count(device))
 
 
 def pp_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None = None,
@@ -209,14 +234,19 @@ def pp_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | Non
     epilogue = out_dtype is not None
     if m == 0:
         return out
-    cfg = config or config_for(m, n) or PpConfig()
-    dummy = kw.split_scratch  # stands in for the pointers an unsplit kernel does not read
+    cfg = config or rule(m, n, x.device) or PpConfig()
+    # Split-K partials per call (a captured CUDA graph owns its own); the per-tile counts, two per tile (one per
+    # warpgroup), are the layer's scratch, which every call leaves zeroed.  Unsplit, the scratch stands in for both.
+    dummy = kw.split_scratch
+    ws = torch.empty((cfg.split, m, n), dtype=torch.int32, device=x.device) if cfg.split > 1 else dummy
     sx = s_x.reshape(-1).float() if epilogue else dummy
-    units = triton.cdiv(n, BN) * triton.cdiv(m, cfg.bm)
+    tiles = triton.cdiv(n, BN) * triton.cdiv(m, cfg.bm)
+    if cfg.split > 1 and 2 * tiles > dummy.numel():
+        raise AssertionError(f"{2 * tiles} split-K counts exceed the layer's {dummy.numel()} slots")
     options = launch_options(x.device)
-    _pp_a8w4_kernel[(min(units, _sm_count(x.device)),)](
+    _pp_a8w4_kernel[(min(tiles * cfg.split, _sm_count(x.device)),)](
         *descriptors(x, kw, WsConfig(BN, cfg.bm, cfg.stages, 1)), sx, kw.s1, bias if bias is not None else dummy,
-        out, dummy, dummy, m, n, k, int(epilogue and sx.numel() > 1), GROUP=kw.group_size, BN=BN, BM=cfg.bm,
-        STAGES=cfg.stages, EPILOGUE=epilogue, HAS_BIAS=bias is not None, PDL=bool(options), MMA_REGS=MMA_REGS,
-        num_warps=4, maxnreg=MAXNREG, **options)
+        out, ws, dummy, m, n, k, int(epilogue and sx.numel() > 1), GROUP=kw.group_size, BN=BN, BM=cfg.bm,
+        STAGES=cfg.stages, SPLIT=cfg.split, EPILOGUE=epilogue, HAS_BIAS=bias is not None, PDL=bool(options),
+        MMA_REGS=MMA_REGS, num_warps=4, maxnreg=MAXNREG, **options)
     return out

@@ -1,5 +1,6 @@
-"""The A8W4 GEMM for 2..2047 tokens (to 4095 on long-K layers: :func:`takes`) on Hopper: a warp-specialized kernel
-(Gluon) whose widening runs beside the MMA.
+"""The A8W4 GEMM on Hopper for 2..64 tokens and for layers too narrow for the ping-pong kernel (to 2047 tokens, 4095
+on long-K layers: :func:`takes`): a warp-specialized kernel (Gluon) whose widening runs beside the MMA.  Its load
+warp (:func:`_load_part`, with :func:`_unit`'s persistent form) also feeds :mod:`dgq.kernels.gemm_pp`.
 
 Why a second tensor-core kernel: the in-register kernel of :mod:`dgq.kernels.gemm` widens int4 to int8 in the same
 warps that issue the tensor-core MMA, so the two serialize, and at M = 16..256 it ran at 0.7-1.1x cuBLAS FP16 where
@@ -15,12 +16,12 @@ partitions around shared-memory rings guarded by mbarriers:
 * **widen** (4 warps): packed bytes to two int8 tiles with the byte-lane ``mad`` + ``xor`` of
   :data:`dgq.kernels.gemm._WIDEN_PTX`, stored to shared memory in the MMA's swizzled layout (8 rows x 64 bytes per
   warp access: no bank conflicts either way).
-* **mma** (the default partition: one warpgroup, or two that each take 64 of the tile's weight rows):
-  ``out^T [BN, BM] += W_lo @ x_lo^T + W_hi @ x_hi^T`` with ``wgmma`` (int8, int32 accumulation; tokens are the MMA's
-  N, so M <= 16 is one 16-token tile, and a 256-token tile is two 128-wide instructions), one tile's MMAs in flight
-  while the next are issued; then the epilogue ``(acc * s_x) * s1 (+ bias)`` in fp32, as the reference orders it.
-  The widening costs the same per weight tile whatever the token count, so the 256-token tile with two MMA
-  warpgroups halves it per MMA: 1.2-1.5x faster than 128-token tiles at M = 1024 on long K (notes).
+* **mma** (the default partition, one warpgroup): ``out^T [BN, BM] += W_lo @ x_lo^T + W_hi @ x_hi^T`` with
+  ``wgmma`` (int8, int32 accumulation; tokens are the MMA's N, so M <= 16 is one 16-token tile), one tile's MMAs in
+  flight while the next are issued; then the epilogue ``(acc * s_x) * s1 (+ bias)`` in fp32, as the reference
+  orders it.  The int8 weight goes through shared memory (written by the widen warps, read by the MMAs): at
+  M >= 1024 that traffic bounded the kernel near half the tensor pipe, which is why the ping-pong kernel
+  (:mod:`dgq.kernels.gemm_pp`, the weight as the MMA's register operand) took the large tiles in session 16.
 
 **Split-K** (``split > 1``): each split stores its int32 partial tile to a buffer allocated per call (a captured
 CUDA graph owns its own), then, after the MMA warpgroup's barrier, counts one arrival on its tile's counter (acq_rel,
@@ -29,11 +30,10 @@ applies the epilogue.  The counters are the layer's scratch (:attr:`dgq.kernels.
 which the last split rearms, so nothing is zeroed before a call.  An arrival count per output element, the first
 version, cost 2-5x (an acq_rel atomic per element); per tile, splits gave 1.3-1.8x at M = 16 (notes).
 
-**Persistent grid** (``WsConfig.persistent``, the 256-token tiles): one CTA per SM takes work units ``pid, pid +
-grid, ...`` (a unit is an output tile and K split; weight rows fastest), the three partitions counting K tiles
-across units for their rings' slots and phases, and the MMA warps hand a unit's last slots back before its epilogue,
-so the next unit's copies and widening run during it.  Other configs keep one CTA per unit on a 3-D grid and read
-their unit from the grid's indices (the divisions cost the 64 x 128 config 500 bytes of ptxas spills).
+**One CTA per unit** (an output tile and K split) on a 3-D grid, read from the grid's indices.  The load warp also
+has a persistent form (one CTA per SM takes units ``pid, pid + grid, ...``, weight rows fastest, counting K tiles
+across units for the ring's slots and phases), which the ping-pong kernel runs; here the unit's divisions cost the
+64 x 128 config 500 bytes of ptxas spills.
 
 **Configs** are a fixed rule per M regime (:func:`config_for`), not an autotuner: the fastest configs of two H100
 probe runs (``benchmarks/gemm_ws_probe.py``, notes), so a model compiles at most three variants per shape.
@@ -139,6 +139,29 @@ def _unit(u, n_tiles, m_tiles, tiles, SPLIT: gl.constexpr, PERSISTENT: gl.conste
 
 
 @gluon.jit
+def _load_ring(w_desc, x_desc, s2_desc, zp_desc, STAGES: gl.constexpr, READERS: gl.constexpr):
+    """The load warp's ring (:func:`_load_part`): ``STAGES`` slots of the weight tile, both activation halves, the
+    group scales and zero points, a barrier per slot that its copies complete, and the two that its ``READERS``
+    consumer partitions release the weight and the activations on."""
+    bn: gl.constexpr = w_desc.block_type.shape[0]
+    bm: gl.constexpr = x_desc.block_type.shape[0]
+    srows: gl.constexpr = s2_desc.block_type.shape[0]
+    w_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, bn, HALF], w_desc.layout)
+    xlo_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, bm, HALF], x_desc.layout)
+    xhi_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, bm, HALF], x_desc.layout)
+    s2_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, srows, bn], s2_desc.layout)
+    zp_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, srows, bn], zp_desc.layout)
+    load_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    w_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    x_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(load_ready.index(i), count=1)
+        mbarrier.init(w_empty.index(i), count=READERS)
+        mbarrier.init(x_empty.index(i), count=READERS)
+    return w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready, w_empty, x_empty
+
+
+@gluon.jit
 def _load_part(w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready, w_empty,
                x_empty, n_tiles, m_tiles, tiles, units, BN: gl.constexpr, BM: gl.constexpr, SPLIT: gl.constexpr,
                GROUP: gl.constexpr, PDL: gl.constexpr, PERSISTENT: gl.constexpr):
@@ -191,7 +214,7 @@ def _load_unit(w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_
 
 @gluon.jit
 def _widen_part(w_bufs, s2_bufs, zp_bufs, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, n_tiles, m_tiles,
-                tiles, units, SPLIT: gl.constexpr, HI_ROW: gl.constexpr, PERSISTENT: gl.constexpr):
+                tiles, SPLIT: gl.constexpr, HI_ROW: gl.constexpr):
     stages: gl.constexpr = w_bufs.shape[0]
     srows: gl.constexpr = s2_bufs.shape[1]
     bn: gl.constexpr = w_bufs.shape[1]
@@ -199,28 +222,21 @@ def _widen_part(w_bufs, s2_bufs, zp_bufs, alo_bufs, ahi_bufs, load_ready, w_empt
     plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     s2v = s2_bufs._reinterpret(gl.int8, [stages * srows, bn], plain)
     zpv = zp_bufs._reinterpret(gl.uint8, [stages * srows, bn], plain)
-    if PERSISTENT:
-        c = 0  # K tiles widened so far: the ring's slot and phase
-        for u in range(gl.program_id(0), units, gl.num_programs(0)):
-            c = _widen_unit(w_bufs, s2v, zpv, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, u, c, n_tiles,
-                            m_tiles, tiles, SPLIT, HI_ROW, PERSISTENT)
-    else:
-        _widen_unit(w_bufs, s2v, zpv, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, gl.program_id(0), 0,
-                    n_tiles, m_tiles, tiles, SPLIT, HI_ROW, PERSISTENT)
+    _widen_unit(w_bufs, s2v, zpv, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, n_tiles, m_tiles, tiles,
+                SPLIT, HI_ROW)
 
 
 @gluon.jit
-def _widen_unit(w_bufs, s2v, zpv, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, u, c, n_tiles, m_tiles,
-                tiles, SPLIT: gl.constexpr, HI_ROW: gl.constexpr, PERSISTENT: gl.constexpr):
-    """Widen unit ``u``'s K tiles, the ring's ``c``-th on, into the MMA's A slots; returns the count after it."""
+def _widen_unit(w_bufs, s2v, zpv, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, n_tiles, m_tiles, tiles,
+                SPLIT: gl.constexpr, HI_ROW: gl.constexpr):
+    """Widen this CTA's K tiles into the MMA's A slots."""
     stages: gl.constexpr = w_bufs.shape[0]
     a_stages: gl.constexpr = alo_bufs.shape[0]
     srows: gl.constexpr = s2v.shape[0] // stages
     layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [gl.num_warps(), 1], [1, 0])
     rows: gl.constexpr = gl.SliceLayout(1, layout)
-    _, _, _, _, k_tiles = _unit(u, n_tiles, m_tiles, tiles, SPLIT, PERSISTENT)
-    for i in range(k_tiles):
-        j = c + i  # this tile's place in the rings
+    _, _, _, _, k_tiles = _unit(gl.program_id(0), n_tiles, m_tiles, tiles, SPLIT, False)
+    for j in range(k_tiles):  # this tile's place in the rings
         s = j % stages
         a = j % a_stages
         mbarrier.wait(load_ready.index(s), (j // stages) & 1)
@@ -237,43 +253,23 @@ def _widen_unit(w_bufs, s2v, zpv, alo_bufs, ahi_bufs, load_ready, w_empty, a_rea
         ahi_bufs.index(a).store(w_hi)
         fence_async_shared()  # generic-proxy stores, then the MMA's async-proxy reads
         mbarrier.arrive(a_ready.index(a), count=1)
-    return c + k_tiles
 
 
 @gluon.jit
 def _mma_part(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_ready, a_empty, sx_ptr, s1_ptr,
-              bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, units, BM: gl.constexpr,
-              SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
-              PERSISTENT: gl.constexpr):
-    if PERSISTENT:
-        c = 0  # K tiles multiplied so far: the rings' slots and phases
-        for u in range(gl.program_id(0), units, gl.num_programs(0)):
-            c = _mma_unit(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_ready, a_empty, sx_ptr,
-                          s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, u, c, n_tiles, m_tiles, tiles,
-                          BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, PERSISTENT)
-    else:
-        _mma_unit(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_ready, a_empty, sx_ptr, s1_ptr,
-                  bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, gl.program_id(0), 0, n_tiles, m_tiles, tiles,
-                  BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, PERSISTENT)
-
-
-@gluon.jit
-def _mma_unit(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_ready, a_empty, sx_ptr, s1_ptr,
-              bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, u, c, n_tiles, m_tiles, tiles, BM: gl.constexpr,
-              SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
-              PERSISTENT: gl.constexpr):
-    """Unit ``u``'s MMAs over the rings' ``c``-th K tile on, then its epilogue; returns the count after it."""
+              bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, BM: gl.constexpr,
+              SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr):
+    """This CTA's MMAs over its K tiles, then its epilogue."""
     stages: gl.constexpr = xlo_bufs.shape[0]
     a_stages: gl.constexpr = alo_bufs.shape[0]
     bn: gl.constexpr = alo_bufs.shape[1]
-    warps: gl.constexpr = gl.num_warps()  # one warpgroup per 64 weight rows of the tile
+    warps: gl.constexpr = gl.num_warps()
     INSTR_N: gl.constexpr = min(BM, 128)  # wgmma int8: n <= 128 here (Triton refuses n = 256)
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[warps, 1],
                                                          instr_shape=[16, INSTR_N, 32])
-    n_tile, m_tile, sid, kt0, k_tiles = _unit(u, n_tiles, m_tiles, tiles, SPLIT, PERSISTENT)
+    n_tile, m_tile, sid, kt0, k_tiles = _unit(gl.program_id(0), n_tiles, m_tiles, tiles, SPLIT, False)
     acc = gl.zeros((bn, BM), gl.int32, acc_layout)
-    for i in range(k_tiles):
-        j = c + i  # this tile's place in the rings
+    for j in range(k_tiles):  # this tile's place in the rings
         s = j % stages
         a = j % a_stages
         mbarrier.wait(load_ready.index(s), (j // stages) & 1)
@@ -281,18 +277,17 @@ def _mma_unit(alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_rea
         acc = warpgroup_mma(alo_bufs.index(a), xlo_bufs.index(s).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma(ahi_bufs.index(a), xhi_bufs.index(s).permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(2, deps=[acc])  # the previous tile's two MMAs are done: release its slots
-        if i > 0:
+        if j > 0:
             mbarrier.arrive(x_empty.index((j - 1) % stages), count=1)
             mbarrier.arrive(a_empty.index((j - 1) % a_stages), count=1)
     acc = warpgroup_mma_wait(0, deps=[acc])
-    if k_tiles > 0:  # the unit's last tile: its slots go back before the epilogue, so the next unit's fill
-        mbarrier.arrive(x_empty.index((c + k_tiles - 1) % stages), count=1)
-        mbarrier.arrive(a_empty.index((c + k_tiles - 1) % a_stages), count=1)
+    if k_tiles > 0:  # the last tile's slots too: every slot filled is released (nothing waits for these)
+        mbarrier.arrive(x_empty.index((k_tiles - 1) % stages), count=1)
+        mbarrier.arrive(a_empty.index((k_tiles - 1) % a_stages), count=1)
     if PDL:
         _gdc_wait()  # the epilogue reads the act-quant's scales
     _epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tile * bn, m_tile * BM,
               sid, m_tile * n_tiles + n_tile, BM, SPLIT, EPILOGUE, HAS_BIAS)
-    return c + k_tiles
 
 
 @gluon.jit
@@ -326,39 +321,28 @@ def _epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, str
 def _ws_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
                     stride_sx, GROUP: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
                     SPLIT: gl.constexpr, WIDEN_WARPS: gl.constexpr, WIDEN_REGS: gl.constexpr, EPILOGUE: gl.constexpr,
-                    HAS_BIAS: gl.constexpr, PDL: gl.constexpr, PERSISTENT: gl.constexpr):
+                    HAS_BIAS: gl.constexpr, PDL: gl.constexpr):
     n_tiles = gl.cdiv(N, BN)
     m_tiles = gl.cdiv(M, BM)
     tiles = K // (2 * HALF)
-    units = n_tiles * m_tiles * SPLIT  # a persistent CTA takes units pid, pid + grid, ...
-    srows: gl.constexpr = s2_desc.block_type.shape[0]
-    w_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, BN, HALF], w_desc.layout)
-    xlo_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BM, HALF], x_desc.layout)
-    xhi_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, BM, HALF], x_desc.layout)
-    s2_bufs = gl.allocate_shared_memory(gl.int8, [STAGES, srows, BN], s2_desc.layout)
-    zp_bufs = gl.allocate_shared_memory(gl.uint8, [STAGES, srows, BN], zp_desc.layout)
+    units = n_tiles * m_tiles * SPLIT  # (read by the loader's persistent form only: one unit per CTA here)
+    w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready, w_empty, x_empty = _load_ring(
+        w_desc, x_desc, s2_desc, zp_desc, STAGES, 1)
     alo_bufs = gl.allocate_shared_memory(gl.int8, [A_STAGES, BN, HALF], w_desc.layout)
     ahi_bufs = gl.allocate_shared_memory(gl.int8, [A_STAGES, BN, HALF], w_desc.layout)
-    load_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    w_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    x_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     a_ready = gl.allocate_shared_memory(gl.int64, [A_STAGES, 1], mbarrier.MBarrierLayout())
     a_empty = gl.allocate_shared_memory(gl.int64, [A_STAGES, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(load_ready.index(i), count=1)
-        mbarrier.init(w_empty.index(i), count=1)
-        mbarrier.init(x_empty.index(i), count=1)
     for i in gl.static_range(A_STAGES):
         mbarrier.init(a_ready.index(i), count=1)
         mbarrier.init(a_empty.index(i), count=1)
     gl.warp_specialize([
         (_mma_part, (alo_bufs, ahi_bufs, xlo_bufs, xhi_bufs, load_ready, x_empty, a_ready, a_empty, sx_ptr, s1_ptr,
-                     bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, units, BM, SPLIT,
-                     EPILOGUE, HAS_BIAS, PDL, PERSISTENT)),
+                     bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, BM, SPLIT, EPILOGUE,
+                     HAS_BIAS, PDL)),
         (_load_part, (w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready,
-                      w_empty, x_empty, n_tiles, m_tiles, tiles, units, BN, BM, SPLIT, GROUP, PDL, PERSISTENT)),
+                      w_empty, x_empty, n_tiles, m_tiles, tiles, units, BN, BM, SPLIT, GROUP, PDL, False)),
         (_widen_part, (w_bufs, s2_bufs, zp_bufs, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, n_tiles,
-                       m_tiles, tiles, units, SPLIT, 1 if GROUP == 64 else 0, PERSISTENT)),
+                       m_tiles, tiles, SPLIT, 1 if GROUP == 64 else 0)),
     ], [1, WIDEN_WARPS], [24, WIDEN_REGS])
 
 
@@ -373,16 +357,12 @@ class WsConfig:
     widen_regs: int = 96
     # 12 warps (mma, widen, and the load warp's warpgroup) x 32 threads x 168 <= 64K registers; 80 fits two CTAs
     maxnreg: int = 168
-    mma_warps: int = 4  # 8: two MMA warpgroups, each on 64 of the tile's weight rows
     widen_warps: int = 4  # 8 lost at M = 256 (23.8 vs 24.4 us under ncu): the widening is not the limit there
-    # > 0: a persistent grid of this many CTAs per SM walks the tiles, so a CTA's loads and widening for its next
-    # tile run during the epilogue of the last; 0: one CTA per tile
-    persistent: int = 0
 
 
-BIG_TILE_MIN_CTAS = 80  # measured at M = 256: 86 CTAs won (4096 x 11008), 64 lost (28672 x 8192)
 MAX_M = 2047  # measured: from M = 2048 on, widen-once + the int8 GEMM (dgq.kernels.linear) ...
-# ... except on long-K layers (K >= 2N: down projections) up to this M, where the persistent kernel won at M = 2048
+# ... except on long-K layers (K >= 2N: down projections) up to this M, where its 256-token tiles (since replaced by
+# the ping-pong kernel's) won at M = 2048
 # (11008 x 4096: 149.8 vs 160.7 us; 28672 x 8192: 743.6 vs 865.3) and at M = 4096 won one and tied one (310.3 vs
 # 327.1; 1673.8 vs 1655.8); at M = 8192 widen-once won all five shapes by 3-19%
 MAX_M_LONG_K = 4095
@@ -404,16 +384,15 @@ def config_for(m: int, n: int, sms: int = 132) -> WsConfig:
       one wave of two per SM.  At M = 32 this beat the 64-token rule below on all seven decode layer shapes of
       Llama-2-7B / Llama-3-8B (act-quant + GEMM: 84.8 against 102.0 us per Llama-2 layer; 11008 x 4096: 21.8
       against 31.3 us), within 7% of the best probed config on each;
-    * M <= 64: 128-row tiles; K split in 2 where that keeps one wave of one CTA per SM; unsplit with one CTA per SM
-      where the tiles still fit one wave, two per SM (80 registers) only where they do not.  Two CTAs per SM beside
-      a running act-quant slowed the pair by half on 4096 x 11008 (31 vs 22 us: the early-launched CTAs' waiting
-      warps take the SMs' issue slots from the act-quant's);
-    * more tokens: 256-token tiles with two MMA warpgroups (one widened weight tile serves twice the tokens) where
-      they make >= 80 CTAs, on a persistent grid of one CTA per SM (against one CTA per tile: 4096 x 11008 at
-      M = 1024 105.0 vs 110.0 us, 8192 x 28672 438 vs 466, 4096 x 4096 at M = 4096 136 vs 143; 28672 x 8192 at
-      M = 1024 374 vs 359, the one loss), else 6-stage rings of 128 tokens, 64-row tiles where 128-row ones would
-      leave a quarter of the SMs idle.  Tried at M = 256 and lost on every shape: two CTAs per SM (64-token tiles),
-      K splits, 256-row tiles, eight widening warps (``benchmarks/notes_gemm.md``, session 10).
+    * 33-64 tokens on layers of more than half as many 128-row tiles as SMs (the others go to the ping-pong kernel
+      split in K, :func:`dgq.kernels.gemm_pp.config_for`): 128-row tiles, one CTA per SM where the tiles fit one
+      wave, two per SM (80 registers) only where they do not.  Two CTAs per SM beside a running act-quant slowed
+      the pair by half on 4096 x 11008 (31 vs 22 us: the early-launched CTAs' waiting warps take the SMs' issue
+      slots from the act-quant's);
+    * more tokens, on the layers whose tiles are too few for the ping-pong kernel (:mod:`dgq.kernels.gemm_pp`, which
+      took the 128- and 256-token tiles of this kernel's earlier rule in session 16): 6-stage rings of 128 tokens
+      and 64-row tiles.  Tried at M = 256 and lost on every shape: two CTAs per SM (64-token tiles), K splits,
+      256-row tiles, eight widening warps (``benchmarks/notes_gemm.md``, session 10).
 
     K splits reduce through per-tile arrival counts (module docstring); at M = 256 a split lost 2-3x (the partial
     sums' traffic rivals the weight's), so none is used there.
@@ -424,13 +403,8 @@ def config_for(m: int, n: int, sms: int = 132) -> WsConfig:
         split = max(s for s in (1, 2, 4) if s == 1 or tiles * s <= 2 * sms)
         return WsConfig(bn, 16 if m <= 16 else 32, 4 if bn == 128 else 6, split, 80, 80)
     if m <= 64:
-        tiles = n // 128
-        if 2 * tiles <= sms:
-            return WsConfig(128, 64, 4, 2)
-        return WsConfig(128, 64, 4, 1) if tiles <= sms else WsConfig(128, 64, 4, 1, 80, 80)
-    if triton.cdiv(m, 256) * (n // 128) >= BIG_TILE_MIN_CTAS:
-        return WsConfig(128, 256, 4, 1, 96, 128, 8, persistent=1)
-    return WsConfig(64, 128, 6, 1) if n // 128 * triton.cdiv(m, 128) < 100 else WsConfig(128, 128, 6, 1, 128)
+        return WsConfig(128, 64, 4, 1) if n // 128 <= sms else WsConfig(128, 64, 4, 1, 80, 80)
+    return WsConfig(64, 128, 6, 1)
 
 
 @functools.cache
@@ -497,12 +471,11 @@ def ws_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | Non
     n_tiles, m_tiles = triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm)
     if cfg.split > 1 and n_tiles * m_tiles > dummy.numel():
         raise AssertionError(f"{n_tiles * m_tiles} split-K tiles exceed the layer's {dummy.numel()} count slots")
-    grid = ((min(n_tiles * m_tiles * cfg.split, cfg.persistent * _sm_count(x.device)),) if cfg.persistent
-            else (n_tiles, m_tiles, cfg.split))
+    grid = (n_tiles, m_tiles, cfg.split)
     options = launch_options(x.device)
     _ws_a8w4_kernel[grid](*descriptors(x, kw, cfg), sx, kw.s1, bias if bias is not None else dummy, out, ws, dummy,
                           m, n, k, int(epilogue and sx.numel() > 1), GROUP=kw.group_size, BN=cfg.bn, BM=cfg.bm,
                           STAGES=cfg.stages, SPLIT=cfg.split, WIDEN_WARPS=cfg.widen_warps, WIDEN_REGS=cfg.widen_regs,
                           EPILOGUE=epilogue, HAS_BIAS=bias is not None, PDL=bool(options),
-                          PERSISTENT=cfg.persistent > 0, num_warps=cfg.mma_warps, maxnreg=cfg.maxnreg, **options)
+                          num_warps=4, maxnreg=cfg.maxnreg, **options)
     return out

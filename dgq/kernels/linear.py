@@ -1,4 +1,4 @@
-"""The CUDA forward of :class:`dgq.nn.QuantLinear` as a pure function: activation quantization, then one of four
+"""The CUDA forward of :class:`dgq.nn.QuantLinear` as a pure function: activation quantization, then one of five
 GEMM paths chosen by the number of tokens M and what the GPU and layer allow.
 
 Each was measured against the others on an H100 (``benchmarks/gemm.py``, ``benchmarks/gemm_ws_probe.py``,
@@ -9,11 +9,12 @@ Each was measured against the others on an H100 (``benchmarks/gemm.py``, ``bench
   the act-quant + itself on every benchmark and decode shape (``benchmarks/gemv_probe.py --tma``, notes).
 * M = 1 elsewhere: the register-fed GEMV (:mod:`dgq.kernels.gemv`), quantizing inside on layers of few row blocks
   (:func:`dgq.kernels.gemv.quantizes_inside`).
-* From :data:`dgq.kernels.gemm_pp.MIN_M` tokens on Hopper, wherever its tiles fill the GPU
-  (:func:`dgq.kernels.gemm_pp.config_for`): the ping-pong kernel (:mod:`dgq.kernels.gemm_pp`), whose two MMA
-  warpgroups widen into the tensor-core instruction's registers and take turns on the tensor cores.  In session 16
-  it beat the warp-specialized kernel and widen-once on all five benchmark shapes at M = 1024, 2048 and 4096
-  (1.16-1.44x the previous dispatch), and on the three it takes at M = 256.
+* From :data:`dgq.kernels.gemm_pp.MIN_M` tokens on Hopper wherever its tiles fill the GPU, and at 33-64 tokens on
+  layers of few tiles, split in K (:func:`dgq.kernels.gemm_pp.config_for`): the ping-pong kernel
+  (:mod:`dgq.kernels.gemm_pp`), whose two MMA warpgroups widen into the tensor-core instruction's registers and take
+  turns on the tensor cores.  In session 16 it beat the warp-specialized kernel and widen-once on all five benchmark
+  shapes at M = 1024, 2048 and 4096 (1.06-1.58x the previous dispatch), on the three it takes at M = 256, on four of
+  five at M = 8192 (8192 x 28672: 0-8% behind widen-once), and at M = 64 on three layers of few tiles.
 * Other 1 < M <= :data:`dgq.kernels.gemm_ws.MAX_M` on Hopper: the warp-specialized kernel (:mod:`dgq.kernels.gemm_ws`),
   whose widening runs in its own warps beside the MMA.
 * The same M on another GPU, or a layer that kernel does not take (:func:`dgq.kernels.gemm_ws.supported`: K tiles of
@@ -24,9 +25,9 @@ Each was measured against the others on an H100 (``benchmarks/gemm.py``, ``bench
   TMA-fed int8 kernel (:mod:`dgq.kernels.int8_gemm`) multiplies; a layer whose widened weight would pass
   :data:`WIDEN_CHUNK_BYTES` a chunk of output rows at a time (:func:`widen_once_matmul`).  At M = 2048 (int8 codes in, session 10) that
   took 0.0676 / 0.1944 / 0.1607 / 0.8893 / 0.8653 ms on the five benchmark shapes against 0.0700 / 0.2038 / 0.1498 /
-  0.8949 / 0.7436 for the warp-specialized kernel's persistent 256-token tiles, which widen each weight tile again
-  per 256 tokens: widen-once wins the K = 4096 shapes, the warp-specialized kernel the long-K ones (11008 x 4096,
-  28672 x 8192); at M = 8192 widen-once won all five.
+  0.8949 / 0.7436 for the warp-specialized kernel's 256-token tiles of then, which widened each weight tile again
+  per 256 tokens: widen-once won the K = 4096 shapes, the warp-specialized kernel the long-K ones (11008 x 4096,
+  28672 x 8192); at M = 8192 widen-once won all five.  The ping-pong kernel beat both there (session 16).
 
 The GEMMs launch while the act-quant kernel still runs (programmatic dependent launch) and wait for its codes inside.
 """
@@ -65,7 +66,7 @@ def a8w4_mm(x_s8: torch.Tensor, s_x: torch.Tensor, kw: KernelWeight, bias: torch
     ws = _hopper_kernels(kw, x_s8.device)
     if m <= GEMV_MAX_M:
         return (gemv_tma.tma_gemv if ws else a8w4_gemv)(x_s8, kw, s_x, bias, out_dtype)
-    pp = gemm_pp.config_for(m, kw.out_features) if ws else None
+    pp = gemm_pp.rule(m, kw.out_features, x_s8.device) if ws else None
     if pp is not None:
         return gemm_pp.pp_a8w4_matmul(x_s8, kw, s_x, bias, out_dtype, config=pp)
     if m >= WIDEN_MIN_M and not (ws and gemm_ws.takes(m, kw.in_features, kw.out_features)):
