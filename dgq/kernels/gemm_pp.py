@@ -9,15 +9,15 @@ traffic, but in session 10 one warpgroup could not overlap its widening with its
 asynchronous MMA's A registers live until its wait, and ptxas reused them (``gemm_rs`` at df6fa75: a race).  Here
 each warpgroup waits for its own MMAs before it widens again (exact by construction), and the overlap comes from the
 other warpgroup: an order barrier makes them issue their MMAs in turn, so while warpgroup 0's MMAs run, warpgroup 1
-widens, and the other way round.  Measured on the H100 (``benchmarks/gemm_pp_probe.py``, BENCHMARKS.md GEMM run 9):
-1.16-1.43x the earlier dispatch at M = 1024, 1.06-1.58x at 2048-4096; 1.55-1.69x cuBLAS FP16 at M >= 1024 with the
-act-quant, from 1.30-1.57x.
+widens, and the other way round.  Measured on the H100 (``benchmarks/gemm_pp_probe.py``, BENCHMARKS.md GEMM runs 9
+and 10): 1.16-1.43x the earlier dispatch at M = 1024, 1.06-1.58x at 2048-4096; alone 1.83-1.99x cuBLAS FP16 at
+M >= 1024 (FP8 row-wise 1.66-1.74x), 1.57-1.79x with the act-quant in front (before: 1.30-1.57x).
 
 Partitions: warpgroup 0 (the default partition) and warpgroup 1 (a worker) each own 64 of the tile's 128 weight rows
 and a ``[64, BM]`` int32 accumulator (240 registers each, taken from the load warp's); one load warp fills
 :func:`dgq.kernels.gemm_ws._load_part`'s ring (both warpgroups release each slot: its barriers count two arrivals).
 Persistent grid of one CTA per SM over units of an output tile and a K split (weight rows fastest).  The epilogue
-scales in the accumulator's layout and converts the rounded fp16 / bf16 tile for coalesced stores (converting the
+scales in the accumulator's layout and converts the rounded fp16 / bf16 tile for 16-byte stores (converting the
 int32 tile first spilled 8 KB).  K splits use the warp-specialized kernel's exact reduction, each warpgroup counting
 its own arrivals.  Same layers as that kernel (:func:`dgq.kernels.gemm_ws.supported`); ``pytest -m cuda`` checks it
 bit-exact, the CPU suite builds the rule's configs for sm_90a.
@@ -38,9 +38,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from dgq.kernels.gemm import KernelWeight, prepare_call
+from dgq.kernels.gemm import KernelWeight
 from dgq.kernels.gemm_ws import (
-    HALF, WsConfig, _epilogue, _gdc_wait, _load_part, _load_ring, _reduce_splits, _sm_count, _unit, _widen, descriptors,
+    HALF, WsConfig, _epilogue, _gdc_wait, _load_part, _load_ring, _reduce_splits, _scale_row_views, _sm_count, _unit,
+    _widen, call_buffers, descriptors, tma_call,
 )
 from dgq.kernels.pdl import launch_options
 
@@ -117,7 +118,9 @@ def _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M,
     val = acc.to(gl.float32) * gl.expand_dims(sx, 0) * gl.expand_dims(s1, 1)
     if HAS_BIAS:
         val += gl.expand_dims(gl.load(bias_ptr + an, mask=an < N, other=0.0).to(gl.float32), 1)
-    out_layout: gl.constexpr = gl.BlockedLayout([1, 1], [32, 1], [4, 1], [0, 1])  # n fastest: coalesced out[m, n]
+    # n fastest, 8 outputs of one token per thread: 16-byte stores of out[m, n], a warp writing 4 tokens x 128 bytes
+    # (one output per thread made 2-byte stores: the epilogue took ~30% of the kernel at M = 1024, ncu session 16)
+    out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])
     res = gl.convert_layout(val.to(out_ptr.dtype.element_ty), out_layout)
     offs_n = n0 + gl.arange(0, bn, layout=gl.SliceLayout(1, out_layout))
     offs_m = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, out_layout))
@@ -132,12 +135,7 @@ def _pp_mma_part(w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_emp
                  bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, units,
                  BM: gl.constexpr, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr,
                  PDL: gl.constexpr, HI_ROW: gl.constexpr, WG: gl.constexpr):
-    stages: gl.constexpr = w_bufs.shape[0]
-    srows: gl.constexpr = s2_bufs.shape[1]
-    bn: gl.constexpr = w_bufs.shape[1]
-    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-    s2v = s2_bufs._reinterpret(gl.int8, [stages * srows, bn], plain)
-    zpv = zp_bufs._reinterpret(gl.uint8, [stages * srows, bn], plain)
+    s2v, zpv = _scale_row_views(s2_bufs, zp_bufs)
     c = 0
     for u in range(gl.program_id(0), units, gl.num_programs(0)):
         c = _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns.index(WG),
@@ -226,20 +224,15 @@ def pp_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | Non
     """A8W4 GEMM of int8 codes ``x_s8 [M, K]`` with scales ``s_x``, as :func:`dgq.kernels.gemm_ws.ws_a8w4_matmul`
     (same layers: :func:`dgq.kernels.gemm_ws.supported`; ``out_dtype=None``: the raw int32 accumulator).
     ``config`` pins a variant instead of :func:`config_for`'s (256-token tiles where the rule has none)."""
-    x, out = prepare_call(x_s8, kw, out_dtype)
-    if not x.is_contiguous() or x.data_ptr() % 16:  # TMA: dense rows and a 16-byte-aligned start
-        x = x.clone(memory_format=torch.contiguous_format)
+    x, out = tma_call(x_s8, kw, out_dtype)
     m, k = x.shape
     n = kw.out_features
     epilogue = out_dtype is not None
     if m == 0:
         return out
     cfg = config or rule(m, n, x.device) or PpConfig()
-    # Split-K partials per call (a captured CUDA graph owns its own); the per-tile counts, two per tile (one per
-    # warpgroup), are the layer's scratch, which every call leaves zeroed.  Unsplit, the scratch stands in for both.
+    ws, sx = call_buffers(x, kw, s_x, epilogue, cfg.split)  # split: two arrival counts per tile, one per warpgroup
     dummy = kw.split_scratch
-    ws = torch.empty((cfg.split, m, n), dtype=torch.int32, device=x.device) if cfg.split > 1 else dummy
-    sx = s_x.reshape(-1).float() if epilogue else dummy
     tiles = triton.cdiv(n, BN) * triton.cdiv(m, cfg.bm)
     if cfg.split > 1 and 2 * tiles > dummy.numel():
         raise AssertionError(f"{2 * tiles} split-K counts exceed the layer's {dummy.numel()} slots")

@@ -213,15 +213,21 @@ def _load_unit(w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_
 
 
 @gluon.jit
+def _scale_row_views(s2_bufs, zp_bufs):
+    """The ring's group-scale and zero-point tiles (they arrive unswizzled) viewed as one plain 1-D row per (slot,
+    group), for the consumers' row loads."""
+    stages: gl.constexpr = s2_bufs.shape[0]
+    srows: gl.constexpr = s2_bufs.shape[1]
+    bn: gl.constexpr = s2_bufs.shape[2]
+    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
+    return (s2_bufs._reinterpret(gl.int8, [stages * srows, bn], plain),
+            zp_bufs._reinterpret(gl.uint8, [stages * srows, bn], plain))
+
+
+@gluon.jit
 def _widen_part(w_bufs, s2_bufs, zp_bufs, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, n_tiles, m_tiles,
                 tiles, SPLIT: gl.constexpr, HI_ROW: gl.constexpr):
-    stages: gl.constexpr = w_bufs.shape[0]
-    srows: gl.constexpr = s2_bufs.shape[1]
-    bn: gl.constexpr = w_bufs.shape[1]
-    # The scale tiles are unswizzled rows: viewed as one plain 1-D row per (slot, group) for the row loads.
-    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-    s2v = s2_bufs._reinterpret(gl.int8, [stages * srows, bn], plain)
-    zpv = zp_bufs._reinterpret(gl.uint8, [stages * srows, bn], plain)
+    s2v, zpv = _scale_row_views(s2_bufs, zp_bufs)
     _widen_unit(w_bufs, s2v, zpv, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, n_tiles, m_tiles, tiles,
                 SPLIT, HI_ROW)
 
@@ -448,26 +454,39 @@ def descriptors(x_s8: torch.Tensor, kw: KernelWeight, cfg: WsConfig) -> tuple:
             TensorDescriptor.from_tensor(kw.zpt, box, _nvmma(0)))
 
 
+def tma_call(x_s8: torch.Tensor, kw: KernelWeight, out_dtype: torch.dtype | None) -> tuple:
+    """:func:`dgq.kernels.gemm.prepare_call`, then the activations as a bulk tensor copy reads them: dense rows from a
+    16-byte-aligned start (a copy where they are not)."""
+    x, out = prepare_call(x_s8, kw, out_dtype)
+    if not x.is_contiguous() or x.data_ptr() % 16:
+        x = x.clone(memory_format=torch.contiguous_format)
+    return x, out
+
+
+def call_buffers(x: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None, epilogue: bool, split: int) -> tuple:
+    """The Gluon GEMMs' per-call tensors: split-K partials ``[split, M, N]`` int32, allocated per call so that a
+    captured CUDA graph owns its own (the per-tile arrival counts are the layer's scratch, which every call leaves
+    zeroed), and the activation scales as fp32; where a kernel reads neither, the scratch stands in."""
+    dummy = kw.split_scratch
+    ws = torch.empty((split, x.shape[0], kw.out_features), dtype=torch.int32, device=x.device) if split > 1 else dummy
+    return ws, s_x.reshape(-1).float() if epilogue else dummy
+
+
 def ws_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None = None,
                    bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = torch.float16,
                    config: WsConfig | None = None) -> torch.Tensor:
     """A8W4 GEMM of int8 codes ``x_s8 [M, K]`` with scales ``s_x`` (``[M, 1]`` per token or one static scale), as
     :func:`dgq.kernels.gemm.a8w4_matmul` (``out_dtype=None``: the raw int32 accumulator); ``config`` pins a variant
     instead of :func:`config_for` (tests reach every path with it)."""
-    x, out = prepare_call(x_s8, kw, out_dtype)
-    if not x.is_contiguous() or x.data_ptr() % 16:  # TMA: dense rows and a 16-byte-aligned start
-        x = x.clone(memory_format=torch.contiguous_format)
+    x, out = tma_call(x_s8, kw, out_dtype)
     m, k = x.shape
     n = kw.out_features
     epilogue = out_dtype is not None
     if m == 0:
         return out
     cfg = config or config_for(m, n, _sm_count(x.device))
-    # Split-K partials: per call, so a captured CUDA graph owns its own; the per-tile counts are the layer's scratch,
-    # which every call leaves zeroed.  Unsplit, the scratch stands in for the pointers the kernel does not read.
+    ws, sx = call_buffers(x, kw, s_x, epilogue, cfg.split)
     dummy = kw.split_scratch
-    ws = torch.empty((cfg.split, m, n), dtype=torch.int32, device=x.device) if cfg.split > 1 else dummy
-    sx = s_x.reshape(-1).float() if epilogue else dummy
     n_tiles, m_tiles = triton.cdiv(n, cfg.bn), triton.cdiv(m, cfg.bm)
     if cfg.split > 1 and n_tiles * m_tiles > dummy.numel():
         raise AssertionError(f"{n_tiles * m_tiles} split-K tiles exceed the layer's {dummy.numel()} count slots")

@@ -46,9 +46,9 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 
 from dgq.formats import absmax_bits_dtype
 from dgq.kernels.act_quant import _MIN_SCALE, _RNE_MAGIC
-from dgq.kernels.gemm import KernelWeight, prepare_call
+from dgq.kernels.gemm import KernelWeight
 from dgq.kernels.gemm_ws import (
-    _gdc_wait, _load_weight, _nvmma, _reduce_splits, _scale_rows, _widen, supported,
+    _gdc_wait, _load_weight, _nvmma, _reduce_splits, _scale_rows, _widen, supported, tma_call,
 )
 from dgq.kernels.gemv import _DP4A2_PTX
 from dgq.kernels.pdl import launch_options
@@ -343,9 +343,7 @@ def tma_gemv(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor, bias: torc
     """``(s_x * s1) * (x_s8 @ W_s8ᵀ) + bias`` for a few tokens ``x_s8`` int8 ``[M, K]`` (``s_x`` per token or one
     static scale), bit for bit :func:`dgq.kernels.gemv.a8w4_gemv`'s; ``config`` pins a variant (tests, probes)."""
     _check(kw, x_s8.device)
-    x, out = prepare_call(x_s8, kw, out_dtype)
-    if not x.is_contiguous() or x.data_ptr() % 16:  # TMA: dense rows and a 16-byte-aligned start
-        x = x.clone(memory_format=torch.contiguous_format)
+    x, out = tma_call(x_s8, kw, out_dtype)
     sx = s_x.reshape(-1).float()
     return _launch(x, x, int(sx.numel() > 1), kw, sx, bias, out, config, fuse=False, dynamic=True)
 
