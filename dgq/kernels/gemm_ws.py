@@ -227,18 +227,11 @@ def _scale_row_views(s2_bufs, zp_bufs):
 @gluon.jit
 def _widen_part(w_bufs, s2_bufs, zp_bufs, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, n_tiles, m_tiles,
                 tiles, SPLIT: gl.constexpr, HI_ROW: gl.constexpr):
-    s2v, zpv = _scale_row_views(s2_bufs, zp_bufs)
-    _widen_unit(w_bufs, s2v, zpv, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, n_tiles, m_tiles, tiles,
-                SPLIT, HI_ROW)
-
-
-@gluon.jit
-def _widen_unit(w_bufs, s2v, zpv, alo_bufs, ahi_bufs, load_ready, w_empty, a_ready, a_empty, n_tiles, m_tiles, tiles,
-                SPLIT: gl.constexpr, HI_ROW: gl.constexpr):
     """Widen this CTA's K tiles into the MMA's A slots."""
     stages: gl.constexpr = w_bufs.shape[0]
     a_stages: gl.constexpr = alo_bufs.shape[0]
-    srows: gl.constexpr = s2v.shape[0] // stages
+    srows: gl.constexpr = s2_bufs.shape[1]
+    s2v, zpv = _scale_row_views(s2_bufs, zp_bufs)
     layout: gl.constexpr = gl.BlockedLayout([1, 16], [8, 4], [gl.num_warps(), 1], [1, 0])
     rows: gl.constexpr = gl.SliceLayout(1, layout)
     _, _, _, _, k_tiles = _unit(gl.program_id(0), n_tiles, m_tiles, tiles, SPLIT, False)
