@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from dgq.kernels.gemm_pp import PpConfig, pp_a8w4_matmul
+from dgq.kernels.gemm_pp import PpConfig, one_wave, pp_a8w4_matmul
 from dgq.kernels.gemm_pp import config_for as pp_rule
 from dgq.kernels.gemm_ws import config_for, ws_a8w4_matmul
 from dgq.kernels.linear import a8w4_mm, widen_once_matmul
@@ -23,11 +23,14 @@ from dgq.kernels.linear import a8w4_mm, widen_once_matmul
 # order barrier (results/gemm_pp_probe_s16.json, "_free"): equal within 2% at M <= 1024, up to 13% slower at
 # M = 2048 / 4096 on 8192 x 28672, so the kernel always takes turns.
 VARIANTS = [PpConfig(256, 4), PpConfig(256, 5), PpConfig(128, 6)]
-# --splits: K splits for the layers whose tiles alone leave SMs idle (M <= 256 on the N = 4096 / 8192 layers)
-# and 64-token tiles unsplit at M = 256 (four times the tiles of the 256-token ones; session 16's last call)
-SPLIT_VARIANTS = {64: [PpConfig(64, 8, s) for s in (2, 4)],
-                  256: [PpConfig(256, 4, 2), PpConfig(128, 6, 2), PpConfig(128, 6, 4), PpConfig(64, 8, 4),
-                        PpConfig(64, 8, 1), PpConfig(64, 6, 1)]}
+# --splits: K splits for the layers whose tiles alone leave SMs idle (M <= 256 on the N = 4096 / 8192 layers),
+# reduced by all splits at once (session 17; session 16's last-arrival reduction lost at M = 256), those of one wave
+# only; at M = 128 also the unsplit 128-token tile (the rule's 256-token tiles are half empty there)
+SPLIT_VARIANTS = {16: [PpConfig(16, 8, 2), PpConfig(16, 12, 2), PpConfig(16, 8)],  # (16 tokens: 2 splits at most)
+                  32: [PpConfig(32, 8, 4), PpConfig(32, 12, 4), PpConfig(32, 8, 2)],
+                  64: [PpConfig(64, 8, s) for s in (2, 4)],
+                  128: [PpConfig(128, 6, 4), PpConfig(128, 6, 2), PpConfig(64, 8, 2), PpConfig(128, 6)],
+                  256: [PpConfig(128, 6, 2), PpConfig(256, 4, 2), PpConfig(256, 4, 4)]}
 
 
 def _name(cfg: PpConfig) -> str:
@@ -46,7 +49,8 @@ def _exact(o, m: int, cfg: PpConfig, bias: torch.Tensor | None = None,
                for dt in dtypes)
 
 
-def small_layers(failures: list[str], variants: list[PpConfig]) -> None:
+def small_layers(failures: list[str], variants: list[PpConfig],
+                 dtypes: tuple = (torch.float32, torch.float16, torch.bfloat16)) -> None:
     """Group 64 and 128, token counts that leave partial tiles, a bias: what the timed shapes do not reach."""
     from gemm import Operands, make_weight
 
@@ -56,8 +60,10 @@ def small_layers(failures: list[str], variants: list[PpConfig]) -> None:
             o.set_acts(m)
             bias = torch.randn(n, device="cuda").half()
             for cfg in variants:
+                if cfg.split > 1 and not one_wave(cfg, m, n, 132):
+                    continue
                 try:
-                    ok = _exact(o, m, cfg, bias)
+                    ok = _exact(o, m, cfg, bias, dtypes)
                 except Exception as e:  # noqa: BLE001 - a variant that cannot build or launch is reported
                     failures.append(f"K={k} N={n} g={g} M={m} {_name(cfg)}: {type(e).__name__}: {str(e)[:160]}")
                     continue
@@ -70,7 +76,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--ms", default="256,1024,2048,4096")
     parser.add_argument("--splits", action="store_true",
-                        help="the K-split (and 64-token) variants at M = 64 and 256 instead (--ms: of those)")
+                        help="the K-split variants at M = 64, 128 and 256 instead (--ms: of those), checked on the "
+                             "small layers in fp32 (groups 64 and 128, odd M, bias) first")
     args = parser.parse_args()
     from gemm import SHAPES, operand_sets, print_failures, time_graph
 
@@ -78,7 +85,10 @@ def main() -> None:
     ms = [int(v) for v in args.ms.split(",")]
     if args.splits:
         ms = [m for m in ms if m in SPLIT_VARIANTS] or sorted(SPLIT_VARIANTS)
-    if not args.splits:  # (each variant compiles per group, dtype and bias: ~10 s each; the split one's in pytest -m cuda)
+    if args.splits:
+        small_layers(failures, sorted({c for v in SPLIT_VARIANTS.values() for c in v if c.split > 1}, key=str),
+                     (torch.float32,))
+    else:  # (each variant compiles per group, dtype and bias: ~10 s each; the split one's in pytest -m cuda)
         small_layers(failures, VARIANTS)
     print_failures(failures)
     for k, n in SHAPES:
@@ -93,6 +103,8 @@ def main() -> None:
             if m >= 1024:
                 times["widen_once"] = time_graph([lambda o=o: widen_once_matmul(o.x_s8, o.s_x, o.kw) for o in sets])
             for cfg in SPLIT_VARIANTS[m] if args.splits else VARIANTS:
+                if cfg.split > 1 and not one_wave(cfg, m, n, 132):
+                    continue
                 name = _name(cfg)
                 dtypes = (torch.float16,) if args.splits else (torch.float32, torch.float16, torch.bfloat16)
                 try:

@@ -27,6 +27,7 @@ CASES = {  # name: (M, K, N, config)
     "m4096_int8": (4096, 4096, 11008, None),  # widen-once's int8 GEMM on the widened weight (-k _int8_gemm_kernel)
     "pp_m1024": (1024, 4096, 4096, PpConfig(256, 4)),
     "pp_m256": (256, 4096, 11008, PpConfig(256, 4)),
+    "sc_m256": (256, 4096, 4096, PpConfig(256, 4, 4)),  # K split in 4, reduced by all splits at once (session 17)
 }
 
 

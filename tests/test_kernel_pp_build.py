@@ -23,7 +23,7 @@ import triton  # noqa: E402
 from dgq.kernels import gemm_pp, gemm_ws  # noqa: E402
 
 H100_SHARED = 227 * 1024
-RULE_CONFIGS = sorted({c for m in (33, 64, 65, 256, 1024, 8192) for n in (4096, 8192, 11008, 28672)
+RULE_CONFIGS = sorted({c for m in (32, 33, 64, 65, 256, 512, 1024, 8192) for n in (4096, 8192, 11008, 28672)
                        if (c := gemm_pp.config_for(m, n)) is not None}, key=str)
 
 
@@ -57,20 +57,35 @@ def spill_bytes(ptx: str, tmp_path) -> int:  # noqa: ANN001
 
 def test_rule_picks_ping_pong_tiles_where_they_fill_the_gpu() -> None:
     assert gemm_pp.config_for(64, 28672) is None  # the warp-specialized kernel's small tiles
-    assert gemm_pp.config_for(32, 4096) is None and gemm_pp.config_for(64, 11008) is None  # 86 tiles: no split
+    assert gemm_pp.config_for(16, 4096) is None and gemm_pp.config_for(64, 11008) is None  # 86 tiles: no split
+    assert gemm_pp.config_for(17, 4096) == gemm_pp.config_for(32, 4096) == gemm_pp.PpConfig(32, 8, 4)
+    assert gemm_pp.config_for(32, 8192) == gemm_pp.PpConfig(32, 8, 2)
+    assert gemm_pp.config_for(32, 320) is None  # 3 tiles x 4: too few CTAs to be worth a split
     assert gemm_pp.config_for(33, 4096) == gemm_pp.config_for(64, 4096) == gemm_pp.PpConfig(64, 8, 4)  # 32 tiles
     assert gemm_pp.config_for(64, 8192) == gemm_pp.PpConfig(64, 8, 2)  # 64 tiles x 4 > 132 SMs
     assert gemm_pp.config_for(64, 4096, sms=78) == gemm_pp.PpConfig(64, 8, 2)
-    assert gemm_pp.config_for(65, 11008) == gemm_pp.config_for(8192, 4096) == gemm_pp.PpConfig(256, 4)
+    assert gemm_pp.config_for(128, 4096) == gemm_pp.PpConfig(128, 6, 4)  # K splits of one wave up to 256 tokens
+    assert gemm_pp.config_for(128, 8192) == gemm_pp.PpConfig(128, 6, 2)
+    assert gemm_pp.config_for(256, 4096) == gemm_pp.PpConfig(128, 6, 2)  # 2 x 32 tiles x 2 splits = 128 CTAs
+    assert gemm_pp.config_for(256, 8192) == gemm_pp.PpConfig(256, 4, 2)
+    assert gemm_pp.config_for(256, 1024) is None  # 8 tiles x 2: too few CTAs to be worth a split
+    assert all(gemm_pp.one_wave(gemm_pp.config_for(m, n), m, n, 132) for m in range(33, 257, 7)
+               for n in (4096, 8192) if gemm_pp.config_for(m, n).split > 1)
+    assert gemm_pp.config_for(129, 11008) == gemm_pp.config_for(8192, 4096) == gemm_pp.PpConfig(256, 4)
+    assert gemm_pp.config_for(65, 11008) == gemm_pp.config_for(128, 28672) == gemm_pp.PpConfig(128, 6)  # no padding
     assert gemm_pp.config_for(256, 11008) == gemm_pp.PpConfig(256, 4)  # 86 tiles of 256 tokens
-    assert gemm_pp.config_for(256, 8192) == gemm_pp.PpConfig(128, 6)  # 64 of 256, 128 of 128 tokens
-    assert gemm_pp.config_for(256, 4096) is None  # 64 tiles even of 128 tokens: too few
+    assert gemm_pp.config_for(512, 4096) == gemm_pp.PpConfig(128, 6)  # 64 of 256, 128 of 128 tokens
+    assert gemm_pp.config_for(300, 4096) is None  # 64 tiles of 256 or 96 of 128 tokens: too few
     assert gemm_pp.config_for(1024, 4096) == gemm_pp.PpConfig(256, 4)
-    assert len(RULE_CONFIGS) == 4  # 256 and 128 tokens unsplit, 64 split in 2 and 4
+    assert len(RULE_CONFIGS) == 9  # 256 and 128 tokens unsplit; 256 split in 2; 128, 64 and 32 in 2 and 4
 
 
-@pytest.mark.parametrize("cfg", RULE_CONFIGS, ids=str)
-@pytest.mark.parametrize("group,out", [(128, "fp16"), (64, "bf16"), (128, "i32")])
+# unsplit configs in every output and group; the split ones (same main loop) in fp16 at group 128, for suite time
+BUILDS = [(cfg, group, out) for cfg in RULE_CONFIGS
+          for group, out in ([(128, "fp16"), (64, "bf16"), (128, "i32")] if cfg.split == 1 else [(128, "fp16")])]
+
+
+@pytest.mark.parametrize("cfg,group,out", BUILDS, ids=str)
 def test_every_rule_config_builds_for_hopper(cfg: gemm_pp.PpConfig, group: int, out: str, tmp_path) -> None:
     kernel = compile_for_hopper(cfg, group, out)
     ptx = kernel.asm["ptx"]

@@ -283,8 +283,9 @@ def test_one_token_takes_the_tma_gemv_where_the_gluon_kernels_run(monkeypatch: p
 
 def test_many_tokens_take_the_ping_pong_kernel_where_its_tiles_fill_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the Gluon kernels run (Hopper), from 65 tokens the ping-pong kernel takes every layer whose tiles fill
-    the GPU (its rule, :func:`dgq.kernels.gemm_pp.config_for`), at any M, and at 33-64 tokens the layers of few
-    tiles, split in K; the warp-specialized kernel the rest up to its range, widen-once beyond.  The Gluon kernels are stood in for: they do not run on the CPU."""
+    the GPU (its rule, :func:`dgq.kernels.gemm_pp.config_for`), at any M, and at 33-256 tokens the layers of few
+    tiles, split in K; the warp-specialized kernel the rest up to its range, widen-once beyond.  The Gluon kernels
+    are stood in for: they do not run on the CPU."""
     from dgq.kernels import gemm_pp
 
     called = []
@@ -296,10 +297,12 @@ def test_many_tokens_take_the_ping_pong_kernel_where_its_tiles_fill_the_gpu(monk
     monkeypatch.setattr(linear, "gemm_ws", fake_ws)
     monkeypatch.setattr(linear, "gemm_pp", fake_pp)
     monkeypatch.setattr(linear, "widen_once_matmul", lambda *a, **k: called.append("widen_once"))
-    for m, n in ((64, 11008), (64, 4096), (65, 11008), (256, 4096), (256, 8192), (4096, 4096), (3000, 64)):
+    for m, n in ((64, 11008), (64, 4096), (65, 11008), (300, 4096), (256, 4096), (256, 8192), (4096, 4096),
+                 (3000, 64), (32, 4096), (16, 4096)):
         kw = types.SimpleNamespace(out_features=n, in_features=4096)
         linear.a8w4_mm(torch.zeros(m, 4096, dtype=torch.int8), torch.ones(m, 1), kw)
-    assert called == ["ws", ("pp", 64, 4), ("pp", 256, 1), "ws", ("pp", 128, 1), ("pp", 256, 1), "widen_once"]
+    assert called == ["ws", ("pp", 64, 4), ("pp", 128, 1), "ws", ("pp", 128, 2), ("pp", 256, 2), ("pp", 256, 1),
+                      "widen_once", ("pp", 32, 4), "ws"]
 
 
 def test_kernel_layout_pairs_k_and_k_plus_half_tile() -> None:

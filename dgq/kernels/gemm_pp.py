@@ -1,4 +1,4 @@
-"""The A8W4 GEMM on Hopper from 65 tokens (and at 33-64 on layers of few tiles, split in K): two MMA warpgroups widen
+"""The A8W4 GEMM on Hopper from 65 tokens (and at 17-256 on layers of few tiles, split in K): two MMA warpgroups widen
 their own weight rows into the ``wgmma`` register operand and take turns on the tensor cores (ping-pong), so one
 widens while the other's MMAs run.
 
@@ -18,9 +18,16 @@ and a ``[64, BM]`` int32 accumulator (240 registers each, taken from the load wa
 :func:`dgq.kernels.gemm_ws._load_part`'s ring (both warpgroups release each slot: its barriers count two arrivals).
 Persistent grid of one CTA per SM over units of an output tile and a K split (weight rows fastest).  The epilogue
 scales in the accumulator's layout and converts the rounded fp16 / bf16 tile for 16-byte stores (converting the
-int32 tile first spilled 8 KB).  K splits use the warp-specialized kernel's exact reduction, each warpgroup counting
-its own arrivals.  Same layers as that kernel (:func:`dgq.kernels.gemm_ws.supported`); ``pytest -m cuda`` checks it
-bit-exact, the CPU suite builds the rule's configs for sm_90a.
+int32 tile first spilled 8 KB).
+
+K splits (2 or 4, one wave of CTAs at most) are reduced by all splits at once (:func:`_scatter_epilogue`): each owns
+a share of the tile's columns, stores the rest, waits for its partners and adds their partials of its share.  In
+session 16 the split that arrived last added every other split's whole tile, in one CTA, after everything else, and
+its second 64 x 256 int32 tile in registers spilled: K splits lost at M = 256.  Reduced at once, they took M = 256
+on 11008 x 4096 from 35.6 to 28.0 us and M = 128 from 35.8 to 20.6 (session 17, BENCHMARKS.md run 11).  Stream-K
+(even shares of all tiles' K tiles, partial tiles fixed up by the last to arrive) was built and lost at M >= 256
+(notes).  Same layers as the warp-specialized kernel (:func:`dgq.kernels.gemm_ws.supported`); ``pytest -m cuda``
+checks it bit-exact, the CPU suite builds the rule's configs for sm_90a.
 """
 
 from __future__ import annotations
@@ -40,8 +47,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from dgq.kernels.gemm import KernelWeight
 from dgq.kernels.gemm_ws import (
-    HALF, WsConfig, _epilogue, _gdc_wait, _load_part, _load_ring, _reduce_splits, _scale_row_views, _sm_count, _unit,
-    _widen, call_buffers, descriptors, tma_call,
+    HALF, WsConfig, _epilogue, _gdc_wait, _load_part, _load_ring, _scale_row_views, _sm_count, _unit, _widen,
+    call_buffers, descriptors, tma_call,
 )
 from dgq.kernels.pdl import launch_options
 
@@ -63,7 +70,7 @@ def _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty,
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=4)
     rows: gl.constexpr = gl.SliceLayout(1, a_layout)
     r0: gl.constexpr = WG * ROWS
-    n_tile, m_tile, sid, kt0, k_tiles = _unit(u, n_tiles, m_tiles, tiles, SPLIT, True)
+    n_tile, m_tile, sid, _, k_tiles = _unit(u, n_tiles, m_tiles, tiles, SPLIT, True)  # (the loader reads K)
     acc = gl.zeros((ROWS, BM), gl.int32, acc_layout)
     for i in range(k_tiles):
         j = c + i
@@ -86,33 +93,38 @@ def _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty,
         mbarrier.arrive(x_empty.index(s), count=1)
     if PDL:
         _gdc_wait()  # the epilogue reads the act-quant's scales
-    tile = (m_tile * n_tiles + n_tile) * 2 + WG  # each warpgroup's rows count their own split-K arrivals
-    if EPILOGUE:
-        _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tile * bn + r0,
-                         m_tile * BM, sid, tile, SPLIT, HAS_BIAS)
+    n0 = n_tile * bn + r0
+    if SPLIT > 1:
+        _scatter_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n0, m_tile * BM,
+                          sid, m_tile * n_tiles + n_tile, SPLIT, EPILOGUE, HAS_BIAS, WG)
     else:
-        _epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tile * bn + r0,
-                  m_tile * BM, sid, tile, BM, SPLIT, EPILOGUE, HAS_BIAS)
+        _piece_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m_tile * BM, EPILOGUE, HAS_BIAS)
     return c + k_tiles
 
 
 @gluon.jit
-def _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n0, m0, sid, tile,
-                     SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr):
+def _piece_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0, EPILOGUE: gl.constexpr,
+                    HAS_BIAS: gl.constexpr):
+    """Rows ``n0 +`` and tokens ``m0 +`` of the output from an int32 tile or piece of one in the accumulator's
+    layout: :func:`_scaled_epilogue`, or the raw int32 (``EPILOGUE`` false) through the warp-specialized kernel's
+    epilogue."""
+    if EPILOGUE:
+        _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0, HAS_BIAS)
+    else:
+        _epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_ptr, out_ptr, M, N, stride_sx, n0, m0, 0, 0,
+                  acc.shape[1], 1, False, HAS_BIAS)
+
+
+@gluon.jit
+def _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0, HAS_BIAS: gl.constexpr):
     """``(acc * s_x) * s1 (+ bias)`` in fp32 in the accumulator's own layout (in place: no second register copy of
-    the tile), rounded to the output dtype, and only then moved to a store-friendly layout (half the bytes).  Split
-    (``SPLIT > 1``), the exact reduction of :func:`dgq.kernels.gemm_ws._reduce_splits` first, in the same layout:
-    the split that arrives last stores."""
+    the tile), rounded to the output dtype, and only then moved to a store-friendly layout (half the bytes)."""
     bn: gl.constexpr = acc.shape[0]
     BM: gl.constexpr = acc.shape[1]
     acc_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     acc_cols: gl.constexpr = gl.SliceLayout(0, acc.type.layout)
     an = n0 + gl.arange(0, bn, layout=acc_rows)
     am = m0 + gl.arange(0, BM, layout=acc_cols)
-    if SPLIT > 1:
-        inside = gl.expand_dims(am < M, 0) & gl.expand_dims(an < N, 1)
-        acc, own = _reduce_splits(acc, ws_ptr, cnt_ptr, gl.expand_dims(am, 0) * N + gl.expand_dims(an, 1), inside,
-                                  sid, tile, M * N, SPLIT)
     sx = gl.load(sx_ptr + am * stride_sx, mask=am < M, other=0.0)
     s1 = gl.load(s1_ptr + an, mask=an < N, other=0.0)
     val = acc.to(gl.float32) * gl.expand_dims(sx, 0) * gl.expand_dims(s1, 1)
@@ -125,9 +137,92 @@ def _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M,
     offs_n = n0 + gl.arange(0, bn, layout=gl.SliceLayout(1, out_layout))
     offs_m = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, out_layout))
     mask = gl.expand_dims(offs_m < M, 0) & gl.expand_dims(offs_n < N, 1)
-    if SPLIT > 1:
-        mask = mask & gl.convert_layout(own, out_layout)
     gl.store(out_ptr + gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1), res, mask=mask)
+
+
+@gluon.jit
+def _halves(x):
+    """Columns ``[0, n/2)`` and ``[n/2, n)`` of a 2-D register tensor whose column bit ``n/2`` is a register bit (the
+    MMA layout's repeat along N): a renaming of registers, no data moves."""
+    return x.reshape([x.shape[0], 2, x.shape[1] // 2]).permute((0, 2, 1)).split()
+
+
+@gluon.jit
+def _piece_offsets(piece, row_stride):
+    """Row-major offsets of a ``[rows, cols]`` register tensor's elements in its own layout."""
+    rows = gl.arange(0, piece.shape[0], layout=gl.SliceLayout(1, piece.type.layout))
+    cols = gl.arange(0, piece.shape[1], layout=gl.SliceLayout(0, piece.type.layout))
+    return gl.expand_dims(rows, 1) * row_stride + gl.expand_dims(cols, 0)
+
+
+@gluon.jit
+def _meet(cnt_ptr, SPLIT: gl.constexpr):
+    """Wait until all ``SPLIT`` CTAs of a tile have stored their partials (after this warpgroup's barrier: one
+    acq_rel arrival each, then acquire reads of the count)."""
+    gl.thread_barrier()
+    arrived = gl.atomic_add(cnt_ptr, 1, sem="acq_rel") + 1
+    while arrived < SPLIT:
+        arrived = gl.atomic_add(cnt_ptr, 0, sem="acquire")
+
+
+@gluon.jit
+def _finish_piece(piece, base, col0, sid, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0,
+                  BM: gl.constexpr, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """Columns ``col0 +`` of split ``sid``'s own piece: the other splits' partials of it added, then its output."""
+    offs = _piece_offsets(piece, BM) + col0
+    for j in gl.static_range(SPLIT):
+        piece += gl.load(base + j * 2 * ROWS * BM + offs, mask=(offs >= 0) & (sid != j), other=0,
+                         cache_modifier=".cg")
+    _piece_epilogue(piece, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0 + col0, EPILOGUE, HAS_BIAS)
+
+
+@gluon.jit
+def _scatter_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n0, m0, sid, t,
+                      SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, WG: gl.constexpr):
+    """K splits reduced by all of them at once: split ``sid`` owns columns ``sid * BM / SPLIT`` on of the tile.  It
+    stores the columns it does not own (row-major, 8-byte stores), meets the others (:func:`_meet`), adds their
+    partials of its own columns (integer sums, exact in any order) and stores those; the last to leave rearms the
+    count (arrivals and departures on one counter, ``2 * SPLIT`` in all).
+
+    Why: the split that arrives last adding every other split's whole tile (:func:`dgq.kernels.gemm_ws._reduce_splits`)
+    reads ``SPLIT - 1`` tiles in one CTA, after everything else; here each CTA reads ``(SPLIT - 1) / SPLIT`` of one
+    tile, and the pieces of the 64 x 256 accumulator (:func:`_halves`) keep a second whole tile out of the registers.
+    The wait needs every split of a tile resident at once: the host launches one wave at most (:func:`pp_a8w4_matmul`).
+    """
+    BM: gl.constexpr = acc.shape[1]
+    W: gl.constexpr = BM // SPLIT
+    plane: gl.constexpr = 2 * ROWS * BM  # one split's partial tile: both warpgroups' rows
+    base = ws_ptr + t * SPLIT * plane + WG * ROWS * BM
+    own = base + sid * plane
+    if SPLIT == 2:
+        a, b = _halves(acc)
+        offs = _piece_offsets(a, BM)  # (every piece has the same layout)
+        gl.store(own + offs, a, mask=(offs >= 0) & (sid != 0))
+        gl.store(own + offs + W, b, mask=(offs >= 0) & (sid != 1))
+        _meet(cnt_ptr + t * 2 + WG, SPLIT)
+        mine = gl.where(sid == 0, a, b)
+    else:
+        h0, h1 = _halves(acc)
+        a, b = _halves(h0)
+        c, d = _halves(h1)
+        offs = _piece_offsets(a, BM)
+        gl.store(own + offs, a, mask=(offs >= 0) & (sid != 0))
+        gl.store(own + offs + W, b, mask=(offs >= 0) & (sid != 1))
+        gl.store(own + offs + 2 * W, c, mask=(offs >= 0) & (sid != 2))
+        gl.store(own + offs + 3 * W, d, mask=(offs >= 0) & (sid != 3))
+        _meet(cnt_ptr + t * 2 + WG, SPLIT)
+        mine = gl.where(sid == 0, a, gl.where(sid == 1, b, gl.where(sid == 2, c, d)))
+    if W > 64:  # the owned half of a 256-token tile in two: its partners' 64 x 128 int32 partial beside it spilled
+        lo, hi = _halves(mine)
+        _finish_piece(lo, base, sid * W, sid, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0, BM, SPLIT,
+                      EPILOGUE, HAS_BIAS)
+        _finish_piece(hi, base, sid * W + W // 2, sid, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0, BM,
+                      SPLIT, EPILOGUE, HAS_BIAS)
+    else:
+        _finish_piece(mine, base, sid * W, sid, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0, BM, SPLIT,
+                      EPILOGUE, HAS_BIAS)
+    if gl.atomic_add(cnt_ptr + t * 2 + WG, 1, sem="relaxed") == 2 * SPLIT - 1:  # every split has left the wait
+        gl.atomic_xchg(cnt_ptr + t * 2 + WG, 0, sem="relaxed")
 
 
 @gluon.jit
@@ -149,6 +244,7 @@ def _pp_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, 
                     SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
                     MMA_REGS: gl.constexpr):
     gl.static_assert(BN == 2 * ROWS, "two warpgroups of 64 weight rows")
+    gl.static_assert(SPLIT == 1 or SPLIT == 2 or SPLIT == 4, "K splits: 1, 2 or 4 (one piece of columns each)")
     n_tiles = gl.cdiv(N, BN)
     m_tiles = gl.cdiv(M, BM)
     tiles = K // (2 * HALF)
@@ -173,7 +269,8 @@ def _pp_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, 
 
 @dataclass(frozen=True)
 class PpConfig:
-    """Tokens per tile (two 128-wide MMAs at 256) and ring slots, K splits; the tile always has 128 weight rows."""
+    """Tokens per tile (two 128-wide MMAs at 256), ring slots, K splits (1, 2 or 4: :func:`_scatter_epilogue`); the
+    tile always has 128 weight rows."""
 
     bm: int = 256
     stages: int = 4
@@ -184,28 +281,54 @@ BN = 128  # weight rows per CTA: two warpgroups of ROWS
 MAXNREG = 168  # at launch: 12 warps (two MMA warpgroups, the load warp's warpgroup) x 32 x 168 <= 64K registers
 MMA_REGS = 240  # then each MMA warpgroup takes 240 (its 64 x 256 int32 accumulator is 128) and the load warp 24
 MIN_M = 65  # from here the unsplit tiles; below, split tiles only (the warp-specialized kernel's small tiles else)
-SPLIT_M = (33, 64)  # token counts where 64-token tiles split in K won on the layers of few tiles (measured at 64)
+SPLIT_M = (17, 256)  # token counts where K splits of one wave won on the layers of few tiles (measured at 32-256)
 BIG_TILE_MIN_CTAS = 80  # measured (session 16): 86 tiles of 256 tokens won at M = 256 (4096 x 11008), 64 lost
 SMALL_TILE_MIN_CTAS = 100  # 128-token tiles: 128 won at M = 256 (28672 x 8192), 64 lost (the N = 4096 layers)
 
 
-def config_for(m: int, n: int, sms: int = 132) -> PpConfig | None:
-    """The measured rule (``benchmarks/gemm_pp_probe.py``, session 16, notes), ``None`` where the warp-specialized
-    kernel (:func:`dgq.kernels.gemm_ws.config_for`) serves:
+def one_wave(cfg: PpConfig, m: int, n: int, sms: int) -> bool:
+    """Whether every CTA of a split config is resident at once (its splits wait for each other)."""
+    return triton.cdiv(n, BN) * triton.cdiv(m, cfg.bm) * cfg.split <= sms
 
-    * from :data:`MIN_M` tokens, 256-token tiles where they make at least :data:`BIG_TILE_MIN_CTAS` CTAs, else
+
+def _split_config(m: int, n: int, sms: int) -> PpConfig | None:
+    """The K-split configs measured best (``benchmarks/gemm_pp_probe.py --splits``, session 17) on layers whose
+    unsplit tiles leave SMs idle: as many splits as fit one wave, of the tile the token count fills."""
+    tiles = triton.cdiv(n, BN)
+    if m <= 32:  # 17-32: 32-token tiles (at M = 32: 4096 x 4096 10.8 us, 11008 x 4096 15.9, 28672 x 8192 53.7 in
+        cfgs = [PpConfig(32, 8, 4), PpConfig(32, 8, 2)]  # 2; the warp-specialized kernel 12.1 / 19.0 / 62.5)
+    elif m <= 64:  # 33-64: 64-token tiles (4096 x 4096 11.9 us in 4, 28672 x 8192 56.8 in 2)
+        cfgs = [PpConfig(64, 8, 4), PpConfig(64, 8, 2)]
+    elif m <= 128:  # 11008 x 4096: 21.1 us in 4 against 26.4 in 2; 28672 x 8192: 64.9 in 2
+        cfgs = [PpConfig(128, 6, 4), PpConfig(128, 6, 2)]
+    else:  # 11008 x 4096: two 128-token tiles in 2, 28.4 us (256 tokens in 4: 29.7); 28672 x 8192: 89.3 in 2
+        cfgs = [PpConfig(128, 6, 2), PpConfig(256, 4, 2)]
+    # (outside 33-64 tokens, only where the splits fill half the GPU at least: the layers measured)
+    return next((c for c in cfgs if one_wave(c, m, n, sms)
+                 and (32 < m <= 64 or tiles * triton.cdiv(m, c.bm) * c.split >= sms // 2)), None)
+
+
+def config_for(m: int, n: int, sms: int = 132) -> PpConfig | None:
+    """The measured rule (``benchmarks/gemm_pp_probe.py``, sessions 16-17, notes), ``None`` where the
+    warp-specialized kernel (:func:`dgq.kernels.gemm_ws.config_for`) serves:
+
+    * 17 to 256 tokens (:data:`SPLIT_M`) on layers of few tiles: K split in 2 or 4 while the CTAs fit one wave
+      (:func:`_split_config`).  At M = 256 on 11008 x 4096 28.4 us against the warp-specialized kernel's 35.6, on
+      28672 x 8192 89.3 against 105.1 unsplit; at M = 128 21.1 / 64.9 against 35.8 / 89.7; at M = 64 11.9 / 17.6 /
+      56.8 against session 16's last-arrival splits' 13.9 / 19.5 / 58.6 (4096 x 4096 too);
+    * else from :data:`MIN_M` tokens, 256-token tiles where they make at least :data:`BIG_TILE_MIN_CTAS` CTAs, else
       128-token tiles (6 slots) where those make :data:`SMALL_TILE_MIN_CTAS`; fewer tiles than that leave SMs idle,
-      and there the warp-specialized kernel's 64-row tiles won (M = 256 on 4096 x 4096: 17.1 against 19.7 us).  K
-      splits lost at M = 256 everywhere but one layer (the partial sums' traffic; ``--splits``);
-    * 33 to 64 tokens (:data:`SPLIT_M`) on layers of at most half as many 128-row tiles as SMs: 64-token tiles, K
-      split in 2 or 4 while the CTAs fit one wave.  At M = 64: 11008 x 4096 20.1 against 28.5 us, 28672 x 8192 58.3
-      against 69.9, 4096 x 4096 14.9 against 15.2 (split 2: 13.6); unsplit wide layers stay with the warp-specialized
-      kernel (4096 x 11008: 21.5 against 25.9 split in 2)."""
-    tiles = n // BN
-    if SPLIT_M[0] <= m <= SPLIT_M[1] and 2 * tiles <= sms:
-        return PpConfig(64, 8, 4 if 4 * tiles <= sms else 2)
+      and there the warp-specialized kernel's 64-row tiles won.  Up to 128 tokens the tile is 128 tokens (4096 x
+      11008 at M = 128: 19.0 us against 33.3 for a 256-token tile half padding)."""
+    if SPLIT_M[0] <= m <= SPLIT_M[1]:
+        split = _split_config(m, n, sms)
+        if split is not None:
+            return split
     if m < MIN_M:
         return None
+    tiles = triton.cdiv(n, BN)
+    if m <= 128 and tiles >= BIG_TILE_MIN_CTAS:  # a 256-token tile would be half padding
+        return PpConfig(128, 6)
     if triton.cdiv(m, 256) * tiles >= BIG_TILE_MIN_CTAS:
         return PpConfig(256, 4)
     if triton.cdiv(m, 128) * tiles >= SMALL_TILE_MIN_CTAS:
@@ -223,7 +346,8 @@ def pp_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | Non
                    config: PpConfig | None = None) -> torch.Tensor:
     """A8W4 GEMM of int8 codes ``x_s8 [M, K]`` with scales ``s_x``, as :func:`dgq.kernels.gemm_ws.ws_a8w4_matmul`
     (same layers: :func:`dgq.kernels.gemm_ws.supported`; ``out_dtype=None``: the raw int32 accumulator).
-    ``config`` pins a variant instead of :func:`config_for`'s (256-token tiles where the rule has none)."""
+    ``config`` pins a variant instead of :func:`config_for`'s (256-token tiles where the rule has none); a split one
+    must fit one wave (:func:`one_wave`)."""
     x, out = tma_call(x_s8, kw, out_dtype)
     m, k = x.shape
     n = kw.out_features
@@ -231,13 +355,20 @@ def pp_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | Non
     if m == 0:
         return out
     cfg = config or rule(m, n, x.device) or PpConfig()
-    ws, sx = call_buffers(x, kw, s_x, epilogue, cfg.split)  # split: two arrival counts per tile, one per warpgroup
-    dummy = kw.split_scratch
+    sms = _sm_count(x.device)
+    _, sx = call_buffers(x, kw, s_x, epilogue, 1)
+    dummy = ws = kw.split_scratch
     tiles = triton.cdiv(n, BN) * triton.cdiv(m, cfg.bm)
-    if cfg.split > 1 and 2 * tiles > dummy.numel():
-        raise AssertionError(f"{2 * tiles} split-K counts exceed the layer's {dummy.numel()} slots")
+    if cfg.split > 1:
+        if not one_wave(cfg, m, n, sms):
+            raise ValueError(f"{tiles} tiles x {cfg.split} K splits do not fit one wave of {sms} CTAs: the splits of "
+                             f"a tile wait for each other (pin fewer splits or larger tiles)")
+        if 2 * tiles > dummy.numel():
+            raise AssertionError(f"{2 * tiles} split-K counts exceed the layer's {dummy.numel()} slots")
+        # the partial tiles, allocated per call so that a captured CUDA graph owns its own
+        ws = torch.empty(tiles * cfg.split * BN * cfg.bm, dtype=torch.int32, device=x.device)
     options = launch_options(x.device)
-    _pp_a8w4_kernel[(min(tiles * cfg.split, _sm_count(x.device)),)](
+    _pp_a8w4_kernel[(min(tiles * cfg.split, sms),)](
         *descriptors(x, kw, WsConfig(BN, cfg.bm, cfg.stages, 1)), sx, kw.s1, bias if bias is not None else dummy,
         out, ws, dummy, m, n, k, int(epilogue and sx.numel() > 1), GROUP=kw.group_size, BN=BN, BM=cfg.bm,
         STAGES=cfg.stages, SPLIT=cfg.split, EPILOGUE=epilogue, HAS_BIAS=bias is not None, PDL=bool(options),

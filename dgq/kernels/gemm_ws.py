@@ -1,5 +1,6 @@
-"""The A8W4 GEMM on Hopper for 2..64 tokens and for layers too narrow for the ping-pong kernel (to 2047 tokens, 4095
-on long-K layers: :func:`takes`): a warp-specialized kernel (Gluon) whose widening runs beside the MMA.  Its load
+"""The A8W4 GEMM on Hopper for 2..64 tokens where the ping-pong kernel's split tiles do not serve, and for layers too
+narrow for it (to 2047 tokens, 4095 on long-K layers: :func:`takes`): a warp-specialized kernel (Gluon) whose
+widening runs beside the MMA.  Its load
 warp (:func:`_load_part`, with :func:`_unit`'s persistent form) also feeds :mod:`dgq.kernels.gemm_pp`.
 
 Why a second tensor-core kernel: the in-register kernel of :mod:`dgq.kernels.gemm` widens int4 to int8 in the same
@@ -382,7 +383,9 @@ def config_for(m: int, n: int, sms: int = 132) -> WsConfig:
       unless they alone outnumber the SMs (then 128 rows, 4 stages); K split in 2 or 4 while the CTAs still fit in
       one wave of two per SM.  At M = 32 this beat the 64-token rule below on all seven decode layer shapes of
       Llama-2-7B / Llama-3-8B (act-quant + GEMM: 84.8 against 102.0 us per Llama-2 layer; 11008 x 4096: 21.8
-      against 31.3 us), within 7% of the best probed config on each;
+      against 31.3 us), within 7% of the best probed config on each.  From 17 tokens the ping-pong kernel's 32-token
+      split tiles took the layers of 32-66 tile rows in session 17 (M = 32, int8 codes in: 4096 x 4096 10.8 against
+      12.1 us, 11008 x 4096 15.9 against 19.0, 28672 x 8192 53.7 against 62.5);
     * 33-64 tokens on layers of more than half as many 128-row tiles as SMs (the others go to the ping-pong kernel
       split in K, :func:`dgq.kernels.gemm_pp.config_for`): 128-row tiles, one CTA per SM where the tiles fit one
       wave, two per SM (80 registers) only where they do not.  Two CTAs per SM beside a running act-quant slowed

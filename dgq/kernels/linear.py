@@ -9,12 +9,13 @@ Each was measured against the others on an H100 (``benchmarks/gemm.py``, ``bench
   the act-quant + itself on every benchmark and decode shape (``benchmarks/gemv_probe.py --tma``, notes).
 * M = 1 elsewhere: the register-fed GEMV (:mod:`dgq.kernels.gemv`), quantizing inside on layers of few row blocks
   (:func:`dgq.kernels.gemv.quantizes_inside`).
-* From :data:`dgq.kernels.gemm_pp.MIN_M` tokens on Hopper wherever its tiles fill the GPU, and at 33-64 tokens on
+* From :data:`dgq.kernels.gemm_pp.MIN_M` tokens on Hopper wherever its tiles fill the GPU, and at 17-256 tokens on
   layers of few tiles, split in K (:func:`dgq.kernels.gemm_pp.config_for`): the ping-pong kernel
   (:mod:`dgq.kernels.gemm_pp`), whose two MMA warpgroups widen into the tensor-core instruction's registers and take
   turns on the tensor cores.  In session 16 it beat the warp-specialized kernel and widen-once on all five benchmark
   shapes at M = 1024, 2048 and 4096 (1.06-1.58x the previous dispatch), on the three it takes at M = 256, on four of
-  five at M = 8192 (8192 x 28672: 0-8% behind widen-once), and at M = 64 on three layers of few tiles.
+  five at M = 8192 (8192 x 28672: 0-8% behind widen-once), and at M = 64 on three layers of few tiles; its K splits
+  reduced by all splits at once (session 17) took the N = 4096 / 8192 layers at 17-256 tokens too.
 * Other 1 < M <= :data:`dgq.kernels.gemm_ws.MAX_M` on Hopper: the warp-specialized kernel (:mod:`dgq.kernels.gemm_ws`),
   whose widening runs in its own warps beside the MMA.
 * The same M on another GPU, or a layer that kernel does not take (:func:`dgq.kernels.gemm_ws.supported`: K tiles of
