@@ -111,6 +111,7 @@ def _piece_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0,
     if EPILOGUE:
         _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0, HAS_BIAS)
     else:
+        # (unsplit, so its partial and count pointers are never read: the output stands in for them)
         _epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_ptr, out_ptr, M, N, stride_sx, n0, m0, 0, 0,
                   acc.shape[1], 1, False, HAS_BIAS)
 
