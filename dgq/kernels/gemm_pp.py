@@ -287,15 +287,19 @@ BIG_TILE_MIN_CTAS = 80  # measured (session 16): 86 tiles of 256 tokens won at M
 SMALL_TILE_MIN_CTAS = 100  # 128-token tiles: 128 won at M = 256 (28672 x 8192), 64 lost (the N = 4096 layers)
 
 
+def _ctas(cfg: PpConfig, m: int, n: int) -> int:
+    """Units of a call: output tiles times K splits."""
+    return triton.cdiv(n, BN) * triton.cdiv(m, cfg.bm) * cfg.split
+
+
 def one_wave(cfg: PpConfig, m: int, n: int, sms: int) -> bool:
     """Whether every CTA of a split config is resident at once (its splits wait for each other)."""
-    return triton.cdiv(n, BN) * triton.cdiv(m, cfg.bm) * cfg.split <= sms
+    return _ctas(cfg, m, n) <= sms
 
 
 def _split_config(m: int, n: int, sms: int) -> PpConfig | None:
     """The K-split configs measured best (``benchmarks/gemm_pp_probe.py --splits``, session 17) on layers whose
     unsplit tiles leave SMs idle: as many splits as fit one wave, of the tile the token count fills."""
-    tiles = triton.cdiv(n, BN)
     if m <= 32:  # 17-32: 32-token tiles (at M = 32: 4096 x 4096 10.8 us, 11008 x 4096 15.9, 28672 x 8192 53.7 in
         cfgs = [PpConfig(32, 8, 4), PpConfig(32, 8, 2)]  # 2; the warp-specialized kernel 12.1 / 19.0 / 62.5)
     elif m <= 64:  # 33-64: 64-token tiles (4096 x 4096 11.9 us in 4, 28672 x 8192 56.8 in 2)
@@ -306,7 +310,7 @@ def _split_config(m: int, n: int, sms: int) -> PpConfig | None:
         cfgs = [PpConfig(128, 6, 2), PpConfig(256, 4, 2)]
     # (outside 33-64 tokens, only where the splits fill half the GPU at least: the layers measured)
     return next((c for c in cfgs if one_wave(c, m, n, sms)
-                 and (32 < m <= 64 or tiles * triton.cdiv(m, c.bm) * c.split >= sms // 2)), None)
+                 and (32 < m <= 64 or _ctas(c, m, n) >= sms // 2)), None)
 
 
 def config_for(m: int, n: int, sms: int = 132) -> PpConfig | None:

@@ -1,7 +1,7 @@
 """The A8W4 GEMM on Hopper for 2..64 tokens where the ping-pong kernel's split tiles do not serve, and for layers too
 narrow for it (to 2047 tokens, 4095 on long-K layers: :func:`takes`): a warp-specialized kernel (Gluon) whose
-widening runs beside the MMA.  Its load
-warp (:func:`_load_part`, with :func:`_unit`'s persistent form) also feeds :mod:`dgq.kernels.gemm_pp`.
+widening runs beside the MMA.  Its load warp (:func:`_load_part`, with :func:`_unit`'s persistent form) also feeds
+:mod:`dgq.kernels.gemm_pp`.
 
 Why a second tensor-core kernel: the in-register kernel of :mod:`dgq.kernels.gemm` widens int4 to int8 in the same
 warps that issue the tensor-core MMA, so the two serialize, and at M = 16..256 it ran at 0.7-1.1x cuBLAS FP16 where
