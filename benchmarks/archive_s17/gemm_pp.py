@@ -1,0 +1,432 @@
+"""The A8W4 GEMM on Hopper from 65 tokens (and at 33-64 on layers of few tiles, split in K): two MMA warpgroups widen
+their own weight rows into the ``wgmma`` register operand and take turns on the tensor cores (ping-pong), so one
+widens while the other's MMAs run.
+
+Why: at M >= 1024 the warp-specialized kernel (:mod:`dgq.kernels.gemm_ws`) was bound by shared memory (ncu, session
+10: L1/TEX 64-70% busy, tensor pipe about half): per 128-wide K tile of a 128 x 256 tile its widen warps write the
+int8 weight to shared memory and the MMAs read it back (32 KB of 160).  Widening into registers removes that
+traffic, but in session 10 one warpgroup could not overlap its widening with its own MMAs exactly: nothing keeps an
+asynchronous MMA's A registers live until its wait, and ptxas reused them (``gemm_rs`` at df6fa75: a race).  Here
+each warpgroup waits for its own MMAs before it widens again (exact by construction), and the overlap comes from the
+other warpgroup: an order barrier makes them issue their MMAs in turn, so while warpgroup 0's MMAs run, warpgroup 1
+widens, and the other way round.  Measured on the H100 (``benchmarks/gemm_pp_probe.py``, BENCHMARKS.md GEMM runs 9
+and 10): 1.16-1.43x the earlier dispatch at M = 1024, 1.06-1.58x at 2048-4096; alone 1.83-1.99x cuBLAS FP16 at
+M >= 1024 (FP8 row-wise 1.66-1.74x), 1.57-1.79x with the act-quant in front (before: 1.30-1.57x).
+
+Partitions: warpgroup 0 (the default partition) and warpgroup 1 (a worker) each own 64 of the tile's 128 weight rows
+and a ``[64, BM]`` int32 accumulator (240 registers each, taken from the load warp's); one load warp fills
+:func:`dgq.kernels.gemm_ws._load_part`'s ring (both warpgroups release each slot: its barriers count two arrivals).
+Persistent grid of one CTA per SM over units of an output tile and a K split (weight rows fastest).  The epilogue
+scales in the accumulator's layout and converts the rounded fp16 / bf16 tile for 16-byte stores (converting the
+int32 tile first spilled 8 KB).  K splits use the warp-specialized kernel's exact reduction, each warpgroup counting
+its own arrivals.  Same layers as that kernel (:func:`dgq.kernels.gemm_ws.supported`); ``pytest -m cuda`` checks it
+bit-exact, the CPU suite builds the rule's configs for sm_90a.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+from dgq.kernels.gemm import KernelWeight
+from dgq.kernels.gemm_ws import (
+    HALF, WsConfig, _epilogue, _gdc_wait, _load_part, _load_ring, _reduce_splits, _scale_row_views, _sm_count,
+    _stream_range, _stream_unit, _unit, _widen, call_buffers, descriptors, tma_call,
+)
+from dgq.kernels.pdl import launch_options
+
+ROWS = gl.constexpr(64)  # weight rows per warpgroup: one wgmma's M
+
+
+@gluon.jit
+def _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, my_turn, their_turn, sx_ptr,
+             s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, u, c, n_tiles, m_tiles, tiles, lo, hi,
+             total, BM: gl.constexpr, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr,
+             PDL: gl.constexpr, HI_ROW: gl.constexpr, WG: gl.constexpr, STREAM: gl.constexpr,
+             SCATTER: gl.constexpr):
+    """Unit ``u``'s K tiles (the rings' ``c``-th on) for this warpgroup's 64 weight rows, then its epilogue
+    (``STREAM``: output tile ``u``'s K tiles within the CTA's share ``[lo, hi)`` of all ``total``)."""
+    stages: gl.constexpr = xlo_bufs.shape[0]
+    srows: gl.constexpr = s2v.shape[0] // stages
+    bn: gl.constexpr = w_bufs.shape[1]
+    INSTR_N: gl.constexpr = min(BM, 128)
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, INSTR_N, 32])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=4)
+    rows: gl.constexpr = gl.SliceLayout(1, a_layout)
+    r0: gl.constexpr = WG * ROWS
+    if STREAM:
+        n_tile, m_tile, sid, kt0, k_tiles = _stream_unit(u, n_tiles, m_tiles, tiles, lo, hi)
+    else:
+        n_tile, m_tile, sid, kt0, k_tiles = _unit(u, n_tiles, m_tiles, tiles, SPLIT, True)
+    acc = gl.zeros((ROWS, BM), gl.int32, acc_layout)
+    for i in range(k_tiles):
+        j = c + i
+        s = j % stages
+        mbarrier.wait(load_ready.index(s), (j // stages) & 1)
+        p = w_bufs.index(s).slice(r0, ROWS, 0).load(a_layout)
+        s_lo = s2v.index(s * srows).slice(r0, ROWS).load(rows).to(gl.int32)
+        z_lo = zpv.index(s * srows).slice(r0, ROWS).load(rows).to(gl.int32)
+        s_hi = s2v.index(s * srows + HI_ROW).slice(r0, ROWS).load(rows).to(gl.int32)
+        z_hi = zpv.index(s * srows + HI_ROW).slice(r0, ROWS).load(rows).to(gl.int32)
+        fence_async_shared()  # these generic-proxy reads, then the slot's next bulk copy
+        mbarrier.arrive(w_empty.index(s), count=1)
+        w_lo, w_hi = _widen(p, s_lo, z_lo, s_hi, z_hi, False)
+        # my turn: the other warpgroup has issued its MMAs of the tile before (warpgroup 1: of this one)
+        mbarrier.wait(my_turn, (j & 1) ^ (1 - WG))
+        acc = warpgroup_mma(w_lo, xlo_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(w_hi, xhi_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        mbarrier.arrive(their_turn, count=1)
+        acc = warpgroup_mma_wait(0, deps=[acc])  # retired before this warpgroup's next widening writes registers
+        mbarrier.arrive(x_empty.index(s), count=1)
+    if PDL:
+        _gdc_wait()  # the epilogue reads the act-quant's scales
+    tile = (m_tile * n_tiles + n_tile) * 2 + WG  # each warpgroup's rows count their own split-K arrivals
+    if STREAM:
+        if k_tiles == tiles:  # the whole tile is this CTA's
+            _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx,
+                             n_tile * bn + r0, m_tile * BM, 0, tile, 1, HAS_BIAS)
+        else:
+            _stream_fixup(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tile * bn + r0,
+                          m_tile * BM, u, tiles, total, tile, HAS_BIAS, WG)
+    elif SCATTER:
+        _scatter_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tile * bn + r0,
+                          m_tile * BM, sid, m_tile * n_tiles + n_tile, SPLIT, HAS_BIAS, WG)
+    elif EPILOGUE:
+        _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tile * bn + r0,
+                         m_tile * BM, sid, tile, SPLIT, HAS_BIAS)
+    else:
+        _epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tile * bn + r0,
+                  m_tile * BM, sid, tile, BM, SPLIT, EPILOGUE, HAS_BIAS)
+    return c + k_tiles
+
+
+@gluon.jit
+def _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n0, m0, sid, tile,
+                     SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """``(acc * s_x) * s1 (+ bias)`` in fp32 in the accumulator's own layout (in place: no second register copy of
+    the tile), rounded to the output dtype, and only then moved to a store-friendly layout (half the bytes).  Split
+    (``SPLIT > 1``), the exact reduction of :func:`dgq.kernels.gemm_ws._reduce_splits` first, in the same layout:
+    the split that arrives last stores."""
+    bn: gl.constexpr = acc.shape[0]
+    BM: gl.constexpr = acc.shape[1]
+    acc_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
+    acc_cols: gl.constexpr = gl.SliceLayout(0, acc.type.layout)
+    an = n0 + gl.arange(0, bn, layout=acc_rows)
+    am = m0 + gl.arange(0, BM, layout=acc_cols)
+    if SPLIT > 1:
+        inside = gl.expand_dims(am < M, 0) & gl.expand_dims(an < N, 1)
+        acc, own = _reduce_splits(acc, ws_ptr, cnt_ptr, gl.expand_dims(am, 0) * N + gl.expand_dims(an, 1), inside,
+                                  sid, tile, M * N, SPLIT)
+    sx = gl.load(sx_ptr + am * stride_sx, mask=am < M, other=0.0)
+    s1 = gl.load(s1_ptr + an, mask=an < N, other=0.0)
+    val = acc.to(gl.float32) * gl.expand_dims(sx, 0) * gl.expand_dims(s1, 1)
+    if HAS_BIAS:
+        val += gl.expand_dims(gl.load(bias_ptr + an, mask=an < N, other=0.0).to(gl.float32), 1)
+    # n fastest, 8 outputs of one token per thread: 16-byte stores of out[m, n], a warp writing 4 tokens x 128 bytes
+    # (one output per thread made 2-byte stores: the epilogue took ~30% of the kernel at M = 1024, ncu session 16)
+    out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])
+    res = gl.convert_layout(val.to(out_ptr.dtype.element_ty), out_layout)
+    offs_n = n0 + gl.arange(0, bn, layout=gl.SliceLayout(1, out_layout))
+    offs_m = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, out_layout))
+    mask = gl.expand_dims(offs_m < M, 0) & gl.expand_dims(offs_n < N, 1)
+    if SPLIT > 1:
+        mask = mask & gl.convert_layout(own, out_layout)
+    gl.store(out_ptr + gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1), res, mask=mask)
+
+
+@gluon.jit
+def _halves(x):
+    """Columns ``[0, n/2)`` and ``[n/2, n)`` of a 2-D register tensor whose column bit ``n/2`` is a register bit (the
+    MMA layout's repeat along N): a renaming of registers, no data moves."""
+    return x.reshape([x.shape[0], 2, x.shape[1] // 2]).permute((0, 2, 1)).split()
+
+
+@gluon.jit
+def _stream_slot(q, u, tiles, total):
+    """Where stream-K CTA ``q`` keeps its partial of output tile ``u``: a CTA has at most two partial tiles, the
+    first of its share (slot ``2q``) and the last (``2q + 1``)."""
+    g = gl.num_programs(0)
+    return 2 * q + ((q * total // g) // tiles != u).to(gl.int32)
+
+
+@gluon.jit
+def _piece_offsets(piece, row_stride):
+    """Row-major offsets of a ``[rows, cols]`` register tensor's elements in its own layout."""
+    rows = gl.arange(0, piece.shape[0], layout=gl.SliceLayout(1, piece.type.layout))
+    cols = gl.arange(0, piece.shape[1], layout=gl.SliceLayout(0, piece.type.layout))
+    return gl.expand_dims(rows, 1) * row_stride + gl.expand_dims(cols, 0)
+
+
+@gluon.jit
+def _finish_piece(piece, col0, ws_ptr, plane, first, last, u, tiles, total, sx_ptr, s1_ptr, bias_ptr, out_ptr, cnt_ptr,
+                  M, N, stride_sx, n0, m0, BM: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """Columns ``col0 + [0, 64)`` of the last-arriving CTA's tile: the other contributors' partials added (integer
+    sums, exact in any order), then the epilogue."""
+    offs = _piece_offsets(piece, BM) + col0
+    p = gl.program_id(0)
+    for q in range(first, last + 1):
+        piece += gl.load(ws_ptr + _stream_slot(q, u, tiles, total) * plane + offs, mask=(offs >= 0) & (q != p),
+                         other=0, cache_modifier=".cg")
+    _scaled_epilogue(piece, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n0, m0 + col0, 0, 0,
+                     1, HAS_BIAS)
+
+
+@gluon.jit
+def _stream_fixup(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n0, m0, u, tiles, total,
+                  tile, HAS_BIAS: gl.constexpr, WG: gl.constexpr):
+    """A stream-K partial tile: this warpgroup stores its ``[64, BM]`` partial to the CTA's slot (row-major, 8-byte
+    stores), counts one arrival on the tile's counter (the split-K protocol of
+    :func:`dgq.kernels.gemm_ws._reduce_splits`: barrier, acq_rel atomic), and the contributor that arrives last adds
+    the others' partials and stores the tile, then rearms the counter.  Everything runs in 64-column pieces of the
+    accumulator (:func:`_halves`): a whole second ``[64, 256]`` int32 tile in registers would spill."""
+    BM: gl.constexpr = acc.shape[1]
+    plane = 2 * ROWS * BM  # one slot: both warpgroups' rows
+    g = gl.num_programs(0)
+    p = gl.program_id(0)
+    first = ((u * tiles + 1) * g - 1) // total  # the CTAs whose shares meet tile u
+    last = ((u + 1) * tiles * g - 1) // total
+    own = ws_ptr + _stream_slot(p, u, tiles, total) * plane + WG * ROWS * BM
+    if BM == 256:
+        h0, h1 = _halves(acc)
+        a, b = _halves(h0)
+        c, d = _halves(h1)
+        gl.store(own + _piece_offsets(a, BM), a)
+        gl.store(own + _piece_offsets(b, BM) + 64, b)
+        gl.store(own + _piece_offsets(c, BM) + 128, c)
+        gl.store(own + _piece_offsets(d, BM) + 192, d)
+    elif BM == 128:
+        a, b = _halves(acc)
+        gl.store(own + _piece_offsets(a, BM), a)
+        gl.store(own + _piece_offsets(b, BM) + 64, b)
+    else:
+        gl.store(own + _piece_offsets(acc, BM), acc)
+    gl.thread_barrier()
+    if gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == last - first:
+        base = ws_ptr + WG * ROWS * BM
+        if BM == 256:
+            _finish_piece(a, 0, base, plane, first, last, u, tiles, total, sx_ptr, s1_ptr, bias_ptr, out_ptr,
+                          cnt_ptr, M, N, stride_sx, n0, m0, BM, HAS_BIAS)
+            _finish_piece(b, 64, base, plane, first, last, u, tiles, total, sx_ptr, s1_ptr, bias_ptr, out_ptr,
+                          cnt_ptr, M, N, stride_sx, n0, m0, BM, HAS_BIAS)
+            _finish_piece(c, 128, base, plane, first, last, u, tiles, total, sx_ptr, s1_ptr, bias_ptr, out_ptr,
+                          cnt_ptr, M, N, stride_sx, n0, m0, BM, HAS_BIAS)
+            _finish_piece(d, 192, base, plane, first, last, u, tiles, total, sx_ptr, s1_ptr, bias_ptr, out_ptr,
+                          cnt_ptr, M, N, stride_sx, n0, m0, BM, HAS_BIAS)
+        elif BM == 128:
+            _finish_piece(a, 0, base, plane, first, last, u, tiles, total, sx_ptr, s1_ptr, bias_ptr, out_ptr,
+                          cnt_ptr, M, N, stride_sx, n0, m0, BM, HAS_BIAS)
+            _finish_piece(b, 64, base, plane, first, last, u, tiles, total, sx_ptr, s1_ptr, bias_ptr, out_ptr,
+                          cnt_ptr, M, N, stride_sx, n0, m0, BM, HAS_BIAS)
+        else:
+            _finish_piece(acc, 0, base, plane, first, last, u, tiles, total, sx_ptr, s1_ptr, bias_ptr, out_ptr,
+                          cnt_ptr, M, N, stride_sx, n0, m0, BM, HAS_BIAS)
+        gl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
+
+
+@gluon.jit
+def _meet(cnt_ptr, SPLIT: gl.constexpr):
+    """Wait until all ``SPLIT`` CTAs of a tile have stored their partials (after this warpgroup's barrier: one
+    acq_rel arrival each, then acquire reads of the count)."""
+    gl.thread_barrier()
+    arrived = gl.atomic_add(cnt_ptr, 1, sem="acq_rel") + 1
+    while arrived < SPLIT:
+        arrived = gl.atomic_add(cnt_ptr, 0, sem="acquire")
+
+
+@gluon.jit
+def _scatter_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n0, m0, sid, t,
+                      SPLIT: gl.constexpr, HAS_BIAS: gl.constexpr, WG: gl.constexpr):
+    """K splits reduced by all of them at once: split ``sid`` owns columns ``sid * BM / SPLIT`` on of the tile.  It
+    stores the columns it does not own (row-major, 8-byte stores), meets the others (:func:`_meet`), adds their
+    partials of its own columns (integer sums, exact in any order) and stores those; the last to leave rearms the
+    count (arrivals and departures on one counter, ``2 * SPLIT`` in all).
+
+    Why: the split that arrives last adding every other split's whole tile (:func:`dgq.kernels.gemm_ws._reduce_splits`)
+    reads ``SPLIT - 1`` tiles in one CTA, after everything else; here each CTA reads ``(SPLIT - 1) / SPLIT`` of one
+    tile, and the pieces of the 64 x 256 accumulator (:func:`_halves`) keep a second whole tile out of the registers.
+    The wait needs every split of a tile resident at once: the host launches one wave at most (:func:`pp_a8w4_matmul`).
+    """
+    BM: gl.constexpr = acc.shape[1]
+    W: gl.constexpr = BM // SPLIT
+    plane: gl.constexpr = 2 * ROWS * BM  # one split's partial tile: both warpgroups' rows
+    base = ws_ptr + t * SPLIT * plane + WG * ROWS * BM
+    own = base + sid * plane
+    if SPLIT == 2:
+        a, b = _halves(acc)
+        offs = _piece_offsets(a, BM)  # (every piece has the same layout)
+        gl.store(own + offs, a, mask=(offs >= 0) & (sid != 0))
+        gl.store(own + offs + W, b, mask=(offs >= 0) & (sid != 1))
+        _meet(cnt_ptr + t * 2 + WG, SPLIT)
+        mine = gl.where(sid == 0, a, b)
+    else:
+        h0, h1 = _halves(acc)
+        a, b = _halves(h0)
+        c, d = _halves(h1)
+        offs = _piece_offsets(a, BM)
+        gl.store(own + offs, a, mask=(offs >= 0) & (sid != 0))
+        gl.store(own + offs + W, b, mask=(offs >= 0) & (sid != 1))
+        gl.store(own + offs + 2 * W, c, mask=(offs >= 0) & (sid != 2))
+        gl.store(own + offs + 3 * W, d, mask=(offs >= 0) & (sid != 3))
+        _meet(cnt_ptr + t * 2 + WG, SPLIT)
+        mine = gl.where(sid == 0, a, gl.where(sid == 1, b, gl.where(sid == 2, c, d)))
+    offs += sid * W
+    for j in gl.static_range(SPLIT):
+        mine += gl.load(base + j * plane + offs, mask=(offs >= 0) & (sid != j), other=0, cache_modifier=".cg")
+    _scaled_epilogue(mine, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n0, m0 + sid * W, 0, 0,
+                     1, HAS_BIAS)
+    if gl.atomic_add(cnt_ptr + t * 2 + WG, 1, sem="relaxed") == 2 * SPLIT - 1:  # every split has left the wait
+        gl.atomic_xchg(cnt_ptr + t * 2 + WG, 0, sem="relaxed")
+
+
+@gluon.jit
+def _pp_mma_part(w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns, sx_ptr, s1_ptr,
+                 bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, units,
+                 BM: gl.constexpr, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr,
+                 PDL: gl.constexpr, HI_ROW: gl.constexpr, WG: gl.constexpr, STREAM: gl.constexpr,
+                 SCATTER: gl.constexpr):
+    s2v, zpv = _scale_row_views(s2_bufs, zp_bufs)
+    c = 0
+    if STREAM:
+        lo, hi = _stream_range(units)
+        for u in range(lo // tiles, gl.cdiv(hi, tiles)):
+            c = _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns.index(WG),
+                         turns.index(1 - WG), sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, u,
+                         c, n_tiles, m_tiles, tiles, lo, hi, units, BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, HI_ROW, WG,
+                         STREAM, SCATTER)
+    else:
+        for u in range(gl.program_id(0), units, gl.num_programs(0)):
+            c = _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns.index(WG),
+                         turns.index(1 - WG), sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, u,
+                         c, n_tiles, m_tiles, tiles, 0, 0, units, BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, HI_ROW, WG,
+                         STREAM, SCATTER)
+
+
+@gluon.jit
+def _pp_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
+                    stride_sx, GROUP: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
+                    SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
+                    MMA_REGS: gl.constexpr, STREAM: gl.constexpr, SCATTER: gl.constexpr):
+    gl.static_assert(BN == 2 * ROWS, "two warpgroups of 64 weight rows")
+    gl.static_assert(not STREAM or (SPLIT == 1 and EPILOGUE), "stream-K: no K splits, a float output")
+    gl.static_assert(not SCATTER or ((SPLIT == 2 or SPLIT == 4) and EPILOGUE), "scattered reduction: 2 or 4 splits")
+    n_tiles = gl.cdiv(N, BN)
+    m_tiles = gl.cdiv(M, BM)
+    tiles = K // (2 * HALF)
+    if STREAM:
+        units = n_tiles * m_tiles * tiles  # every output tile's K tiles, shared evenly (_stream_range)
+    else:
+        units = n_tiles * m_tiles * SPLIT  # a CTA takes units pid, pid + grid, ... (weight rows fastest)
+    w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready, w_empty, x_empty = _load_ring(
+        w_desc, x_desc, s2_desc, zp_desc, STAGES, 2)  # both warpgroups release each slot
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(turns.index(i), count=1)
+    hi_row: gl.constexpr = 1 if GROUP == 64 else 0
+    gl.warp_specialize([
+        (_pp_mma_part, (w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns, sx_ptr,
+                        s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, units,
+                        BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, hi_row, 0, STREAM, SCATTER)),
+        (_pp_mma_part, (w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns, sx_ptr,
+                        s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, units,
+                        BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, hi_row, 1, STREAM, SCATTER)),
+        (_load_part, (w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready,
+                      w_empty, x_empty, n_tiles, m_tiles, tiles, units, BN, BM, SPLIT, GROUP, PDL, True, STREAM)),
+    ], [4, 1], [MMA_REGS, 24])
+
+
+@dataclass(frozen=True)
+class PpConfig:
+    """Tokens per tile (two 128-wide MMAs at 256) and ring slots, K splits or stream-K (every CTA an even share of
+    all tiles' K tiles); the tile always has 128 weight rows."""
+
+    bm: int = 256
+    stages: int = 4
+    split: int = 1
+    stream: bool = False
+    scatter: bool = False  # K splits reduced by all splits at once (_scatter_epilogue), one wave at most
+
+
+BN = 128  # weight rows per CTA: two warpgroups of ROWS
+MAXNREG = 168  # at launch: 12 warps (two MMA warpgroups, the load warp's warpgroup) x 32 x 168 <= 64K registers
+MMA_REGS = 240  # then each MMA warpgroup takes 240 (its 64 x 256 int32 accumulator is 128) and the load warp 24
+MIN_M = 65  # from here the unsplit tiles; below, split tiles only (the warp-specialized kernel's small tiles else)
+SPLIT_M = (33, 64)  # token counts where 64-token tiles split in K won on the layers of few tiles (measured at 64)
+BIG_TILE_MIN_CTAS = 80  # measured (session 16): 86 tiles of 256 tokens won at M = 256 (4096 x 11008), 64 lost
+SMALL_TILE_MIN_CTAS = 100  # 128-token tiles: 128 won at M = 256 (28672 x 8192), 64 lost (the N = 4096 layers)
+
+
+def config_for(m: int, n: int, sms: int = 132) -> PpConfig | None:
+    """The measured rule (``benchmarks/gemm_pp_probe.py``, session 16, notes), ``None`` where the warp-specialized
+    kernel (:func:`dgq.kernels.gemm_ws.config_for`) serves:
+
+    * from :data:`MIN_M` tokens, 256-token tiles where they make at least :data:`BIG_TILE_MIN_CTAS` CTAs, else
+      128-token tiles (6 slots) where those make :data:`SMALL_TILE_MIN_CTAS`; fewer tiles than that leave SMs idle,
+      and there the warp-specialized kernel's 64-row tiles won (M = 256 on 4096 x 4096: 17.1 against 19.7 us).  K
+      splits lost at M = 256 everywhere but one layer (the partial sums' traffic; ``--splits``);
+    * 33 to 64 tokens (:data:`SPLIT_M`) on layers of at most half as many 128-row tiles as SMs: 64-token tiles, K
+      split in 2 or 4 while the CTAs fit one wave.  At M = 64: 11008 x 4096 20.1 against 28.5 us, 28672 x 8192 58.3
+      against 69.9, 4096 x 4096 14.9 against 15.2 (split 2: 13.6); unsplit wide layers stay with the warp-specialized
+      kernel (4096 x 11008: 21.5 against 25.9 split in 2)."""
+    tiles = n // BN
+    if SPLIT_M[0] <= m <= SPLIT_M[1] and 2 * tiles <= sms:
+        return PpConfig(64, 8, 4 if 4 * tiles <= sms else 2)
+    if m < MIN_M:
+        return None
+    if triton.cdiv(m, 256) * tiles >= BIG_TILE_MIN_CTAS:
+        return PpConfig(256, 4)
+    if triton.cdiv(m, 128) * tiles >= SMALL_TILE_MIN_CTAS:
+        return PpConfig(128, 6)
+    return None
+
+
+def rule(m: int, n: int, device: torch.device) -> PpConfig | None:
+    """:func:`config_for` for the GPU at ``device`` (its SM count)."""
+    return config_for(m, n, _sm_count(device))
+
+
+def pp_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = torch.float16,
+                   config: PpConfig | None = None) -> torch.Tensor:
+    """A8W4 GEMM of int8 codes ``x_s8 [M, K]`` with scales ``s_x``, as :func:`dgq.kernels.gemm_ws.ws_a8w4_matmul`
+    (same layers: :func:`dgq.kernels.gemm_ws.supported`; ``out_dtype=None``: the raw int32 accumulator).
+    ``config`` pins a variant instead of :func:`config_for`'s (256-token tiles where the rule has none)."""
+    x, out = tma_call(x_s8, kw, out_dtype)
+    m, k = x.shape
+    n = kw.out_features
+    epilogue = out_dtype is not None
+    if m == 0:
+        return out
+    cfg = config or rule(m, n, x.device) or PpConfig()
+    if cfg.stream and not epilogue:
+        raise ValueError("the stream-K ping-pong kernel writes a float output (out_dtype=None: pin another config)")
+    ws, sx = call_buffers(x, kw, s_x, epilogue, cfg.split)  # split: two arrival counts per tile, one per warpgroup
+    dummy = kw.split_scratch
+    tiles = triton.cdiv(n, BN) * triton.cdiv(m, cfg.bm)
+    if (cfg.split > 1 or cfg.stream) and 2 * tiles > dummy.numel():
+        raise AssertionError(f"{2 * tiles} split-K counts exceed the layer's {dummy.numel()} slots")
+    grid = min(tiles * (k // (2 * HALF.value) if cfg.stream else cfg.split), _sm_count(x.device))
+    if cfg.stream:  # two partial tiles at most per CTA (_stream_slot), allocated per call as the split partials
+        ws = torch.empty(2 * grid * BN * cfg.bm, dtype=torch.int32, device=x.device)
+    if cfg.scatter:  # every split of a tile waits for the others: all resident at once, one CTA per unit
+        if tiles * cfg.split > _sm_count(x.device) or cfg.split not in (2, 4) or not epilogue:
+            raise ValueError(f"the scattered split-K reduction takes 2 or 4 splits of at most one wave and a float "
+                             f"output, not {tiles} tiles x {cfg.split} splits (out_dtype {out_dtype})")
+        ws = torch.empty(tiles * cfg.split * BN * cfg.bm, dtype=torch.int32, device=x.device)
+    options = launch_options(x.device)
+    _pp_a8w4_kernel[(grid,)](
+        *descriptors(x, kw, WsConfig(BN, cfg.bm, cfg.stages, 1)), sx, kw.s1, bias if bias is not None else dummy,
+        out, ws, dummy, m, n, k, int(epilogue and sx.numel() > 1), GROUP=kw.group_size, BN=BN, BM=cfg.bm,
+        STAGES=cfg.stages, SPLIT=cfg.split, EPILOGUE=epilogue, HAS_BIAS=bias is not None, PDL=bool(options),
+        MMA_REGS=MMA_REGS, STREAM=cfg.stream, SCATTER=cfg.scatter, num_warps=4, maxnreg=MAXNREG, **options)
+    return out
