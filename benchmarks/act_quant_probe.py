@@ -26,19 +26,32 @@ import argparse
 import math
 
 import torch
-import triton
 
 from dgq.kernels import act_quant
+from dgq.formats import quantize_activations
 from dgq.kernels.act_quant import quantize_activations_triton
 
 
-def _run(x: torch.Tensor, block: int, warps: int, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(x: torch.Tensor, variant: tuple, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One launch of ``variant`` = (whole row in registers, warps, the GPU's division fast path)."""
     m, k = x.shape[0], x.shape[1] // (2 if swiglu else 1)
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    act_quant._act_quant_kernel[(m,)](x, q, s, x.stride(0), q.stride(0), K=k, DYNAMIC=True, STATIC_ROWS=0,
-                                      BLOCK=block, ON_GPU=x.is_cuda, SWIGLU=swiglu, num_warps=warps)
+    act_quant.launch(x, q, s, k, True, False, swiglu, *variant)
     return q, s
+
+
+def _name(variant: tuple) -> str:
+    regs, warps, fast = variant
+    return f"{'regs' if regs else 'chunks'}/{warps}w/{'fast' if fast else 'div'}"
+
+
+def _variants(m: int, k: int, swiglu: bool) -> list[tuple]:
+    """The rule, chunks by 16 warps with IEEE division (session 12's rule for K > 4096; at K <= 4096 it held the row
+    whole) and with the division's fast path, the row in registers by 8-32 warps
+    (:func:`dgq.kernels.act_quant.row_pieces`), and by 16 with IEEE division."""
+    return list(dict.fromkeys([(*act_quant.config_for(m, k, swiglu), True), (False, 16, False), (False, 16, True)]
+                              + [(True, w, True) for w in (8, 16, 32)] + [(True, 16, False)]))
 
 
 def main() -> None:
@@ -50,7 +63,7 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", default=None)
-    p.add_argument("--ms", default="256,1024,4096")
+    p.add_argument("--ms", default="1,16,64,256,1024,4096")
     p.add_argument("--ks", default="4096,11008,28672")
     p.add_argument("--swiglu", action="store_true", help="rows of a fused gate/up output, 2K wide (module docstring)")
     args = p.parse_args()
@@ -59,23 +72,25 @@ def main() -> None:
     for k in map(int, args.ks.split(",")):
         for m in map(int, args.ms.split(",")):
             sets = [torch.randn(m, width * k, device="cuda", dtype=torch.float16)
-                    for _ in range(max(2, math.ceil(256e6 / ((2 * width + 1) * m * k))))]
+                    for _ in range(min(4000, max(2, math.ceil(256e6 / ((2 * width + 1) * m * k)))))]
             want = quantize_activations_triton(sets[0], swiglu=args.swiglu)
+            if not args.swiglu:  # against the reference itself too
+                ref = quantize_activations(sets[0].cpu())
+                if not (torch.equal(want[0].cpu(), ref[0]) and torch.equal(want[1].cpu(), ref[1])):
+                    failures.append(f"M={m} K={k} rule against dgq.formats.quantize_activations")
             fewest = (2 * width + 1) * m * k  # bytes: fp16 in (gate and up with --swiglu), int8 out
-            rule = (act_quant.row_block(k), act_quant._warps(m, k, act_quant.row_block(k)))
-            variants = dict.fromkeys([rule] + [(b, w) for b in (2048, 4096, 8192, triton.next_power_of_2(k))
-                                               for w in (4, 8, 16)] + [(triton.next_power_of_2(k), 32)])
+            rule = (*act_quant.config_for(m, k, args.swiglu), True)
             line = []
-            for block, warps in variants:
-                got = _run(sets[0], block, warps, args.swiglu)
+            for variant in _variants(m, k, args.swiglu):
+                got = _run(sets[0], variant, args.swiglu)
                 if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
-                    failures.append(f"M={m} K={k} block={block} warps={warps}")
+                    failures.append(f"M={m} K={k} {_name(variant)}")
                     continue
-                t = time_graph([lambda x=x, b=block, w=warps: _run(x, b, w, args.swiglu) for x in sets])
-                rows.append({"M": m, "K": k, "block": block, "warps": warps, "ms": t, "rule": (block, warps) == rule,
+                t = time_graph([lambda x=x, v=variant: _run(x, v, args.swiglu) for x in sets])
+                rows.append({"M": m, "K": k, "variant": _name(variant), "ms": t, "rule": variant == rule,
                              "swiglu": args.swiglu})
-                line.append(f"{block}/{warps}w {t * 1e3:.1f} us ({fewest / t / 1e6:.0f} GB/s)"
-                            + (" rule" if (block, warps) == rule else ""))
+                line.append(f"{_name(variant)} {t * 1e3:.1f} us ({fewest / t / 1e6:.0f} GB/s)"
+                            + (" rule" if variant == rule else ""))
             print(f"M={m} K={k}: " + ", ".join(line), flush=True)
             save_probe(args.json, rows, failures)
     print_failures(failures)

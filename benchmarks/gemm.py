@@ -13,7 +13,8 @@ Peers: cuBLAS FP16, ``torch._int_mm``, FP8 row-wise ``_scaled_mm``, our TMA int8
 (``w8a8_triton``: A8W4 with free widening), tinygemm W4A16, and GemLite W4A16 when the ``gemlite`` package imports.
 dgq's own rows: ``dgq`` (what ``QuantLinear`` runs, act-quant included, path by M: ``dgq.kernels.linear``) and each
 path alone from int8 activations: ``dgq_gemv`` (the register-fed GEMV, M <= 16 only: it re-reads the weight per
-token), ``dgq_gemv_tma`` (the TMA-fed GEMV, Hopper, likewise), ``dgq_ws`` (the warp-specialized Hopper kernel,
+token), ``dgq_gemv_tma`` (the TMA-fed GEMV, Hopper, likewise), ``dgq_gemv_inside`` (the TMA-fed GEMV quantizing
+the fp16 activation itself, one launch, M = 1: what ``dgq`` ran at one token until session 18), ``dgq_ws`` (the warp-specialized Hopper kernel,
 M <= 2047, to 4095 on long-K layers), ``dgq_pp`` (the ping-pong Hopper kernel, where its rule takes the layer: from
 65 tokens), ``dgq_gemm_only`` (in-register widening), ``dgq_widen_once`` (widen + TMA int8
 kernel).
@@ -46,7 +47,8 @@ GROUP = 128
 TOUCH_BYTES = 256e6  # bytes each timed graph touches at least (~5x the H100's 50 MB L2)
 PEAK_INT8_TOPS, PEAK_FP16_TFLOPS = 1979.0, 989.0  # H100 SXM dense datasheet
 KERNELS = ["fp16", "int_mm", "w8a8_triton", "w4a16_tinygemm", "w4a16_gemlite", "fp8_rowwise", "dgq", "dgq_gemv",
-           "dgq_gemv_tma", "dgq_ws", "dgq_pp", "dgq_gemm_only", "dgq_widen_once"]  # dgq: one of the last six
+           "dgq_gemv_tma", "dgq_gemv_inside", "dgq_ws", "dgq_pp", "dgq_gemm_only", "dgq_widen_once"]  # dgq: one of the
+# last seven
 
 
 def make_weight(n: int, k: int, g: int) -> DualGrainedWeight:
@@ -127,6 +129,7 @@ def kernel_call(name: str, o: Operands) -> Callable[[], torch.Tensor]:
         "dgq": lambda: linear.a8w4_linear(o.x16, o.kw),
         "dgq_gemv": lambda: a8w4_gemv(o.x_s8, o.kw, o.s_x),
         "dgq_gemv_tma": lambda: gemv_tma.tma_gemv(o.x_s8, o.kw, o.s_x),
+        "dgq_gemv_inside": lambda: gemv_tma.tma_gemv_float(o.x16, o.kw),
         "dgq_ws": lambda: gemm_ws.ws_a8w4_matmul(o.x_s8, o.kw, o.s_x),
         "dgq_pp": lambda: gemm_pp.pp_a8w4_matmul(o.x_s8, o.kw, o.s_x),
         "dgq_gemm_only": lambda: a8w4_matmul(o.x_s8, o.kw, o.s_x),  # in-register widening at every M
@@ -139,7 +142,7 @@ def chosen_config(name: str, m: int, k: int, n: int) -> object:
     """The config the kernel that ``name`` ran at ``m`` used for its last call (its autotuner's pick, or the rule's)."""
     if name == "dgq":  # the benchmark's shapes are all ones the Gluon kernels take (on Hopper)
         if m <= linear.GEMV_MAX_M:
-            return gemv_tma.config_for(n, k, inside=True)  # the one-token path quantizes inside
+            return gemv_tma.config_for(n, k)  # the one-token path: act-quant, then the TMA GEMV from codes
         if gemm_pp.config_for(m, n) is not None:
             name = "dgq_pp"
         else:
@@ -152,6 +155,8 @@ def chosen_config(name: str, m: int, k: int, n: int) -> object:
         return gemv.config_for(n, k, gemm.tile_k_for(k, GROUP))
     if name == "dgq_gemv_tma":
         return gemv_tma.config_for(n, k)
+    if name == "dgq_gemv_inside":
+        return gemv_tma.config_for(n, k, inside=True)
     tuner = {"dgq_gemm_only": gemm._tuned, "dgq_widen_once": int8_gemm._tuned}[name]
     return tuner.best_config
 
@@ -264,7 +269,7 @@ def main() -> None:
             for o in sets:
                 o.set_acts(m)
             for name in kernels:
-                if name in ("dgq_gemv", "dgq_gemv_tma") and m > 16:
+                if name in ("dgq_gemv", "dgq_gemv_tma") and m > 16 or name == "dgq_gemv_inside" and m > 1:
                     continue  # one weight pass per token: not a path for M > 1 (dgq.kernels.linear)
                 if name == "dgq_ws" and not gemm_ws.takes(m, k, n):
                     continue  # widen-once serves these (dgq.kernels.linear)

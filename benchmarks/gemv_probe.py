@@ -151,7 +151,7 @@ def tma_variants(kind: str = "plain") -> list:
     warps for the kernel that quantizes inside (whose reading of the row stalls the ring)."""
     from dgq.kernels.gemv_tma import TmaGemvConfig as C
 
-    if kind in ("rule", "prelude"):  # rule: against session 9's rule, per shape; prelude: what quantizing inside costs
+    if kind in ("rule", "prelude", "aq"):  # rule: against session 9's rule, per shape; prelude: what quantizing inside costs
         return []
     if kind == "slots":  # K tiles per slot (one bulk-copy request of 64 x kt bytes per row) and ring depth
         return [C(bn, st, sp, w, kt) for bn, sp, w in ((64, 2, 4), (64, 4, 4), (128, 1, 4), (128, 8, 8))
@@ -184,6 +184,34 @@ def _prelude_calls(n: int, k: int, sets: list) -> dict:
     amax = {id(o): row_absmax_bits(o.x16) for o in sets}
     return {"in_rule_absmax_given": lambda o: tma_gemv_float(o.x16, o.kw, row_absmax=amax[id(o)]),
             "codes_inside_cfg": lambda o: tma_gemv(o.x_s8, o.kw, o.s_x, config=inside)}
+
+
+def _act_quant_calls(n: int, k: int) -> dict:
+    """Two launches at one token with each act-quant variant (:func:`dgq.kernels.act_quant.launch`: session 12's
+    chunks with IEEE division, the whole row in registers by 16 or 32 warps with the division's fast path) in front
+    of the GEMV from codes, by the rule's config and with rings of 3 and 4 slots (more weight requested before the
+    GEMV waits for the codes)."""
+    import dataclasses
+
+    from dgq.kernels import act_quant
+    from dgq.kernels.gemv_tma import config_for, tma_gemv
+
+    def two(variant, cfg):
+        def call(o):
+            q = torch.empty((1, k), dtype=torch.int8, device="cuda")
+            s = torch.empty((1, 1), dtype=torch.float32, device="cuda")
+            act_quant.launch(o.x16, q, s, k, True, False, False, *variant)
+            return tma_gemv(q, o.kw, s, config=cfg)
+        return call
+
+    rule = config_for(n, k)
+    chunks = (False, 16, False)
+    calls = {"aq_chunks_div+codes": two(chunks, rule)}
+    for w in (16, 32):
+        calls[f"aq_regs{w}+codes"] = two((True, w, True), rule)
+    for st in (3, 4):
+        calls[f"aq_regs16+codes_st{st}"] = two((True, 16, True), dataclasses.replace(rule, stages=st))
+    return calls
 
 
 def _tma_name(c) -> str:
@@ -259,6 +287,8 @@ def tma_probe(json_path: str | None, kind: str, shapes: str) -> None:
                  "read_sum": lambda o: o.kw.codes.view(torch.int64).sum()}  # a plain read of the codes: the ceiling
         if kind == "prelude":  # the rule's inside config with the row's absmax given, and from codes
             calls.update(_prelude_calls(n, k, sets))
+        if kind == "aq":  # the act-quant's variants in front of the GEMV from codes, and deeper rings
+            calls.update(_act_quant_calls(n, k))
         for c in tma_variants(kind):
             if kind != "inside":
                 calls[_tma_name(c)] = lambda o, c=c: tma_gemv(o.x_s8, o.kw, o.s_x, config=c)
@@ -278,7 +308,7 @@ def tma_probe(json_path: str | None, kind: str, shapes: str) -> None:
         best = min(((t, name) for name, t in times.items() if name.startswith("bn")), default=(math.nan, "-"))
         best_in = min(((t, name) for name, t in times.items() if name.startswith("in_")), default=(math.nan, "-"))
         show = ["read_sum", "gemv_alone", "dispatch_s8", "dispatch", "act_quant+tma", "tma_inside", "s9_rule_inside",
-                "rule_codes", "s9_rule_codes", "in_rule_absmax_given", "codes_inside_cfg"]
+                "rule_codes", "s9_rule_codes", "in_rule_absmax_given", "codes_inside_cfg", *_act_quant_calls(n, k)]
         print(f"K={k} N={n}: fp16 {times['fp16'] * 1e3:.1f} us; "
               + ", ".join(f"{name} {times[name] * 1e3:.1f} us ({wbytes / times[name] / 1e9:.2f} TB/s)"
                           for name in show if name in times)
@@ -295,7 +325,7 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true", help="time quantizing inside against two launches")
     parser.add_argument("--decode", action="store_true",
                         help="the decode step's layer shapes: each path at one token (instead of the other parts)")
-    parser.add_argument("--tma", choices=["plain", "sweep", "inside", "slots", "rule", "prelude"], default=None,
+    parser.add_argument("--tma", choices=["plain", "sweep", "inside", "slots", "rule", "prelude", "aq"], default=None,
                         help="the GEMV fed by bulk tensor copies: its variants of this kind (instead of the rest)")
     parser.add_argument("--tma-shapes", choices=["all", "benchmark", "70b-first"], default="all")
     args = parser.parse_args()

@@ -15,6 +15,7 @@ from dgq.bench import category
     ("_decode_attention_split", "attention"),
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_cga1x1", "attention"),
     ("_act_quant_kernel", "act_quant"),
+    ("_act_quant_row_kernel", "act_quant"),
     ("_write_rows_int8", "other"),  # the int8 KV cache's write: "int8" in its name does not make it a GEMM
     # inductor's kernels are named after the ops of their fused region, the consumers' too
     ("triton_red_fused__to_copy_a8w4_linear_add_mean_mul_pow_rsqrt_view_3", "norm"),

@@ -260,9 +260,10 @@ def test_wide_layer_quantizes_before_its_gemv(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_one_token_takes_the_tma_gemv_where_the_gluon_kernels_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a layer the Gluon kernels take (Hopper), one token goes to the TMA-fed GEMV, from codes or quantizing
-    inside; a layer they do not take stays on the register-fed GEMV.  The Gluon kernels are stood in for: they do
-    not run on the CPU."""
+    """On a layer the Gluon kernels take (Hopper), one token goes to the TMA-fed GEMV: from codes after the
+    act-quant kernel with a dynamic scale (its own whole-row read lost to the act-quant in registers, session 18),
+    quantizing inside with a static one; a layer they do not take stays on the register-fed GEMV.  The Gluon
+    kernels are stood in for: they do not run on the CPU."""
     called = []
     fake_ws = type("FakeWs", (), {"supported": staticmethod(lambda kw, device: kw.out_features % 64 == 0)})
     fake_tma = type("FakeTma", (), {"tma_gemv": staticmethod(lambda *a, **k: called.append("tma")),
@@ -278,7 +279,8 @@ def test_one_token_takes_the_tma_gemv_where_the_gluon_kernels_run(monkeypatch: p
         x_s8, s_x = quantize_activations(x)
         linear.a8w4_mm(x_s8.to(DEVICE), s_x.to(DEVICE), kw)
         linear.a8w4_linear(x.to(DEVICE), kw)
-    assert called == ["tma", "tma_inside", "gemv", "gemv_inside"]
+        linear.a8w4_linear(x.to(DEVICE), kw, torch.tensor(0.05))
+    assert called == ["tma", "tma", "tma_inside", "gemv", "gemv_inside", "gemv_inside"]
 
 
 def test_many_tokens_take_the_ping_pong_kernel_where_its_tiles_fill_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -448,16 +450,36 @@ def test_act_quant_takes_one_static_scale_per_row(k: int) -> None:
         quantize_activations_triton(x.to(DEVICE), scales[:3])
 
 
-def test_act_quant_chunks_many_long_rows_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Rows longer than WHOLE_ROW_MAX are read in chunks by 16 warps (act_quant.row_block), at any M; the last chunk
-    is partial."""
-    assert act_quant.row_block(9000) == 2048 and act_quant._warps(3, 9000, 2048) == 16
-    assert act_quant.row_block(28672) == 4096 and act_quant.row_block(4096) == 4096
-    assert act_quant.row_block(576) == 1024 and act_quant._warps(3, 576, 1024) == 1
-    x = torch.randn(3, 9000, generator=torch.Generator().manual_seed(1)).half()
-    q, s = quantize_activations_triton(x.to(DEVICE))
-    q_ref, s_ref = quantize_activations(x)
-    assert torch.equal(s.cpu(), s_ref) and torch.equal(q.cpu(), q_ref)
+@pytest.mark.parametrize("k", [300, 4096, 9000, 11008])
+@pytest.mark.parametrize("in_registers", [True, False])
+@pytest.mark.parametrize("static", [False, True])
+def test_act_quant_both_kernels_are_exact(k: int, in_registers: bool, static: bool) -> None:
+    """Either kernel, pinned: the row in registers as power-of-two pieces (300 = 256 + 64 masked; 9000 = 8192 +
+    512 + 296 in 512; 11008 = 8192 + 2048 + 768 in 1024) or read twice in chunks (the last one partial)."""
+    x = (torch.randn(3, k, generator=torch.Generator().manual_seed(k)) * 3).half()
+    scale = torch.tensor(0.04) if static else None
+    q = torch.empty((3, k), dtype=torch.int8, device=DEVICE)
+    s = torch.empty((3, 1), device=DEVICE) if scale is None else scale.reshape(1, 1).to(DEVICE)
+    act_quant.launch(x.to(DEVICE), q, s, k, not static, False, False, in_registers, 4, fast=True)
+    q_ref, s_ref = quantize_activations(x, scale)
+    assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref.reshape(s.shape))
+
+
+def test_act_quant_rule() -> None:
+    """In registers up to 512 rows and at any M for K <= 4096 or a gate/up row (16 warps below 256 rows, 8 from
+    there, 32 elements a thread below K = 4096), chunks by 16 warps for long rows at many rows and beyond IN_REGISTERS_MAX; the pieces
+    cover the row with less than one piece's padding."""
+    assert act_quant.config_for(1, 11008) == (True, 16) and act_quant.config_for(256, 28672) == (True, 8)
+    assert act_quant.config_for(513, 11008) == (False, 16) and act_quant.config_for(4096, 4096) == (True, 8)
+    assert act_quant.config_for(2048, 11008, swiglu=True) == (True, 8)  # a gate/up row: its product formed once
+    assert act_quant.config_for(1, 40000) == (False, 16) and act_quant.config_for(9, 576) == (True, 1)
+    assert act_quant.row_pieces(11008) == (8192, 2048, 1024) and act_quant.row_pieces(28672) == (16384, 8192, 4096)
+    assert act_quant.row_pieces(4096) == (4096, 0, 0) and act_quant.row_pieces(4100) == (4096, 0, 4)
+    for k in range(1, 40000, 37):
+        p0, p1, p2 = act_quant.row_pieces(k)
+        assert p0 + p1 <= k <= p0 + p1 + p2 or (p2 == 0 and p0 + p1 == k)
+        assert p2 < 2 * max(k - p0 - p1, 1) and all(p & (p - 1) == 0 for p in (p0, p1, p2))
+    assert act_quant.row_block(9000) == 2048 and act_quant.row_block(28672) == 4096
 
 
 @pytest.mark.parametrize("k", [96, 5000])  # one read per row, and chunks

@@ -21,7 +21,7 @@ if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     # Triton kernels, generated later by the compile tests, would then run in the interpreter
     os.environ["TRITON_INTERPRET"] = "0"
     from dgq.formats import int_matmul, quantize_activations, row_absmax_bits, swiglu
-    from dgq.kernels import gemm_pp, gemm_ws, gemv, gemv_tma, int8_gemm
+    from dgq.kernels import act_quant, gemm_pp, gemm_ws, gemv, gemv_tma, int8_gemm
     from dgq.kernels.act_quant import quantize_activations_triton
     from dgq.kernels.gemm import _CONFIGS, KernelWeight, a8w4_matmul, regime, widen_weight
     from dgq.kernels.linear import a8w4_linear
@@ -284,6 +284,48 @@ def test_many_tokens_on_a_wide_layer_take_the_ping_pong_kernel() -> None:
     got = a8w4_linear(x.cuda(), kw, out_dtype=torch.float32).cpu()
     q, s_x = quantize_activations(x)
     assert torch.equal(got, fp32_epilogue(int_matmul(q, dg.int8_weight()), s_x, dg.s1))
+
+
+def _act_quant_cases() -> list[torch.Tensor]:
+    """CPU rows for the act-quant's division: every finite fp16 value (62 rows of 1024, shuffled) clipped under 90
+    absmaxes (powers of two 2**-30..2**15, whose quotients hit exact .5 ties; random ones; below the 1e-8 floor and
+    fp16's largest), bf16 rows of magnitudes 1e-40 to 1e30 (denormal to huge), fp32 rows."""
+    gen = torch.Generator().manual_seed(18)
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16)
+    rows = every[torch.isfinite(every)][torch.randperm(63488, generator=gen)].reshape(62, 1024)
+    limits = torch.cat([2.0 ** torch.arange(-30, 16), torch.rand(40, generator=gen) * 1000, torch.tensor([1e-9, 65504.0])])
+    cases = []
+    for lim in limits:
+        r = rows.float().clamp(-lim, lim).half()
+        r[:, 0] = lim.half()  # the limit itself present: the absmax
+        cases.append(r)
+    cases.append((torch.randn(64, 4096, generator=gen) * torch.logspace(-40, 30, 64)[:, None]).bfloat16())
+    cases.append(torch.randn(8, 3000, generator=gen) * 7)
+    return cases
+
+
+def test_act_quant_division_fast_path_is_the_definition() -> None:
+    """The act-quant's codes through the division's fast path (inline PTX, which the interpreter cannot run; module
+    docstring of :mod:`dgq.kernels.act_quant`), in both kernels and the rule, dynamic, static and static per row,
+    equal the CPU definition bit for bit on :func:`_act_quant_cases`, a K cut short of each row (a masked piece)
+    and the full one."""
+    for x in _act_quant_cases():
+        for k in (x.shape[1], x.shape[1] - 24):
+            xc = x[:, :k].contiguous()
+            m = xc.shape[0]
+            per_row = torch.rand(m, 1, generator=torch.Generator().manual_seed(k)) * 0.1 + 1e-3
+            for static in (None, torch.tensor(0.02), per_row):
+                q_ref, s_ref = quantize_activations(xc, static)
+                q, s_x = quantize_activations_triton(xc.cuda(), None if static is None else static.cuda())
+                assert torch.equal(q.cpu(), q_ref) and torch.equal(s_x.cpu(), s_ref.reshape(s_x.shape)), \
+                    f"rule {xc.dtype} K={k} static={static is not None}"
+                if static is None:
+                    for pinned in ((True, 16), (False, 16)):
+                        q = torch.empty((m, k), dtype=torch.int8, device="cuda")
+                        s_x = torch.empty((m, 1), device="cuda")
+                        act_quant.launch(xc.cuda(), q, s_x, k, True, False, False, *pinned, fast=True)
+                        assert torch.equal(q.cpu(), q_ref) and torch.equal(s_x.cpu(), s_ref), \
+                            f"{pinned} {xc.dtype} K={k} absmax {xc.float().abs().amax():g}"
 
 
 @pytest.mark.parametrize("k,n,g", [(4096, 320, 128), (2048, 8448, 64)])

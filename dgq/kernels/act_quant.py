@@ -1,11 +1,29 @@
 """Triton int8 activation quantization, bit-exact with :func:`dgq.formats.quantize_activations`.
 
-One program per row, which holds the whole row in registers when K <= 4096 (one read), else reads it twice in chunks
-(:func:`row_block`).
-Exactness needs the same fp32 operations as the reference: ``absmax / 127`` and ``x / s_x`` with IEEE division (``div_rn``; Triton's plain ``/`` may lower to an approximate division) and round-half-to-even.
-Rounding uses the fp32 magic-number trick ``(v + 1.5 * 2**23) - 1.5 * 2**23``, exact round-half-even for
-``|v| <= 2**22``; clamping to ±127 first keeps ``v`` in that range and commutes with rounding (the bounds are
-integers).  (``libdevice.rint`` would do the same on the GPU, but the CPU interpreter cannot run it.)
+One program per row, in one of two kernels (:func:`config_for`): the whole row read once into registers, as up
+to three power-of-two pieces (:func:`row_pieces`), every load in flight at once; or, for long rows at many rows,
+two passes over it in chunks (:func:`row_block`: an absmax pass, then a quantizing pass that mostly hits L2).
+
+Exactness needs the reference's fp32 operations: ``absmax / 127`` and ``x / s_x`` correctly rounded, and
+round-half-to-even.  The scale is divided with ``div_rn`` (Triton's plain ``/`` may lower to an approximate
+division).  The codes' divisions all share one divisor, so on the GPU each is computed as the fast path of
+ptxas's own IEEE division (``div.rn.f32``): the hardware reciprocal refined by one Newton step once per row, then
+three fp32 operations per element (:func:`_codes`) instead of ~10 and a branch.  ptxas guards that path with a
+range check (``FCHK``) that sends operands at the ends of the exponent range to a slow path; in a row ``|x / s|
+<= 127`` and ``s >= 1e-8``, so a quotient the check could reject is far below 0.5 (a denormal ``x``) and its code
+is 0 either way, unless an activation is near fp32's largest values.  ``pytest -m cuda`` checks the codes against
+the CPU definition on every finite fp16 value under 90 scales and on bf16 rows of magnitudes 1e-40 to 1e30.  The
+CPU interpreter, which has no inline PTX, divides with ``div_rn``.
+
+Rounding uses the fp32 magic number ``1.5 * 2**23``: ``v + 1.5 * 2**23`` holds round-half-even of ``v`` in its low
+mantissa bits for ``|v| <= 2**22``, so the code is that sum's low byte; clamping to ±127 first keeps ``v`` in that
+range and commutes with rounding (the bounds are integers).
+
+Measured on the H100 (``benchmarks/act_quant_probe.py``, ``results/act_quant_s18.json``, cold-L2 graph replays;
+every variant bit-exact): the fast division alone took M = 256, K = 28672 from 14.4 to 11.1 us (chunks), and the
+row in registers by 8 warps to 9.8; K = 11008: 6.1 -> 4.6 us; M = 1, K = 28672: 5.6 -> 3.5 us.  At 1024 rows and
+more the chunks keep more programs resident per SM and won on K >= 11008 (M = 1024, K = 28672: 36.3 us against
+39.2 in registers).
 
 Kernels here avoid Triton's standard-library helpers that are themselves ``@triton.jit`` functions (``tl.zeros``,
 ``tl.max``, ``tl.cdiv``): when triton was imported before ``TRITON_INTERPRET=1`` was set (the test suite's
@@ -20,30 +38,51 @@ import triton.language as tl
 
 from dgq.kernels.pdl import launch_options, wait_then_release
 
-_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding and subtracting it rounds an fp32 of magnitude <= 2**22 to even
+_RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it rounds an fp32 of magnitude <= 2**22 to even
 _MIN_SCALE = tl.constexpr(1e-8)  # the reference's clamp of the dynamic scale
-WHOLE_ROW_MAX = 4096  # rows up to this length are read once, whole; longer ones in chunks (row_block)
+WHOLE_ROW_MAX = 4096  # rows up to this length are held whole at any M (config_for)
+IN_REGISTERS_MAX = 32768  # the longest row held whole in registers (56 fp16 values a thread at 16 warps)
+MIN_PIECE = 256  # the smallest second piece of a row in registers (row_pieces)
+
+
+def config_for(m: int, k: int, swiglu: bool = False) -> tuple[bool, int]:
+    """Whether ``m`` rows of ``k`` are held whole in registers (else read twice in chunks), and by how many warps.
+
+    Measured (module docstring; ``results/act_quant_s18.json``, ``act_quant_swiglu_s18.json``): in registers up to
+    512 rows (at M = 256 by 8 warps: K = 11008 4.6 us against 5.4 by 16; below 256 rows 16 warps, a latency-bound
+    program per row), at every M for K <= 4096 (M = 4096: 17.9 us against 17.6 for 4-warp chunks), and at every
+    measured M (64-2048) for a gate/up row, whose product the chunks would form twice (M = 2048, K = 11008: 45.6
+    against 59.3 us); chunks by 16 warps beyond (M = 1024, K = 28672: 36.3 against 39.2 / 48.2 us in registers by
+    8 / 16 warps).  Rows shorter than 4096 keep session 5's 32 elements per thread."""
+    if k > IN_REGISTERS_MAX or (m > 512 and k > WHOLE_ROW_MAX and not swiglu):
+        return False, 16
+    if k < 4096:
+        return True, max(1, min(16, triton.next_power_of_2(k) // 1024))
+    return True, 16 if m < 256 else 8
+
+
+def row_pieces(k: int) -> tuple[int, int, int]:
+    """A row of ``k`` as at most three power-of-two pieces (Triton's blocks), the last one masked: the largest
+    power of two in ``k``, the largest in the rest (if at least :data:`MIN_PIECE`), and the rest rounded up.
+    11008 = 8192 + 2048 + 768 (in 1024), 28672 = 16384 + 8192 + 4096: the row in registers in 1-1.02x its length,
+    where one power of two would take 1.14-1.49x (16384 for 11008: idle lanes that still issue every instruction)."""
+    p0 = 1 << (k.bit_length() - 1)
+    rest = k - p0
+    p1 = 1 << (rest.bit_length() - 1) if rest >= MIN_PIECE else 0
+    rest -= p1
+    return p0, p1, triton.next_power_of_2(rest) if rest else 0
 
 
 def row_block(k: int) -> int:
-    """Elements one program handles per step for rows of ``k``: the whole row up to :data:`WHOLE_ROW_MAX`
-    (one read), else 2048-element chunks up to K = 16384 and 4096-element ones beyond, in two passes (the second
-    mostly from L2), by 16 warps (:func:`_warps`).
-
-    Measured on the H100 (``benchmarks/act_quant_probe.py``, ``results/act_quant_probe_h100*.json``; every variant
-    bit-exact): at every M from 1 to 4096, chunks by 16 warps beat the whole row in registers for K = 11008 and 28672
-    (M = 1, K = 11008: 3.9 us in 2048-chunks against 5.7 us for the whole row; M = 1024: 18.0 against 29.3 us;
-    M = 1024, K = 28672: 46.2 us in 4096-chunks, 52.1 in 2048-chunks, 66.5 whole) and the 4-warp chunks used before
-    (M = 1024, K = 11008: 24.3 us).
-    """
-    if k <= WHOLE_ROW_MAX:
-        return triton.next_power_of_2(k)
+    """Elements per chunk for rows of ``k`` read in two passes: 2048 up to K = 16384, 4096 beyond (session 5,
+    ``results/act_quant_probe_h100.json``: M = 1024, K = 28672: 46.2 us in 4096-chunks against 52.1 in 2048)."""
     return 2048 if k <= 16384 else 4096
 
 
 @triton.jit
 def _round_clamp_s8(v):
-    """Round-half-even of fp32 ``v`` clamped to [-127, 127], as int8."""
+    """Round-half-even of fp32 ``v`` clamped to [-127, 127], as int8 (the GEMVs' and the int8 KV cache's
+    quantizers)."""
     v = tl.minimum(tl.maximum(v, -127.0), 127.0)
     return ((v + _RNE_MAGIC) - _RNE_MAGIC).to(tl.int8)
 
@@ -54,11 +93,55 @@ def _maximum(a, b):
 
 
 @triton.jit
+def _scale_of(amax):
+    """A row's scale from its absmax: absmax / 127 with IEEE division, clamped as the reference does.  Every kernel
+    that quantizes activations computes it here, so they agree bit for bit."""
+    return tl.maximum(tl.math.div_rn(amax, 127.0), _MIN_SCALE)
+
+
+@triton.jit
 def _dynamic_scale(abs_x):
-    """A row's scale from its magnitudes ``abs_x`` (1-D, zeros where masked): absmax / 127 with IEEE division,
-    clamped as the reference does.  Every kernel that quantizes activations calls this one, so they agree bit for
-    bit."""
-    return tl.maximum(tl.math.div_rn(tl.reduce(abs_x, 0, _maximum), 127.0), _MIN_SCALE)
+    """:func:`_scale_of` a row's magnitudes ``abs_x`` (1-D, zeros where masked)."""
+    return _scale_of(tl.reduce(abs_x, 0, _maximum))
+
+
+@triton.jit
+def _refined_rcp(s):
+    """``1 / s`` as ptxas's ``div.rn.f32`` computes it before its quotient: the hardware reciprocal
+    (``rcp.approx``, which ``div.rn`` lowers to ``MUFU.RCP`` too) and one Newton step."""
+    r0 = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [s.to(tl.int32, bitcast=True)],
+                                   dtype=tl.int32, is_pure=True, pack=1).to(tl.float32, bitcast=True)
+    return tl.fma(r0, tl.fma(-s, r0, 1.0), r0)
+
+
+@triton.jit
+def _codes(x, scale, rcp, FAST: tl.constexpr):
+    """Int8 codes of ``x / scale``, rounded half-to-even and clamped to [-127, 127].  ``FAST`` (the GPU): the
+    quotient as ``div.rn.f32``'s fast path computes it from ``rcp`` (:func:`_refined_rcp`): ``q = x r``, then
+    ``q + r (x - s q)``, both steps fused multiply-adds; else IEEE division (module docstring)."""
+    x = x.to(tl.float32)
+    if FAST:
+        q = x * rcp
+        q = tl.fma(rcp, tl.fma(-scale, q, x), q)
+    else:
+        q = tl.math.div_rn(x, scale)
+    v = tl.minimum(tl.maximum(q, -127.0), 127.0) + _RNE_MAGIC
+    return v.to(tl.int32, bitcast=True).to(tl.int8)
+
+
+@triton.jit
+def _row_scale(s_ptr, row, amax, DYNAMIC: tl.constexpr, STATIC_ROWS: tl.constexpr, FAST: tl.constexpr):
+    """The row's scale (stored when dynamic; else the one static scale, or the row's own) and its reciprocal for
+    :func:`_codes` (the scale itself where unused)."""
+    if DYNAMIC:
+        scale = _scale_of(amax)
+        tl.store(s_ptr + row, scale)
+    else:
+        scale = tl.load(s_ptr + row * STATIC_ROWS)
+    rcp = scale
+    if FAST:
+        rcp = _refined_rcp(scale)
+    return scale, rcp
 
 
 @triton.jit
@@ -74,55 +157,81 @@ def _swiglu(gate, up):
 
 
 @triton.jit
-def _load_row(x_row, c, K: tl.constexpr, SWIGLU: tl.constexpr):
-    """Elements ``c`` of a row as fp32: the row itself, or with ``SWIGLU`` the product of its gate half (the first
-    ``K`` elements) and its up half."""
-    v = tl.load(x_row + c, mask=c < K, other=0.0)
-    if SWIGLU:
-        v = _swiglu(v, tl.load(x_row + K + c, mask=c < K, other=0.0))
-    return v.to(tl.float32)
+def _load(x_row, c, K: tl.constexpr, SWIGLU: tl.constexpr, MASKED: tl.constexpr):
+    """Elements ``c`` of a row in its own dtype (masked past ``K`` if ``MASKED``): the row itself, or with
+    ``SWIGLU`` the product of its gate half (the first ``K`` elements) and its up half."""
+    if MASKED:
+        v = tl.load(x_row + c, mask=c < K, other=0.0)
+        if SWIGLU:
+            v = _swiglu(v, tl.load(x_row + K + c, mask=c < K, other=0.0))
+    else:
+        v = tl.load(x_row + c)
+        if SWIGLU:
+            v = _swiglu(v, tl.load(x_row + K + c))
+    return v
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, DYNAMIC: tl.constexpr,
-                      STATIC_ROWS: tl.constexpr, BLOCK: tl.constexpr, ON_GPU: tl.constexpr,
-                      SWIGLU: tl.constexpr = False):
+def _piece_max(v):
+    """A piece's largest magnitude, in fp32 (the piece stays in registers in its own dtype: half the registers of
+    fp32 for fp16/bf16)."""
+    return tl.reduce(tl.abs(v.to(tl.float32)), 0, _maximum)
+
+
+@triton.jit
+def _store_piece(q_row, v, scale, rcp, OFF: tl.constexpr, P: tl.constexpr, K: tl.constexpr, FAST: tl.constexpr):
+    c = OFF + tl.arange(0, P)
+    if OFF + P <= K:
+        tl.store(q_row + c, _codes(v, scale, rcp, FAST))
+    else:
+        tl.store(q_row + c, _codes(v, scale, rcp, FAST), mask=c < K)
+
+
+@triton.jit
+def _act_quant_row_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, DYNAMIC: tl.constexpr,
+                          STATIC_ROWS: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
+                          ON_GPU: tl.constexpr, FAST: tl.constexpr, SWIGLU: tl.constexpr = False):
+    """The row whole in registers as pieces ``P0, P1, P2`` (:func:`row_pieces`; 0: absent), read once."""
     wait_then_release(ON_GPU)  # launched dependent on x's producer; the GEMM that consumes the codes launches early
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
+    v0 = _load(x_row, tl.arange(0, P0), K, SWIGLU, P0 > K)
+    amax = _piece_max(v0)
+    if P1 > 0:
+        v1 = _load(x_row, P0 + tl.arange(0, P1), K, SWIGLU, P0 + P1 > K)
+        amax = tl.maximum(amax, _piece_max(v1))
+    if P2 > 0:
+        v2 = _load(x_row, P0 + P1 + tl.arange(0, P2), K, SWIGLU, P0 + P1 + P2 > K)
+        amax = tl.maximum(amax, _piece_max(v2))
+    scale, rcp = _row_scale(s_ptr, row, amax, DYNAMIC, STATIC_ROWS, FAST)
+    _store_piece(q_row, v0, scale, rcp, 0, P0, K, FAST)
+    if P1 > 0:
+        _store_piece(q_row, v1, scale, rcp, P0, P1, K, FAST)
+    if P2 > 0:
+        _store_piece(q_row, v2, scale, rcp, P0 + P1, P2, K, FAST)
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, DYNAMIC: tl.constexpr,
+                      STATIC_ROWS: tl.constexpr, BLOCK: tl.constexpr, ON_GPU: tl.constexpr, FAST: tl.constexpr,
+                      SWIGLU: tl.constexpr = False):
+    """The row in ``BLOCK``-element chunks, two passes: the absmax (when dynamic), then the codes (mostly from L2)."""
+    wait_then_release(ON_GPU)
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_x
+    q_row = q_ptr + row * stride_q
     cols = tl.arange(0, BLOCK)
-    if BLOCK >= K:  # the whole row fits in registers: one read
-        x = _load_row(x_row, cols, K, SWIGLU)
-        if DYNAMIC:
-            scale = _dynamic_scale(tl.abs(x))
-            tl.store(s_ptr + row, scale)
-        else:
-            scale = tl.load(s_ptr + row * STATIC_ROWS)  # one static scale, or the row's own
-        tl.store(q_row + cols, _round_clamp_s8(tl.math.div_rn(x, scale)), mask=cols < K)
-    else:  # absmax pass, then a quantize pass that mostly hits L2
-        if DYNAMIC:
-            amax = tl.full([BLOCK], 0.0, tl.float32)
-            for i in range((K + BLOCK - 1) // BLOCK):
-                c = i * BLOCK + cols
-                amax = tl.maximum(amax, tl.abs(_load_row(x_row, c, K, SWIGLU)))
-            scale = _dynamic_scale(amax)
-            tl.store(s_ptr + row, scale)
-        else:
-            scale = tl.load(s_ptr + row * STATIC_ROWS)  # one static scale, or the row's own
+    amax = 0.0
+    if DYNAMIC:
+        acc = tl.full([BLOCK], 0.0, tl.float32)
         for i in range((K + BLOCK - 1) // BLOCK):
-            c = i * BLOCK + cols
-            x = _load_row(x_row, c, K, SWIGLU)
-            tl.store(q_row + c, _round_clamp_s8(tl.math.div_rn(x, scale)), mask=c < K)
-
-
-def _warps(m: int, k: int, block: int) -> int:
-    """16 warps for chunks (:func:`row_block`) and for fewer than 1024 rows of >= 4096 elements (decode: one program
-    per row, latency-bound; on the H100 at M = 1, K = 4096 took 2.50 us with 4 warps and 2.02 us with 16), else 32
-    elements per thread (at M = 4096, K = 4096: 20.2 us with 4 warps, 22.1 with 8, 23.6 with 16)."""
-    if block < k or (m < 1024 and block >= 4096):
-        return 16
-    return max(1, min(16, block // 1024))
+            acc = tl.maximum(acc, tl.abs(_load(x_row, i * BLOCK + cols, K, SWIGLU, True).to(tl.float32)))
+        amax = tl.reduce(acc, 0, _maximum)
+    scale, rcp = _row_scale(s_ptr, row, amax, DYNAMIC, STATIC_ROWS, FAST)
+    for i in range((K + BLOCK - 1) // BLOCK):
+        c = i * BLOCK + cols
+        tl.store(q_row + c, _codes(_load(x_row, c, K, SWIGLU, True), scale, rcp, FAST), mask=c < K)
 
 
 def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | None = None, swiglu: bool = False
@@ -155,10 +264,23 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
                          f"{list(static_scale.shape)}")
     else:
         s = static_scale.detach().to(device=x.device, dtype=torch.float32).reshape(-1, 1).contiguous()
-    block = row_block(k)
     if m:
-        _act_quant_kernel[(m,)](x, q, s, x.stride(0), q.stride(0), K=k, DYNAMIC=static_scale is None,
-                                STATIC_ROWS=int(per_row), BLOCK=block, ON_GPU=x.device.type == "cuda",
-                                num_warps=_warps(m, k, block), SWIGLU=swiglu, **launch_options(x.device))
+        launch(x, q, s, k, static_scale is None, per_row, swiglu, *config_for(m, k, swiglu),
+               fast=x.device.type == "cuda")
     return q, s
+
+
+def launch(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, k: int, dynamic: bool, per_row: bool, swiglu: bool,
+           in_registers: bool, warps: int, fast: bool) -> None:
+    """One act-quant launch, one program per row of ``x``: the row whole in registers or in chunks
+    (:func:`row_block`); ``fast``: the GPU's division fast path (:func:`_codes`).  Probes pin the choices."""
+    on_gpu = x.device.type == "cuda"
+    args = (x, q, s, x.stride(0), q.stride(0))
+    common = dict(K=k, DYNAMIC=dynamic, STATIC_ROWS=int(per_row), ON_GPU=on_gpu, FAST=fast and on_gpu,
+                  SWIGLU=swiglu, num_warps=warps, **launch_options(x.device))
+    if in_registers:
+        p0, p1, p2 = row_pieces(k)
+        _act_quant_row_kernel[(x.shape[0],)](*args, P0=p0, P1=p1, P2=p2, **common)
+    else:
+        _act_quant_kernel[(x.shape[0],)](*args, BLOCK=row_block(k), **common)
 
