@@ -54,6 +54,47 @@ def _variants(m: int, k: int, swiglu: bool) -> list[tuple]:
                               + [(True, w, True) for w in (8, 16, 32)] + [(True, 16, False)]))
 
 
+def release_pairs(json_path: str | None, ms: list[int]) -> None:
+    """The act-quant in front of its layer's GEMM or GEMV (``dgq.kernels.linear.a8w4_linear``) on the benchmark's
+    shapes, with the consumer released at the act-quant's start (the rule), once its rows are read
+    (``act_quant.RELEASE_AFTER_READ``), or not launched early at all (``dgq.kernels.pdl.ENABLED`` off), beside the
+    GEMM from codes alone: how much of the act-quant each hides.  Outputs checked equal to the rule's."""
+    from gemm import SHAPES, operand_sets, print_failures, save_probe, time_graph
+
+    from dgq.kernels import linear, pdl
+
+    def under(late: bool, pdl_on: bool):
+        def call(o):
+            saved = act_quant.RELEASE_AFTER_READ, pdl.ENABLED
+            act_quant.RELEASE_AFTER_READ, pdl.ENABLED = late, pdl_on
+            try:
+                return linear.a8w4_linear(o.x16, o.kw)
+            finally:
+                act_quant.RELEASE_AFTER_READ, pdl.ENABLED = saved
+        return call
+
+    calls = {"release_at_start": under(False, True), "release_after_read": under(True, True),
+             "no_pdl": under(False, False), "codes_alone": lambda o: linear.a8w4_mm(o.x_s8, o.s_x, o.kw)}
+    rows, failures = [], []
+    for k, n in SHAPES:
+        sets = operand_sets(k, n)
+        for m in ms:
+            for o in sets:
+                o.set_acts(m)
+            want = linear.a8w4_linear(sets[0].x16, sets[0].kw)
+            times = {}
+            for name, fn in calls.items():
+                if name != "codes_alone" and not torch.equal(fn(sets[0]), want):  # (its codes are torch's)
+                    failures.append(f"K={k} N={n} M={m} {name}")
+                    continue
+                times[name] = time_graph([lambda o=o, fn=fn: fn(o) for o in sets])
+                rows.append({"K": k, "N": n, "M": m, "kernel": name, "ms": times[name]})
+            print(f"K={k} N={n} M={m}: " + ", ".join(f"{a} {t * 1e3:.1f} us" for a, t in times.items()), flush=True)
+            save_probe(json_path, rows, failures)
+        del sets
+    print_failures(failures)
+
+
 def main() -> None:
     from gemm import (  # benchmarks/gemm.py: the same timing method
         print_failures,
@@ -66,7 +107,11 @@ def main() -> None:
     p.add_argument("--ms", default="1,16,64,256,1024,4096")
     p.add_argument("--ks", default="4096,11008,28672")
     p.add_argument("--swiglu", action="store_true", help="rows of a fused gate/up output, 2K wide (module docstring)")
+    p.add_argument("--pairs", action="store_true", help="the act-quant with its layer's GEMM: when to release it")
     args = p.parse_args()
+    if args.pairs:
+        release_pairs(args.json, [int(m) for m in args.ms.split(",")])
+        return
     rows, failures = [], []
     width = 2 if args.swiglu else 1
     for k in map(int, args.ks.split(",")):
