@@ -56,25 +56,24 @@ def _variants(m: int, k: int, swiglu: bool) -> list[tuple]:
 
 def release_pairs(json_path: str | None, ms: list[int]) -> None:
     """The act-quant in front of its layer's GEMM or GEMV (``dgq.kernels.linear.a8w4_linear``) on the benchmark's
-    shapes, with the consumer released at the act-quant's start (the rule), once its rows are read
-    (``act_quant.RELEASE_AFTER_READ``), or not launched early at all (``dgq.kernels.pdl.ENABLED`` off), beside the
-    GEMM from codes alone: how much of the act-quant each hides.  Outputs checked equal to the rule's."""
+    shapes, its consumer launched early (programmatic dependent launch) or not (``dgq.kernels.pdl.ENABLED`` off),
+    beside the GEMM from codes alone: how much of the act-quant the early launch hides.  Outputs checked equal.
+    (At commit 9c2c87c it also released the consumer once the rows were read: ``results/act_quant_release_s18.json``.)"""
     from gemm import SHAPES, operand_sets, print_failures, save_probe, time_graph
 
     from dgq.kernels import linear, pdl
 
-    def under(late: bool, pdl_on: bool):
+    def under(pdl_on: bool):
         def call(o):
-            saved = act_quant.RELEASE_AFTER_READ, pdl.ENABLED
-            act_quant.RELEASE_AFTER_READ, pdl.ENABLED = late, pdl_on
+            saved, pdl.ENABLED = pdl.ENABLED, pdl_on
             try:
                 return linear.a8w4_linear(o.x16, o.kw)
             finally:
-                act_quant.RELEASE_AFTER_READ, pdl.ENABLED = saved
+                pdl.ENABLED = saved
         return call
 
-    calls = {"release_at_start": under(False, True), "release_after_read": under(True, True),
-             "no_pdl": under(False, False), "codes_alone": lambda o: linear.a8w4_mm(o.x_s8, o.s_x, o.kw)}
+    calls = {"release_at_start": under(True), "no_pdl": under(False),
+             "codes_alone": lambda o: linear.a8w4_mm(o.x_s8, o.s_x, o.kw)}
     rows, failures = [], []
     for k, n in SHAPES:
         sets = operand_sets(k, n)
@@ -107,7 +106,7 @@ def main() -> None:
     p.add_argument("--ms", default="1,16,64,256,1024,4096")
     p.add_argument("--ks", default="4096,11008,28672")
     p.add_argument("--swiglu", action="store_true", help="rows of a fused gate/up output, 2K wide (module docstring)")
-    p.add_argument("--pairs", action="store_true", help="the act-quant with its layer's GEMM: when to release it")
+    p.add_argument("--pairs", action="store_true", help="the act-quant with its layer's GEMM, launched early or not")
     args = p.parse_args()
     if args.pairs:
         release_pairs(args.json, [int(m) for m in args.ms.split(",")])

@@ -36,14 +36,13 @@ import torch
 import triton
 import triton.language as tl
 
-from dgq.kernels.pdl import launch_options, release_consumer, wait_for_producer
+from dgq.kernels.pdl import launch_options, wait_then_release
 
 _RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: adding it rounds an fp32 of magnitude <= 2**22 to even
 _MIN_SCALE = tl.constexpr(1e-8)  # the reference's clamp of the dynamic scale
 WHOLE_ROW_MAX = 4096  # rows up to this length are held whole at any M (config_for)
 IN_REGISTERS_MAX = 32768  # the longest row held whole in registers (56 fp16 values a thread at 16 warps)
 MIN_PIECE = 256  # the smallest second piece of a row in registers (row_pieces)
-RELEASE_AFTER_READ = False  # let the consuming GEMM launch once the row is read, not at the start (a probe's switch)
 
 
 def config_for(m: int, k: int, swiglu: bool = False) -> tuple[bool, int]:
@@ -191,11 +190,9 @@ def _store_piece(q_row, v, scale, rcp, OFF: tl.constexpr, P: tl.constexpr, K: tl
 @triton.jit
 def _act_quant_row_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, DYNAMIC: tl.constexpr,
                           STATIC_ROWS: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                          ON_GPU: tl.constexpr, FAST: tl.constexpr, LATE: tl.constexpr,
-                          SWIGLU: tl.constexpr = False):
+                          ON_GPU: tl.constexpr, FAST: tl.constexpr, SWIGLU: tl.constexpr = False):
     """The row whole in registers as pieces ``P0, P1, P2`` (:func:`row_pieces`; 0: absent), read once."""
-    wait_for_producer(ON_GPU)  # launched dependent on x's producer
-    release_consumer(ON_GPU and not LATE)  # the GEMM that consumes the codes launches early (LATE: _release)
+    wait_then_release(ON_GPU)  # launched dependent on x's producer; the GEMM that consumes the codes launches early
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
@@ -209,7 +206,6 @@ def _act_quant_row_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constex
         amax = tl.maximum(amax, _piece_max(v1))
     if P2 > 0:
         amax = tl.maximum(amax, _piece_max(v2))
-    release_consumer(ON_GPU and LATE)
     scale, rcp = _row_scale(s_ptr, row, amax, DYNAMIC, STATIC_ROWS, FAST)
     _store_piece(q_row, v0, scale, rcp, 0, P0, K, FAST)
     if P1 > 0:
@@ -221,10 +217,9 @@ def _act_quant_row_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constex
 @triton.jit
 def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, DYNAMIC: tl.constexpr,
                       STATIC_ROWS: tl.constexpr, BLOCK: tl.constexpr, ON_GPU: tl.constexpr, FAST: tl.constexpr,
-                      LATE: tl.constexpr, SWIGLU: tl.constexpr = False):
+                      SWIGLU: tl.constexpr = False):
     """The row in ``BLOCK``-element chunks, two passes: the absmax (when dynamic), then the codes (mostly from L2)."""
-    wait_for_producer(ON_GPU)
-    release_consumer(ON_GPU and not LATE)
+    wait_then_release(ON_GPU)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
@@ -235,7 +230,6 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, 
         for i in range((K + BLOCK - 1) // BLOCK):
             acc = tl.maximum(acc, tl.abs(_load(x_row, i * BLOCK + cols, K, SWIGLU, True).to(tl.float32)))
         amax = tl.reduce(acc, 0, _maximum)
-    release_consumer(ON_GPU and LATE)
     scale, rcp = _row_scale(s_ptr, row, amax, DYNAMIC, STATIC_ROWS, FAST)
     for i in range((K + BLOCK - 1) // BLOCK):
         c = i * BLOCK + cols
@@ -285,7 +279,7 @@ def launch(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, k: int, dynamic: b
     on_gpu = x.device.type == "cuda"
     args = (x, q, s, x.stride(0), q.stride(0))
     common = dict(K=k, DYNAMIC=dynamic, STATIC_ROWS=int(per_row), ON_GPU=on_gpu, FAST=fast and on_gpu,
-                  LATE=RELEASE_AFTER_READ, SWIGLU=swiglu, num_warps=warps, **launch_options(x.device))
+                  SWIGLU=swiglu, num_warps=warps, **launch_options(x.device))
     if in_registers:
         p0, p1, p2 = row_pieces(k)
         _act_quant_row_kernel[(x.shape[0],)](*args, P0=p0, P1=p1, P2=p2, **common)
