@@ -1,23 +1,24 @@
-"""The activation quantization alone: the rule's block and warps (:func:`dgq.kernels.act_quant.row_block`) against
-other chunk sizes and warp counts, in GB/s of its fewest bytes (fp16 in, int8 codes out, one read).
+"""The activation quantization alone: the rule (:func:`dgq.kernels.act_quant.config_for`) against its variants
+(the row whole in registers by 8-32 warps, two chunked passes; the division's fast path or IEEE division), in GB/s
+of its fewest bytes (fp16 in, int8 codes out, one read).
 
-Why: at M >= 1024 the act-quant is most of what separates ``dgq`` from the GEMM it feeds (BENCHMARKS.md, run 4), and
-ncu showed it far from the copy bandwidth (M = 1024, K = 11008: 27.9 us, DRAM 26%, 0.86 waves of 4-warp programs).
-Every variant is checked bit-exact against the rule's output first.  Timing as ``benchmarks/gemm.py`` (cold-L2 CUDA
-graph over enough row sets to touch >= 256 MB).
+Why: the act-quant is a launch of its own in front of every layer's GEMM, and at M = 256 it was what kept ``dgq``
+under FP8 row-wise (BENCHMARKS.md, run 11: 5.6 us at K = 11008, 17 us at K = 28672).  Every variant is checked
+bit-exact against the rule's output, and the rule against the CPU definition (:func:`dgq.formats.quantize_activations`;
+torch's own CUDA division differs from it).  Timing as ``benchmarks/gemm.py`` (cold-L2 CUDA graph over enough row
+sets to touch >= 256 MB, at most 4000 sets).
 
 ``--swiglu``: the same for a fused MLP's down projection, whose quantizer forms ``silu(gate) * up`` from the gate/up
-output ``[M, 2K]`` as it reads (``quantize_activations_triton(..., swiglu=True)``).  In chunks (the rule for K >
-4096) each row is read, and its product formed, twice; a whole row in registers reads and forms it once.  Prediction
-(session 11): whole rows win at K = 11008-14336 with SwiGLU, where chunks won without it; the fewest
-bytes are then 4 + 1 per element (fp16 gate and up in, int8 out).  Measured in session 12
-(``results/act_quant_swiglu_h100_s12.json``, whole rows by 32 warps added): wrong at K = 11008, where the rule's
-chunks stay fastest at M >= 1024 (M = 2048: 69.3 us against 72.7 for the whole row by 16 warps); right at K = 14336
-(83.2 -> 76.8 us).
+output ``[M, 2K]`` as it reads (``quantize_activations_triton(..., swiglu=True)``); in chunks each row is read, and
+its product formed, twice.  Session 18 (``results/act_quant_swiglu_s18.json``): the row in registers won at every M
+measured (M = 2048, K = 11008: 45.6 against 59.3 us).
 
-    PYTHONPATH=.:benchmarks python benchmarks/act_quant_probe.py --json $OUT/act_quant.json     # the H100
+``--pairs``: the act-quant in front of its layer's GEMM or GEMV, launched early or not (:func:`release_pairs`).
+
+    PYTHONPATH=.:benchmarks python benchmarks/act_quant_probe.py --ms 1,64,256,1024 --json $OUT/act_quant.json
     PYTHONPATH=.:benchmarks python benchmarks/act_quant_probe.py --swiglu --ks 11008,14336 --ms 64,256,1024,2048 \
         --json $OUT/act_quant_swiglu.json
+    PYTHONPATH=.:benchmarks python benchmarks/act_quant_probe.py --pairs --ms 1,256 --json $OUT/act_quant_pairs.json
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def release_pairs(json_path: str | None, ms: list[int]) -> None:
     """The act-quant in front of its layer's GEMM or GEMV (``dgq.kernels.linear.a8w4_linear``) on the benchmark's
     shapes, its consumer launched early (programmatic dependent launch) or not (``dgq.kernels.pdl.ENABLED`` off),
     beside the GEMM from codes alone: how much of the act-quant the early launch hides.  Outputs checked equal.
-    (At commit 9c2c87c it also released the consumer once the rows were read: ``results/act_quant_release_s18.json``.)"""
+    (At commit 9c2c87c it also released the consumer once the rows were read:
+    ``results/act_quant_release_s18.json``.)"""
     from gemm import SHAPES, operand_sets, print_failures, save_probe, time_graph
 
     from dgq.kernels import linear, pdl

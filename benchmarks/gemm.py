@@ -14,8 +14,8 @@ Peers: cuBLAS FP16, ``torch._int_mm``, FP8 row-wise ``_scaled_mm``, our TMA int8
 dgq's own rows: ``dgq`` (what ``QuantLinear`` runs, act-quant included, path by M: ``dgq.kernels.linear``) and each
 path alone from int8 activations: ``dgq_gemv`` (the register-fed GEMV, M <= 16 only: it re-reads the weight per
 token), ``dgq_gemv_tma`` (the TMA-fed GEMV, Hopper, likewise), ``dgq_gemv_inside`` (the TMA-fed GEMV quantizing
-the fp16 activation itself, one launch, M = 1: what ``dgq`` ran at one token until session 18), ``dgq_ws`` (the warp-specialized Hopper kernel,
-M <= 2047, to 4095 on long-K layers), ``dgq_pp`` (the ping-pong Hopper kernel, where its rule takes the layer: from
+the fp16 activation itself, one launch, M = 1: what ``dgq`` ran at one token until session 18), ``dgq_ws`` (the
+warp-specialized Hopper kernel, M <= 2047, to 4095 on long-K layers), ``dgq_pp`` (the ping-pong Hopper kernel, where its rule takes the layer: from
 65 tokens), ``dgq_gemm_only`` (in-register widening), ``dgq_widen_once`` (widen + TMA int8
 kernel).
 """

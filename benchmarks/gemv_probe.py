@@ -18,6 +18,9 @@ bit-exact against :func:`dgq.kernels.gemv.a8w4_gemv` before and after its graph'
 the dispatch from float activations:
 
     PYTHONPATH=. python benchmarks/gemv_probe.py --tma plain --json $OUT/gemv_tma.json
+
+``--tma aq`` (session 18) puts each act-quant variant in front of the GEMV from codes (rings of 2-4 slots) beside the
+GEMV quantizing inside: ``results/gemv_aq_s18.json``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+from dgq.kernels.act_quant import quantize_activations_triton
 from dgq.kernels.gemm import widen_weight
 from dgq.kernels.gemm_pp import PpConfig, pp_a8w4_matmul
 from dgq.kernels.gemm_ws import WsConfig as W
@@ -28,6 +29,11 @@ CASES = {  # name: (M, K, N, config)
     "pp_m1024": (1024, 4096, 4096, PpConfig(256, 4)),
     "pp_m256": (256, 4096, 11008, PpConfig(256, 4)),
     "sc_m256": (256, 4096, 4096, PpConfig(256, 4, 4)),  # K split in 4, reduced by all splits at once (session 17)
+    "sc11008_m256": (256, 11008, 4096, PpConfig(128, 6, 2)),  # the rule's config on M = 256's median shape (s18)
+    # the act-quant alone, its rule's kernel (-k regex:_act_quant): the rows of M = 256 and one long row (session 18)
+    "aq_m256_k11008": (256, 11008, 4096, "act_quant"),
+    "aq_m256_k28672": (256, 28672, 8192, "act_quant"),
+    "aq_m1_k28672": (1, 28672, 8192, "act_quant"),
 }
 
 
@@ -38,9 +44,11 @@ def main() -> None:
     m, k, n, cfg = CASES[sys.argv[1]]
     o = operand_sets(k, n)[0]
     o.set_acts(m)
-    w8 = widen_weight(o.kw) if cfg is None else None
+    w8 = widen_weight(o.kw) if cfg is None else None  # (the act-quant cases build weights they do not use)
     for _ in range(3):
-        if cfg is None:
+        if cfg == "act_quant":
+            quantize_activations_triton(o.x16)
+        elif cfg is None:
             int8_matmul(o.x_s8, w8, o.s_x, o.kw.s1)
         elif isinstance(cfg, PpConfig):
             pp_a8w4_matmul(o.x_s8, o.kw, o.s_x, config=cfg)

@@ -4,9 +4,12 @@ GEMM paths chosen by the number of tokens M and what the GPU and layer allow.
 Each was measured against the others on an H100 (``benchmarks/gemm.py``, ``benchmarks/gemm_ws_probe.py``,
 ``benchmarks/gemv_probe.py``; cold-L2 CUDA-graph timing; BENCHMARKS.md, ``benchmarks/notes_gemm.md``):
 
-* M = 1 on Hopper: the GEMV fed by bulk tensor copies (:mod:`dgq.kernels.gemv_tma`, ``dp4a`` on CUDA cores),
-  quantizing the activation itself, one launch.  It beat the register-fed GEMV, the warp-specialized kernel and
-  the act-quant + itself on every benchmark and decode shape (``benchmarks/gemv_probe.py --tma``, notes).
+* M = 1 on Hopper: the GEMV fed by bulk tensor copies (:mod:`dgq.kernels.gemv_tma`, ``dp4a`` on CUDA cores), after
+  the act-quant kernel with a dynamic scale: its CTAs would otherwise each read the whole row for the absmax, and
+  since the act-quant holds a row in registers (session 18) the two launches won on four of the five benchmark
+  shapes (``benchmarks/gemv_probe.py --tma aq``; 28672 x 8192: 47.4 against 50.6 us).  Given the scale (static, or
+  a row absmax computed by a compiled graph beside the row's producer) it quantizes the activation itself, one
+  launch, reading only its own range.
 * M = 1 elsewhere: the register-fed GEMV (:mod:`dgq.kernels.gemv`), quantizing inside on layers of few row blocks
   (:func:`dgq.kernels.gemv.quantizes_inside`).
 * From :data:`dgq.kernels.gemm_pp.MIN_M` tokens on Hopper wherever its tiles fill the GPU, and at 17-256 tokens on
@@ -128,8 +131,9 @@ def a8w4_linear(x: torch.Tensor, kw: KernelWeight, static_scale: torch.Tensor | 
     """``O = (s_x * s1) * (X_s8 @ W_s8ᵀ) + b`` for a 2-D float ``x`` on CUDA, dynamic per-row or static scale;
     ``swiglu``: ``x`` is a fused gate/up output ``[M, 2K]`` and ``X`` is :func:`dgq.formats.swiglu` of it.
 
-    One token: on Hopper the TMA-fed GEMV quantizes the activation itself, one launch; elsewhere the register-fed
-    one does so on layers of few row blocks (:func:`dgq.kernels.gemv.quantizes_inside`).  Otherwise, and always
+    One token: on Hopper the TMA-fed GEMV, after the act-quant kernel or, given a static scale or ``row_absmax``,
+    quantizing the activation itself (module docstring); elsewhere the register-fed GEMV does so on layers of few
+    row blocks (:func:`dgq.kernels.gemv.quantizes_inside`).  Otherwise, and always
     with ``swiglu`` (a fused MLP passes the gate/up output only from :data:`dgq.fuse.SWIGLU_MIN_TOKENS` tokens on),
     the act-quant kernel, which forms the SwiGLU product as it reads, then the GEMM path for M.
 

@@ -14,12 +14,13 @@ graph replays their kernels.
 
 * eagerly it calls the kernels' Python functions directly: the operator dispatch would only add host time to a
   launch-bound path, and the kernels are the same;
-* compiled for CUDA it calls ``dgq::a8w4_linear``: the exact act-quant kernel then the GEMM (which launches early
-  and waits for the codes: programmatic dependent launch), or at one token on a narrow layer the GEMV that
-  quantizes inside (one launch).  Compiled for the CPU (:data:`ACT_QUANT_IN_GRAPH`), the activation quantization is
-  written in plain torch operations (:func:`dgq.formats.quantize_activations`, the reference itself), which the
-  compiler fuses into the kernel that produces the activation (the RMSNorm, the SiLU-and-product), and
-  ``dgq::a8w4_mm`` multiplies; inductor's C++ divides exactly.
+* compiled for CUDA it calls ``dgq::a8w4_linear``: the exact act-quant kernel then the GEMM or GEMV (which
+  launches early and waits for the codes: programmatic dependent launch), or at one token with the row's absmax
+  from the graph (``absmax_in_graph``) the GEMV that quantizes inside (one launch).  Compiled for the CPU
+  (:data:`ACT_QUANT_IN_GRAPH`), the activation quantization is written in plain torch operations
+  (:func:`dgq.formats.quantize_activations`, the reference itself), which the compiler fuses into the kernel that
+  produces the activation (the RMSNorm, the SiLU-and-product), and ``dgq::a8w4_mm`` multiplies; inductor's C++
+  divides exactly.
 
 On CUDA the fused form is not the default: inductor's Triton code divides approximately (``div.full``), and on the
 H100 it gave 4 of 40 row scales and one code different from the reference (``pytest -m cuda``).  With
