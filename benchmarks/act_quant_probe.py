@@ -1,5 +1,5 @@
 """The activation quantization alone: the rule (:func:`dgq.kernels.act_quant.config_for`) against its variants
-(the row whole in registers by 8-32 warps, two chunked passes; the division's fast path or IEEE division), in GB/s
+(the row whole in registers by 4-32 warps, two chunked passes; the division's fast path or IEEE division), in GB/s
 of its fewest bytes (fp16 in, int8 codes out, one read).
 
 Why: the act-quant is a launch of its own in front of every layer's GEMM, and at M = 256 it was what kept ``dgq``
@@ -49,10 +49,10 @@ def _name(variant: tuple) -> str:
 
 def _variants(m: int, k: int, swiglu: bool) -> list[tuple]:
     """The rule, chunks by 16 warps with IEEE division (session 12's rule for K > 4096; at K <= 4096 it held the row
-    whole) and with the division's fast path, the row in registers by 8-32 warps
+    whole) and with the division's fast path, the row in registers by 4-32 warps
     (:func:`dgq.kernels.act_quant.row_pieces`), and by 16 with IEEE division."""
     return list(dict.fromkeys([(*act_quant.config_for(m, k, swiglu), True), (False, 16, False), (False, 16, True)]
-                              + [(True, w, True) for w in (8, 16, 32)] + [(True, 16, False)]))
+                              + [(True, w, True) for w in (4, 8, 16, 32)] + [(True, 16, False)]))
 
 
 def release_pairs(json_path: str | None, ms: list[int]) -> None:
