@@ -480,6 +480,8 @@ def test_act_quant_rule() -> None:
         assert p0 + p1 <= k <= p0 + p1 + p2 or (p2 == 0 and p0 + p1 == k)
         assert p2 < 2 * max(k - p0 - p1, 1) and all(p & (p - 1) == 0 for p in (p0, p1, p2))
     assert act_quant.row_block(9000) == 2048 and act_quant.row_block(28672) == 4096
+    with pytest.raises(ValueError, match="at least one column"):
+        quantize_activations_triton(torch.zeros(2, 0, device=DEVICE))
 
 
 @pytest.mark.parametrize("k", [96, 5000])  # one read per row, and chunks

@@ -48,12 +48,13 @@ MIN_PIECE = 256  # the smallest second piece of a row in registers (row_pieces)
 def config_for(m: int, k: int, swiglu: bool = False) -> tuple[bool, int]:
     """Whether ``m`` rows of ``k`` are held whole in registers (else read twice in chunks), and by how many warps.
 
-    Measured (module docstring; ``results/act_quant_s18.json``, ``act_quant_swiglu_s18.json``): in registers up to
-    512 rows (at M = 256 by 8 warps: K = 11008 4.6 us against 5.4 by 16; below 256 rows 16 warps, a latency-bound
-    program per row), at every M for K <= 4096 (M = 4096: 17.9 us against 17.6 for 4-warp chunks), and at every
-    measured M (64-2048) for a gate/up row, whose product the chunks would form twice (M = 2048, K = 11008: 45.6
-    against 59.3 us); chunks by 16 warps beyond (M = 1024, K = 28672: 36.3 against 39.2 / 48.2 us in registers by
-    8 / 16 warps).  Rows shorter than 4096 keep session 5's 32 elements per thread."""
+    Measured (module docstring; ``results/act_quant_s18.json``, ``act_quant_swiglu_s18.json``,
+    ``act_quant_warps_s18.json``): in registers up to 512 rows (at M = 256 by 8 warps: K = 11008 4.6 us against 5.4
+    by 16 and 4.7 by 4; below 256 rows 16 warps, a latency-bound program per row), at every M for K <= 4096
+    (M = 4096: 17.9 us against 17.6 for 4-warp chunks), and at every measured M (64-2048) for a gate/up row, whose
+    product the chunks would form twice (M = 2048, K = 11008: 45.6 against 59.3 us); chunks by 16 warps beyond
+    (M = 1024, K = 28672: 36.3 against 39.2 / 48.2 us in registers by 8 / 16 warps).  Rows shorter than 4096 keep
+    session 5's 32 elements per thread."""
     if k > IN_REGISTERS_MAX or (m > 512 and k > WHOLE_ROW_MAX and not swiglu):
         return False, 16
     if k < 4096:
@@ -66,6 +67,8 @@ def row_pieces(k: int) -> tuple[int, int, int]:
     power of two in ``k``, the largest in the rest (if at least :data:`MIN_PIECE`), and the rest rounded up.
     11008 = 8192 + 2048 + 768 (in 1024), 28672 = 16384 + 8192 + 4096: the row in registers in 1-1.02x its length,
     where one power of two would take 1.14-1.49x (16384 for 11008: idle lanes that still issue every instruction)."""
+    if k < 1:
+        raise ValueError(f"a row of {k} elements has no pieces")
     p0 = 1 << (k.bit_length() - 1)
     rest = k - p0
     p1 = 1 << (rest.bit_length() - 1) if rest >= MIN_PIECE else 0
@@ -257,6 +260,9 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
         if k % 2:
             raise ValueError(f"a fused gate/up input has an even width, got {k}")
         k //= 2
+    if k == 0:
+        raise ValueError("expected an activation with at least one column, got shape "
+                         f"{list(x.shape)}")
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     per_row = static_scale is not None and static_scale.numel() > 1
     if static_scale is None:
