@@ -32,8 +32,8 @@ def wait_then_release(PDL: tl.constexpr):
     producer's grid, then let the consumer launch (a GEMM or GEMV after it requests its weight tiles while this one
     runs).  One instruction each; ``PDL`` off (the CPU interpreter, which has neither) compiles to nothing.
 
-    Releasing the consumer right away, not once the act-quant has read its rows, measured faster on 7 of 10 layer
-    shapes at 1 and 256 tokens (``benchmarks/act_quant_probe.py --pairs`` at commit 9c2c87c,
+    Releasing the consumer right away, not once the act-quant has read its rows, measured faster in 7 of 10 cases
+    (the five benchmark layers at 1 and 256 tokens; ``benchmarks/act_quant_probe.py --pairs`` at commit 9c2c87c,
     ``results/act_quant_release_s18.json``: 11008 x 4096, one token, 12.5 against 13.2 us; without PDL 15.1)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
