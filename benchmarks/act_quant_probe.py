@@ -34,7 +34,8 @@ from dgq.kernels.act_quant import quantize_activations_triton
 
 
 def _run(x: torch.Tensor, variant: tuple, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One launch of ``variant`` = (whole row in registers, warps, the GPU's division fast path)."""
+    """One launch of ``variant`` = (whole row in registers, warps, the GPU's division fast path[, programs per
+    row])."""
     m, k = x.shape[0], x.shape[1] // (2 if swiglu else 1)
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
@@ -43,16 +44,24 @@ def _run(x: torch.Tensor, variant: tuple, swiglu: bool = False) -> tuple[torch.T
 
 
 def _name(variant: tuple) -> str:
-    regs, warps, fast = variant
-    return f"{'regs' if regs else 'chunks'}/{warps}w/{'fast' if fast else 'div'}"
+    regs, warps, fast, *segments = variant
+    return f"{'regs' if regs else 'chunks'}/{warps}w/{'fast' if fast else 'div'}" + "".join(
+        f"/seg{n}" for n in segments if n > 1)
 
 
 def _variants(m: int, k: int, swiglu: bool) -> list[tuple]:
     """The rule, chunks by 16 warps with IEEE division (session 12's rule for K > 4096; at K <= 4096 it held the row
     whole) and with the division's fast path, the row in registers by 4-32 warps
     (:func:`dgq.kernels.act_quant.row_pieces`), and by 16 with IEEE division."""
-    return list(dict.fromkeys([(*act_quant.config_for(m, k, swiglu), True), (False, 16, False), (False, 16, True)]
-                              + [(True, w, True) for w in (4, 8, 16, 32)] + [(True, 16, False)]))
+    return list(dict.fromkeys([_rule(m, k, swiglu), (False, 16, False), (False, 16, True)]
+                              + [(True, w, True) for w in (4, 8, 16, 32)] + [(True, 16, False)]
+                              + [(True, 16, True, n) for n in (4, 8, 16) if m <= 64]))
+
+
+def _rule(m: int, k: int, swiglu: bool) -> tuple:
+    regs, warps = act_quant.config_for(m, k, swiglu)
+    segments = act_quant.segments_for(m, k) if regs else 1
+    return (regs, warps, True) + ((segments,) if segments > 1 else ())
 
 
 def release_pairs(json_path: str | None, ms: list[int]) -> None:
@@ -65,16 +74,17 @@ def release_pairs(json_path: str | None, ms: list[int]) -> None:
 
     from dgq.kernels import linear, pdl
 
-    def under(pdl_on: bool):
+    def under(pdl_on: bool, segments: int | None = None):
         def call(o):
-            saved, pdl.ENABLED = pdl.ENABLED, pdl_on
+            saved = pdl.ENABLED, act_quant.ROW_SEGMENTS
+            pdl.ENABLED, act_quant.ROW_SEGMENTS = pdl_on, segments or saved[1]
             try:
                 return linear.a8w4_linear(o.x16, o.kw)
             finally:
-                pdl.ENABLED = saved
+                pdl.ENABLED, act_quant.ROW_SEGMENTS = saved
         return call
 
-    calls = {"release_at_start": under(True), "no_pdl": under(False),
+    calls = {"rule": under(True), "no_pdl": under(False), **{f"segments{n}": under(True, n) for n in (4, 8)},
              "codes_alone": lambda o: linear.a8w4_mm(o.x_s8, o.s_x, o.kw)}
     rows, failures = [], []
     for k, n in SHAPES:
@@ -125,7 +135,7 @@ def main() -> None:
                 if not (torch.equal(want[0].cpu(), ref[0]) and torch.equal(want[1].cpu(), ref[1])):
                     failures.append(f"M={m} K={k} rule against dgq.formats.quantize_activations")
             fewest = (2 * width + 1) * m * k  # bytes: fp16 in (gate and up with --swiglu), int8 out
-            rule = (*act_quant.config_for(m, k, args.swiglu), True)
+            rule = _rule(m, k, args.swiglu)
             line = []
             for variant in _variants(m, k, args.swiglu):
                 got = _run(sets[0], variant, args.swiglu)
