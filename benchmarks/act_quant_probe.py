@@ -93,13 +93,16 @@ def release_pairs(json_path: str | None, ms: list[int]) -> None:
             for o in sets:
                 o.set_acts(m)
             want = linear.a8w4_linear(sets[0].x16, sets[0].kw)
+            exact = {name: name == "codes_alone" or torch.equal(fn(sets[0]), want)  # (codes_alone's codes are torch's)
+                     for name, fn in calls.items()}
+            failures += [f"K={k} N={n} M={m} {name}" for name, ok in exact.items() if not ok]
             times = {}
-            for name, fn in calls.items():
-                if name != "codes_alone" and not torch.equal(fn(sets[0]), want):  # (its codes are torch's)
-                    failures.append(f"K={k} N={n} M={m} {name}")
-                    continue
-                times[name] = time_graph([lambda o=o, fn=fn: fn(o) for o in sets])
-                rows.append({"K": k, "N": n, "M": m, "kernel": name, "ms": times[name]})
+            for order in (list(calls), list(calls)[::-1]):  # two rounds, the second reversed: the first timing of a
+                for name in order:  # shape ran up to 8 us slow in session 18; each call's faster round is kept
+                    if exact[name]:
+                        t = time_graph([lambda o=o, fn=calls[name]: fn(o) for o in sets])
+                        times[name] = min(t, times.get(name, t))
+            rows += [{"K": k, "N": n, "M": m, "kernel": name, "ms": t} for name, t in times.items()]
             print(f"K={k} N={n} M={m}: " + ", ".join(f"{a} {t * 1e3:.1f} us" for a, t in times.items()), flush=True)
             save_probe(json_path, rows, failures)
         del sets
