@@ -34,8 +34,7 @@ from dgq.kernels.act_quant import quantize_activations_triton
 
 
 def _run(x: torch.Tensor, variant: tuple, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One launch of ``variant`` = (whole row in registers, warps, the GPU's division fast path[, programs per
-    row])."""
+    """One launch of ``variant`` = (whole row in registers, warps, the GPU's division fast path)."""
     m, k = x.shape[0], x.shape[1] // (2 if swiglu else 1)
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
@@ -44,9 +43,8 @@ def _run(x: torch.Tensor, variant: tuple, swiglu: bool = False) -> tuple[torch.T
 
 
 def _name(variant: tuple) -> str:
-    regs, warps, fast, *segments = variant
-    return f"{'regs' if regs else 'chunks'}/{warps}w/{'fast' if fast else 'div'}" + "".join(
-        f"/seg{n}" for n in segments if n > 1)
+    regs, warps, fast = variant
+    return f"{'regs' if regs else 'chunks'}/{warps}w/{'fast' if fast else 'div'}"
 
 
 def _variants(m: int, k: int, swiglu: bool) -> list[tuple]:
@@ -54,14 +52,11 @@ def _variants(m: int, k: int, swiglu: bool) -> list[tuple]:
     whole) and with the division's fast path, the row in registers by 4-32 warps
     (:func:`dgq.kernels.act_quant.row_pieces`), and by 16 with IEEE division."""
     return list(dict.fromkeys([_rule(m, k, swiglu), (False, 16, False), (False, 16, True)]
-                              + [(True, w, True) for w in (4, 8, 16, 32)] + [(True, 16, False)]
-                              + [(True, 16, True, n) for n in (4, 8, 16) if m <= 64]))
+                              + [(True, w, True) for w in (4, 8, 16, 32)] + [(True, 16, False)]))
 
 
 def _rule(m: int, k: int, swiglu: bool) -> tuple:
-    regs, warps = act_quant.config_for(m, k, swiglu)
-    segments = act_quant.segments_for(m, k) if regs else 1
-    return (regs, warps, True) + ((segments,) if segments > 1 else ())
+    return (*act_quant.config_for(m, k, swiglu), True)
 
 
 def release_pairs(json_path: str | None, ms: list[int]) -> None:
@@ -69,22 +64,22 @@ def release_pairs(json_path: str | None, ms: list[int]) -> None:
     shapes, its consumer launched early (programmatic dependent launch) or not (``dgq.kernels.pdl.ENABLED`` off),
     beside the GEMM from codes alone: how much of the act-quant the early launch hides.  Outputs checked equal.
     (At commit 9c2c87c it also released the consumer once the rows were read:
-    ``results/act_quant_release_s18.json``.)"""
+    ``results/act_quant_release_s18.json``; at 25bf20a it shared a row's codes among 4 or 8 programs, each reading
+    the row for the absmax: ``results/act_quant_segments*_s18.json``.)"""
     from gemm import SHAPES, operand_sets, print_failures, save_probe, time_graph
 
     from dgq.kernels import linear, pdl
 
-    def under(pdl_on: bool, segments: int | None = None):
+    def under(pdl_on: bool):
         def call(o):
-            saved = pdl.ENABLED, act_quant.ROW_SEGMENTS
-            pdl.ENABLED, act_quant.ROW_SEGMENTS = pdl_on, segments or saved[1]
+            saved, pdl.ENABLED = pdl.ENABLED, pdl_on
             try:
                 return linear.a8w4_linear(o.x16, o.kw)
             finally:
-                pdl.ENABLED, act_quant.ROW_SEGMENTS = saved
+                pdl.ENABLED = saved
         return call
 
-    calls = {"rule": under(True), "no_pdl": under(False), **{f"segments{n}": under(True, n) for n in (4, 8)},
+    calls = {"rule": under(True), "no_pdl": under(False),
              "codes_alone": lambda o: linear.a8w4_mm(o.x_s8, o.s_x, o.kw)}
     rows, failures = [], []
     for k, n in SHAPES:

@@ -451,17 +451,16 @@ def test_act_quant_takes_one_static_scale_per_row(k: int) -> None:
 
 
 @pytest.mark.parametrize("k", [300, 4096, 9000, 11008])
-@pytest.mark.parametrize("in_registers,segments", [(True, 1), (False, 1), (True, 8)])
+@pytest.mark.parametrize("in_registers", [True, False])
 @pytest.mark.parametrize("static", [False, True])
-def test_act_quant_both_kernels_are_exact(k: int, in_registers: bool, segments: int, static: bool) -> None:
+def test_act_quant_both_kernels_are_exact(k: int, in_registers: bool, static: bool) -> None:
     """Either kernel, pinned: the row in registers as power-of-two pieces (300 = 256 + 64 masked; 9000 = 8192 +
-    512 + 296 in 512; 11008 = 8192 + 2048 + 768 in 1024), its codes by one program or shared by up to 8 (the last
-    segment partial), or read twice in chunks (the last one partial)."""
+    512 + 296 in 512; 11008 = 8192 + 2048 + 768 in 1024) or read twice in chunks (the last one partial)."""
     x = (torch.randn(3, k, generator=torch.Generator().manual_seed(k)) * 3).half()
     scale = torch.tensor(0.04) if static else None
     q = torch.empty((3, k), dtype=torch.int8, device=DEVICE)
     s = torch.empty((3, 1), device=DEVICE) if scale is None else scale.reshape(1, 1).to(DEVICE)
-    act_quant.launch(x.to(DEVICE), q, s, k, not static, False, False, in_registers, 4, fast=True, segments=segments)
+    act_quant.launch(x.to(DEVICE), q, s, k, not static, False, False, in_registers, 4, fast=True)
     q_ref, s_ref = quantize_activations(x, scale)
     assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref.reshape(s.shape))
 
@@ -469,7 +468,7 @@ def test_act_quant_both_kernels_are_exact(k: int, in_registers: bool, segments: 
 def test_act_quant_rule() -> None:
     """In registers up to 512 rows and at any M for K <= 4096 or a gate/up row (16 warps below 256 rows, 8 from
     there, 32 elements a thread below K = 4096), chunks by 16 warps for long rows at many rows and beyond
-    IN_REGISTERS_MAX; the pieces cover the row with less than one piece's padding; a segment is a power of two."""
+    IN_REGISTERS_MAX; the pieces cover the row with less than one piece's padding."""
     assert act_quant.config_for(1, 11008) == (True, 16) and act_quant.config_for(256, 28672) == (True, 8)
     assert act_quant.config_for(513, 11008) == (False, 16) and act_quant.config_for(4096, 4096) == (True, 8)
     assert act_quant.config_for(2048, 11008, swiglu=True) == (True, 8)  # a gate/up row: its product formed once
@@ -481,7 +480,6 @@ def test_act_quant_rule() -> None:
         assert p0 + p1 <= k <= p0 + p1 + p2 or (p2 == 0 and p0 + p1 == k)
         assert p2 < 2 * max(k - p0 - p1, 1) and all(p & (p - 1) == 0 for p in (p0, p1, p2))
     assert act_quant.row_block(9000) == 2048 and act_quant.row_block(28672) == 4096
-    assert act_quant.segment(28672, 8) == 4096 and act_quant.segment(11008, 8) == 2048 and act_quant.segment(99, 1) == 0
     with pytest.raises(ValueError, match="at least one column"):
         quantize_activations_triton(torch.zeros(2, 0, device=DEVICE))
 

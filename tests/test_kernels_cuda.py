@@ -307,8 +307,7 @@ def _act_quant_cases() -> list[torch.Tensor]:
 
 def test_act_quant_division_fast_path_is_the_definition() -> None:
     """The act-quant's codes through the division's fast path (inline PTX, which the interpreter cannot run; module
-    docstring of :mod:`dgq.kernels.act_quant`), in both kernels (the row in registers also shared by 8 programs)
-    and the rule, dynamic, static and static per row,
+    docstring of :mod:`dgq.kernels.act_quant`), in both kernels and the rule, dynamic, static and static per row,
     equal the CPU definition bit for bit on :func:`_act_quant_cases`, a K cut short of each row (a masked piece)
     and the full one."""
     for x in _act_quant_cases():
@@ -322,11 +321,10 @@ def test_act_quant_division_fast_path_is_the_definition() -> None:
                 assert torch.equal(q.cpu(), q_ref) and torch.equal(s_x.cpu(), s_ref.reshape(s_x.shape)), \
                     f"rule {xc.dtype} K={k} static={static is not None}"
                 if static is None:
-                    for *pinned, segments in ((True, 16, 1), (False, 16, 1), (True, 16, 8)):
+                    for pinned in ((True, 16), (False, 16)):
                         q = torch.empty((m, k), dtype=torch.int8, device="cuda")
                         s_x = torch.empty((m, 1), device="cuda")
-                        act_quant.launch(xc.cuda(), q, s_x, k, True, False, False, *pinned, fast=True,
-                                         segments=segments)
+                        act_quant.launch(xc.cuda(), q, s_x, k, True, False, False, *pinned, fast=True)
                         assert torch.equal(q.cpu(), q_ref) and torch.equal(s_x.cpu(), s_ref), \
                             f"{pinned} {xc.dtype} K={k} absmax {xc.float().abs().amax():g}"
 

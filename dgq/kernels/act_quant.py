@@ -62,17 +62,6 @@ def config_for(m: int, k: int, swiglu: bool = False) -> tuple[bool, int]:
     return True, 16 if m < 256 else 8
 
 
-def segments_for(m: int, k: int) -> int:
-    """Programs per row (:func:`segment`): :data:`ROW_SEGMENTS` for up to :data:`SEGMENTS_MAX_M` rows of at least
-    :data:`SEGMENTS_MIN_K`, else one."""
-    return ROW_SEGMENTS if m <= SEGMENTS_MAX_M and k >= SEGMENTS_MIN_K else 1
-
-
-ROW_SEGMENTS = 1
-SEGMENTS_MAX_M = 16
-SEGMENTS_MIN_K = 8192
-
-
 def row_pieces(k: int) -> tuple[int, int, int]:
     """A row of ``k`` as at most three power-of-two pieces (Triton's blocks), the last one masked: the largest
     power of two in ``k``, the largest in the rest (if at least :data:`MIN_PIECE`), and the rest rounded up.
@@ -85,12 +74,6 @@ def row_pieces(k: int) -> tuple[int, int, int]:
     p1 = 1 << (rest.bit_length() - 1) if rest >= MIN_PIECE else 0
     rest -= p1
     return p0, p1, triton.next_power_of_2(rest) if rest else 0
-
-
-def segment(k: int, segments: int) -> int:
-    """Codes per program when a row's codes are shared by up to ``segments`` programs: a power of two (one Triton
-    block) of at least 1/segments of the row; 0 for one program per row."""
-    return triton.next_power_of_2(triton.cdiv(k, segments)) if segments > 1 else 0
 
 
 def row_block(k: int) -> int:
@@ -210,38 +193,28 @@ def _store_piece(q_row, v, scale, rcp, OFF: tl.constexpr, P: tl.constexpr, K: tl
 @triton.jit
 def _act_quant_row_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, DYNAMIC: tl.constexpr,
                           STATIC_ROWS: tl.constexpr, P0: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr,
-                          ON_GPU: tl.constexpr, FAST: tl.constexpr, SEG: tl.constexpr = 0,
-                          SWIGLU: tl.constexpr = False):
-    """The row whole in registers as pieces ``P0, P1, P2`` (:func:`row_pieces`; 0: absent), read once.  ``SEG``
-    (:func:`segment`): the row's codes shared by programs of their own along the grid's second axis, ``SEG`` each;
-    every one reads the whole row for the absmax (the same scale in each, each stores it), then rounds its own
-    segment."""
+                          ON_GPU: tl.constexpr, FAST: tl.constexpr, SWIGLU: tl.constexpr = False):
+    """The row whole in registers as pieces ``P0, P1, P2`` (:func:`row_pieces`; 0: absent), read once."""
     wait_then_release(ON_GPU)  # launched dependent on x's producer; the GEMM that consumes the codes launches early
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = q_ptr + row * stride_q
-    amax = 0.0
-    if SEG == 0 or DYNAMIC:
-        v0 = _load(x_row, tl.arange(0, P0), K, SWIGLU, P0 > K)  # every piece requested before the first reduction,
-        if P1 > 0:  # whose barriers no load may pass
-            v1 = _load(x_row, P0 + tl.arange(0, P1), K, SWIGLU, P0 + P1 > K)
-        if P2 > 0:
-            v2 = _load(x_row, P0 + P1 + tl.arange(0, P2), K, SWIGLU, P0 + P1 + P2 > K)
-        amax = _piece_max(v0)
-        if P1 > 0:
-            amax = tl.maximum(amax, _piece_max(v1))
-        if P2 > 0:
-            amax = tl.maximum(amax, _piece_max(v2))
+    v0 = _load(x_row, tl.arange(0, P0), K, SWIGLU, P0 > K)  # every piece requested before the first reduction,
+    if P1 > 0:  # whose barriers no load may pass
+        v1 = _load(x_row, P0 + tl.arange(0, P1), K, SWIGLU, P0 + P1 > K)
+    if P2 > 0:
+        v2 = _load(x_row, P0 + P1 + tl.arange(0, P2), K, SWIGLU, P0 + P1 + P2 > K)
+    amax = _piece_max(v0)
+    if P1 > 0:
+        amax = tl.maximum(amax, _piece_max(v1))
+    if P2 > 0:
+        amax = tl.maximum(amax, _piece_max(v2))
     scale, rcp = _row_scale(s_ptr, row, amax, DYNAMIC, STATIC_ROWS, FAST)
-    if SEG == 0:
-        _store_piece(q_row, v0, scale, rcp, 0, P0, K, FAST)
-        if P1 > 0:
-            _store_piece(q_row, v1, scale, rcp, P0, P1, K, FAST)
-        if P2 > 0:
-            _store_piece(q_row, v2, scale, rcp, P0 + P1, P2, K, FAST)
-    else:
-        c = tl.program_id(1) * SEG + tl.arange(0, SEG)
-        tl.store(q_row + c, _codes(_load(x_row, c, K, SWIGLU, True), scale, rcp, FAST), mask=c < K)
+    _store_piece(q_row, v0, scale, rcp, 0, P0, K, FAST)
+    if P1 > 0:
+        _store_piece(q_row, v1, scale, rcp, P0, P1, K, FAST)
+    if P2 > 0:
+        _store_piece(q_row, v2, scale, rcp, P0 + P1, P2, K, FAST)
 
 
 @triton.jit
@@ -300,26 +273,22 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
     else:
         s = static_scale.detach().to(device=x.device, dtype=torch.float32).reshape(-1, 1).contiguous()
     if m:
-        in_registers, warps = config_for(m, k, swiglu)
-        launch(x, q, s, k, static_scale is None, per_row, swiglu, in_registers, warps, fast=x.device.type == "cuda",
-               segments=segments_for(m, k) if in_registers else 1)
+        launch(x, q, s, k, static_scale is None, per_row, swiglu, *config_for(m, k, swiglu),
+               fast=x.device.type == "cuda")
     return q, s
 
 
 def launch(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, k: int, dynamic: bool, per_row: bool, swiglu: bool,
-           in_registers: bool, warps: int, fast: bool, segments: int = 1) -> None:
+           in_registers: bool, warps: int, fast: bool) -> None:
     """One act-quant launch, one program per row of ``x``: the row whole in registers or in chunks
-    (:func:`row_block`); ``fast``: the GPU's division fast path (:func:`_codes`); ``segments`` > 1 (registers
-    only): each row's codes shared by up to that many programs (:func:`segment`).  Probes pin the choices."""
+    (:func:`row_block`); ``fast``: the GPU's division fast path (:func:`_codes`).  Probes pin the choices."""
     on_gpu = x.device.type == "cuda"
     args = (x, q, s, x.stride(0), q.stride(0))
     common = dict(K=k, DYNAMIC=dynamic, STATIC_ROWS=int(per_row), ON_GPU=on_gpu, FAST=fast and on_gpu,
                   SWIGLU=swiglu, num_warps=warps, **launch_options(x.device))
     if in_registers:
         p0, p1, p2 = row_pieces(k)
-        seg = segment(k, segments)
-        grid = (x.shape[0], triton.cdiv(k, seg) if seg else 1)
-        _act_quant_row_kernel[grid](*args, P0=p0, P1=p1, P2=p2, SEG=seg, **common)
+        _act_quant_row_kernel[(x.shape[0],)](*args, P0=p0, P1=p1, P2=p2, **common)
     else:
         _act_quant_kernel[(x.shape[0],)](*args, BLOCK=row_block(k), **common)
 
