@@ -41,6 +41,7 @@ addition is exact in any order, so the result is deterministic.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -303,15 +304,25 @@ def launch(tuned: triton.runtime.Autotuner, kernel, grid, args: tuple, meta: dic
     return config
 
 
-def prepare_call(x_s8: torch.Tensor, kw: KernelWeight, out_dtype: torch.dtype | None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+class Call(NamedTuple):
+    """One GEMM call's operands as :func:`prepare_call` leaves them, and its sizes."""
+
+    x: torch.Tensor  # int8 [M, K], rows contiguous
+    out: torch.Tensor  # [M, N], out_dtype or the int32 accumulator
+    m: int
+    k: int
+    n: int
+    epilogue: bool  # False: the raw int32 accumulator, no scales or bias
+
+
+def prepare_call(x_s8: torch.Tensor, kw: KernelWeight, out_dtype: torch.dtype | None) -> Call:
     """The tensor-core GEMMs' common entry: ``x_s8`` checked (int8 ``[M, K]``) and made row-contiguous, and the output
     allocated (``out_dtype=None``: the int32 accumulator)."""
     if x_s8.dtype != torch.int8 or x_s8.dim() != 2 or x_s8.shape[-1] != kw.in_features:
         raise ValueError(f"x_s8 must be int8 [M, {kw.in_features}], got {x_s8.dtype}{list(x_s8.shape)}")
     x = x_s8 if x_s8.stride(-1) == 1 else x_s8.contiguous()
     out = torch.empty((x.shape[0], kw.out_features), dtype=out_dtype or torch.int32, device=x.device)
-    return x, out
+    return Call(x, out, x.shape[0], x.shape[1], kw.out_features, out_dtype is not None)
 
 
 def a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None = None,
@@ -322,10 +333,7 @@ def a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None =
     ``out_dtype=None`` returns the raw int32 accumulator (``s_x`` and ``bias`` are then ignored).  ``config`` pins
     one kernel configuration instead of autotuning (tests use it to reach every code path).
     """
-    x, out = prepare_call(x_s8, kw, out_dtype)
-    m, k = x.shape
-    n = kw.out_features
-    epilogue = out_dtype is not None
+    x, out, m, k, n, epilogue = prepare_call(x_s8, kw, out_dtype)
     if m == 0:
         return out
     sx = s_x.reshape(-1).float() if epilogue else None

@@ -353,10 +353,7 @@ def pp_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | Non
     (same layers: :func:`dgq.kernels.gemm_ws.supported`; ``out_dtype=None``: the raw int32 accumulator).
     ``config`` pins a variant instead of :func:`config_for`'s (256-token tiles where the rule has none); a split one
     must fit one wave (:func:`one_wave`)."""
-    x, out = tma_call(x_s8, kw, out_dtype)
-    m, k = x.shape
-    n = kw.out_features
-    epilogue = out_dtype is not None
+    x, out, m, k, n, epilogue = tma_call(x_s8, kw, out_dtype)
     if m == 0:
         return out
     cfg = config or rule(m, n, x.device) or PpConfig()

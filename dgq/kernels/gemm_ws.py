@@ -63,7 +63,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from dgq.kernels.gemm import _WIDEN_PTX, KernelWeight, prepare_call
+from dgq.kernels.gemm import _WIDEN_PTX, Call, KernelWeight, prepare_call
 from dgq.kernels.gemv import _WIDEN_WORD_PTX
 from dgq.kernels.pdl import launch_options
 
@@ -450,13 +450,13 @@ def descriptors(x_s8: torch.Tensor, kw: KernelWeight, cfg: WsConfig) -> tuple:
             TensorDescriptor.from_tensor(kw.zpt, box, _nvmma(0)))
 
 
-def tma_call(x_s8: torch.Tensor, kw: KernelWeight, out_dtype: torch.dtype | None) -> tuple:
+def tma_call(x_s8: torch.Tensor, kw: KernelWeight, out_dtype: torch.dtype | None) -> Call:
     """:func:`dgq.kernels.gemm.prepare_call`, then the activations as a bulk tensor copy reads them: dense rows from a
     16-byte-aligned start (a copy where they are not)."""
-    x, out = prepare_call(x_s8, kw, out_dtype)
-    if not x.is_contiguous() or x.data_ptr() % 16:
-        x = x.clone(memory_format=torch.contiguous_format)
-    return x, out
+    call = prepare_call(x_s8, kw, out_dtype)
+    if not call.x.is_contiguous() or call.x.data_ptr() % 16:
+        return call._replace(x=call.x.clone(memory_format=torch.contiguous_format))
+    return call
 
 
 def call_buffers(x: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None, epilogue: bool, split: int) -> tuple:
@@ -474,10 +474,7 @@ def ws_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | Non
     """A8W4 GEMM of int8 codes ``x_s8 [M, K]`` with scales ``s_x`` (``[M, 1]`` per token or one static scale), as
     :func:`dgq.kernels.gemm.a8w4_matmul` (``out_dtype=None``: the raw int32 accumulator); ``config`` pins a variant
     instead of :func:`config_for` (tests reach every path with it)."""
-    x, out = tma_call(x_s8, kw, out_dtype)
-    m, k = x.shape
-    n = kw.out_features
-    epilogue = out_dtype is not None
+    x, out, m, k, n, epilogue = tma_call(x_s8, kw, out_dtype)
     if m == 0:
         return out
     cfg = config or config_for(m, n, _sm_count(x.device))

@@ -343,7 +343,7 @@ def tma_gemv(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor, bias: torc
     """``(s_x * s1) * (x_s8 @ W_s8ᵀ) + bias`` for a few tokens ``x_s8`` int8 ``[M, K]`` (``s_x`` per token or one
     static scale), bit for bit :func:`dgq.kernels.gemv.a8w4_gemv`'s; ``config`` pins a variant (tests, probes)."""
     _check(kw, x_s8.device)
-    x, out = tma_call(x_s8, kw, out_dtype)
+    x, out, *_ = tma_call(x_s8, kw, out_dtype)
     sx = s_x.reshape(-1).float()
     return _launch(x, x, int(sx.numel() > 1), kw, sx, bias, out, config, fuse=False, dynamic=True)
 
