@@ -146,9 +146,7 @@ def a8w4_linear(x: torch.Tensor, kw: KernelWeight, static_scale: torch.Tensor | 
         if _hopper_kernels(kw, x.device):
             if static_scale is not None or row_absmax is not None:  # no whole-row read inside
                 return gemv_tma.tma_gemv_float(x, kw, static_scale, bias, out_dtype, row_absmax=row_absmax)
-            x_s8, s_x = quantize_activations_triton(x)
-            return gemv_tma.tma_gemv(x_s8, kw, s_x, bias, out_dtype)
-        if quantizes_inside(kw.out_features, kw.in_features, kw.tile_k):
+        elif quantizes_inside(kw.out_features, kw.in_features, kw.tile_k):
             return a8w4_gemv_float(x, kw, static_scale, bias, out_dtype)
-    x_s8, s_x = quantize_activations_triton(x, static_scale, swiglu)
+    x_s8, s_x = quantize_activations_triton(x, static_scale, swiglu)  # a dynamic token on Hopper: then the TMA GEMV
     return a8w4_mm(x_s8, s_x, kw, bias, out_dtype)
