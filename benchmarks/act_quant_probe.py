@@ -35,11 +35,7 @@ from dgq.kernels.act_quant import quantize_activations_triton
 
 def _run(x: torch.Tensor, variant: tuple, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One launch of ``variant`` = (whole row in registers, warps, the GPU's division fast path)."""
-    m, k = x.shape[0], x.shape[1] // (2 if swiglu else 1)
-    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
-    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-    act_quant.launch(x, q, s, k, True, False, swiglu, *variant)
-    return q, s
+    return quantize_activations_triton(x, swiglu=swiglu, config=act_quant.AqConfig(*variant))
 
 
 def _name(variant: tuple) -> str:
@@ -56,7 +52,7 @@ def _variants(m: int, k: int, swiglu: bool) -> list[tuple]:
 
 
 def _rule(m: int, k: int, swiglu: bool) -> tuple:
-    return (*act_quant.config_for(m, k, swiglu), True)
+    return tuple(act_quant.config_for(m, k, swiglu))
 
 
 def release_pairs(json_path: str | None, ms: list[int]) -> None:

@@ -154,7 +154,7 @@ def tma_variants(kind: str = "plain") -> list:
     warps for the kernel that quantizes inside (whose reading of the row stalls the ring)."""
     from dgq.kernels.gemv_tma import TmaGemvConfig as C
 
-    if kind in ("rule", "prelude", "aq"):  # rule: against session 9's rule, per shape; prelude: what quantizing inside costs
+    if kind in ("rule", "prelude", "aq"):  # against session 9's rule; what quantizing inside costs; the act-quant
         return []
     if kind == "slots":  # K tiles per slot (one bulk-copy request of 64 x kt bytes per row) and ring depth
         return [C(bn, st, sp, w, kt) for bn, sp, w in ((64, 2, 4), (64, 4, 4), (128, 1, 4), (128, 8, 8))
@@ -190,7 +190,7 @@ def _prelude_calls(n: int, k: int, sets: list) -> dict:
 
 
 def _act_quant_calls(n: int, k: int) -> dict:
-    """Two launches at one token with each act-quant variant (:func:`dgq.kernels.act_quant.launch`: session 12's
+    """Two launches at one token with each act-quant variant (:class:`dgq.kernels.act_quant.AqConfig`: session 12's
     chunks with IEEE division, the whole row in registers by 16 or 32 warps with the division's fast path) in front
     of the GEMV from codes, by the rule's config and with rings of 3 and 4 slots (more weight requested before the
     GEMV waits for the codes)."""
@@ -201,9 +201,7 @@ def _act_quant_calls(n: int, k: int) -> dict:
 
     def two(variant, cfg):
         def call(o):
-            q = torch.empty((1, k), dtype=torch.int8, device="cuda")
-            s = torch.empty((1, 1), dtype=torch.float32, device="cuda")
-            act_quant.launch(o.x16, q, s, k, True, False, False, *variant)
+            q, s = quantize_activations_triton(o.x16, config=act_quant.AqConfig(*variant))
             return tma_gemv(q, o.kw, s, config=cfg)
         return call
 

@@ -458,9 +458,8 @@ def test_act_quant_both_kernels_are_exact(k: int, in_registers: bool, static: bo
     512 + 296 in 512; 11008 = 8192 + 2048 + 768 in 1024) or read twice in chunks (the last one partial)."""
     x = (torch.randn(3, k, generator=torch.Generator().manual_seed(k)) * 3).half()
     scale = torch.tensor(0.04) if static else None
-    q = torch.empty((3, k), dtype=torch.int8, device=DEVICE)
-    s = torch.empty((3, 1), device=DEVICE) if scale is None else scale.reshape(1, 1).to(DEVICE)
-    act_quant.launch(x.to(DEVICE), q, s, k, not static, False, False, in_registers, 4, fast=True)
+    q, s = quantize_activations_triton(x.to(DEVICE), None if scale is None else scale.to(DEVICE),
+                                       config=act_quant.AqConfig(in_registers, 4))
     q_ref, s_ref = quantize_activations(x, scale)
     assert torch.equal(q.cpu(), q_ref) and torch.equal(s.cpu(), s_ref.reshape(s.shape))
 
@@ -469,10 +468,11 @@ def test_act_quant_rule() -> None:
     """In registers up to 512 rows and at any M for K <= 4096 or a gate/up row (16 warps below 256 rows, 8 from
     there, 32 elements a thread below K = 4096), chunks by 16 warps for long rows at many rows and beyond
     IN_REGISTERS_MAX; the pieces cover the row with less than one piece's padding."""
-    assert act_quant.config_for(1, 11008) == (True, 16) and act_quant.config_for(256, 28672) == (True, 8)
-    assert act_quant.config_for(513, 11008) == (False, 16) and act_quant.config_for(4096, 4096) == (True, 8)
-    assert act_quant.config_for(2048, 11008, swiglu=True) == (True, 8)  # a gate/up row: its product formed once
-    assert act_quant.config_for(1, 40000) == (False, 16) and act_quant.config_for(9, 576) == (True, 1)
+    cfg = act_quant.AqConfig
+    assert act_quant.config_for(1, 11008) == cfg(True, 16) and act_quant.config_for(256, 28672) == cfg(True, 8)
+    assert act_quant.config_for(513, 11008) == cfg(False, 16) and act_quant.config_for(4096, 4096) == cfg(True, 8)
+    assert act_quant.config_for(2048, 11008, swiglu=True) == cfg(True, 8)  # a gate/up row: its product formed once
+    assert act_quant.config_for(1, 40000) == cfg(False, 16) and act_quant.config_for(9, 576) == cfg(True, 1)
     assert act_quant.row_pieces(11008) == (8192, 2048, 1024) and act_quant.row_pieces(28672) == (16384, 8192, 4096)
     assert act_quant.row_pieces(4096) == (4096, 0, 0) and act_quant.row_pieces(4100) == (4096, 0, 4)
     for k in range(1, 40000, 37):

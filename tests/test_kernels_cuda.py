@@ -322,9 +322,7 @@ def test_act_quant_division_fast_path_is_the_definition() -> None:
                     f"rule {xc.dtype} K={k} static={static is not None}"
                 if static is None:
                     for pinned in ((True, 16), (False, 16)):
-                        q = torch.empty((m, k), dtype=torch.int8, device="cuda")
-                        s_x = torch.empty((m, 1), device="cuda")
-                        act_quant.launch(xc.cuda(), q, s_x, k, True, False, False, *pinned, fast=True)
+                        q, s_x = quantize_activations_triton(xc.cuda(), config=act_quant.AqConfig(*pinned))
                         assert torch.equal(q.cpu(), q_ref) and torch.equal(s_x.cpu(), s_ref), \
                             f"{pinned} {xc.dtype} K={k} absmax {xc.float().abs().amax():g}"
 

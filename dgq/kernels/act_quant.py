@@ -32,6 +32,8 @@ conftest imports transformers, which imports triton), the interpreter cannot cal
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -45,7 +47,16 @@ IN_REGISTERS_MAX = 32768  # the longest row held whole in registers (56 fp16 val
 MIN_PIECE = 256  # the smallest second piece of a row in registers (row_pieces)
 
 
-def config_for(m: int, k: int, swiglu: bool = False) -> tuple[bool, int]:
+class AqConfig(NamedTuple):
+    """How one launch quantizes its rows: the row whole in registers (else read twice in chunks), by how many warps,
+    and with the GPU's division fast path (:func:`_codes`; the CPU interpreter divides exactly whatever it says)."""
+
+    in_registers: bool
+    warps: int
+    fast: bool = True
+
+
+def config_for(m: int, k: int, swiglu: bool = False) -> AqConfig:
     """Whether ``m`` rows of ``k`` are held whole in registers (else read twice in chunks), and by how many warps.
 
     Measured (module docstring; ``results/act_quant_s18.json``, ``act_quant_swiglu_s18.json``,
@@ -56,10 +67,10 @@ def config_for(m: int, k: int, swiglu: bool = False) -> tuple[bool, int]:
     (M = 1024, K = 28672: 36.3 against 39.2 / 48.2 us in registers by 8 / 16 warps).  Rows shorter than 4096 keep
     session 5's 32 elements per thread."""
     if k > IN_REGISTERS_MAX or (m > 512 and k > WHOLE_ROW_MAX and not swiglu):
-        return False, 16
+        return AqConfig(False, 16)
     if k < 4096:
-        return True, max(1, min(16, triton.next_power_of_2(k) // 1024))
-    return True, 16 if m < 256 else 8
+        return AqConfig(True, max(1, min(16, triton.next_power_of_2(k) // 1024)))
+    return AqConfig(True, 16 if m < 256 else 8)
 
 
 def row_pieces(k: int) -> tuple[int, int, int]:
@@ -239,8 +250,8 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, stride_x, stride_q, K: tl.constexpr, 
         tl.store(q_row + c, _codes(_load(x_row, c, K, SWIGLU, True), scale, rcp, FAST), mask=c < K)
 
 
-def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | None = None, swiglu: bool = False
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | None = None, swiglu: bool = False,
+                                config: AqConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Int8 codes ``[M, K]`` and fp32 scales of a 2-D ``x`` (fp16/bf16/fp32), as the reference computes them.
 
     ``swiglu``: ``x`` is a fused gate/up output ``[M, 2K]`` and the codes are those of
@@ -251,6 +262,8 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
     Dynamic mode (``static_scale is None``) returns per-row scales ``[M, 1]``; static mode returns the given
     scale as ``[1, 1]``, or, given one static scale per row (``[M, 1]``: a layer whose first positions have their
     own, :attr:`dgq.nn.QuantLinear.first_scale`), those, matching :func:`dgq.formats.quantize_activations`' shapes.
+
+    ``config`` pins the kernel instead of :func:`config_for`'s rule (tests and probes reach every variant with it).
     """
     if x.dim() != 2:
         raise ValueError(f"expected a 2-D activation, got shape {list(x.shape)}")
@@ -273,20 +286,18 @@ def quantize_activations_triton(x: torch.Tensor, static_scale: torch.Tensor | No
     else:
         s = static_scale.detach().to(device=x.device, dtype=torch.float32).reshape(-1, 1).contiguous()
     if m:
-        launch(x, q, s, k, static_scale is None, per_row, swiglu, *config_for(m, k, swiglu),
-               fast=x.device.type == "cuda")
+        _launch(x, q, s, k, static_scale is None, per_row, swiglu, config or config_for(m, k, swiglu))
     return q, s
 
 
-def launch(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, k: int, dynamic: bool, per_row: bool, swiglu: bool,
-           in_registers: bool, warps: int, fast: bool) -> None:
-    """One act-quant launch, one program per row of ``x``: the row whole in registers or in chunks
-    (:func:`row_block`); ``fast``: the GPU's division fast path (:func:`_codes`).  Probes pin the choices."""
+def _launch(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, k: int, dynamic: bool, per_row: bool, swiglu: bool,
+            cfg: AqConfig) -> None:
+    """One act-quant launch, one program per row of ``x``, as ``cfg`` says."""
     on_gpu = x.device.type == "cuda"
     args = (x, q, s, x.stride(0), q.stride(0))
-    common = dict(K=k, DYNAMIC=dynamic, STATIC_ROWS=int(per_row), ON_GPU=on_gpu, FAST=fast and on_gpu,
-                  SWIGLU=swiglu, num_warps=warps, **launch_options(x.device))
-    if in_registers:
+    common = dict(K=k, DYNAMIC=dynamic, STATIC_ROWS=int(per_row), ON_GPU=on_gpu, FAST=cfg.fast and on_gpu,
+                  SWIGLU=swiglu, num_warps=cfg.warps, **launch_options(x.device))
+    if cfg.in_registers:
         p0, p1, p2 = row_pieces(k)
         _act_quant_row_kernel[(x.shape[0],)](*args, P0=p0, P1=p1, P2=p2, **common)
     else:
