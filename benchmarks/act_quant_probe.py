@@ -62,7 +62,7 @@ def release_pairs(json_path: str | None, ms: list[int]) -> None:
     (At commit 9c2c87c it also released the consumer once the rows were read:
     ``results/act_quant_release_s18.json``; at 25bf20a it shared a row's codes among 4 or 8 programs, each reading
     the row for the absmax: ``results/act_quant_segments*_s18.json``.)"""
-    from gemm import SHAPES, operand_sets, print_failures, save_probe, time_graph
+    from gemm import SHAPES, print_failures, save_probe, sets_at, time_graph
 
     from dgq.kernels import linear, pdl
 
@@ -78,25 +78,20 @@ def release_pairs(json_path: str | None, ms: list[int]) -> None:
     calls = {"rule": under(True), "no_pdl": under(False),
              "codes_alone": lambda o: linear.a8w4_mm(o.x_s8, o.s_x, o.kw)}
     rows, failures = [], []
-    for k, n in SHAPES:
-        sets = operand_sets(k, n)
-        for m in ms:
-            for o in sets:
-                o.set_acts(m)
-            want = linear.a8w4_linear(sets[0].x16, sets[0].kw)
-            exact = {name: name == "codes_alone" or torch.equal(fn(sets[0]), want)  # (codes_alone's codes are torch's)
-                     for name, fn in calls.items()}
-            failures += [f"K={k} N={n} M={m} {name}" for name, ok in exact.items() if not ok]
-            times = {}
-            for order in (list(calls), list(calls)[::-1]):  # two rounds, the second reversed: the first timing of a
-                for name in order:  # shape ran up to 8 us slow in session 18; each call's faster round is kept
-                    if exact[name]:
-                        t = time_graph([lambda o=o, fn=calls[name]: fn(o) for o in sets])
-                        times[name] = min(t, times.get(name, t))
-            rows += [{"K": k, "N": n, "M": m, "kernel": name, "ms": t} for name, t in times.items()]
-            print(f"K={k} N={n} M={m}: " + ", ".join(f"{a} {t * 1e3:.1f} us" for a, t in times.items()), flush=True)
-            save_probe(json_path, rows, failures)
-        del sets
+    for k, n, m, sets in sets_at(SHAPES, ms):
+        want = linear.a8w4_linear(sets[0].x16, sets[0].kw)
+        exact = {name: name == "codes_alone" or torch.equal(fn(sets[0]), want)  # (codes_alone's codes are torch's)
+                 for name, fn in calls.items()}
+        failures += [f"K={k} N={n} M={m} {name}" for name, ok in exact.items() if not ok]
+        times = {}
+        for order in (list(calls), list(calls)[::-1]):  # two rounds, the second reversed: the first timing of a
+            for name in order:  # shape ran up to 8 us slow in session 18; each call's faster round is kept
+                if exact[name]:
+                    t = time_graph([lambda o=o, fn=calls[name]: fn(o) for o in sets])
+                    times[name] = min(t, times.get(name, t))
+        rows += [{"K": k, "N": n, "M": m, "kernel": name, "ms": t} for name, t in times.items()]
+        print(f"K={k} N={n} M={m}: " + ", ".join(f"{a} {t * 1e3:.1f} us" for a, t in times.items()), flush=True)
+        save_probe(json_path, rows, failures)
     print_failures(failures)
 
 

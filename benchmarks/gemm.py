@@ -106,6 +106,17 @@ def operand_sets(k: int, n: int) -> list[Operands]:
         TOUCH_BYTES / (n * k * (0.5 + 2 / GROUP))))))]
 
 
+def sets_at(shapes: list[tuple[int, int]], ms: list[int]) -> Iterator[tuple[int, int, int, list[Operands]]]:
+    """``(K, N, M, operand sets)`` for every shape and token count, the sets' activations made for M: a probe's loop,
+    one shape's sets at a time."""
+    for k, n in shapes:
+        sets = operand_sets(k, n)
+        for m in ms:
+            for o in sets:
+                o.set_acts(m)
+            yield k, n, m, sets
+
+
 def shapes_within_budget(shapes: list[tuple[int, int]], t0: float, budget_s: float
                          ) -> Iterator[tuple[int, int, list[Operands]]]:
     """``(K, N, operand sets)`` per shape, skipping (and saying so) the shapes reached after ``budget_s``."""

@@ -79,7 +79,7 @@ def main() -> None:
                         help="the K-split variants at M = 64, 128 and 256 instead (--ms: of those), checked on the "
                              "small layers in fp32 (groups 64 and 128, odd M, bias) first")
     args = parser.parse_args()
-    from gemm import SHAPES, operand_sets, print_failures, time_graph
+    from gemm import SHAPES, print_failures, sets_at, time_graph
 
     rows, failures = [], []
     ms = [int(v) for v in args.ms.split(",")]
@@ -91,40 +91,36 @@ def main() -> None:
     else:  # (each variant compiles per group, dtype and bias: ~10 s each; the split one's in pytest -m cuda)
         small_layers(failures, VARIANTS)
     print_failures(failures)
-    for k, n in SHAPES:
-        sets = operand_sets(k, n)
-        for m in ms:
-            for o in sets:
-                o.set_acts(m)
-            o = sets[0]
-            times = {"fp16": time_graph([lambda o=o: o.x16 @ o.w16.t() for o in sets]),
-                     "dispatch": time_graph([lambda o=o: a8w4_mm(o.x_s8, o.s_x, o.kw) for o in sets]),
-                     "ws_rule": time_graph([lambda o=o: ws_a8w4_matmul(o.x_s8, o.kw, o.s_x) for o in sets])}
-            if m >= 1024:
-                times["widen_once"] = time_graph([lambda o=o: widen_once_matmul(o.x_s8, o.s_x, o.kw) for o in sets])
-            for cfg in SPLIT_VARIANTS[m] if args.splits else VARIANTS:
-                if cfg.split > 1 and not one_wave(cfg, m, n, 132):
-                    continue
-                name = _name(cfg)
-                dtypes = (torch.float16,) if args.splits else (torch.float32, torch.float16, torch.bfloat16)
-                try:
-                    ok = _exact(o, m, cfg, dtypes=dtypes)
-                except Exception as e:  # noqa: BLE001
-                    failures.append(f"K={k} N={n} M={m} {name}: {type(e).__name__}: {str(e)[:160]}")
-                    continue
-                if not ok:
-                    failures.append(f"K={k} N={n} M={m} {name}: not exact")
-                    continue
-                times[name] = time_graph([lambda o=o, c=cfg: pp_a8w4_matmul(o.x_s8, o.kw, o.s_x, config=c)
-                                          for o in sets])
-                if not _exact(o, m, cfg, dtypes=dtypes):
-                    failures.append(f"K={k} N={n} M={m} {name}: not exact after replays")
-            rows += [{"K": k, "N": n, "M": m, "kernel": name, "ms": t} for name, t in times.items()]
-            print(f"K={k} N={n} M={m} (ws {config_for(m, n)}, pp {pp_rule(m, n)}): "
-                  + ", ".join(f"{name} {t * 1e3:.1f}" for name, t in times.items()) + " us", flush=True)
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump({"rows": rows, "failures": failures}, f, indent=1)
+    for k, n, m, sets in sets_at(SHAPES, ms):
+        o = sets[0]
+        times = {"fp16": time_graph([lambda o=o: o.x16 @ o.w16.t() for o in sets]),
+                 "dispatch": time_graph([lambda o=o: a8w4_mm(o.x_s8, o.s_x, o.kw) for o in sets]),
+                 "ws_rule": time_graph([lambda o=o: ws_a8w4_matmul(o.x_s8, o.kw, o.s_x) for o in sets])}
+        if m >= 1024:
+            times["widen_once"] = time_graph([lambda o=o: widen_once_matmul(o.x_s8, o.s_x, o.kw) for o in sets])
+        for cfg in SPLIT_VARIANTS[m] if args.splits else VARIANTS:
+            if cfg.split > 1 and not one_wave(cfg, m, n, 132):
+                continue
+            name = _name(cfg)
+            dtypes = (torch.float16,) if args.splits else (torch.float32, torch.float16, torch.bfloat16)
+            try:
+                ok = _exact(o, m, cfg, dtypes=dtypes)
+            except Exception as e:  # noqa: BLE001
+                failures.append(f"K={k} N={n} M={m} {name}: {type(e).__name__}: {str(e)[:160]}")
+                continue
+            if not ok:
+                failures.append(f"K={k} N={n} M={m} {name}: not exact")
+                continue
+            times[name] = time_graph([lambda o=o, c=cfg: pp_a8w4_matmul(o.x_s8, o.kw, o.s_x, config=c)
+                                      for o in sets])
+            if not _exact(o, m, cfg, dtypes=dtypes):
+                failures.append(f"K={k} N={n} M={m} {name}: not exact after replays")
+        rows += [{"K": k, "N": n, "M": m, "kernel": name, "ms": t} for name, t in times.items()]
+        print(f"K={k} N={n} M={m} (ws {config_for(m, n)}, pp {pp_rule(m, n)}): "
+              + ", ".join(f"{name} {t * 1e3:.1f}" for name, t in times.items()) + " us", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"rows": rows, "failures": failures}, f, indent=1)
     print_failures(failures)
 
 

@@ -47,44 +47,40 @@ CANDIDATES = {16: [W(64, 16, st, s, 80, 80) for st in (6, 10) for s in (1, 2, 4)
 
 def measure(json_path: str | None, ms: list[int], shapes: list[tuple[int, int]]) -> None:
     from gemm import (  # benchmarks/gemm.py: same operands and timing method
-        operand_sets,
         print_failures,
         save_probe,
+        sets_at,
         time_graph,
     )
 
     rows, failures = [], []
-    for k, n in shapes:
-        sets = operand_sets(k, n)
-        for m in ms:
-            for o in sets:
-                o.set_acts(m)
-            o = sets[0]
-            pad = torch.zeros(max(m, 32), k, dtype=torch.int8, device="cuda")
-            pad[:m] = o.x_s8
-            want = torch._int_mm(pad, o.w8.t())[:m]
-            rule = config_for(m, n)
-            cands = dict.fromkeys([rule, *CANDIDATES[next(r for r in sorted(CANDIDATES) if m <= r)]])
-            times = {"fp16": time_graph([lambda o=o: o.x16 @ o.w16.t() for o in sets]),
-                     "in_register": time_graph([lambda o=o: a8w4_matmul(o.x_s8, o.kw, o.s_x) for o in sets]),
-                     "dgq_path": time_graph([lambda o=o: a8w4_mm(o.x_s8, o.s_x, o.kw) for o in sets])}
-            for cfg in cands:
-                if not torch.equal(ws_a8w4_matmul(o.x_s8, o.kw, out_dtype=None, config=cfg), want):
-                    failures.append(f"K={k} N={n} M={m} {cfg}")
-                    continue
-                times[str(cfg)] = time_graph([lambda o=o, c=cfg: ws_a8w4_matmul(o.x_s8, o.kw, o.s_x, config=c)
-                                              for o in sets])
-                # again after the graph's replays: split-K's per-tile counts must have been left at zero each time
-                if not torch.equal(ws_a8w4_matmul(o.x_s8, o.kw, out_dtype=None, config=cfg), want):
-                    failures.append(f"K={k} N={n} M={m} {cfg} after replays")
-            rows += [{"K": k, "N": n, "M": m, "kernel": name, "ms": t, "rule": name == str(rule)}
-                     for name, t in times.items()]
-            best = min((t, name) for name, t in times.items() if name.startswith("WsConfig"))
-            print(f"K={k} N={n} M={m}: fp16 {times['fp16']:.4f}, in-register {times['in_register']:.4f}, dispatch "
-                  f"{times['dgq_path']:.4f}, rule "
-                  f"{times[str(rule)]:.4f} ({times['fp16'] / times[str(rule)]:.2f}x), best {best[0]:.4f} {best[1]}",
-                  flush=True)
-            save_probe(json_path, rows, failures)
+    for k, n, m, sets in sets_at(shapes, ms):
+        o = sets[0]
+        pad = torch.zeros(max(m, 32), k, dtype=torch.int8, device="cuda")
+        pad[:m] = o.x_s8
+        want = torch._int_mm(pad, o.w8.t())[:m]
+        rule = config_for(m, n)
+        cands = dict.fromkeys([rule, *CANDIDATES[next(r for r in sorted(CANDIDATES) if m <= r)]])
+        times = {"fp16": time_graph([lambda o=o: o.x16 @ o.w16.t() for o in sets]),
+                 "in_register": time_graph([lambda o=o: a8w4_matmul(o.x_s8, o.kw, o.s_x) for o in sets]),
+                 "dgq_path": time_graph([lambda o=o: a8w4_mm(o.x_s8, o.s_x, o.kw) for o in sets])}
+        for cfg in cands:
+            if not torch.equal(ws_a8w4_matmul(o.x_s8, o.kw, out_dtype=None, config=cfg), want):
+                failures.append(f"K={k} N={n} M={m} {cfg}")
+                continue
+            times[str(cfg)] = time_graph([lambda o=o, c=cfg: ws_a8w4_matmul(o.x_s8, o.kw, o.s_x, config=c)
+                                          for o in sets])
+            # again after the graph's replays: split-K's per-tile counts must have been left at zero each time
+            if not torch.equal(ws_a8w4_matmul(o.x_s8, o.kw, out_dtype=None, config=cfg), want):
+                failures.append(f"K={k} N={n} M={m} {cfg} after replays")
+        rows += [{"K": k, "N": n, "M": m, "kernel": name, "ms": t, "rule": name == str(rule)}
+                 for name, t in times.items()]
+        best = min((t, name) for name, t in times.items() if name.startswith("WsConfig"))
+        print(f"K={k} N={n} M={m}: fp16 {times['fp16']:.4f}, in-register {times['in_register']:.4f}, dispatch "
+              f"{times['dgq_path']:.4f}, rule "
+              f"{times[str(rule)]:.4f} ({times['fp16'] / times[str(rule)]:.2f}x), best {best[0]:.4f} {best[1]}",
+              flush=True)
+        save_probe(json_path, rows, failures)
     print_failures(failures)
 
 
@@ -92,51 +88,47 @@ def pairs(json_path: str | None, ms: list[int], shapes: list[tuple[int, int]]) -
     """The act-quant + GEMM pair as ``QuantLinear`` runs it (float activations in), per config of
     :data:`PAIR_CONFIGS`, with programmatic dependent launch on and off, beside the act-quant and the GEMM alone:
     where the pair loses more than the act-quant's own time, the two kernels slow each other down."""
-    from gemm import operand_sets, time_graph
+    from gemm import sets_at, time_graph
 
     rows = []
-    for k, n in shapes:
-        sets = operand_sets(k, n)
-        for m in ms:
-            for o in sets:
-                o.set_acts(m)
-            times = {"fp16": time_graph([lambda o=o: o.x16 @ o.w16.t() for o in sets]),
-                     "act_quant": time_graph([lambda o=o: quantize_activations_triton(o.x16) for o in sets])}
-            if m > 256:  # the widen-once path's parts, and the whole QuantLinear forward with PDL on and off
-                w8 = [widen_weight(o.kw) for o in sets]
-                times["widen"] = time_graph([lambda o=o: widen_weight(o.kw) for o in sets])
-                times["int8_ready"] = time_graph([lambda o=o, w=w: int8_matmul(o.x_s8, w, o.s_x, o.kw.s1)
-                                                  for o, w in zip(sets, w8)])
-                times["dispatch_codes_in"] = time_graph([lambda o=o: a8w4_mm(o.x_s8, o.s_x, o.kw) for o in sets])
-                times["widen_once_unchunked"] = time_graph([lambda o=o: widen_once_matmul(o.x_s8, o.s_x, o.kw,
-                                                                                          chunk_bytes=1 << 62)
-                                                            for o in sets])
-                del w8
-                for pdl in (True, False):
-                    times[f"linear pdl={int(pdl)}"] = _timed_with_pdl(pdl, [lambda o=o: a8w4_linear(o.x16, o.kw)
+    for k, n, m, sets in sets_at(shapes, ms):
+        times = {"fp16": time_graph([lambda o=o: o.x16 @ o.w16.t() for o in sets]),
+                 "act_quant": time_graph([lambda o=o: quantize_activations_triton(o.x16) for o in sets])}
+        if m > 256:  # the widen-once path's parts, and the whole QuantLinear forward with PDL on and off
+            w8 = [widen_weight(o.kw) for o in sets]
+            times["widen"] = time_graph([lambda o=o: widen_weight(o.kw) for o in sets])
+            times["int8_ready"] = time_graph([lambda o=o, w=w: int8_matmul(o.x_s8, w, o.s_x, o.kw.s1)
+                                              for o, w in zip(sets, w8)])
+            times["dispatch_codes_in"] = time_graph([lambda o=o: a8w4_mm(o.x_s8, o.s_x, o.kw) for o in sets])
+            times["widen_once_unchunked"] = time_graph([lambda o=o: widen_once_matmul(o.x_s8, o.s_x, o.kw,
+                                                                                      chunk_bytes=1 << 62)
+                                                        for o in sets])
+            del w8
+            for pdl in (True, False):
+                times[f"linear pdl={int(pdl)}"] = _timed_with_pdl(pdl, [lambda o=o: a8w4_linear(o.x16, o.kw)
+                                                                        for o in sets])
+        regime = next(r for r in sorted(PAIR_CONFIGS) if m <= r)
+        for cfg in dict.fromkeys([config_for(m, n), *PAIR_CONFIGS[regime]]):
+            try:  # a config the kernel cannot build (shared memory, tile shapes) is reported, not fatal
+                ok = torch.equal(_pair(sets[0], cfg), a8w4_linear(sets[0].x16, sets[0].kw))
+            except Exception as e:  # noqa: BLE001
+                ok, failed = False, f"{type(e).__name__}: {str(e)[:80]}"
+            else:
+                failed = "not equal to the dispatch"
+            if not ok:
+                print(f"  K={k} N={n} M={m} {cfg}: {failed}", flush=True)
+                continue
+            times[f"gemm {cfg}"] = time_graph([lambda o=o, c=cfg: ws_a8w4_matmul(o.x_s8, o.kw, o.s_x, config=c)
+                                               for o in sets])
+            for pdl in (True, False):
+                times[f"pair pdl={int(pdl)} {cfg}"] = _timed_with_pdl(pdl, [lambda o=o, c=cfg: _pair(o, c)
                                                                             for o in sets])
-            regime = next(r for r in sorted(PAIR_CONFIGS) if m <= r)
-            for cfg in dict.fromkeys([config_for(m, n), *PAIR_CONFIGS[regime]]):
-                try:  # a config the kernel cannot build (shared memory, tile shapes) is reported, not fatal
-                    ok = torch.equal(_pair(sets[0], cfg), a8w4_linear(sets[0].x16, sets[0].kw))
-                except Exception as e:  # noqa: BLE001
-                    ok, failed = False, f"{type(e).__name__}: {str(e)[:80]}"
-                else:
-                    failed = "not equal to the dispatch"
-                if not ok:
-                    print(f"  K={k} N={n} M={m} {cfg}: {failed}", flush=True)
-                    continue
-                times[f"gemm {cfg}"] = time_graph([lambda o=o, c=cfg: ws_a8w4_matmul(o.x_s8, o.kw, o.s_x, config=c)
-                                                   for o in sets])
-                for pdl in (True, False):
-                    times[f"pair pdl={int(pdl)} {cfg}"] = _timed_with_pdl(pdl, [lambda o=o, c=cfg: _pair(o, c)
-                                                                                for o in sets])
-            rows += [{"K": k, "N": n, "M": m, "kernel": name, "ms": t} for name, t in times.items()]
-            print(f"K={k} N={n} M={m}: " + ", ".join(f"{name} {t * 1e3:.1f}" for name, t in times.items()) + " (us)",
-                  flush=True)
-            if json_path:
-                with open(json_path, "w") as f:
-                    json.dump({"rows": rows}, f, indent=1)
+        rows += [{"K": k, "N": n, "M": m, "kernel": name, "ms": t} for name, t in times.items()]
+        print(f"K={k} N={n} M={m}: " + ", ".join(f"{name} {t * 1e3:.1f}" for name, t in times.items()) + " (us)",
+              flush=True)
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump({"rows": rows}, f, indent=1)
 
 
 def _timed_with_pdl(pdl: bool, calls: list) -> float:
