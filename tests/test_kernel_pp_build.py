@@ -14,38 +14,41 @@ import subprocess
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton import, as the other kernel tests (shared process)
 
-import pytest  # noqa: E402
+import pytest
 
 pytest.importorskip("triton.experimental.gluon", reason="this Triton has no Gluon")
 
-import triton  # noqa: E402
+import triton
 
-from dgq.kernels import gemm_pp, gemm_ws  # noqa: E402
+from dgq.kernels import gemm_pp, gemm_ws
 
 H100_SHARED = 227 * 1024
 RULE_CONFIGS = sorted({c for m in (32, 33, 64, 65, 256, 512, 1024, 8192) for n in (4096, 8192, 11008, 28672)
                        if (c := gemm_pp.config_for(m, n)) is not None}, key=str)
 
 
-def compile_for_hopper(cfg: gemm_pp.PpConfig, group: int, out: str):  # noqa: ANN201 - a triton CompiledKernel
+def compile_for_hopper(cfg: gemm_pp.PpConfig, group: int, out: str):
     from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon._runtime import GluonASTSource
 
     bn = gemm_pp.BN
     swz, plain = repr(gemm_ws._nvmma(64)), repr(gemm_ws._nvmma(0))
+    staged = repr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32 if out in ("i32", "fp32") else 16, rank=2))
     box = f"[{gemm_ws._scale_rows(group, bn)}, {bn}]"
     consts = {"GROUP": group, "BN": bn, "BM": cfg.bm, "STAGES": cfg.stages, "SPLIT": cfg.split, "EPILOGUE": out != "i32",
               "HAS_BIAS": True, "PDL": True, "MMA_REGS": gemm_pp.MMA_REGS}
     sig = {"w_desc": f"tensordesc<u8[{bn}, 64],{swz}>", "x_desc": f"tensordesc<i8[{cfg.bm}, 64],{swz}>",
            "s2_desc": f"tensordesc<i8{box},{plain}>", "zp_desc": f"tensordesc<u8{box},{plain}>",
-           "sx_ptr": "*fp32", "s1_ptr": "*fp32", "bias_ptr": f"*{out}", "out_ptr": f"*{out}", "ws_ptr": "*i32",
+           "sx_ptr": "*fp32", "s1_ptr": "*fp32", "bias_ptr": f"*{out}", "out_ptr": f"*{out}",
+           "out_desc": f"tensordesc<{out}[{min(cfg.bm // cfg.split, 64)}, {32 if out in ('i32', 'fp32') else 64}],{staged}>", "ws_ptr": "*i32",
            "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "stride_sx": "i32",
            **{name: "constexpr" for name in consts}}
     return triton.compile(GluonASTSource(gemm_pp._pp_a8w4_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4, "maxnreg": gemm_pp.MAXNREG})
 
 
-def spill_bytes(ptx: str, tmp_path) -> int:  # noqa: ANN001
+def spill_bytes(ptx: str, tmp_path) -> int:
     """Bytes ptxas spills to local memory for this PTX (its ``-v`` report)."""
     src = tmp_path / "k.ptx"
     src.write_text(ptx)
@@ -97,3 +100,5 @@ def test_every_rule_config_builds_for_hopper(cfg: gemm_pp.PpConfig, group: int, 
     assert kernel.metadata.shared <= H100_SHARED
     if out != "i32":  # the int32 output (tests only) spills in its layout conversion; the float epilogues must not
         assert spill_bytes(ptx, tmp_path) == 0
+        # and store through the copy engine (one elected thread per warpgroup issues the copies)
+        assert "elect.sync" in ptx and "cp.async.bulk.tensor.2d.global.shared::cta" in ptx

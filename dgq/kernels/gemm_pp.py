@@ -41,14 +41,26 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
+    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
 
 from dgq.kernels.gemm import KernelWeight
 from dgq.kernels.gemm_ws import (
-    HALF, WsConfig, _epilogue, _gdc_wait, _load_part, _load_ring, _scale_row_views, _sm_count, _unit, _widen,
-    call_buffers, descriptors, tma_call,
+    HALF,
+    WsConfig,
+    _epilogue,
+    _gdc_wait,
+    _load_part,
+    _load_ring,
+    _scale_row_views,
+    _sm_count,
+    _unit,
+    _widen,
+    call_buffers,
+    descriptors,
+    tma_call,
 )
 from dgq.kernels.pdl import launch_options
 
@@ -57,8 +69,8 @@ ROWS = gl.constexpr(64)  # weight rows per warpgroup: one wgmma's M
 
 @gluon.jit
 def _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, my_turn, their_turn, sx_ptr,
-             s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, u, c, n_tiles, m_tiles, tiles,
-             BM: gl.constexpr, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr,
+             s1_ptr, bias_ptr, out_ptr, out_desc, stage, ws_ptr, cnt_ptr, M, N, stride_sx, u, c, n_tiles, m_tiles,
+             tiles, BM: gl.constexpr, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr,
              PDL: gl.constexpr, HI_ROW: gl.constexpr, WG: gl.constexpr):
     """Unit ``u``'s K tiles (the rings' ``c``-th on) for this warpgroup's 64 weight rows, then its epilogue."""
     stages: gl.constexpr = xlo_bufs.shape[0]
@@ -95,21 +107,23 @@ def _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty,
         _gdc_wait()  # the epilogue reads the act-quant's scales
     n0 = n_tile * bn + r0
     if SPLIT > 1:
-        _scatter_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n0, m_tile * BM,
-                          sid, m_tile * n_tiles + n_tile, SPLIT, EPILOGUE, HAS_BIAS, WG)
+        _scatter_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, ws_ptr, cnt_ptr, M, N, stride_sx,
+                          n0, m_tile * BM, sid, m_tile * n_tiles + n_tile, SPLIT, EPILOGUE, HAS_BIAS, WG)
     else:
-        _piece_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m_tile * BM, EPILOGUE, HAS_BIAS)
+        _piece_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, M, N, stride_sx, n0, m_tile * BM,
+                        0, EPILOGUE, HAS_BIAS)
     return c + k_tiles
 
 
 @gluon.jit
-def _piece_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0, EPILOGUE: gl.constexpr,
-                    HAS_BIAS: gl.constexpr):
+def _piece_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, M, N, stride_sx, n0, m0,
+                    SLOT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr):
     """Rows ``n0 +`` and tokens ``m0 +`` of the output from an int32 tile or piece of one in the accumulator's
     layout: :func:`_scaled_epilogue`, or the raw int32 (``EPILOGUE`` false) through the warp-specialized kernel's
     epilogue."""
     if EPILOGUE:
-        _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0, HAS_BIAS)
+        _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, M, N, stride_sx, n0, m0, SLOT,
+                         HAS_BIAS)
     else:
         # (unsplit, so its partial and count pointers are never read: the output stands in for them)
         _epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_ptr, out_ptr, M, N, stride_sx, n0, m0, 0, 0,
@@ -117,28 +131,60 @@ def _piece_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0,
 
 
 @gluon.jit
-def _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0, HAS_BIAS: gl.constexpr):
+def _scaled_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, M, N, stride_sx, n0, m0,
+                     SLOT: gl.constexpr, HAS_BIAS: gl.constexpr):
     """``(acc * s_x) * s1 (+ bias)`` in fp32 in the accumulator's own layout (in place: no second register copy of
-    the tile), rounded to the output dtype, and only then moved to a store-friendly layout (half the bytes)."""
-    bn: gl.constexpr = acc.shape[0]
+    the tile), rounded to the output dtype.  A 16-bit output is written transposed (tokens as rows, as the output
+    holds them) into rows ``SLOT * tokens`` on of this warpgroup's staging buffer ``stage`` and stored from there by
+    bulk tensor copies of ``out_desc``'s box (which drop the tokens past ``M``); an fp32 tile, twice the bytes, has
+    no room beside the ring and goes through a layout conversion to 16-byte stores.
+
+    Why: session 19's clock stamps put the converted epilogue at 3.5 us of a 256-token tile's 24 us (4096 x 11008):
+    the activation scales loaded one column at a time (64 4-byte loads per thread, a latency chain of 1.5 us) and
+    the transposition through a 3 KB scratch in 16 rounds of barriers (1.5 us).  Staged, the scales arrive in two
+    coalesced loads per thread, the tile crosses shared memory once, and the copy engine stores it."""
     BM: gl.constexpr = acc.shape[1]
+    staged: gl.constexpr = out_desc.dtype.primitive_bitwidth == 16
     acc_rows: gl.constexpr = gl.SliceLayout(1, acc.type.layout)
     acc_cols: gl.constexpr = gl.SliceLayout(0, acc.type.layout)
-    an = n0 + gl.arange(0, bn, layout=acc_rows)
-    am = m0 + gl.arange(0, BM, layout=acc_cols)
-    sx = gl.load(sx_ptr + am * stride_sx, mask=am < M, other=0.0)
+    an = n0 + gl.arange(0, acc.shape[0], layout=acc_rows)
     s1 = gl.load(s1_ptr + an, mask=an < N, other=0.0)
+    if staged:
+        flat: gl.constexpr = gl.BlockedLayout([max(BM // 128, 1)], [32], [4], [0])
+        am = m0 + gl.arange(0, BM, layout=flat)
+        sx_flat = gl.load(sx_ptr + am * stride_sx, mask=am < M, other=0.0)
+        rows = stage.slice(SLOT * BM, BM)
+        if SLOT == 0:
+            tma.store_wait(0)  # this warpgroup's bulk copies of its last tile have read the buffer
+        # the scales into the accumulator's column layout through the buffer's first bytes (a layout conversion's
+        # own scratch would not fit beside the ring and a 256-token tile's buffers)
+        sx_rows = rows._reinterpret(gl.float32, [BM], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+        sx_rows.store(sx_flat)
+        gl.thread_barrier()
+        sx = sx_rows.load(acc_cols)
+        gl.thread_barrier()  # every thread has its scales before the tile overwrites them
+    else:
+        am = m0 + gl.arange(0, BM, layout=acc_cols)
+        sx = gl.load(sx_ptr + am * stride_sx, mask=am < M, other=0.0)
     val = acc.to(gl.float32) * gl.expand_dims(sx, 0) * gl.expand_dims(s1, 1)
     if HAS_BIAS:
         val += gl.expand_dims(gl.load(bias_ptr + an, mask=an < N, other=0.0).to(gl.float32), 1)
-    # n fastest, 8 outputs of one token per thread: 16-byte stores of out[m, n], a warp writing 4 tokens x 128 bytes
-    # (one output per thread made 2-byte stores: the epilogue took ~30% of the kernel at M = 1024, ncu session 16)
-    out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])
-    res = gl.convert_layout(val.to(out_ptr.dtype.element_ty), out_layout)
-    offs_n = n0 + gl.arange(0, bn, layout=gl.SliceLayout(1, out_layout))
-    offs_m = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, out_layout))
-    mask = gl.expand_dims(offs_m < M, 0) & gl.expand_dims(offs_n < N, 1)
-    gl.store(out_ptr + gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1), res, mask=mask)
+    if staged:
+        box: gl.constexpr = out_desc.block_type.shape[0]
+        rows.store(val.to(out_desc.dtype).permute((1, 0)))
+        fence_async_shared()  # these writes, then the copy engine's reads
+        gl.thread_barrier()  # every thread's part written before one thread issues the copies
+        for i in gl.static_range(BM // box):
+            tma.async_copy_shared_to_global(out_desc, [m0 + i * box, n0], rows.slice(i * box, box))
+    else:
+        # n fastest, 8 outputs of one token per thread: 16-byte stores of out[m, n], a warp writing 4 tokens x 128
+        # bytes (one output per thread made 2-byte stores: ~30% of the kernel at M = 1024, ncu session 16)
+        out_layout: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1])
+        res = gl.convert_layout(val, out_layout)
+        offs_n = n0 + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, out_layout))
+        offs_m = m0 + gl.arange(0, BM, layout=gl.SliceLayout(0, out_layout))
+        mask = gl.expand_dims(offs_m < M, 0) & gl.expand_dims(offs_n < N, 1)
+        gl.store(out_ptr + gl.expand_dims(offs_m, 0) * N + gl.expand_dims(offs_n, 1), res, mask=mask)
 
 
 @gluon.jit
@@ -167,18 +213,20 @@ def _meet(cnt_ptr, SPLIT: gl.constexpr):
 
 
 @gluon.jit
-def _finish_piece(piece, base, col0, sid, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0,
-                  BM: gl.constexpr, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr):
+def _finish_piece(piece, base, col0, sid, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, M, N, stride_sx, n0,
+                  m0, SLOT: gl.constexpr, BM: gl.constexpr, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr):
     """Columns ``col0 +`` of split ``sid``'s own piece: the other splits' partials of it added, then its output."""
     offs = _piece_offsets(piece, BM) + col0
     for j in gl.static_range(SPLIT):
         piece += gl.load(base + j * 2 * ROWS * BM + offs, mask=(offs >= 0) & (sid != j), other=0,
                          cache_modifier=".cg")
-    _piece_epilogue(piece, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0 + col0, EPILOGUE, HAS_BIAS)
+    _piece_epilogue(piece, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, M, N, stride_sx, n0, m0 + col0, SLOT,
+                    EPILOGUE, HAS_BIAS)
 
 
 @gluon.jit
-def _scatter_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n0, m0, sid, t,
+def _scatter_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, ws_ptr, cnt_ptr, M, N, stride_sx, n0,
+                      m0, sid, t,
                       SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, WG: gl.constexpr):
     """K splits reduced by all of them at once: split ``sid`` owns columns ``sid * BM / SPLIT`` on of the tile.  It
     stores the columns it does not own (row-major, 8-byte stores), meets the others (:func:`_meet`), adds their
@@ -215,12 +263,15 @@ def _scatter_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M
         mine = gl.where(sid == 0, a, gl.where(sid == 1, b, gl.where(sid == 2, c, d)))
     if W > 64:  # the owned half of a 256-token tile in two: its partners' 64 x 128 int32 partial beside it spilled
         lo, hi = _halves(mine)
-        _finish_piece(lo, base, sid * W, sid, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0, BM, SPLIT,
+        _finish_piece(lo, base, sid * W, sid, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, M, N, stride_sx,
+                      n0, m0, 0, BM, SPLIT,
                       EPILOGUE, HAS_BIAS)
-        _finish_piece(hi, base, sid * W + W // 2, sid, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0, BM,
+        _finish_piece(hi, base, sid * W + W // 2, sid, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, M, N,
+                      stride_sx, n0, m0, 1, BM,
                       SPLIT, EPILOGUE, HAS_BIAS)
     else:
-        _finish_piece(mine, base, sid * W, sid, sx_ptr, s1_ptr, bias_ptr, out_ptr, M, N, stride_sx, n0, m0, BM, SPLIT,
+        _finish_piece(mine, base, sid * W, sid, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, M, N, stride_sx,
+                      n0, m0, 0, BM, SPLIT,
                       EPILOGUE, HAS_BIAS)
     if gl.atomic_add(cnt_ptr + t * 2 + WG, 1, sem="relaxed") == 2 * SPLIT - 1:  # every split has left the wait
         gl.atomic_xchg(cnt_ptr + t * 2 + WG, 0, sem="relaxed")
@@ -228,19 +279,23 @@ def _scatter_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M
 
 @gluon.jit
 def _pp_mma_part(w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns, sx_ptr, s1_ptr,
-                 bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, units,
+                 bias_ptr, out_ptr, out_desc, stages, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, units,
                  BM: gl.constexpr, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr,
                  PDL: gl.constexpr, HI_ROW: gl.constexpr, WG: gl.constexpr):
     s2v, zpv = _scale_row_views(s2_bufs, zp_bufs)
     c = 0
     for u in range(gl.program_id(0), units, gl.num_programs(0)):
         c = _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns.index(WG),
-                     turns.index(1 - WG), sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, u, c,
-                     n_tiles, m_tiles, tiles, BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, HI_ROW, WG)
+                     turns.index(1 - WG), sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stages.index(WG), ws_ptr,
+                     cnt_ptr, M, N, stride_sx, u, c, n_tiles, m_tiles, tiles, BM, SPLIT, EPILOGUE, HAS_BIAS, PDL,
+                     HI_ROW, WG)
+    if EPILOGUE:
+        tma.store_wait(0)  # the staging buffer stays until the copy engine has read it
 
 
 @gluon.jit
-def _pp_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K,
+def _pp_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, ws_ptr, cnt_ptr,
+                    M, N, K,
                     stride_sx, GROUP: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
                     SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
                     MMA_REGS: gl.constexpr):
@@ -252,16 +307,22 @@ def _pp_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, 
     units = n_tiles * m_tiles * SPLIT  # a CTA takes units pid, pid + grid, ... (weight rows fastest)
     w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready, w_empty, x_empty = _load_ring(
         w_desc, x_desc, s2_desc, zp_desc, STAGES, 2)  # both warpgroups release each slot
+    # each MMA warpgroup's staging buffer for the epilogue's bulk stores of a 16-bit output: the tokens it writes
+    # per unit (a split owns BM / SPLIT of them) x its 64 weight rows; 32-bit outputs are stored from registers
+    staged: gl.constexpr = BM // SPLIT if EPILOGUE and out_desc.dtype.primitive_bitwidth == 16 else 8
+    stages = gl.allocate_shared_memory(out_desc.dtype, [2, staged, out_desc.block_type.shape[1]], out_desc.layout)
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(turns.index(i), count=1)
     hi_row: gl.constexpr = 1 if GROUP == 64 else 0
     gl.warp_specialize([
         (_pp_mma_part, (w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns, sx_ptr,
-                        s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, units,
+                        s1_ptr, bias_ptr, out_ptr, out_desc, stages, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles,
+                        tiles, units,
                         BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, hi_row, 0)),
         (_pp_mma_part, (w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns, sx_ptr,
-                        s1_ptr, bias_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, units,
+                        s1_ptr, bias_ptr, out_ptr, out_desc, stages, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles,
+                        tiles, units,
                         BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, hi_row, 1)),
         (_load_part, (w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready,
                       w_empty, x_empty, n_tiles, m_tiles, tiles, units, BN, BM, SPLIT, GROUP, PDL, True)),
@@ -346,6 +407,15 @@ def rule(m: int, n: int, device: torch.device) -> PpConfig | None:
     return config_for(m, n, _sm_count(device))
 
 
+def _out_descriptor(out: torch.Tensor, box: int):
+    """The epilogue's bulk stores: ``box`` tokens x 128 bytes of output channels of ``out [M, N]`` (128-byte
+    swizzle, as the staging buffer holds them; a 32-bit output's is not used)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(out, [box, 128 // out.element_size()], gl.NVMMASharedLayout(
+        swizzle_byte_width=128, element_bitwidth=out.element_size() * 8, rank=2))
+
+
 def pp_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | None = None,
                    bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = torch.float16,
                    config: PpConfig | None = None) -> torch.Tensor:
@@ -372,7 +442,7 @@ def pp_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | Non
     options = launch_options(x.device)
     _pp_a8w4_kernel[(min(tiles * cfg.split, sms),)](
         *descriptors(x, kw, WsConfig(BN, cfg.bm, cfg.stages, 1)), sx, kw.s1, bias if bias is not None else dummy,
-        out, ws, dummy, m, n, k, int(epilogue and sx.numel() > 1), GROUP=kw.group_size, BN=BN, BM=cfg.bm,
+        out, _out_descriptor(out, min(cfg.bm // cfg.split, 64)), ws, dummy, m, n, k, int(epilogue and sx.numel() > 1), GROUP=kw.group_size, BN=BN, BM=cfg.bm,
         STAGES=cfg.stages, SPLIT=cfg.split, EPILOGUE=epilogue, HAS_BIAS=bias is not None, PDL=bool(options),
         MMA_REGS=MMA_REGS, num_warps=4, maxnreg=MAXNREG, **options)
     return out
