@@ -17,8 +17,10 @@ Partitions: warpgroup 0 (the default partition) and warpgroup 1 (a worker) each 
 and a ``[64, BM]`` int32 accumulator (240 registers each, taken from the load warp's); one load warp fills
 :func:`dgq.kernels.gemm_ws._load_part`'s ring (both warpgroups release each slot: its barriers count two arrivals).
 Persistent grid of one CTA per SM over units of an output tile and a K split (weight rows fastest).  The epilogue
-scales in the accumulator's layout and converts the rounded fp16 / bf16 tile for 16-byte stores (converting the
-int32 tile first spilled 8 KB).
+scales in the accumulator's layout, writes the rounded fp16 / bf16 tile once into its warpgroup's staging buffer and
+leaves the stores to the copy engine (:func:`_scaled_epilogue`), which overlaps them with the CTA's next unit:
+1.02-1.18x at M >= 1024 over converting the tile for 16-byte stores from registers (session 19, BENCHMARKS.md run
+14); fp32 outputs, twice the bytes, keep that register path.
 
 K splits (2 or 4, one wave of CTAs at most) are reduced by all splits at once (:func:`_scatter_epilogue`): each owns
 a share of the tile's columns, stores the rest, waits for its partners and adds their partials of its share.  In
