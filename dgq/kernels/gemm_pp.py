@@ -216,7 +216,8 @@ def _meet(cnt_ptr, SPLIT: gl.constexpr):
 
 @gluon.jit
 def _finish_piece(piece, base, col0, sid, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, M, N, stride_sx, n0,
-                  m0, SLOT: gl.constexpr, BM: gl.constexpr, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr):
+                  m0, SLOT: gl.constexpr, BM: gl.constexpr, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr,
+                  HAS_BIAS: gl.constexpr):
     """Columns ``col0 +`` of split ``sid``'s own piece: the other splits' partials of it added, then its output."""
     offs = _piece_offsets(piece, BM) + col0
     for j in gl.static_range(SPLIT):
@@ -228,8 +229,8 @@ def _finish_piece(piece, base, col0, sid, sx_ptr, s1_ptr, bias_ptr, out_ptr, out
 
 @gluon.jit
 def _scatter_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, ws_ptr, cnt_ptr, M, N, stride_sx, n0,
-                      m0, sid, t,
-                      SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, WG: gl.constexpr):
+                      m0, sid, t, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr,
+                      WG: gl.constexpr):
     """K splits reduced by all of them at once: split ``sid`` owns columns ``sid * BM / SPLIT`` on of the tile.  It
     stores the columns it does not own (row-major, 8-byte stores), meets the others (:func:`_meet`), adds their
     partials of its own columns (integer sums, exact in any order) and stores those; the last to leave rearms the
@@ -266,29 +267,27 @@ def _scatter_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, w
     if W > 64:  # the owned half of a 256-token tile in two: its partners' 64 x 128 int32 partial beside it spilled
         lo, hi = _halves(mine)
         _finish_piece(lo, base, sid * W, sid, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, M, N, stride_sx,
-                      n0, m0, 0, BM, SPLIT,
-                      EPILOGUE, HAS_BIAS)
+                      n0, m0, 0, BM, SPLIT, EPILOGUE, HAS_BIAS)
         _finish_piece(hi, base, sid * W + W // 2, sid, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, M, N,
-                      stride_sx, n0, m0, 1, BM,
-                      SPLIT, EPILOGUE, HAS_BIAS)
+                      stride_sx, n0, m0, 1, BM, SPLIT, EPILOGUE, HAS_BIAS)  # (the staging buffer's second rows)
     else:
         _finish_piece(mine, base, sid * W, sid, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, M, N, stride_sx,
-                      n0, m0, 0, BM, SPLIT,
-                      EPILOGUE, HAS_BIAS)
+                      n0, m0, 0, BM, SPLIT, EPILOGUE, HAS_BIAS)
     if gl.atomic_add(cnt_ptr + t * 2 + WG, 1, sem="relaxed") == 2 * SPLIT - 1:  # every split has left the wait
         gl.atomic_xchg(cnt_ptr + t * 2 + WG, 0, sem="relaxed")
 
 
 @gluon.jit
 def _pp_mma_part(w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns, sx_ptr, s1_ptr,
-                 bias_ptr, out_ptr, out_desc, stages, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles, units,
+                 bias_ptr, out_ptr, out_desc, staging, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles,
+                 units,
                  BM: gl.constexpr, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr,
                  PDL: gl.constexpr, HI_ROW: gl.constexpr, WG: gl.constexpr):
     s2v, zpv = _scale_row_views(s2_bufs, zp_bufs)
     c = 0
     for u in range(gl.program_id(0), units, gl.num_programs(0)):
         c = _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns.index(WG),
-                     turns.index(1 - WG), sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stages.index(WG), ws_ptr,
+                     turns.index(1 - WG), sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, staging.index(WG), ws_ptr,
                      cnt_ptr, M, N, stride_sx, u, c, n_tiles, m_tiles, tiles, BM, SPLIT, EPILOGUE, HAS_BIAS, PDL,
                      HI_ROW, WG)
     if EPILOGUE:
@@ -297,8 +296,7 @@ def _pp_mma_part(w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_emp
 
 @gluon.jit
 def _pp_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, ws_ptr, cnt_ptr,
-                    M, N, K,
-                    stride_sx, GROUP: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
+                    M, N, K, stride_sx, GROUP: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
                     SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
                     MMA_REGS: gl.constexpr):
     gl.static_assert(BN == 2 * ROWS, "two warpgroups of 64 weight rows")
@@ -311,19 +309,19 @@ def _pp_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, 
         w_desc, x_desc, s2_desc, zp_desc, STAGES, 2)  # both warpgroups release each slot
     # each MMA warpgroup's staging buffer for the epilogue's bulk stores of a 16-bit output: the tokens it writes
     # per unit (a split owns BM / SPLIT of them) x its 64 weight rows; 32-bit outputs are stored from registers
-    staged: gl.constexpr = BM // SPLIT if EPILOGUE and out_desc.dtype.primitive_bitwidth == 16 else 8
-    stages = gl.allocate_shared_memory(out_desc.dtype, [2, staged, out_desc.block_type.shape[1]], out_desc.layout)
+    stage_rows: gl.constexpr = BM // SPLIT if EPILOGUE and out_desc.dtype.primitive_bitwidth == 16 else 8
+    staging = gl.allocate_shared_memory(out_desc.dtype, [2, stage_rows, out_desc.block_type.shape[1]], out_desc.layout)
     turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
         mbarrier.init(turns.index(i), count=1)
     hi_row: gl.constexpr = 1 if GROUP == 64 else 0
     gl.warp_specialize([
         (_pp_mma_part, (w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns, sx_ptr,
-                        s1_ptr, bias_ptr, out_ptr, out_desc, stages, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles,
+                        s1_ptr, bias_ptr, out_ptr, out_desc, staging, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles,
                         tiles, units,
                         BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, hi_row, 0)),
         (_pp_mma_part, (w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns, sx_ptr,
-                        s1_ptr, bias_ptr, out_ptr, out_desc, stages, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles,
+                        s1_ptr, bias_ptr, out_ptr, out_desc, staging, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles,
                         tiles, units,
                         BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, hi_row, 1)),
         (_load_part, (w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready,
