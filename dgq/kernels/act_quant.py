@@ -95,10 +95,11 @@ def row_block(k: int) -> int:
 
 @triton.jit
 def _round_clamp_s8(v):
-    """Round-half-even of fp32 ``v`` clamped to [-127, 127], as int8 (the GEMVs' and the int8 KV cache's
-    quantizers)."""
-    v = tl.minimum(tl.maximum(v, -127.0), 127.0)
-    return ((v + _RNE_MAGIC) - _RNE_MAGIC).to(tl.int8)
+    """Round-half-even of fp32 ``v`` clamped to [-127, 127], as int8: the low byte of ``v + 1.5 * 2**23`` (module
+    docstring).  The one rounding of every activation quantizer: the act-quant's codes (:func:`_codes`), the GEMVs'
+    and the int8 KV cache's."""
+    v = tl.minimum(tl.maximum(v, -127.0), 127.0) + _RNE_MAGIC
+    return v.to(tl.int32, bitcast=True).to(tl.int8)
 
 
 @triton.jit
@@ -139,8 +140,7 @@ def _codes(x, scale, rcp, FAST: tl.constexpr):
         q = tl.fma(rcp, tl.fma(-scale, q, x), q)
     else:
         q = tl.math.div_rn(x, scale)
-    v = tl.minimum(tl.maximum(q, -127.0), 127.0) + _RNE_MAGIC
-    return v.to(tl.int32, bitcast=True).to(tl.int8)
+    return _round_clamp_s8(q)
 
 
 @triton.jit

@@ -116,8 +116,8 @@ def _max(a, b):
 def _round_clamp_s8(v):
     """:func:`dgq.kernels.act_quant._round_clamp_s8` in Gluon (a Gluon kernel cannot call a Triton function; same
     constants, same operations, so the same codes)."""
-    v = gl.minimum(gl.maximum(v, -127.0), 127.0)
-    return ((v + _RNE_MAGIC) - _RNE_MAGIC).to(gl.int8)
+    v = gl.minimum(gl.maximum(v, -127.0), 127.0) + _RNE_MAGIC
+    return v.to(gl.int32, bitcast=True).to(gl.int8)
 
 
 @gluon.jit
