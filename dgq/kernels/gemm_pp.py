@@ -73,7 +73,7 @@ ROWS = gl.constexpr(64)  # weight rows per warpgroup: one wgmma's M
 def _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, my_turn, their_turn, sx_ptr,
              s1_ptr, bias_ptr, out_ptr, out_desc, stage, ws_ptr, cnt_ptr, M, N, stride_sx, u, c, n_tiles, m_tiles,
              tiles, BM: gl.constexpr, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr,
-             PDL: gl.constexpr, HI_ROW: gl.constexpr, WG: gl.constexpr, PREFETCH: gl.constexpr, FENCE: gl.constexpr):
+             PDL: gl.constexpr, HI_ROW: gl.constexpr, WG: gl.constexpr):
     """Unit ``u``'s K tiles (the rings' ``c``-th on) for this warpgroup's 64 weight rows, then its epilogue."""
     stages: gl.constexpr = xlo_bufs.shape[0]
     srows: gl.constexpr = s2v.shape[0] // stages
@@ -86,65 +86,25 @@ def _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty,
     r0: gl.constexpr = WG * ROWS
     n_tile, m_tile, sid, _, k_tiles = _unit(u, n_tiles, m_tiles, tiles, SPLIT, True)  # (the loader reads K)
     acc = gl.zeros((ROWS, BM), gl.int32, acc_layout)
-    if PREFETCH == 3:
-        # tile i + 1 widened while tile i's MMAs run; no operand carried around the loop (the MMA is)
-        w_lo, w_hi = _widen_slot(w_bufs, s2v, zpv, load_ready, w_empty, c, a_layout, HI_ROW, WG, FENCE)
-        acc = _issue(w_lo, w_hi, xlo_bufs, xhi_bufs, my_turn, their_turn, acc, c, WG)
-        for i in range(1, k_tiles):
-            j = c + i
-            n_lo, n_hi = _widen_slot(w_bufs, s2v, zpv, load_ready, w_empty, j, a_layout, HI_ROW, WG, FENCE)
-            acc = warpgroup_mma_wait(0, deps=[acc])
-            mbarrier.arrive(x_empty.index((j - 1) % stages), count=1)
-            acc = _issue(n_lo, n_hi, xlo_bufs, xhi_bufs, my_turn, their_turn, acc, j, WG)
-        acc = warpgroup_mma_wait(0, deps=[acc])
-        mbarrier.arrive(x_empty.index((c + k_tiles - 1) % stages), count=1)
-    elif PREFETCH == 1 or PREFETCH == 2:
-        # the unit's first tile widened here; each step issues tile i's MMAs, then widens tile i + 1 while they run
-        w_lo, w_hi = _widen_slot(w_bufs, s2v, zpv, load_ready, w_empty, c, a_layout, HI_ROW, WG, FENCE)
-        for i in range(k_tiles):
-            j = c + i
-            s = j % stages
-            mbarrier.wait(my_turn, (j & 1) ^ (1 - WG))
-            acc = warpgroup_mma(w_lo, xlo_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma(w_hi, xhi_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            mbarrier.arrive(their_turn, count=1)
-            if PREFETCH == 2:
-                n_lo, n_hi = _widen_slot(w_bufs, s2v, zpv, load_ready, w_empty, j + 1, a_layout, HI_ROW, WG,
-                                         FENCE, i + 1 < k_tiles)
-            elif i + 1 < k_tiles:
-                n_lo, n_hi = _widen_slot(w_bufs, s2v, zpv, load_ready, w_empty, j + 1, a_layout, HI_ROW, WG, FENCE)
-            else:
-                n_lo = w_lo
-                n_hi = w_hi
-            acc = warpgroup_mma_wait(0, deps=[acc])
-            mbarrier.arrive(x_empty.index(s), count=1)
-            w_lo = n_lo
-            w_hi = n_hi
-    else:
-        for i in range(k_tiles):
-            j = c + i
-            s = j % stages
-            mbarrier.wait(load_ready.index(s), (j // stages) & 1)
-            p = w_bufs.index(s).slice(r0, ROWS, 0).load(a_layout)
-            s_lo = s2v.index(s * srows).slice(r0, ROWS).load(rows).to(gl.int32)
-            z_lo = zpv.index(s * srows).slice(r0, ROWS).load(rows).to(gl.int32)
-            s_hi = s2v.index(s * srows + HI_ROW).slice(r0, ROWS).load(rows).to(gl.int32)
-            z_hi = zpv.index(s * srows + HI_ROW).slice(r0, ROWS).load(rows).to(gl.int32)
-            if FENCE:
-                fence_async_shared()  # these generic-proxy reads, then the slot's next bulk copy
-            mbarrier.arrive(w_empty.index(s), count=1)
-            if PREFETCH == 5:  # DIAGNOSTIC: no widening (wrong values)
-                w_lo = p.to(gl.int8, bitcast=True)
-                w_hi = w_lo
-            else:
-                w_lo, w_hi = _widen(p, s_lo, z_lo, s_hi, z_hi, False)
-            # my turn: the other warpgroup has issued its MMAs of the tile before (warpgroup 1: of this one)
-            mbarrier.wait(my_turn, (j & 1) ^ (1 - WG))
-            acc = warpgroup_mma(w_lo, xlo_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            acc = warpgroup_mma(w_hi, xhi_bufs.index(s).permute((1, 0)), acc, is_async=True)
-            mbarrier.arrive(their_turn, count=1)
-            acc = warpgroup_mma_wait(0, deps=[acc])  # retired before this warpgroup's next widening writes registers
-            mbarrier.arrive(x_empty.index(s), count=1)
+    for i in range(k_tiles):
+        j = c + i
+        s = j % stages
+        mbarrier.wait(load_ready.index(s), (j // stages) & 1)
+        p = w_bufs.index(s).slice(r0, ROWS, 0).load(a_layout)
+        s_lo = s2v.index(s * srows).slice(r0, ROWS).load(rows).to(gl.int32)
+        z_lo = zpv.index(s * srows).slice(r0, ROWS).load(rows).to(gl.int32)
+        s_hi = s2v.index(s * srows + HI_ROW).slice(r0, ROWS).load(rows).to(gl.int32)
+        z_hi = zpv.index(s * srows + HI_ROW).slice(r0, ROWS).load(rows).to(gl.int32)
+        fence_async_shared()  # these generic-proxy reads, then the slot's next bulk copy
+        mbarrier.arrive(w_empty.index(s), count=1)
+        w_lo, w_hi = _widen(p, s_lo, z_lo, s_hi, z_hi, False)
+        # my turn: the other warpgroup has issued its MMAs of the tile before (warpgroup 1: of this one)
+        mbarrier.wait(my_turn, (j & 1) ^ (1 - WG))
+        acc = warpgroup_mma(w_lo, xlo_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        acc = warpgroup_mma(w_hi, xhi_bufs.index(s).permute((1, 0)), acc, is_async=True)
+        mbarrier.arrive(their_turn, count=1)
+        acc = warpgroup_mma_wait(0, deps=[acc])  # retired before this warpgroup's next widening writes registers
+        mbarrier.arrive(x_empty.index(s), count=1)
     if PDL:
         _gdc_wait()  # the epilogue reads the act-quant's scales
     n0 = n_tile * bn + r0
@@ -155,38 +115,6 @@ def _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty,
         _piece_epilogue(acc, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, stage, M, N, stride_sx, n0, m_tile * BM,
                         0, EPILOGUE, HAS_BIAS)
     return c + k_tiles
-
-
-@gluon.jit
-def _issue(w_lo, w_hi, xlo_bufs, xhi_bufs, my_turn, their_turn, acc, j, WG: gl.constexpr):
-    """ARCHIVE (session 20): tile j's MMAs, in this warpgroup's turn."""
-    s = j % xlo_bufs.shape[0]
-    mbarrier.wait(my_turn, (j & 1) ^ (1 - WG))
-    acc = warpgroup_mma(w_lo, xlo_bufs.index(s).permute((1, 0)), acc, is_async=True)
-    acc = warpgroup_mma(w_hi, xhi_bufs.index(s).permute((1, 0)), acc, is_async=True)
-    mbarrier.arrive(their_turn, count=1)
-    return acc
-
-
-@gluon.jit
-def _widen_slot(w_bufs, s2v, zpv, load_ready, w_empty, j, a_layout: gl.constexpr, HI_ROW: gl.constexpr,
-                WG: gl.constexpr, FENCE: gl.constexpr, pred=True):
-    """ARCHIVE (session 20): the ring's j-th K tile of this warpgroup's rows, widened; the slot's weight released."""
-    stages: gl.constexpr = w_bufs.shape[0]
-    srows: gl.constexpr = s2v.shape[0] // stages
-    rows: gl.constexpr = gl.SliceLayout(1, a_layout)
-    r0: gl.constexpr = WG * ROWS
-    s = j % stages
-    mbarrier.wait(load_ready.index(s), (j // stages) & 1, pred=pred)
-    p = w_bufs.index(s).slice(r0, ROWS, 0).load(a_layout)
-    s_lo = s2v.index(s * srows).slice(r0, ROWS).load(rows).to(gl.int32)
-    z_lo = zpv.index(s * srows).slice(r0, ROWS).load(rows).to(gl.int32)
-    s_hi = s2v.index(s * srows + HI_ROW).slice(r0, ROWS).load(rows).to(gl.int32)
-    z_hi = zpv.index(s * srows + HI_ROW).slice(r0, ROWS).load(rows).to(gl.int32)
-    if FENCE:
-        fence_async_shared()
-    mbarrier.arrive(w_empty.index(s), count=1, pred=pred)
-    return _widen(p, s_lo, z_lo, s_hi, z_hi, False)
 
 
 @gluon.jit
@@ -354,14 +282,14 @@ def _pp_mma_part(w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_emp
                  bias_ptr, out_ptr, out_desc, staging, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles, tiles,
                  units,
                  BM: gl.constexpr, SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr,
-                 PDL: gl.constexpr, HI_ROW: gl.constexpr, WG: gl.constexpr, PREFETCH: gl.constexpr, FENCE: gl.constexpr):
+                 PDL: gl.constexpr, HI_ROW: gl.constexpr, WG: gl.constexpr):
     s2v, zpv = _scale_row_views(s2_bufs, zp_bufs)
     c = 0
     for u in range(gl.program_id(0), units, gl.num_programs(0)):
         c = _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns.index(WG),
                      turns.index(1 - WG), sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, staging.index(WG), ws_ptr,
                      cnt_ptr, M, N, stride_sx, u, c, n_tiles, m_tiles, tiles, BM, SPLIT, EPILOGUE, HAS_BIAS, PDL,
-                     HI_ROW, WG, PREFETCH, FENCE)
+                     HI_ROW, WG)
     if EPILOGUE:
         tma.store_wait(0)  # the staging buffer stays until the copy engine has read it
 
@@ -370,7 +298,7 @@ def _pp_mma_part(w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_emp
 def _pp_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, out_ptr, out_desc, ws_ptr, cnt_ptr,
                     M, N, K, stride_sx, GROUP: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, STAGES: gl.constexpr,
                     SPLIT: gl.constexpr, EPILOGUE: gl.constexpr, HAS_BIAS: gl.constexpr, PDL: gl.constexpr,
-                    MMA_REGS: gl.constexpr, PREFETCH: gl.constexpr = 0, FENCE: gl.constexpr = True):
+                    MMA_REGS: gl.constexpr):
     gl.static_assert(BN == 2 * ROWS, "two warpgroups of 64 weight rows")
     gl.static_assert(SPLIT == 1 or SPLIT == 2 or SPLIT == 4, "K splits: 1, 2 or 4 (one piece of columns each)")
     n_tiles = gl.cdiv(N, BN)
@@ -391,11 +319,11 @@ def _pp_a8w4_kernel(w_desc, x_desc, s2_desc, zp_desc, sx_ptr, s1_ptr, bias_ptr, 
         (_pp_mma_part, (w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns, sx_ptr,
                         s1_ptr, bias_ptr, out_ptr, out_desc, staging, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles,
                         tiles, units,
-                        BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, hi_row, 0, PREFETCH, FENCE)),
+                        BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, hi_row, 0)),
         (_pp_mma_part, (w_bufs, s2_bufs, zp_bufs, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty, turns, sx_ptr,
                         s1_ptr, bias_ptr, out_ptr, out_desc, staging, ws_ptr, cnt_ptr, M, N, stride_sx, n_tiles, m_tiles,
                         tiles, units,
-                        BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, hi_row, 1, PREFETCH, FENCE)),
+                        BM, SPLIT, EPILOGUE, HAS_BIAS, PDL, hi_row, 1)),
         (_load_part, (w_desc, x_desc, s2_desc, zp_desc, w_bufs, xlo_bufs, xhi_bufs, s2_bufs, zp_bufs, load_ready,
                       w_empty, x_empty, n_tiles, m_tiles, tiles, units, BN, BM, SPLIT, GROUP, PDL, True)),
     ], [4, 1], [MMA_REGS, 24])
@@ -409,8 +337,6 @@ class PpConfig:
     bm: int = 256
     stages: int = 4
     split: int = 1
-    prefetch: int = 0  # ARCHIVE (session 20): 1, 2 the next tile widened during this tile's MMAs; 5 no widening
-    fence: bool = True  # ARCHIVE (session 20): False drops the slot release's proxy fence
 
 
 BN = 128  # weight rows per CTA: two warpgroups of ROWS
@@ -518,5 +444,5 @@ def pp_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | Non
         *descriptors(x, kw, WsConfig(BN, cfg.bm, cfg.stages, 1)), sx, kw.s1, bias if bias is not None else dummy,
         out, _out_descriptor(out, min(cfg.bm // cfg.split, 64)), ws, dummy, m, n, k, int(epilogue and sx.numel() > 1),
         GROUP=kw.group_size, BN=BN, BM=cfg.bm, STAGES=cfg.stages, SPLIT=cfg.split, EPILOGUE=epilogue, HAS_BIAS=bias is not None, PDL=bool(options),
-        MMA_REGS=MMA_REGS, PREFETCH=cfg.prefetch, FENCE=cfg.fence, num_warps=4, maxnreg=MAXNREG, **options)
+        MMA_REGS=MMA_REGS, num_warps=4, maxnreg=MAXNREG, **options)
     return out

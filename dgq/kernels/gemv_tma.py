@@ -51,7 +51,7 @@ from dgq.kernels.gemm_ws import (
     _gdc_wait, _load_weight, _nvmma, _reduce_splits, _scale_rows, _widen, supported, tma_call,
 )
 from dgq.kernels.gemv import _DP4A2_PTX
-from dgq.kernels.pdl import EARLY, launch_options
+from dgq.kernels.pdl import launch_options
 
 HALF = gl.constexpr(64)  # packed bytes per row of one 128-wide K tile (and activation codes per nibble half)
 
@@ -254,9 +254,6 @@ def _tma_gemv_kernel(w_desc, x_desc, s2_desc, zp_desc, x_ptr, sx_ptr, s1_ptr, bi
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-    if PDL and EARLY >= 1:  # ARCHIVE (session 20)
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
     _fill_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, n0, m, kt0,
                gl.cdiv(k_tiles, KT), GROUP, PDL, not FUSE)
     _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, x_ptr, sx_ptr, s1_ptr,

@@ -17,8 +17,6 @@ import triton
 import triton.language as tl
 
 ENABLED = True  # benchmarks/gemm_ws_probe.py measures it off and on
-import os  # ARCHIVE (session 20)
-EARLY = tl.constexpr(int(os.environ.get("DGQ_PDL_EARLY", "0")))  # ARCHIVE (session 20): 1 = release before the wait
 
 
 def launch_options(device: torch.device) -> dict:
@@ -38,9 +36,5 @@ def wait_then_release(PDL: tl.constexpr):
     (the five benchmark layers at 1 and 256 tokens; ``benchmarks/act_quant_probe.py --pairs`` at commit 9c2c87c,
     ``results/act_quant_release_s18.json``: 11008 x 4096, one token, 12.5 against 13.2 us; without PDL 15.1)."""
     if PDL:
-        if EARLY >= 1:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        else:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
