@@ -52,8 +52,6 @@ from dgq.kernels.gemm_ws import (
 )
 from dgq.kernels.gemv import _DP4A2_PTX
 from dgq.kernels.pdl import launch_options
-import os  # EXPERIMENT
-RELEASE = gl.constexpr(int(os.environ.get('DGQ_GEMV_RELEASE', '0')))  # EXPERIMENT: 1 loop end, 2 start
 
 HALF = gl.constexpr(64)  # packed bytes per row of one 128-wide K tile (and activation codes per nibble half)
 
@@ -212,9 +210,6 @@ def _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_
             w_lo, w_hi = _widen(p, s_lo, z_lo, s_hi, z_hi, True)
             acc = gl.inline_asm_elementwise(_DP4A2_PTX, "=r,r,r,r,r,r", [w_lo, x_lo, acc, w_hi, x_hi],
                                             dtype=gl.int32, is_pure=True, pack=1)
-    if PDL and RELEASE == 1:  # EXPERIMENT
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
     total = gl.reduce(acc, 1, _add)  # [BN] (not gl.sum: the CPU tests build this under the interpreter's patches)
     offs_n = n0 + gl.arange(0, BN, layout=rows)
     n_mask = offs_n < N
@@ -259,9 +254,6 @@ def _tma_gemv_kernel(w_desc, x_desc, s2_desc, zp_desc, x_ptr, sx_ptr, s1_ptr, bi
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-    if PDL and RELEASE == 2:  # EXPERIMENT
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
     _fill_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, n0, m, kt0,
                gl.cdiv(k_tiles, KT), GROUP, PDL, not FUSE)
     _consume_ring(w_desc, x_desc, s2_desc, zp_desc, w_bufs, x_bufs, s2_bufs, zp_bufs, ready, x_ptr, sx_ptr, s1_ptr,
