@@ -95,7 +95,9 @@ def _pp_unit(w_bufs, s2v, zpv, xlo_bufs, xhi_bufs, load_ready, w_empty, x_empty,
         z_lo = zpv.index(s * srows).slice(r0, ROWS).load(rows).to(gl.int32)
         s_hi = s2v.index(s * srows + HI_ROW).slice(r0, ROWS).load(rows).to(gl.int32)
         z_hi = zpv.index(s * srows + HI_ROW).slice(r0, ROWS).load(rows).to(gl.int32)
-        fence_async_shared()  # these generic-proxy reads, then the slot's next bulk copy
+        # (no proxy fence between these generic reads and the slot's next bulk copy: a write after a read, ordered
+        # by this arrival's release and the load warp's wait, as CUTLASS's pipelines release a slot read into
+        # registers; the fence's MEMBAR sat on the loop's path: 1-2% at M = 256, session 20)
         mbarrier.arrive(w_empty.index(s), count=1)
         w_lo, w_hi = _widen(p, s_lo, z_lo, s_hi, z_hi, False)
         # my turn: the other warpgroup has issued its MMAs of the tile before (warpgroup 1: of this one)
