@@ -89,7 +89,7 @@ SCOPE = "blocks"  # what :func:`compiled` compiles (benchmarks/e2e.py --compile-
 class LayerCache:
     """One layer of a transformers KV cache, standing for the whole cache inside that layer's block.
 
-    A block's attention calls ``past_key_values.update(k, v, self.layer_idx)`` and the cache indexes its Python
+    A block's attention calls ``cache.update(k, v, self.layer_idx)`` and the cache indexes its Python
     list of layers with that int, so dynamo specializes the traced block on the index: the guard
     ``self._modules['self_attn'].layer_idx == 0`` fails on the next block, and every block compiles its own graph
     (also with ``allow_unspec_int_on_nn_module``: indexing a list with the int specializes it again).  This view
@@ -144,6 +144,10 @@ def _block_code() -> Callable:
     return torch.compile(_run_block, fullgraph=True, options=COMPILE_OPTIONS)
 
 
+CACHE_KWARGS = ("cache", "past_key_values")  # the name a block receives its KV cache by: transformers 5.24 renamed
+# past_key_values (an alias until 5.40); the model's own forward takes either
+
+
 class SharedBlockForward:
     """A block's ``forward`` replaced by the shared compiled :func:`_run_block`, with its own :class:`LayerCache`,
     whose shared length it places before the block and advances after it (:class:`LayerCache` says why not
@@ -153,10 +157,11 @@ class SharedBlockForward:
         self.block, self.index = block, index
 
     def __call__(self, *args: object, **kwargs: object) -> object:
-        if kwargs.get("past_key_values") is None:
+        name = next((k for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
+        if name is None:
             return _block_code()(self.block, *args, **kwargs)
         hidden_states = args[0] if args else kwargs["hidden_states"]  # [B, new tokens, D]: what the block caches
-        cache = kwargs["past_key_values"] = LayerCache(kwargs["past_key_values"], self.index)
+        cache = kwargs[name] = LayerCache(kwargs[name], self.index)
         cache.place(hidden_states.device)
         out = _block_code()(self.block, *args, **kwargs)
         cache.advance(hidden_states.shape[-2])

@@ -68,11 +68,15 @@ def test_first_block_sees_identical_inputs_so_its_drift_is_zero(monkeypatch):
 
 
 def _held_out_errors(configs: dict) -> dict:
-    """Mean squared logit error against the float model on held-out tokens, per config, each quantizing a fresh copy
-    of one 4-block model on 4096 calibration tokens (enough for widths 128/256 at the presets' ridge)."""
+    """Mean squared logit error against the float model on 4096 held-out tokens, per config, each quantizing a fresh
+    copy of one 4-block model on 4096 calibration tokens (enough for widths 128/256 at the presets' ridge).
+
+    Why 4096 held-out tokens: on 256 (before session 20) the comparison was noise: over random models 0-5 the dynamic
+    preset's float target came out 12-32% worse on four and 7-14% better on two, and model 0, this test's, passed on
+    earlier machines and failed on session 20's (AMD, AVX2); on 4096 it is 2-17% better on all six."""
     model = make_model("llama", layers=4)  # seeded: every make_model below is a copy of it
     ids = torch.randint(0, model.config.vocab_size, (64, 64), generator=torch.Generator().manual_seed(0))
-    test = torch.randint(0, model.config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(1))
+    test = torch.randint(0, model.config.vocab_size, (64, 64), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(test).logits
     errors = {}
