@@ -245,7 +245,7 @@ def _widen_part(w_bufs, s2_bufs, zp_bufs, alo_bufs, ahi_bufs, load_ready, w_empt
         z_lo = zpv.index(s * srows).load(rows).to(gl.int32)
         s_hi = s2v.index(s * srows + HI_ROW).load(rows).to(gl.int32)
         z_hi = zpv.index(s * srows + HI_ROW).load(rows).to(gl.int32)
-        fence_async_shared()  # these generic-proxy reads, then the slot's next TMA write
+        fence_async_shared()  # these reads, then the slot's next TMA write (the ping-pong loop drops it: gemm_pp)
         mbarrier.arrive(w_empty.index(s), count=1)
         w_lo, w_hi = _widen(p, s_lo, z_lo, s_hi, z_hi, False)
         mbarrier.wait(a_empty.index(a), ((j // a_stages) & 1) ^ 1)
