@@ -18,10 +18,13 @@ that accumulator exactly on any device, and is the reference every fast kernel m
 
 from __future__ import annotations
 
-from dgq.errors import DGQError
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from dgq.errors import DGQError
 
 INT4_MAX = 15
 INT8_MAX = 127
@@ -231,13 +234,45 @@ def int_matmul(x_s8: torch.Tensor, w_s8: torch.Tensor) -> torch.Tensor:
     """Exact int32 ``x_s8 @ w_s8ᵀ`` for int8 ``x [M, K]`` and ``w [N, K]``, on any device: the reference
     accumulator every kernel must equal.
 
-    On the CPU this is ``torch._int_mm`` (int8 products, int32 accumulation: exact, and 3-5x the fp32 GEMM's
-    speed on AVX512-VNNI; the calibration's quantized passes and every CPU evaluation run through it); elsewhere
-    :func:`exact_matmul`'s chunked float products, which are exact too and need no integer GEMM.
+    On a CPU where it is fast (:func:`cpu_int_mm_is_fast`) this is ``torch._int_mm`` (int8 products, int32
+    accumulation: exact, and 3-5x the fp32 GEMM's speed on AVX512-VNNI; the calibration's quantized passes and
+    every CPU evaluation run through it); elsewhere :func:`exact_matmul`'s chunked float products, which are exact
+    too and need no integer GEMM.
     """
-    if x_s8.device.type == "cpu" and x_s8.shape[-1] > 1:  # torch 2.13's CPU _int_mm returns zeros for K = 1
-        return torch._int_mm(x_s8.contiguous(), w_s8.t())
+    if x_s8.device.type == "cpu" and x_s8.shape[-1] > 1 and cpu_int_mm_is_fast():  # (torch 2.13's CPU _int_mm
+        return torch._int_mm(x_s8.contiguous(), w_s8.t())  # returns zeros for K = 1)
     return exact_matmul(x_s8.float(), w_s8.float().t()).to(torch.int32)
+
+
+def cpu_int_mm_is_fast() -> bool:
+    """Whether this CPU's ``torch._int_mm`` beats the fp32 GEMM (:data:`_CPU_INT_MM_FAST`, timed once when this
+    module is imported).  Both paths of :func:`int_matmul` give the same exact int32, so the choice moves time only.
+
+    Why: where torch has an int8 GEMM for the CPU (AVX512-VNNI) ``_int_mm`` was 3-5x the fp32 GEMM; on an AVX2-only
+    CPU (session 20's AMD EPYC) it fell back to a loop 25x slower than fp32 (8192 x 576 x 1536: 3.2 s against
+    0.13 s), and the README's quantize job ran 40 s per block instead of ~9."""
+    return _CPU_INT_MM_FAST
+
+
+def _int_mm_beats_fp32(n: int = 384) -> bool:
+    """``torch._int_mm`` against the fp32 GEMM on an ``n`` x ``n`` x ``n`` product, best of three each (at import:
+    a compiled graph cannot time, and reads the answer as a constant; ~1 ms on an int8 GEMM, ~25 ms on the loop)."""
+    x = torch.randint(-127, 128, (n, n), dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, n), dtype=torch.int8)
+
+    def best(run: Callable[[], torch.Tensor]) -> float:
+        run()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(lambda: torch._int_mm(x, w.t())) < best(lambda: x.float() @ w.float().t())
+
+
+_CPU_INT_MM_FAST = _int_mm_beats_fp32()
 
 
 def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:

@@ -1,5 +1,7 @@
 """The dual-grained format: overflow-free by construction, exact identities, exact integer reference."""
 
+from unittest.mock import patch
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -96,18 +98,21 @@ def test_validate_rejects_indivisible_group():
         dg.validate()
 
 
-@pytest.mark.parametrize("path", ["int_matmul", "float"])  # the CPU's int8 GEMM and the chunked float products
+@pytest.mark.parametrize("int_mm", [True, False])  # int_matmul through the CPU's int8 GEMM, or the float products
 @settings(max_examples=25, deadline=None)
 @given(m=st.integers(1, 5), n=st.integers(1, 7), k=st.integers(1, 2500), seed=st.integers(0, 1000))
-def test_int_matmul_is_exact(path, m, n, k, seed):
+def test_int_matmul_is_exact(int_mm, m, n, k, seed):
+    """Both of :func:`int_matmul`'s CPU paths, whichever this machine's timing picks (``cpu_int_mm_is_fast``)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
     w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     if seed % 3 == 0:  # worst case: every product at its maximum
         x.fill_(127), w.fill_(-127)
     expect = x.long() @ w.long().t()
-    got = int_matmul(x, w) if path == "int_matmul" else exact_matmul(x.float(), w.float().t())
+    with patch("dgq.formats.cpu_int_mm_is_fast", lambda: int_mm):
+        got = int_matmul(x, w)
     assert torch.equal(got.long(), expect)
+    assert torch.equal(exact_matmul(x.float(), w.float().t()).long(), expect)
 
 
 def test_int_matmul_single_column_is_exact():
