@@ -445,6 +445,7 @@ def pp_a8w4_matmul(x_s8: torch.Tensor, kw: KernelWeight, s_x: torch.Tensor | Non
     _pp_a8w4_kernel[(min(tiles * cfg.split, sms),)](
         *descriptors(x, kw, WsConfig(BN, cfg.bm, cfg.stages, 1)), sx, kw.s1, bias if bias is not None else dummy,
         out, _out_descriptor(out, min(cfg.bm // cfg.split, 64)), ws, dummy, m, n, k, int(epilogue and sx.numel() > 1),
-        GROUP=kw.group_size, BN=BN, BM=cfg.bm, STAGES=cfg.stages, SPLIT=cfg.split, EPILOGUE=epilogue, HAS_BIAS=bias is not None, PDL=bool(options),
+        GROUP=kw.group_size, BN=BN, BM=cfg.bm, STAGES=cfg.stages, SPLIT=cfg.split, EPILOGUE=epilogue,
+        HAS_BIAS=bias is not None, PDL=bool(options),
         MMA_REGS=MMA_REGS, num_warps=4, maxnreg=MAXNREG, **options)
     return out
